@@ -1,0 +1,290 @@
+"""The XML stream codec, socket-free: bytes in, events out; elements in, bytes out.
+
+Parsing is incremental (lxml's pull parser). Each top-level child of ``<stream:stream>`` is
+handed out as one detached element with only the namespace declarations it needs, and the
+parser's copy is released at once, so memory stays bounded by the largest stanza.
+
+RFC 6120 §11 restricts the XML allowed on a stream. Before lxml sees a byte, a small scanner
+rejects comments, processing instructions, DTDs and entity references beyond the five
+predefined ones: lxml would otherwise stall silently on an undefined entity, and nothing must
+ever be expanded.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
+
+from lxml import etree
+
+from . import ns
+
+Element = etree._Element
+
+DEFAULT_MAX_STANZA_BYTES = 256 * 1024
+# Input is fed to lxml in slices, so the stanza size limit is enforced within this margin.
+_SLICE_BYTES = 8192
+
+_PREDEFINED_ENTITIES = frozenset((b"lt", b"gt", b"amp", b"quot", b"apos"))
+# What the restricted-XML scanner must look at: markup declarations, PIs and references.
+_SUSPECT = re.compile(rb"<[!?]|&|<\Z")
+_CDATA_OPEN = b"<![CDATA["
+_LONGEST_REFERENCE = 12  # "&#x10FFFF;" and the predefined names fit; anything longer is bad
+_STREAM_TAG = ns.qname(ns.STREAM, "stream")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """A ``<stream:stream>`` header arrived (at the start or after a restart)."""
+
+    attrs: dict[str, str]
+    default_ns: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StanzaReceived:
+    """A complete top-level element: a stanza, or a nonza such as ``<starttls/>``."""
+
+    element: Element
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """The peer sent ``</stream:stream>``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamViolation:
+    """The peer broke the stream: answer with this stream error, then close.
+
+    ``condition`` is an RFC 6120 §4.9.3 stream error condition.
+    """
+
+    condition: str
+    text: str
+
+
+StreamEvent = StreamOpened | StanzaReceived | StreamClosed | StreamViolation
+
+
+class _RestrictedXmlScanner:
+    """Finds what RFC 6120 §11.1 forbids in raw bytes, across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._pending = b""  # an incomplete token carried over from the last chunk
+        self._in_cdata = False
+        self._in_prolog = True  # only an XML declaration may be a PI, and only first
+
+    def scan(self, data: bytes) -> StreamViolation | None:
+        buf = self._pending + data if self._pending else data
+        self._pending = b""
+        i, end = 0, len(buf)
+        if self._in_prolog:
+            stripped = buf.lstrip()
+            if not stripped:
+                return None
+            if len(stripped) < 5 and b"<?xml".startswith(stripped):
+                self._pending = buf
+                return None
+            if stripped.startswith(b"<?xml"):
+                close = buf.find(b"?>")
+                if close < 0:
+                    self._pending = buf
+                    return None
+                i = close + 2
+            self._in_prolog = False
+        while i < end:
+            if self._in_cdata:
+                close = buf.find(b"]]>", i)
+                if close < 0:
+                    self._pending = buf[max(i, end - 2):]
+                    return None
+                i, self._in_cdata = close + 3, False
+                continue
+            m = _SUSPECT.search(buf, i)
+            if m is None:
+                return None
+            k = m.start()
+            if buf[k] == 0x3C:  # "<"
+                head = buf[k:k + len(_CDATA_OPEN)]
+                if head == _CDATA_OPEN:
+                    i, self._in_cdata = k + len(_CDATA_OPEN), True
+                elif _CDATA_OPEN.startswith(head):  # cut short by the end of the chunk
+                    self._pending = buf[k:]
+                    return None
+                elif head.startswith(b"<?"):
+                    return StreamViolation("restricted-xml",
+                                           "processing instructions are not allowed")
+                else:
+                    return StreamViolation("restricted-xml",
+                                           "comments, DTDs and declarations are not allowed")
+                continue
+            semi = buf.find(b";", k + 1, k + _LONGEST_REFERENCE)
+            if semi < 0:
+                if end - k < _LONGEST_REFERENCE:
+                    self._pending = buf[k:]
+                    return None
+                return StreamViolation("not-well-formed", "a bare '&' or an overlong reference")
+            name = buf[k + 1:semi]
+            if name not in _PREDEFINED_ENTITIES and not name.startswith(b"#"):
+                return StreamViolation("restricted-xml", "entity references other than the "
+                                       "five predefined ones are not allowed")
+            i = semi + 1
+        return None
+
+
+class XmlStreamParser:
+    """One direction of an XML stream, as events. Call :meth:`reset` on a stream restart.
+
+    ``expected_ns`` is the content namespace the header must declare as default.
+    After a :class:`StreamViolation` or :class:`StreamClosed` the parser takes no more input.
+    """
+
+    def __init__(self, *, max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
+                 expected_ns: str = ns.CLIENT) -> None:
+        self.max_stanza_bytes = max_stanza_bytes
+        self.expected_ns = expected_ns
+        self._slice = max(1, min(_SLICE_BYTES, max_stanza_bytes))
+        self.reset()
+
+    def reset(self) -> None:
+        self._parser = etree.XMLPullParser(
+            events=("start", "end"), resolve_entities=False, no_network=True,
+            load_dtd=False, huge_tree=False, remove_comments=False)
+        self._scanner = _RestrictedXmlScanner()
+        self._root: Element | None = None
+        self._depth = 0
+        self._stanza_bytes = 0  # bytes fed while inside the current top-level element
+        self._done = False
+
+    @property
+    def closed(self) -> bool:
+        return self._done
+
+    def feed(self, data: bytes) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        if self._done:
+            return events
+        for offset in range(0, len(data), self._slice):
+            if not self._feed_slice(data[offset:offset + self._slice], events):
+                break
+        return events
+
+    def _fail(self, events: list[StreamEvent], condition: str, text: str) -> bool:
+        events.append(StreamViolation(condition, text))
+        self._done = True
+        return False
+
+    def _feed_slice(self, data: bytes, events: list[StreamEvent]) -> bool:
+        violation = self._scanner.scan(data)
+        if violation is not None:
+            return self._fail(events, violation.condition, violation.text)
+        if self._depth >= 2:
+            self._stanza_bytes += len(data)
+        try:
+            self._parser.feed(data)
+            for action, el in self._parser.read_events():
+                if action == "start":
+                    self._depth += 1
+                    if not self._on_start(el, events, len(data)):
+                        return False
+                else:
+                    self._depth -= 1
+                    if self._depth == 1:
+                        assert self._root is not None
+                        # The copy carries only the namespace declarations it uses.
+                        stanza = copy.deepcopy(el)
+                        stanza.tail = None
+                        events.append(StanzaReceived(stanza))
+                        self._root.remove(el)
+                        self._root.text = None
+                        self._stanza_bytes = 0
+                    elif self._depth == 0:
+                        events.append(StreamClosed())
+                        self._done = True
+                        return False
+        except etree.XMLSyntaxError as exc:
+            return self._fail(events, "not-well-formed", exc.msg or "malformed XML")
+        if self._depth >= 2 and self._stanza_bytes > self.max_stanza_bytes:
+            return self._fail(events, "policy-violation",
+                              f"stanza larger than {self.max_stanza_bytes} bytes")
+        if self._depth == 1 and self._root is not None:
+            self._root.text = None  # whitespace keepalives between stanzas
+        return True
+
+    def _on_start(self, el: Element, events: list[StreamEvent], slice_len: int) -> bool:
+        tag = el.tag
+        if not isinstance(tag, str) or (":" in tag and not tag.startswith("{")):
+            return self._fail(events, "not-well-formed", f"undeclared namespace prefix in {tag}")
+        if self._depth == 1:
+            return self._on_stream_open(el, events)
+        if self._depth == 2:
+            self._stanza_bytes = slice_len
+        return True
+
+    def _on_stream_open(self, el: Element, events: list[StreamEvent]) -> bool:
+        docinfo = el.getroottree().docinfo
+        if docinfo.doctype or docinfo.internalDTD is not None:
+            return self._fail(events, "restricted-xml", "DTDs are not allowed")
+        if el.tag != _STREAM_TAG:
+            if etree.QName(el).localname == "stream":
+                return self._fail(events, "invalid-namespace",
+                                  "the stream element must be in " + ns.STREAM)
+            return self._fail(events, "not-well-formed", "expected <stream:stream>")
+        default_ns = el.nsmap.get(None)
+        if default_ns != self.expected_ns:
+            return self._fail(events, "invalid-namespace",
+                              f"the default namespace must be {self.expected_ns}")
+        if el.get("version", "0.9").split(".")[0] != "1":
+            return self._fail(events, "unsupported-version", "only XMPP 1.0 streams")
+        self._root = el
+        events.append(StreamOpened(dict(el.attrib), default_ns))
+        return True
+
+
+def serialize(el: Element, default_ns: str = ns.CLIENT) -> bytes:
+    """One element as it goes on a stream whose default namespace is ``default_ns``.
+
+    The element's own redundant ``xmlns`` is left out: it inherits the stream's.
+    """
+    data: bytes = etree.tostring(el)
+    tag = el.tag
+    if isinstance(tag, str) and tag.startswith("{" + default_ns + "}"):
+        local = tag[len(default_ns) + 2:].encode()
+        redundant = b'<' + local + b' xmlns="' + default_ns.encode() + b'"'
+        if data.startswith(redundant):
+            return b"<" + local + data[len(redundant):]
+    return data
+
+
+def stream_header(*, to: str | None = None, from_: str | None = None,
+                  stream_id: str | None = None, lang: str = "en",
+                  default_ns: str = ns.CLIENT) -> bytes:
+    attrs = [("xmlns", default_ns), ("xmlns:stream", ns.STREAM), ("version", "1.0"),
+             ("xml:lang", lang)]
+    for name, value in (("to", to), ("from", from_), ("id", stream_id)):
+        if value is not None:
+            attrs.append((name, value))
+    rendered = " ".join(f"{name}={quoteattr(value)}" for name, value in attrs)
+    return f"<?xml version='1.0'?><stream:stream {rendered}>".encode()
+
+
+STREAM_CLOSE = b"</stream:stream>"
+
+
+def stream_error(condition: str, text: str | None = None, *,
+                 app_condition: Element | None = None) -> bytes:
+    """A ``<stream:error/>`` (RFC 6120 §4.9), ready to write."""
+    err = etree.Element(ns.qname(ns.STREAM, "error"), nsmap={"stream": ns.STREAM})
+    etree.SubElement(err, ns.qname(ns.STREAMS_ERRORS, condition), nsmap={None: ns.STREAMS_ERRORS})
+    if text:
+        t = etree.SubElement(err, ns.qname(ns.STREAMS_ERRORS, "text"),
+                             nsmap={None: ns.STREAMS_ERRORS})
+        t.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
+        t.text = text
+    if app_condition is not None:
+        err.append(app_condition)
+    # The stream prefix is declared by the stream header already.
+    return etree.tostring(err).replace(b' xmlns:stream="' + ns.STREAM.encode() + b'"', b"", 1)
