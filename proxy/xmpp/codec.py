@@ -244,18 +244,29 @@ class XmlStreamParser:
         return True
 
 
+_STREAM_PREFIX_DECL = b' xmlns:stream="' + ns.STREAM.encode() + b'"'
+
+
 def serialize(el: Element, default_ns: str = ns.CLIENT) -> bytes:
     """One element as it goes on a stream whose default namespace is ``default_ns``.
 
-    The element's own redundant ``xmlns`` is left out: it inherits the stream's.
+    Declarations the stream header already made are left out: a stanza's own
+    ``xmlns="jabber:client"`` and, on ``stream:``-prefixed elements, ``xmlns:stream``.
     """
     data: bytes = etree.tostring(el)
     tag = el.tag
-    if isinstance(tag, str) and tag.startswith("{" + default_ns + "}"):
+    if not isinstance(tag, str):
+        return data
+    if tag.startswith("{" + default_ns + "}"):
         local = tag[len(default_ns) + 2:].encode()
-        redundant = b'<' + local + b' xmlns="' + default_ns.encode() + b'"'
+        redundant = b"<" + local + b' xmlns="' + default_ns.encode() + b'"'
         if data.startswith(redundant):
             return b"<" + local + data[len(redundant):]
+    elif tag.startswith(_STREAM_TAG[:len(ns.STREAM) + 2]):
+        end_of_tag = data.find(b">")
+        at = data.find(_STREAM_PREFIX_DECL, 0, end_of_tag)
+        if at >= 0:
+            return data[:at] + data[at + len(_STREAM_PREFIX_DECL):]
     return data
 
 
@@ -274,9 +285,9 @@ def stream_header(*, to: str | None = None, from_: str | None = None,
 STREAM_CLOSE = b"</stream:stream>"
 
 
-def stream_error(condition: str, text: str | None = None, *,
-                 app_condition: Element | None = None) -> bytes:
-    """A ``<stream:error/>`` (RFC 6120 §4.9), ready to write."""
+def stream_error_element(condition: str, text: str | None = None, *,
+                         app_condition: Element | None = None) -> Element:
+    """A ``<stream:error/>`` (RFC 6120 §4.9)."""
     err = etree.Element(ns.qname(ns.STREAM, "error"), nsmap={"stream": ns.STREAM})
     etree.SubElement(err, ns.qname(ns.STREAMS_ERRORS, condition), nsmap={None: ns.STREAMS_ERRORS})
     if text:
@@ -286,5 +297,10 @@ def stream_error(condition: str, text: str | None = None, *,
         t.text = text
     if app_condition is not None:
         err.append(app_condition)
-    # The stream prefix is declared by the stream header already.
-    return etree.tostring(err).replace(b' xmlns:stream="' + ns.STREAM.encode() + b'"', b"", 1)
+    return err
+
+
+def stream_error(condition: str, text: str | None = None, *,
+                 app_condition: Element | None = None) -> bytes:
+    """A ``<stream:error/>`` ready to write."""
+    return serialize(stream_error_element(condition, text, app_condition=app_condition))

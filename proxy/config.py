@@ -1,0 +1,177 @@
+"""Configuration: YAML in, validated frozen dataclasses out.
+
+Each section is a dataclass whose field types are the schema: the loader checks every key
+against them, so adding a section or an option is adding a field with its default. Errors name
+the key path (``upstream.port``) and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    host: str = "127.0.0.1"
+    port: int = 5222
+    direct_tls: bool = False  # XEP-0368: TLS from the first byte instead of STARTTLS
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = "cert.pem"
+    key: str = "key.pem"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    host: str = "127.0.0.1"
+    port: int = 5222
+    domain: str = "localhost"
+    tls: Literal["starttls", "direct", "none"] = "starttls"
+    verify: bool = True
+    ca: str | None = None
+    connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_stanza_bytes: int = 262144
+    negotiation_timeout: float = 30.0  # seconds a client may take from connect to bound
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: list[Listener] = field(default_factory=lambda: [Listener()])
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: Limits = field(default_factory=Limits)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Relative paths in the file are resolved against the file's own folder.
+    base_dir: Path = field(default=Path("."), metadata={"internal": True})
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.base_dir / p
+
+
+# Checks beyond types: (section, key) -> (predicate, what it must be).
+_RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
+    ("listen", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+    ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
+    ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("limits", "max_stanza_bytes"): (lambda v: 1024 <= v <= 64 * 1024 * 1024,
+                                     "between 1024 and 67108864 bytes"),
+    ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: must be {_type_name(tp)}, not {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be a list")
+        (item_type,) = typing.get_args(tp)
+        return [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        return _build(tp, value, where)  # type: ignore[arg-type]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: must be {_type_name(tp)}, not {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    public = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(public))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(f"{key}: unknown option (known: {', '.join(sorted(public))})")
+    kwargs = {}
+    section = where.split(".")[-1].split("[")[0]
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        converted = _convert(value, hints[name], key)
+        check = _RANGES.get((section, name))
+        if check and converted is not None and not check[0](converted):
+            raise ConfigError(f"{key}: must be {check[1]}, not {converted!r}")
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def parse_config(data: Any, base_dir: Path = Path(".")) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration must be a YAML mapping at the top level")
+    config: Config = _build(Config, data, "")
+    if not config.listen:
+        raise ConfigError("listen: at least one listener is required")
+    return dataclasses.replace(config, base_dir=base_dir)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(data, base_dir=path.resolve().parent)
+
+
+def check_files(config: Config) -> list[str]:
+    """Problems with the files the configuration names (found at check and start)."""
+    problems = []
+    for key, value in (("tls.cert", config.tls.cert), ("tls.key", config.tls.key),
+                       ("upstream.ca", config.upstream.ca)):
+        if value is not None and not config.path(value).is_file():
+            problems.append(f"{key}: no such file: {config.path(value)}")
+    return problems

@@ -1,0 +1,26 @@
+"""RFC 3921 ``<session/>``: old clients still ask for it after binding. The proxy already
+opened the upstream session during bind when the server wanted one, so it answers itself."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from ..session import Outputs, SessionCore
+from ..xmpp import ns
+from ..xmpp import stanza as st
+
+Element = etree._Element
+_SESSION = ns.qname(ns.SESSION, "session")
+
+
+class LegacySession:
+    def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
+        if el.tag == st.IQ and el.get("type") == "set" and el.find(_SESSION) is not None:
+            reply = st.iq_result(el)
+            del reply.attrib["to"]  # the answer comes from the server itself
+            out.to_client.append(reply)
+            return None
+        return el
+
+    def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
+        return el

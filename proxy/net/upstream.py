@@ -1,0 +1,206 @@
+"""The upstream side: the proxy logs in to the legacy server as an ordinary client.
+
+Connect (plain, STARTTLS or direct TLS), authenticate with the client's own credentials using
+the best SASL mechanism the server offers, then bind and open a session when asked to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import uuid
+from dataclasses import dataclass
+
+from lxml import etree
+
+from ..config import UpstreamConfig
+from ..xmpp import codec, ns, sasl
+from ..xmpp import stanza as st
+from .xmlstream import ConnectionLost, UnexpectedEvent, XmlStream
+
+Element = etree._Element
+
+# SASL failures from the server that mean "these credentials will not do"; the client is told
+# the same condition. Anything else is the proxy's or the server's trouble.
+_CREDENTIAL_FAILURES = frozenset(("not-authorized", "account-disabled", "credentials-expired"))
+
+
+class UpstreamError(Exception):
+    pass
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The legacy server could not be reached or did not complete the negotiation."""
+
+
+class UpstreamAuthFailed(UpstreamError):
+    def __init__(self, condition: str) -> None:
+        super().__init__(condition)
+        self.condition = condition
+
+
+class UpstreamBindFailed(UpstreamError):
+    def __init__(self, error_reply: Element) -> None:
+        super().__init__(st.error_condition(error_reply) or "undefined-condition")
+        self.error_reply = error_reply
+
+
+def client_tls_context(config: UpstreamConfig, ca_path: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_path)
+    if not config.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class UpstreamLink:
+    """An authenticated upstream stream, after the post-SASL restart."""
+
+    stream: XmlStream
+    features: Element
+    mechanism: str
+    jid: str = ""
+
+    def _needs_session(self) -> bool:
+        session = self.features.find(ns.qname(ns.SESSION, "session"))
+        return session is not None and session.find(ns.qname(ns.SESSION, "optional")) is None
+
+    async def bind(self, resource: str | None, timeout: float) -> str:
+        """Bind ``resource`` (or let the server pick); returns the full JID it bound."""
+        iq = st.element("iq", {"type": "set", "id": "bind-" + uuid.uuid4().hex[:8]})
+        bind = st.sub(iq, "bind", namespace=ns.BIND)
+        if resource:
+            st.sub(bind, "resource", text=resource)
+        reply = await self._request(iq, timeout)
+        if reply.get("type") != "result":
+            raise UpstreamBindFailed(reply)
+        jid_el = reply.find(f"{{{ns.BIND}}}bind/{{{ns.BIND}}}jid")
+        if jid_el is None or not jid_el.text:
+            raise UpstreamUnavailable("the server's bind result carries no JID")
+        self.jid = jid_el.text
+        if self._needs_session():
+            iq = st.element("iq", {"type": "set", "id": "sess-" + uuid.uuid4().hex[:8]})
+            st.sub(iq, "session", namespace=ns.SESSION)
+            reply = await self._request(iq, timeout)
+            if reply.get("type") != "result":
+                raise UpstreamBindFailed(reply)
+        return self.jid
+
+    async def _request(self, iq: Element, timeout: float) -> Element:
+        self.stream.send(iq)
+        try:
+            while True:
+                el = await self.stream.next_element(timeout)
+                if el.tag == st.IQ and el.get("id") == iq.get("id"):
+                    return el
+        except (ConnectionLost, UnexpectedEvent) as exc:
+            raise UpstreamUnavailable(f"lost during bind: {exc}") from exc
+
+
+async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext | None,
+                           username: str, password: str, *,
+                           max_stanza_bytes: int) -> UpstreamLink:
+    """Open and authenticate a stream to the legacy server as ``username``.
+
+    Raises UpstreamAuthFailed when the server rejects the credentials and
+    UpstreamUnavailable for everything else (refused, TLS failure, timeout, stream error).
+    """
+    timeout = config.connect_timeout
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            config.host, config.port,
+            ssl=tls_context if config.tls == "direct" else None,
+            server_hostname=config.domain if config.tls == "direct" else None), timeout)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise UpstreamUnavailable(f"cannot connect to {config.host}:{config.port}: "
+                                  f"{exc or type(exc).__name__}") from exc
+    stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes)
+    try:
+        return await _negotiate(stream, config, tls_context, username, password, timeout)
+    except UpstreamError:
+        stream.abort()
+        raise
+    except (ConnectionLost, UnexpectedEvent, ssl.SSLError, OSError,
+            asyncio.TimeoutError) as exc:
+        stream.abort()
+        raise UpstreamUnavailable(f"negotiation with the server failed: {exc!r}") from exc
+
+
+async def _open(stream: XmlStream, domain: str, timeout: float) -> Element:
+    """Send our header and return the server's stream features."""
+    stream.send_bytes(codec.stream_header(to=domain))
+    event = await stream.next_event(timeout)
+    if not isinstance(event, codec.StreamOpened):
+        raise UpstreamUnavailable(f"the server did not open a stream: {event}")
+    features = await stream.next_element(timeout)
+    if features.tag == ns.qname(ns.STREAM, "error"):
+        raise UpstreamUnavailable(f"stream error from the server: {st.error_condition(features)}")
+    if features.tag != ns.qname(ns.STREAM, "features"):
+        raise UpstreamUnavailable(f"expected stream features, got {features.tag}")
+    return features
+
+
+async def _negotiate(stream: XmlStream, config: UpstreamConfig,
+                     tls_context: ssl.SSLContext | None, username: str, password: str,
+                     timeout: float) -> UpstreamLink:
+    features = await _open(stream, config.domain, timeout)
+    if config.tls == "starttls":
+        if features.find(ns.qname(ns.TLS, "starttls")) is None:
+            raise UpstreamUnavailable("the server does not offer STARTTLS")
+        stream.send(st.element("starttls", namespace=ns.TLS))
+        answer = await stream.next_element(timeout)
+        if answer.tag != ns.qname(ns.TLS, "proceed"):
+            raise UpstreamUnavailable("the server refused STARTTLS")
+        assert tls_context is not None
+        await stream.start_tls(tls_context, server_hostname=config.domain, timeout=timeout)
+        features = await _open(stream, config.domain, timeout)
+
+    offered = [m.text or "" for m in features.iterfind(
+        f"{{{ns.SASL}}}mechanisms/{{{ns.SASL}}}mechanism")]
+    name = sasl.choose_mechanism(offered)
+    if name is None:
+        raise UpstreamUnavailable(f"no usable SASL mechanism among {offered}")
+    mechanism = sasl.client_mechanism(name, username, password, domain=config.domain)
+    await _authenticate(stream, mechanism, timeout)
+    stream.restart()
+    features = await _open(stream, config.domain, timeout)
+    return UpstreamLink(stream=stream, features=features, mechanism=name)
+
+
+def _b64(data: bytes | None) -> str:
+    if data is None:
+        return ""
+    return base64.b64encode(data).decode() if data else "="
+
+
+async def _authenticate(stream: XmlStream, mechanism: sasl.ClientMechanism,
+                        timeout: float) -> None:
+    auth = st.element("auth", {"mechanism": mechanism.name}, namespace=ns.SASL,
+                      text=_b64(mechanism.initial_response()) or None)
+    stream.send(auth)
+    while True:
+        el = await stream.next_element(timeout)
+        local = etree.QName(el).localname
+        data = base64.b64decode(el.text or "") if el.text and el.text != "=" else b""
+        if el.tag == ns.qname(ns.SASL, "challenge"):
+            try:
+                response = mechanism.respond(data)
+            except sasl.SaslError as exc:
+                stream.send(st.element("abort", namespace=ns.SASL))
+                raise UpstreamUnavailable(f"SASL exchange broken by the server: {exc}") from exc
+            stream.send(st.element("response", namespace=ns.SASL, text=_b64(response) or None))
+        elif el.tag == ns.qname(ns.SASL, "success"):
+            try:
+                mechanism.verify_success(data or None)
+            except sasl.SaslError as exc:
+                raise UpstreamUnavailable(f"the server failed SASL mutual auth: {exc}") from exc
+            return
+        elif el.tag == ns.qname(ns.SASL, "failure"):
+            condition = st.error_condition(el) or "not-authorized"
+            if condition in _CREDENTIAL_FAILURES:
+                raise UpstreamAuthFailed(condition)
+            raise UpstreamUnavailable(f"SASL failure from the server: {condition}")
+        else:
+            raise UpstreamUnavailable(f"unexpected <{local}/> during SASL")

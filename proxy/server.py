@@ -1,0 +1,138 @@
+"""The running proxy: listeners, one task per client connection, orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import ssl
+from typing import Any
+
+from .config import Config, Listener
+from .features.legacy_session import LegacySession
+from .logsetup import get_logger
+from .net.client_side import NegotiationFailed, negotiate
+from .net.relay import run_relay
+from .net.upstream import client_tls_context
+from .net.xmlstream import ConnectionLost, XmlStream
+from .session import SessionCore
+from .xmpp import codec
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.path(config.tls.cert), config.path(config.tls.key))
+    return context
+
+
+class Proxy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.log = get_logger()
+        self.server_tls = server_tls_context(config)
+        self.upstream_tls = (client_tls_context(
+            config.upstream, str(config.path(config.upstream.ca)) if config.upstream.ca else None)
+            if config.upstream.tls != "none" else None)
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[asyncio.Task[None]] = set()
+        self.clients: set[XmlStream] = set()
+        self.stopping = False
+
+    @property
+    def bound_ports(self) -> list[int]:
+        return [s.sockets[0].getsockname()[1] for s in self.servers]
+
+    async def start(self) -> None:
+        for listener in self.config.listen:
+            tls: dict[str, Any] = ({"ssl": self.server_tls, "ssl_handshake_timeout":
+                                    self.config.limits.negotiation_timeout}
+                                   if listener.direct_tls else {})
+            server = await asyncio.start_server(
+                lambda r, w, li=listener: self._accept(r, w, li),
+                listener.host, listener.port, **tls)
+            self.servers.append(server)
+            self.log.info("listening", host=listener.host,
+                          port=server.sockets[0].getsockname()[1],
+                          mode="direct_tls" if listener.direct_tls else "starttls")
+        self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
+                      domain=self.config.upstream.domain, tls=self.config.upstream.tls)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                listener: Listener) -> None:
+        task = asyncio.create_task(self._serve(reader, writer, listener))
+        self.connections.add(task)
+        task.add_done_callback(self.connections.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     listener: Listener) -> None:
+        stream = XmlStream(reader, writer, max_stanza_bytes=self.config.limits.max_stanza_bytes)
+        log = self.log.bind(conn=secrets.token_hex(4), peer=stream.peer)
+        log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
+                 **stream.tls_info)
+        self.clients.add(stream)
+        try:
+            try:
+                bound = await negotiate(stream, listener, self.config, self.server_tls,
+                                        self.upstream_tls, log)
+            except NegotiationFailed as exc:
+                log.info("closed", reason=exc.reason, phase="negotiation")
+                await stream.close(exc.error)
+                return
+            except (ConnectionLost, asyncio.TimeoutError, ssl.SSLError, OSError) as exc:
+                reason = "negotiation timeout" if isinstance(exc, asyncio.TimeoutError) else (
+                    f"connection lost: {exc}")
+                log.info("closed", reason=reason, phase="negotiation")
+                await stream.close(codec.stream_error("connection-timeout")
+                                   if isinstance(exc, asyncio.TimeoutError) else None)
+                return
+            log = log.bind(jid=str(bound.jid))
+            core = SessionCore(bound.jid, [LegacySession()])
+            reason = await run_relay(bound, core, log)
+            log.info("closed", reason=reason, phase="session")
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        except Exception:
+            # One broken connection never takes down the process or another session.
+            log.exception("connection_failed")
+            await stream.close(codec.stream_error("internal-server-error"))
+        finally:
+            self.clients.discard(stream)
+
+    async def stop(self) -> None:
+        """Graceful stop: no new connections; every client gets ``<system-shutdown/>``."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.log.info("stopping", connections=len(self.connections))
+        for server in self.servers:
+            server.close()
+        shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
+        for stream in list(self.clients):
+            stream.send_bytes(shutdown + codec.STREAM_CLOSE)
+            stream.closing = True
+        await asyncio.sleep(0.2)  # let those writes go out before tearing down
+        for task in list(self.connections):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self.connections, return_exceptions=True)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        self.log.info("stopped")
+
+
+async def serve(config: Config, ready: Any = None) -> None:
+    """Run until SIGTERM or SIGINT."""
+    proxy = Proxy(config)
+    await proxy.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(proxy)
+    await stop.wait()
+    await proxy.stop()
