@@ -79,7 +79,7 @@ class Proxy:
                 log.info("closed", reason=exc.reason, phase="negotiation")
                 await stream.close(exc.error)
                 return
-            except (ConnectionLost, asyncio.TimeoutError, ssl.SSLError, OSError) as exc:
+            except (TimeoutError, ConnectionLost, ssl.SSLError, OSError) as exc:
                 reason = "negotiation timeout" if isinstance(exc, asyncio.TimeoutError) else (
                     f"connection lost: {exc}")
                 log.info("closed", reason=reason, phase="negotiation")

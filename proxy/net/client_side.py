@@ -22,8 +22,13 @@ from ..config import Config, Listener
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
-from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
-                       UpstreamUnavailable, connect_upstream)
+from .upstream import (
+    UpstreamAuthFailed,
+    UpstreamBindFailed,
+    UpstreamLink,
+    UpstreamUnavailable,
+    connect_upstream,
+)
 from .xmlstream import XmlStream, features_element
 
 Element = etree._Element

@@ -113,7 +113,7 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
             config.host, config.port,
             ssl=tls_context if config.tls == "direct" else None,
             server_hostname=config.domain if config.tls == "direct" else None), timeout)
-    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+    except (TimeoutError, OSError, ssl.SSLError) as exc:
         raise UpstreamUnavailable(f"cannot connect to {config.host}:{config.port}: "
                                   f"{exc or type(exc).__name__}") from exc
     stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes)
@@ -122,8 +122,7 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     except UpstreamError:
         stream.abort()
         raise
-    except (ConnectionLost, UnexpectedEvent, ssl.SSLError, OSError,
-            asyncio.TimeoutError) as exc:
+    except (TimeoutError, ConnectionLost, UnexpectedEvent, ssl.SSLError, OSError) as exc:
         stream.abort()
         raise UpstreamUnavailable(f"negotiation with the server failed: {exc!r}") from exc
 

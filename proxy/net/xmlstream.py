@@ -57,7 +57,7 @@ class XmlStream:
         while not self._events:
             try:
                 data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            except (TimeoutError, OSError, ssl.SSLError) as exc:
                 raise ConnectionLost(type(exc).__name__) from exc
             if not data:
                 raise ConnectionLost("eof")

@@ -1,0 +1,108 @@
+"""xmpp-front under test: a real `python -m proxy run` process in front of a LegacyProsody."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.peers.prosody import LegacyProsody
+from tests.peers.util import LOCALHOST, free_port, wait_port_sync
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class ProxyProcess:
+    """One proxy process with a STARTTLS and a direct-TLS listener on free loopback ports."""
+
+    def __init__(self, workdir: Path, server: LegacyProsody, cert: Path, key: Path, *,
+                 upstream_port: int | None = None, **overrides: Any) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.host = LOCALHOST
+        self.port = free_port()
+        self.direct_tls_port = free_port()
+        self.config: dict[str, Any] = _merge({
+            "listen": [{"host": LOCALHOST, "port": self.port},
+                       {"host": LOCALHOST, "port": self.direct_tls_port, "direct_tls": True}],
+            "tls": {"cert": str(cert), "key": str(key)},
+            "upstream": {"host": LOCALHOST, "port": upstream_port or server.c2s_port,
+                         "domain": server.domain, "tls": "starttls", "verify": True,
+                         "ca": str(server.cert), "connect_timeout": 5},
+            "log": {"format": "json", "level": "debug"},
+        }, overrides)
+        self.config_path = workdir / "xmpp-front.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = workdir / "xmpp-front.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> ProxyProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_port_sync(self.host, self.port, timeout)
+            wait_port_sync(self.host, self.direct_tls_port, timeout)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"xmpp-front did not start:\n{self.log_tail()}") from None
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The structured log so far, optionally only the events called ``name``."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or event.get("event") == name:
+                out.append(event)
+        return out
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
