@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.peers.prosody import LegacyProsody
-from tests.peers.util import LOCALHOST, free_port, wait_port_sync
+from tests.peers.util import LOCALHOST, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,12 +59,15 @@ class ProxyProcess:
                 [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            wait_port_sync(self.host, self.port, timeout)
-            wait_port_sync(self.host, self.direct_tls_port, timeout)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"xmpp-front did not start:\n{self.log_tail()}") from None
+        # Wait for its "listening" events rather than probing the ports, which would put
+        # a spurious connection in the log.
+        deadline = time.monotonic() + timeout
+        while self.log_path.read_text(errors="replace").count("listening") < len(
+                self.config["listen"]):
+            if not self.running or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"xmpp-front did not start:\n{self.log_tail()}")
+            time.sleep(0.02)
         return self
 
     def stop(self, timeout: float = 10.0) -> int | None:
