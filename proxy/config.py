@@ -119,7 +119,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)  # type: ignore[arg-type]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+    if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise ConfigError(f"{where}: must be {_type_name(tp)}, not {value!r}")
     return value
 
