@@ -1,0 +1,656 @@
+"""The XML stream codec: RFC 6120 §4 (streams) and §11 (restricted XML)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from lxml import etree
+
+from proxy.xmpp import ns
+from proxy.xmpp.codec import (
+    DEFAULT_MAX_STANZA_BYTES,
+    StanzaReceived,
+    StreamClosed,
+    StreamEvent,
+    StreamOpened,
+    StreamViolation,
+    XmlStreamParser,
+    serialize,
+    stream_error,
+    stream_header,
+)
+
+XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+XML_DECL = b"<?xml version='1.0'?>"
+OPEN_TAG = (b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'"
+            b" to='example.com' version='1.0' xml:lang='en'>")
+HEADER = XML_DECL + OPEN_TAG
+CLOSE = b"</stream:stream>"
+
+# None means "the whole input in one feed() call".
+CHUNK_SIZES = [1, 2, 3, 7, 64, None]
+
+
+def feed(parser: XmlStreamParser, data: bytes, chunk: int | None = None) -> list[StreamEvent]:
+    if chunk is None:
+        return parser.feed(data)
+    events: list[StreamEvent] = []
+    for i in range(0, len(data), chunk):
+        events += parser.feed(data[i:i + chunk])
+    return events
+
+
+def parse(data: bytes, chunk: int | None = None, **kwargs: object) -> list[StreamEvent]:
+    return feed(XmlStreamParser(**kwargs), data, chunk)  # type: ignore[arg-type]
+
+
+def stanzas(events: list[StreamEvent]) -> list[etree._Element]:
+    return [e.element for e in events if isinstance(e, StanzaReceived)]
+
+
+def only_violation(events: list[StreamEvent]) -> StreamViolation:
+    """The stream's single violation, which must be the last event."""
+    violations = [e for e in events if isinstance(e, StreamViolation)]
+    assert len(violations) == 1, events
+    assert events[-1] is violations[0], events
+    return violations[0]
+
+
+def assert_same_element(a: etree._Element, b: etree._Element) -> None:
+    assert a.tag == b.tag
+    assert dict(a.attrib) == dict(b.attrib)
+    assert (a.text or "") == (b.text or "")
+    assert len(a) == len(b)
+    for ca, cb in zip(a, b, strict=True):
+        assert_same_element(ca, cb)
+        assert (ca.tail or "") == (cb.tail or "")
+
+
+def message(size: int) -> bytes:
+    """A message stanza of exactly ``size`` bytes."""
+    stanza = b"<message><body>" + b"x" * (size - 32) + b"</body></message>"
+    assert len(stanza) == size
+    return stanza
+
+
+# ---------------------------------------------------------------- event flow
+
+STANZAS = (
+    b"<message to='juliet@example.com' type='chat' id='m1'><body>Hi &amp; bye</body></message>"
+    b"\n  \t"
+    b"<presence/>"
+    b" "
+    b"<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>"
+    b"\r\n"
+)
+STREAM = HEADER + STANZAS + CLOSE
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_header_stanzas_and_close_give_one_event_each(chunk: int | None) -> None:
+    parser = XmlStreamParser()
+    events = feed(parser, STREAM, chunk)
+    assert [type(e) for e in events] == [
+        StreamOpened, StanzaReceived, StanzaReceived, StanzaReceived, StreamClosed]
+    opened = events[0]
+    assert isinstance(opened, StreamOpened)
+    assert opened.attrs == {"to": "example.com", "version": "1.0", XML_LANG: "en"}
+    assert opened.default_ns == ns.CLIENT
+    msg, pres, iq = stanzas(events)
+    assert msg.tag == ns.qname(ns.CLIENT, "message")
+    assert dict(msg.attrib) == {"to": "juliet@example.com", "type": "chat", "id": "m1"}
+    assert msg.findtext(ns.qname(ns.CLIENT, "body")) == "Hi & bye"
+    assert pres.tag == ns.qname(ns.CLIENT, "presence")
+    assert len(pres) == 0
+    assert iq.tag == ns.qname(ns.CLIENT, "iq")
+    assert iq[0].tag == ns.qname(ns.ROSTER, "query")
+    assert parser.closed
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_whitespace_keepalives_produce_no_events(chunk: int | None) -> None:
+    parser = XmlStreamParser()
+    assert [type(e) for e in feed(parser, HEADER, chunk)] == [StreamOpened]
+    for keepalive in (b" ", b"\n", b"\r\n", b"\t \n  "):
+        assert feed(parser, keepalive, chunk) == []
+    assert [type(e) for e in feed(parser, b"<presence/>", chunk)] == [StanzaReceived]
+    assert feed(parser, b"  \n " * 100, chunk) == []
+    assert [type(e) for e in feed(parser, b"<presence/>", chunk)] == [StanzaReceived]
+    assert not parser.closed
+
+
+def test_stanza_is_emitted_as_soon_as_its_end_tag_arrives() -> None:
+    parser = XmlStreamParser()
+    parser.feed(HEADER)
+    assert parser.feed(b"<message><body>hel") == []
+    assert parser.feed(b"lo</body>") == []
+    events = parser.feed(b"</message><pres")
+    assert len(events) == 1
+    assert stanzas(events)[0].findtext(ns.qname(ns.CLIENT, "body")) == "hello"
+
+
+def test_nonzas_in_other_namespaces_are_handed_out_too() -> None:
+    events = parse(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+                   b"<r xmlns='urn:xmpp:sm:3'/>")
+    assert [el.tag for el in stanzas(events)] == [
+        ns.qname(ns.TLS, "starttls"), ns.qname(ns.SM, "r")]
+
+
+# -------------------------------------------------- detached stanza elements
+
+ROUND_TRIP_STANZAS = [
+    b"<message to='juliet@example.com' from='romeo@example.net/orchard' type='chat' id='a1'"
+    b" xml:lang='en'><body>Wherefore &lt;art&gt; thou &amp; &quot;why&quot;?</body>"
+    b"<thread>t1</thread></message>",
+    b"<iq type='set' id='r2'><query xmlns='jabber:iq:roster' ver='v1'>"
+    b"<item jid='nurse@example.com' name='N&apos;urse'><group>Friends</group>"
+    b"<group>Family</group></item></query></iq>",
+    b"<presence><show>away</show><status>mixed <b xmlns='urn:x'>bold</b> tail</status>"
+    b"<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='v'/></presence>",
+    b"<iq xmlns:foo='urn:foo' type='get' id='p1'><foo:q foo:attr='1'/></iq>",
+    b"<message><body>\xc3\xa9t\xc3\xa9 \xe2\x9c\x93</body></message>",
+]
+
+
+@pytest.mark.parametrize("raw", ROUND_TRIP_STANZAS)
+def test_serialized_stanza_round_trips_through_a_fresh_stream(raw: bytes) -> None:
+    (el,) = stanzas(parse(HEADER + raw + b"\n "))
+    data = serialize(el)
+    (again,) = stanzas(parse(HEADER + data))
+    assert_same_element(el, again)
+    assert b"xmlns:stream" not in data
+
+
+def test_detached_stanza_has_no_stray_declarations_or_tail() -> None:
+    events = parse(HEADER + b"<message to='a@b'><body>x</body></message>\n\t  <presence/>  ")
+    msg, pres = stanzas(events)
+    for el in (msg, pres):
+        assert el.getparent() is None
+        assert el.tail is None
+        assert "stream" not in el.nsmap
+        data = serialize(el)
+        assert b"xmlns:stream" not in data
+        assert ns.STREAM.encode() not in data
+        assert b"jabber:client" not in data  # the stream's default namespace is inherited
+        assert data == data.rstrip()
+    assert serialize(msg) == b'<message to="a@b"><body>x</body></message>'
+    assert serialize(pres) == b"<presence/>"
+
+
+def test_detached_stanza_keeps_foreign_children_with_their_own_xmlns() -> None:
+    (iq,) = stanzas(parse(HEADER + b"<iq type='get' id='1'><query xmlns='jabber:iq:roster'/>"
+                                   b"</iq>"))
+    data = serialize(iq)
+    assert data.startswith(b'<iq type="get" id="1">')
+    assert b'<query xmlns="jabber:iq:roster"/>' in data
+    assert b"xmlns:stream" not in data
+
+
+def test_detached_stanza_survives_the_parser_moving_on_and_resetting() -> None:
+    parser = XmlStreamParser()
+    (first,) = stanzas(parser.feed(HEADER + b"<message id='1'><body>one</body></message>"))
+    before = serialize(first)
+    parser.feed(b"<message id='2'><body>two</body></message>" * 5)
+    parser.reset()
+    parser.feed(HEADER + b"<presence/>")
+    del parser
+    gc.collect()
+    assert serialize(first) == before
+    assert first.findtext(ns.qname(ns.CLIENT, "body")) == "one"
+
+
+def test_stream_prefixed_element_relies_on_the_header_for_its_prefix() -> None:
+    raw = (b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/>"
+           b"</starttls><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+           b"<mechanism>PLAIN</mechanism></mechanisms></stream:features>")
+    (features,) = stanzas(parse(HEADER + raw))
+    data = serialize(features)
+    assert data.startswith(b"<stream:features>")
+    assert b"xmlns:stream" not in data
+    (again,) = stanzas(parse(HEADER + data))
+    assert_same_element(features, again)
+
+
+def test_serialize_for_another_default_namespace() -> None:
+    parser = XmlStreamParser(expected_ns="jabber:server")
+    (el,) = stanzas(parser.feed(HEADER.replace(b"jabber:client", b"jabber:server")
+                                + b"<message id='s'/>"))
+    assert el.tag == "{jabber:server}message"
+    assert serialize(el, default_ns="jabber:server") == b'<message id="s"/>'
+    # Written on a jabber:client stream it must keep its own namespace.
+    assert b'xmlns="jabber:server"' in serialize(el)
+
+
+# ---------------------------------------------------------- restricted XML
+
+RESTRICTED = {
+    "comment-before-stanza": HEADER + b"<!-- hello --><message/>",
+    "comment-inside-stanza": HEADER + b"<message><!-- hello --><body>x</body></message>",
+    "comment-in-prolog": XML_DECL + b"<!-- hi -->" + OPEN_TAG + b"<message/>",
+    "pi-at-the-very-start": b"<?foo bar?>" + OPEN_TAG + b"<message/>",
+    "pi-inside-stream": HEADER + b"<?foo bar?><message/>",
+    "pi-inside-stanza": HEADER + b"<message><?foo bar?><body>x</body></message>",
+    "second-xml-declaration": HEADER + b"<?xml version='1.0'?><message/>",
+    "pi-after-xml-declaration": XML_DECL + b"<?xml-stylesheet href='s.xsl'?>" + OPEN_TAG,
+    "doctype-with-entity": XML_DECL + b"<!DOCTYPE stream:stream [<!ENTITY foo 'bar'>]>"
+                           + OPEN_TAG + b"<message><body>&foo;</body></message>",
+    "doctype-without-xml-declaration": b"<!DOCTYPE stream:stream>" + OPEN_TAG + b"<message/>",
+    "entity-declaration-in-stream": HEADER + b"<!ENTITY foo 'bar'><message/>",
+    "undefined-entity-in-text": HEADER + b"<message><body>a &foo; b</body></message>",
+    "undefined-entity-in-attribute": HEADER + b"<message to='&foo;'><body>x</body></message>",
+    "entity-after-cdata-section": HEADER + b"<message><body><![CDATA[ok]]>&foo;</body></message>",
+}
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("data", list(RESTRICTED.values()), ids=list(RESTRICTED))
+def test_restricted_xml_is_a_stream_violation(data: bytes, chunk: int | None) -> None:
+    parser = XmlStreamParser()
+    events = feed(parser, data, chunk)
+    assert only_violation(events).condition == "restricted-xml"
+    assert stanzas(events) == []
+    assert not any(isinstance(e, StreamClosed) for e in events)
+    assert parser.closed
+    assert parser.feed(b"<message/>" + CLOSE) == []
+
+
+@pytest.mark.parametrize("first, second", [
+    (b"<message><body>a<!", b"-- c --></body></message>"),
+    (b"<message><body>a<", b"!-- c --></body></message>"),
+    (b"<message><body>a &fo", b"o; b</body></message>"),
+    (b"<message to='&fo", b"o;'/>"),
+    (b"<message><body>a &", b"foo; b</body></message>"),
+    (b"<", b"?foo?><message/>"),
+    (b"<message/><!", b"ENTITY foo 'bar'>"),
+])
+def test_restricted_xml_split_across_feeds_is_caught_when_completed(
+        first: bytes, second: bytes) -> None:
+    parser = XmlStreamParser()
+    events = parser.feed(HEADER + first)
+    assert not any(isinstance(e, StreamViolation) for e in events)
+    events = parser.feed(second)
+    assert only_violation(events).condition == "restricted-xml"
+    assert stanzas(events) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 9, None])
+def test_doctype_split_before_header_is_caught(chunk: int | None) -> None:
+    events = parse(b"<!DOC" + b"TYPE stream:stream [<!ENTITY x SYSTEM 'file:///etc/passwd'>]>"
+                   + OPEN_TAG + b"<message><body>&x;</body></message>", chunk)
+    assert only_violation(events).condition == "restricted-xml"
+    assert not any(isinstance(e, StreamOpened) for e in events)
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_xml_declaration_at_the_very_start_is_allowed(chunk: int | None) -> None:
+    for prefix in (XML_DECL, b'<?xml version="1.0" encoding="UTF-8"?>', b""):
+        events = parse(prefix + OPEN_TAG + b"<presence/>", chunk)
+        assert [type(e) for e in events] == [StreamOpened, StanzaReceived]
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_predefined_entities_and_character_references_are_decoded(chunk: int | None) -> None:
+    events = parse(HEADER + b"<message to='a&amp;b&#x41;&#66;'><body>"
+                            b"&lt;&gt;&amp;&quot;&apos;&#65;&#x41;&#x10FFFF;</body></message>",
+                   chunk)
+    (msg,) = stanzas(events)
+    assert not any(isinstance(e, StreamViolation) for e in events)
+    assert msg.get("to") == "a&bAB"
+    assert msg.findtext(ns.qname(ns.CLIENT, "body")) == "<>&\"'AA\U0010ffff"
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_cdata_section_is_text_not_markup(chunk: int | None) -> None:
+    events = parse(HEADER + b"<message><body>a<![CDATA[&foo; <!-- no --> <?pi?> ]] ]>]]>"
+                            b"b</body></message><presence/>", chunk)
+    assert [type(e) for e in events] == [StreamOpened, StanzaReceived, StanzaReceived]
+    msg = stanzas(events)[0]
+    assert msg.findtext(ns.qname(ns.CLIENT, "body")) == "a&foo; <!-- no --> <?pi?> ]] ]>b"
+
+
+def test_cdata_split_at_its_opening_and_closing_is_still_cdata() -> None:
+    parser = XmlStreamParser()
+    assert len(parser.feed(HEADER + b"<message><body><![CD")) == 1
+    assert parser.feed(b"ATA[&foo; <!") == []
+    assert parser.feed(b"-- ]") == []
+    assert parser.feed(b"]") == []
+    (msg,) = stanzas(parser.feed(b"></body></message>"))
+    assert msg.findtext(ns.qname(ns.CLIENT, "body")) == "&foo; <!-- "
+
+
+# ------------------------------------------------------------ malformed XML
+
+MALFORMED = {
+    "mismatched-end-tag": HEADER + b"<message><body>x</message></body>",
+    "invalid-character": HEADER + b"<message><body>a\x01b</body></message>",
+    "undeclared-element-prefix": HEADER + b"<a:b/>",
+    "undeclared-prefix-in-stanza": HEADER + b"<message><a:b/></message>",
+    "bare-ampersand": HEADER + b"<message><body>fish & chips and more</body></message>",
+    "ampersand-at-end-of-name": HEADER + b"<message><body>fish &amp chips</body></message>",
+    "invalid-character-reference": HEADER + b"<message><body>&#0;</body></message>",
+    "stray-end-tag": HEADER + b"</presence>",
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+@pytest.mark.parametrize("data", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_xml_is_not_well_formed(data: bytes, chunk: int | None) -> None:
+    parser = XmlStreamParser()
+    events = feed(parser, data, chunk)
+    assert only_violation(events).condition == "not-well-formed"
+    assert stanzas(events) == []
+    assert parser.closed
+    assert parser.feed(b"<presence/>") == []
+
+
+@pytest.mark.xfail(strict=True, reason="undeclared attribute prefixes are not rejected, and the "
+                   "relayed stanza is not namespace-well-formed")
+def test_undeclared_attribute_prefix_is_not_well_formed() -> None:
+    events = parse(HEADER + b"<message foo:bar='x'><body>hi</body></message>")
+    assert only_violation(events).condition == "not-well-formed"
+
+
+@pytest.mark.xfail(strict=True, reason="'& b;' is a bare ampersand, reported as restricted-xml")
+def test_bare_ampersand_followed_by_semicolon_is_not_well_formed() -> None:
+    events = parse(HEADER + b"<message><body>salt & pepper; oil</body></message>")
+    assert only_violation(events).condition == "not-well-formed"
+
+
+# ----------------------------------------------------------- stanza size
+
+@pytest.mark.parametrize("chunk", [None, 100, 1])
+def test_stanza_below_limit_passes(chunk: int | None) -> None:
+    events = parse(HEADER + message(900) + CLOSE, chunk, max_stanza_bytes=1000)
+    assert [type(e) for e in events] == [StreamOpened, StanzaReceived, StreamClosed]
+    assert len(stanzas(events)[0].findtext(ns.qname(ns.CLIENT, "body"))) == 900 - 32
+
+
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_stanza_at_exactly_the_limit_passes(chunk: int | None) -> None:
+    parser = XmlStreamParser(max_stanza_bytes=1000)
+    parser.feed(HEADER)
+    assert [type(e) for e in feed(parser, message(1000), chunk)] == [StanzaReceived]
+
+
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_oversized_stanza_is_a_policy_violation(chunk: int | None) -> None:
+    parser = XmlStreamParser(max_stanza_bytes=1000)
+    events = feed(parser, HEADER + message(5000) + b"<presence/>" + CLOSE, chunk)
+    assert only_violation(events).condition == "policy-violation"
+    assert stanzas(events) == []
+    assert parser.closed
+
+
+def test_oversized_stanza_is_refused_before_it_is_complete() -> None:
+    parser = XmlStreamParser(max_stanza_bytes=1000)
+    parser.feed(HEADER)
+    events = parser.feed(b"<message><body>")
+    for _ in range(30):  # 3000 bytes of body; the stanza never ends
+        events += parser.feed(b"x" * 100)
+    assert only_violation(events).condition == "policy-violation"
+
+
+def test_oversized_stanza_inside_small_nested_elements_is_refused() -> None:
+    stanza = b"<iq type='set' id='x'><query xmlns='jabber:iq:roster'>" \
+        + b"<item jid='a@b'/>" * 400 + b"</query></iq>"
+    events = parse(HEADER + stanza, 50, max_stanza_bytes=1000)
+    assert only_violation(events).condition == "policy-violation"
+
+
+def test_default_limit_is_256_kib() -> None:
+    assert DEFAULT_MAX_STANZA_BYTES == 256 * 1024
+    assert XmlStreamParser().max_stanza_bytes == DEFAULT_MAX_STANZA_BYTES
+
+
+def test_default_limit_passes_200_kib_and_refuses_300_kib() -> None:
+    ok = parse(HEADER + message(200 * 1024) + CLOSE)
+    assert [type(e) for e in ok] == [StreamOpened, StanzaReceived, StreamClosed]
+    big = parse(HEADER + message(300 * 1024) + CLOSE)
+    assert only_violation(big).condition == "policy-violation"
+    assert stanzas(big) == []
+
+
+@pytest.mark.parametrize("chunk", [None, 100, 7])
+def test_limit_is_per_stanza_not_per_stream(chunk: int | None) -> None:
+    small = message(200)  # 60 of them: 12000 bytes in total
+    events = parse(HEADER + small * 60 + CLOSE, chunk, max_stanza_bytes=1000)
+    assert not any(isinstance(e, StreamViolation) for e in events)
+    assert len(stanzas(events)) == 60
+    assert isinstance(events[-1], StreamClosed)
+
+
+@pytest.mark.xfail(strict=True, reason="bytes of a top-level start tag are not counted toward "
+                   "the stanza size limit")
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_oversized_start_tag_is_a_policy_violation(chunk: int | None) -> None:
+    stanza = b"<message to='" + b"a" * 5000 + b"'/>"
+    events = parse(HEADER + stanza, chunk, max_stanza_bytes=1000)
+    assert only_violation(events).condition == "policy-violation"
+
+
+# ------------------------------------------------------------ header checks
+
+def header_with(**changes: bytes | None) -> bytes:
+    attrs = {
+        b"xmlns": b"jabber:client",
+        b"xmlns:stream": ns.STREAM.encode(),
+        b"to": b"example.com",
+        b"version": b"1.0",
+    }
+    for name, value in changes.items():
+        key = name.replace("_", ":").encode()
+        if value is None:
+            attrs.pop(key, None)
+        else:
+            attrs[key] = value
+    rendered = b" ".join(k + b"='" + v + b"'" for k, v in attrs.items())
+    return XML_DECL + b"<stream:stream " + rendered + b">"
+
+
+@pytest.mark.parametrize("header, condition", [
+    (header_with(xmlns_stream=b"urn:not:streams"), "invalid-namespace"),
+    (header_with(xmlns=b"jabber:server"), "invalid-namespace"),
+    (header_with(xmlns=b"urn:something:else"), "invalid-namespace"),
+    (header_with(xmlns=None), "invalid-namespace"),
+    (header_with(version=b"2.0"), "unsupported-version"),
+    (header_with(version=b"0.9"), "unsupported-version"),
+    (header_with(version=b"10.0"), "unsupported-version"),
+    # RFC 6120 §4.7.5: no version means 0.9; this parser serves XMPP 1.0 streams only.
+    (header_with(version=None), "unsupported-version"),
+    (XML_DECL + b"<message xmlns='jabber:client'/>", "not-well-formed"),
+], ids=["stream-ns", "jabber-server", "other-default-ns", "no-default-ns", "version-2.0",
+        "version-0.9", "version-10.0", "no-version", "not-a-stream"])
+def test_bad_header_is_refused(header: bytes, condition: str) -> None:
+    parser = XmlStreamParser()
+    events = parser.feed(header + b"<presence/>")
+    assert only_violation(events).condition == condition
+    assert not any(isinstance(e, StreamOpened) for e in events)
+    assert stanzas(events) == []
+    assert parser.closed
+
+
+@pytest.mark.parametrize("version", [b"1.0", b"1.1", b"1.23"])
+def test_any_1_x_version_is_accepted(version: bytes) -> None:
+    events = parse(header_with(version=version))
+    assert [type(e) for e in events] == [StreamOpened]
+    assert events[0].attrs["version"] == version.decode()  # type: ignore[union-attr]
+
+
+@pytest.mark.xfail(strict=True, reason="RFC 6120 §4.7.5: leading zeros in the version MUST be "
+                   "ignored; '01.0' is refused")
+def test_version_leading_zeros_are_ignored() -> None:
+    events = parse(header_with(version=b"01.0"))
+    assert [type(e) for e in events] == [StreamOpened]
+
+
+def test_expected_namespace_is_configurable() -> None:
+    server = header_with(xmlns=b"jabber:server")
+    events = XmlStreamParser(expected_ns="jabber:server").feed(server)
+    assert [type(e) for e in events] == [StreamOpened]
+    assert events[0].default_ns == "jabber:server"  # type: ignore[union-attr]
+    client = XmlStreamParser(expected_ns="jabber:server").feed(header_with())
+    assert only_violation(client).condition == "invalid-namespace"
+
+
+@pytest.mark.xfail(strict=True, reason="a processing instruction whose target starts with 'xml' "
+                   "is taken for the XML declaration at the start of the stream")
+def test_processing_instruction_at_the_very_start_is_restricted() -> None:
+    events = parse(b"<?xml-stylesheet href='s.xsl'?>" + OPEN_TAG)
+    assert only_violation(events).condition == "restricted-xml"
+
+
+# ------------------------------------------------------ restart and closing
+
+def test_reset_accepts_a_new_header_and_stanzas_flow_again() -> None:
+    parser = XmlStreamParser()
+    events = parser.feed(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    assert [type(e) for e in events] == [StreamOpened, StanzaReceived]
+    parser.reset()
+    new_header = HEADER.replace(b"to='example.com'", b"to='example.com' id='2'")
+    events = parser.feed(new_header + b"<iq type='get' id='b'/>")
+    assert [type(e) for e in events] == [StreamOpened, StanzaReceived]
+    assert events[0].attrs["id"] == "2"  # type: ignore[union-attr]
+    assert stanzas(events)[0].get("id") == "b"
+    events = parser.feed(b"<presence/>" + CLOSE)
+    assert [type(e) for e in events] == [StanzaReceived, StreamClosed]
+
+
+def test_second_header_without_reset_is_refused() -> None:
+    parser = XmlStreamParser()
+    parser.feed(HEADER)
+    # A second XML declaration mid-stream is a processing instruction.
+    events = parser.feed(HEADER)
+    assert only_violation(events).condition == "restricted-xml"
+
+
+def test_reset_discards_a_partial_stanza() -> None:
+    parser = XmlStreamParser()
+    parser.feed(HEADER + b"<message><body>half")
+    parser.reset()
+    events = parser.feed(HEADER + b"<presence/>")
+    assert [type(e) for e in events] == [StreamOpened, StanzaReceived]
+
+
+def test_reset_reopens_a_parser_after_close_or_violation() -> None:
+    parser = XmlStreamParser()
+    parser.feed(HEADER + b"<!-- x -->")
+    assert parser.closed
+    parser.reset()
+    assert not parser.closed
+    assert [type(e) for e in parser.feed(HEADER + b"<presence/>")] == [
+        StreamOpened, StanzaReceived]
+
+
+def test_feed_after_stream_closed_returns_nothing() -> None:
+    parser = XmlStreamParser()
+    events = parser.feed(HEADER + b"<presence/>" + CLOSE)
+    assert [type(e) for e in events] == [StreamOpened, StanzaReceived, StreamClosed]
+    assert parser.closed
+    assert parser.feed(b"<message/>") == []
+    assert parser.feed(HEADER) == []
+    assert parser.feed(b"<!-- would be a violation -->") == []
+
+
+def test_feed_after_violation_returns_nothing() -> None:
+    parser = XmlStreamParser()
+    assert [type(e) for e in parser.feed(HEADER)] == [StreamOpened]
+    events = parser.feed(b"<message><body>&foo;</body></message><presence/>")
+    assert [type(e) for e in events] == [StreamViolation]
+    assert parser.closed
+    assert parser.feed(b"<presence/>") == []
+    assert parser.feed(CLOSE) == []
+
+
+def kinds(events: list[StreamEvent]) -> list[str]:
+    return [e.condition if isinstance(e, StreamViolation) else type(e).__name__ for e in events]
+
+
+@pytest.mark.xfail(strict=True, reason="events parsed before an error found later in the same "
+                   "slice are dropped: the result depends on how the bytes were chunked")
+@pytest.mark.parametrize("data", [
+    HEADER + b"<presence/><message><body>x</body></mess>",
+    HEADER + b"<presence/><!-- comment -->",
+    HEADER + b"<presence/>" + CLOSE + b"<message/>",
+], ids=["syntax-error", "restricted-xml", "data-after-close"])
+def test_events_before_an_error_do_not_depend_on_chunking(data: bytes) -> None:
+    assert kinds(parse(data)) == kinds(parse(data, 1))
+
+
+def test_closed_is_false_while_the_stream_is_open() -> None:
+    parser = XmlStreamParser()
+    assert not parser.closed
+    parser.feed(HEADER + b"<presence/>")
+    assert not parser.closed
+
+
+# ------------------------------------------------------- writing the stream
+
+def test_stream_header_is_parsed_back_with_all_attributes() -> None:
+    data = stream_header(to="example.com", from_="user@example.com", stream_id="abc123",
+                         lang="fr")
+    assert data.startswith(b"<?xml version='1.0'?><stream:stream ")
+    assert data.endswith(b">") and not data.endswith(b"/>")
+    (opened,) = XmlStreamParser().feed(data)
+    assert isinstance(opened, StreamOpened)
+    assert opened.default_ns == ns.CLIENT
+    assert opened.attrs == {"to": "example.com", "from": "user@example.com", "id": "abc123",
+                            "version": "1.0", XML_LANG: "fr"}
+
+
+def test_stream_header_leaves_out_absent_attributes() -> None:
+    (opened,) = XmlStreamParser().feed(stream_header())
+    assert isinstance(opened, StreamOpened)
+    assert opened.attrs == {"version": "1.0", XML_LANG: "en"}
+
+
+def test_stream_header_escapes_attribute_values() -> None:
+    nasty = "a\"b'c<d>&e"
+    data = stream_header(to=nasty, from_="x&y", stream_id="<id>")
+    assert b"<d>" not in data and b"<id>" not in data and b"x&y" not in data
+    (opened,) = XmlStreamParser().feed(data)
+    assert isinstance(opened, StreamOpened)
+    assert opened.attrs["to"] == nasty
+    assert opened.attrs["from"] == "x&y"
+    assert opened.attrs["id"] == "<id>"
+
+
+def test_stream_header_for_another_namespace() -> None:
+    data = stream_header(to="example.com", default_ns="jabber:server")
+    (opened,) = XmlStreamParser(expected_ns="jabber:server").feed(data)
+    assert isinstance(opened, StreamOpened)
+    assert opened.default_ns == "jabber:server"
+
+
+def test_stream_error_relies_on_the_header_for_the_stream_prefix() -> None:
+    data = stream_error("not-well-formed")
+    assert data.startswith(b"<stream:error>")
+    assert b"xmlns:stream" not in data
+    (err,) = stanzas(parse(HEADER + data))
+    assert err.tag == ns.qname(ns.STREAM, "error")
+    assert [c.tag for c in err] == [ns.qname(ns.STREAMS_ERRORS, "not-well-formed")]
+
+
+def test_stream_error_with_text() -> None:
+    data = stream_error("policy-violation", "too big <&> for us")
+    assert b"xmlns:stream" not in data
+    (err,) = stanzas(parse(HEADER + data))
+    condition, text = err
+    assert condition.tag == ns.qname(ns.STREAMS_ERRORS, "policy-violation")
+    assert text.tag == ns.qname(ns.STREAMS_ERRORS, "text")
+    assert text.text == "too big <&> for us"
+    assert text.get(XML_LANG) == "en"
+
+
+def test_stream_error_with_application_condition() -> None:
+    app = etree.Element("{urn:example:errors}too-many-hats", nsmap={None: "urn:example:errors"})
+    (err,) = stanzas(parse(HEADER + stream_error("undefined-condition", app_condition=app)))
+    assert [c.tag for c in err] == [ns.qname(ns.STREAMS_ERRORS, "undefined-condition"),
+                                    "{urn:example:errors}too-many-hats"]
+
+
+def test_violation_condition_can_be_written_as_a_stream_error() -> None:
+    (violation,) = [e for e in parse(HEADER + b"<!-- x -->") if isinstance(e, StreamViolation)]
+    (err,) = stanzas(parse(HEADER + stream_error(violation.condition, violation.text)))
+    assert err[0].tag == ns.qname(ns.STREAMS_ERRORS, "restricted-xml")
+    assert err[1].text == violation.text
