@@ -10,7 +10,7 @@ import ssl
 from typing import Any
 
 from .config import Config, Listener
-from .features.legacy_session import LegacySession
+from .features.legacy_session import LegacySessionFactory
 from .logsetup import get_logger
 from .net.client_side import NegotiationFailed, negotiate
 from .net.relay import run_relay
@@ -87,7 +87,7 @@ class Proxy:
                                    if isinstance(exc, asyncio.TimeoutError) else None)
                 return
             log = log.bind(jid=str(bound.jid))
-            core = SessionCore(bound.jid, [LegacySession()])
+            core = SessionCore(bound.jid, [LegacySessionFactory()])
             reason = await run_relay(bound, core, log)
             log.info("closed", reason=reason, phase="session")
         except asyncio.CancelledError:

@@ -1,13 +1,19 @@
 """Where the client side and the upstream side meet: the per-session relay core.
 
-Sans-IO: it takes stanzas and returns what to send where. The feature pipeline (stream
-management, roster versioning, rules, ...) plugs in here; each feature may pass, change,
-answer or drop a stanza.
+Sans-IO: it takes stanzas and returns what to send where. The feature pipeline (roster
+versioning, rules, ...) plugs in here; each feature may pass, change, answer, hold or drop a
+stanza, add stream features and disco features, and send stanzas of its own.
+
+Order: a stanza from the client goes through the features first to last, then upstream; a
+stanza from the server goes through them last to first, then to the client. So the first
+feature sits at the client's edge (rules see what the client sent and what it will get).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,25 +31,67 @@ class Outputs:
     to_client: list[Element] = field(default_factory=list)
     to_upstream: list[Element] = field(default_factory=list)
 
+    def extend(self, other: Outputs) -> None:
+        self.to_client.extend(other.to_client)
+        self.to_upstream.extend(other.to_upstream)
 
-class Feature(Protocol):
-    """A value-add in the pipeline. Return the stanza (maybe changed) to pass it on, or None
-    when the feature consumed it; answers go into ``out``."""
+
+class Feature:
+    """A value-add in the pipeline, one instance per session. Every hook is optional.
+
+    ``from_client``/``from_upstream`` return the stanza (maybe changed) to pass it on, or
+    None when the feature consumed it; answers and stanzas of its own go into ``out``.
+    """
+
+    def stream_features(self) -> Iterable[Element]:
+        """Children for the post-authentication ``<stream:features/>``."""
+        return ()
+
+    def disco_features(self) -> Iterable[str]:
+        """Feature vars to add to the server's disco#info answer."""
+        return ()
 
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
-        ...
+        return el
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
+        return el
+
+    def upstream_restored(self, session: SessionCore, out: Outputs) -> None:
+        """The upstream session was re-established after an outage (resend state here)."""
+
+    def closed(self, session: SessionCore) -> None:
+        """The session ended for good."""
+
+
+class FeatureFactory(Protocol):
+    """Made once at start-up (holding shared state: store, rules, config); makes the
+    per-session feature instances."""
+
+    def create(self, session: SessionCore) -> Feature:
         ...
 
 
 class SessionCore:
     """One logged-in client resource, as the relay sees it."""
 
-    def __init__(self, jid: Jid, features: Sequence[Feature] = ()) -> None:
+    def __init__(self, jid: Jid, factories: Sequence[FeatureFactory] = ()) -> None:
         self.jid = jid
-        self.features = list(features)
+        self.account = jid.bare
+        self.id = secrets.token_hex(6)
         self._jid_text = str(jid)
+        self._ids = itertools.count(1)
+        self.features: list[Feature] = [factory.create(self) for factory in factories]
+
+    def new_id(self, purpose: str) -> str:
+        """An id for a stanza the proxy itself sends (unique within the session)."""
+        return f"xf-{purpose}-{self.id}-{next(self._ids)}"
+
+    def stream_features(self) -> list[Element]:
+        return [el for feature in self.features for el in feature.stream_features()]
+
+    def disco_features(self) -> list[str]:
+        return [var for feature in self.features for var in feature.disco_features()]
 
     def from_client(self, el: Element) -> Outputs:
         out = Outputs()
@@ -67,3 +115,13 @@ class SessionCore:
                 return out
         out.to_client.append(result)
         return out
+
+    def upstream_restored(self) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.upstream_restored(self, out)
+        return out
+
+    def closed(self) -> None:
+        for feature in self.features:
+            feature.closed(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lxml import etree
 
-from ..session import Outputs, SessionCore
+from ..session import Feature, Outputs, SessionCore
 from ..xmpp import ns
 from ..xmpp import stanza as st
 
@@ -13,14 +13,16 @@ Element = etree._Element
 _SESSION = ns.qname(ns.SESSION, "session")
 
 
-class LegacySession:
+class LegacySession(Feature):
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         if el.tag == st.IQ and el.get("type") == "set" and el.find(_SESSION) is not None:
             reply = st.iq_result(el)
-            del reply.attrib["to"]  # the answer comes from the server itself
+            reply.attrib.pop("to", None)  # the answer comes from the server itself
             out.to_client.append(reply)
             return None
         return el
 
-    def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
-        return el
+
+class LegacySessionFactory:
+    def create(self, session: SessionCore) -> Feature:
+        return LegacySession()
