@@ -32,6 +32,9 @@ _PREDEFINED_ENTITIES = frozenset((b"lt", b"gt", b"amp", b"quot", b"apos"))
 _SUSPECT = re.compile(rb"<[!?]|&|<\Z")
 _CDATA_OPEN = b"<![CDATA["
 _LONGEST_REFERENCE = 12  # "&#x10FFFF;" and the predefined names fit; anything longer is bad
+_REFERENCE_NAME = re.compile(rb"#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z_:][-\w.:]*")
+_XML_DECL = re.compile(rb"<\?xml\s")
+_MAX_XML_DECL = 1024
 _STREAM_TAG = ns.qname(ns.STREAM, "stream")
 
 
@@ -75,22 +78,31 @@ class _RestrictedXmlScanner:
     def __init__(self) -> None:
         self._pending = b""  # an incomplete token carried over from the last chunk
         self._in_cdata = False
-        self._in_prolog = True  # only an XML declaration may be a PI, and only first
+        self._in_prolog = True  # only an XML declaration may look like a PI, and only first
 
-    def scan(self, data: bytes) -> StreamViolation | None:
-        buf = self._pending + data if self._pending else data
+    def scan(self, data: bytes) -> tuple[StreamViolation, int] | None:
+        """None if ``data`` is clean so far; else the violation and how many bytes of
+        ``data`` come before it (those may still be parsed)."""
+        carried = len(self._pending)
+        buf = self._pending + data if carried else data
         self._pending = b""
+
+        def bad(condition: str, text: str, at: int) -> tuple[StreamViolation, int]:
+            return StreamViolation(condition, text), max(0, at - carried)
+
         i, end = 0, len(buf)
         if self._in_prolog:
             stripped = buf.lstrip()
             if not stripped:
                 return None
-            if len(stripped) < 5 and b"<?xml".startswith(stripped):
+            if len(stripped) < 6 and b"<?xml ".startswith(stripped[:5]):
                 self._pending = buf
                 return None
-            if stripped.startswith(b"<?xml"):
+            if _XML_DECL.match(stripped):
                 close = buf.find(b"?>")
                 if close < 0:
+                    if len(buf) > _MAX_XML_DECL:
+                        return bad("not-well-formed", "an overlong XML declaration", 0)
                     self._pending = buf
                     return None
                 i = close + 2
@@ -111,26 +123,27 @@ class _RestrictedXmlScanner:
                 head = buf[k:k + len(_CDATA_OPEN)]
                 if head == _CDATA_OPEN:
                     i, self._in_cdata = k + len(_CDATA_OPEN), True
-                elif _CDATA_OPEN.startswith(head):  # cut short by the end of the chunk
+                    continue
+                if _CDATA_OPEN.startswith(head):  # cut short by the end of the chunk
                     self._pending = buf[k:]
                     return None
-                elif head.startswith(b"<?"):
-                    return StreamViolation("restricted-xml",
-                                           "processing instructions are not allowed")
-                else:
-                    return StreamViolation("restricted-xml",
-                                           "comments, DTDs and declarations are not allowed")
-                continue
+                if head.startswith(b"<?"):
+                    return bad("restricted-xml", "processing instructions are not allowed", k)
+                return bad("restricted-xml", "comments, DTDs and declarations are not allowed",
+                           k)
             semi = buf.find(b";", k + 1, k + _LONGEST_REFERENCE)
             if semi < 0:
                 if end - k < _LONGEST_REFERENCE:
                     self._pending = buf[k:]
                     return None
-                return StreamViolation("not-well-formed", "a bare '&' or an overlong reference")
+                return bad("not-well-formed", "a bare '&' or an overlong reference", k)
             name = buf[k + 1:semi]
-            if name not in _PREDEFINED_ENTITIES and not name.startswith(b"#"):
-                return StreamViolation("restricted-xml", "entity references other than the "
-                                       "five predefined ones are not allowed")
+            if not _REFERENCE_NAME.fullmatch(name):
+                return bad("not-well-formed", "a bare '&'", k)
+            if name not in _PREDEFINED_ENTITIES and name[0] != 0x23:  # "#"
+                return bad("restricted-xml",
+                           "entity references other than the five predefined ones are not "
+                           "allowed", k)
             i = semi + 1
         return None
 
@@ -156,7 +169,10 @@ class XmlStreamParser:
         self._scanner = _RestrictedXmlScanner()
         self._root: Element | None = None
         self._depth = 0
-        self._stanza_bytes = 0  # bytes fed while inside the current top-level element
+        # Bytes fed since the last top-level element ended: bounds a stanza, its start tag
+        # and the stream header alike.
+        self._unfinished_bytes = 0
+        self._tag_closed = True  # the last non-blank byte fed was ">"
         self._done = False
 
     @property
@@ -173,55 +189,76 @@ class XmlStreamParser:
         return events
 
     def _fail(self, events: list[StreamEvent], condition: str, text: str) -> bool:
-        events.append(StreamViolation(condition, text))
-        self._done = True
+        if not self._done:
+            events.append(StreamViolation(condition, text))
+            self._done = True
         return False
 
     def _feed_slice(self, data: bytes, events: list[StreamEvent]) -> bool:
-        violation = self._scanner.scan(data)
-        if violation is not None:
+        found = self._scanner.scan(data)
+        if found is not None:
+            violation, clean = found
+            # What came before the bad markup is still delivered, as if fed separately.
+            if clean and not self._parse(data[:clean], events):
+                return False
             return self._fail(events, violation.condition, violation.text)
-        if self._depth >= 2:
-            self._stanza_bytes += len(data)
+        return self._parse(data, events)
+
+    def _parse(self, data: bytes, events: list[StreamEvent]) -> bool:
+        blank = data.rstrip()
+        if blank:
+            self._tag_closed = blank[-1] == 0x3E  # ">"
+        elif self._depth == 1 and self._tag_closed:
+            return True  # whitespace keepalive between stanzas: nothing to parse or count
+        self._unfinished_bytes += len(data)
         try:
             self._parser.feed(data)
-            for action, el in self._parser.read_events():
-                if action == "start":
-                    self._depth += 1
-                    if not self._on_start(el, events, len(data)):
-                        return False
-                else:
-                    self._depth -= 1
-                    if self._depth == 1:
-                        assert self._root is not None
-                        # The copy carries only the namespace declarations it uses.
-                        stanza = copy.deepcopy(el)
-                        stanza.tail = None
-                        events.append(StanzaReceived(stanza))
-                        self._root.remove(el)
-                        self._root.text = None
-                        self._stanza_bytes = 0
-                    elif self._depth == 0:
-                        events.append(StreamClosed())
-                        self._done = True
-                        return False
         except etree.XMLSyntaxError as exc:
+            # Events lxml produced before the error still count (a stanza, a clean close).
+            if not self._drain(events):
+                return False
             return self._fail(events, "not-well-formed", exc.msg or "malformed XML")
-        if self._depth >= 2 and self._stanza_bytes > self.max_stanza_bytes:
+        if not self._drain(events):
+            return False
+        if self._unfinished_bytes > self.max_stanza_bytes and not (
+                self._depth == 1 and self._tag_closed):
             return self._fail(events, "policy-violation",
                               f"stanza larger than {self.max_stanza_bytes} bytes")
-        if self._depth == 1 and self._root is not None:
-            self._root.text = None  # whitespace keepalives between stanzas
         return True
 
-    def _on_start(self, el: Element, events: list[StreamEvent], slice_len: int) -> bool:
+    def _drain(self, events: list[StreamEvent]) -> bool:
+        for action, el in self._parser.read_events():
+            if action == "start":
+                self._depth += 1
+                if not self._on_start(el, events):
+                    return False
+                continue
+            self._depth -= 1
+            if self._depth == 1:
+                assert self._root is not None
+                # The copy carries only the namespace declarations it uses.
+                stanza = copy.deepcopy(el)
+                stanza.tail = None
+                events.append(StanzaReceived(stanza))
+                self._root.remove(el)
+                self._root.text = None  # whitespace keepalives between stanzas
+                self._unfinished_bytes = 0
+            elif self._depth == 0:
+                events.append(StreamClosed())
+                self._done = True
+                return False
+        return True
+
+    def _on_start(self, el: Element, events: list[StreamEvent]) -> bool:
         tag = el.tag
-        if not isinstance(tag, str) or (":" in tag and not tag.startswith("{")):
+        if not isinstance(tag, str) or (":" in tag and tag[0] != "{"):
             return self._fail(events, "not-well-formed", f"undeclared namespace prefix in {tag}")
+        if el.attrib and any(":" in key and key[0] != "{" for key in el.attrib.keys()):
+            return self._fail(events, "not-well-formed",
+                              "undeclared namespace prefix on an attribute")
         if self._depth == 1:
+            self._unfinished_bytes = 0
             return self._on_stream_open(el, events)
-        if self._depth == 2:
-            self._stanza_bytes = slice_len
         return True
 
     def _on_stream_open(self, el: Element, events: list[StreamEvent]) -> bool:
@@ -237,11 +274,19 @@ class XmlStreamParser:
         if default_ns != self.expected_ns:
             return self._fail(events, "invalid-namespace",
                               f"the default namespace must be {self.expected_ns}")
-        if el.get("version", "0.9").split(".")[0] != "1":
+        if not _is_xmpp_1(el.get("version")):
             return self._fail(events, "unsupported-version", "only XMPP 1.0 streams")
         self._root = el
         events.append(StreamOpened(dict(el.attrib), default_ns))
         return True
+
+
+def _is_xmpp_1(version: str | None) -> bool:
+    """RFC 6120 §4.7.5: major version 1; leading zeros are ignored; no version is 0.9."""
+    try:
+        return version is not None and int(version.split(".")[0]) == 1
+    except ValueError:
+        return False
 
 
 _STREAM_PREFIX_DECL = b' xmlns:stream="' + ns.STREAM.encode() + b'"'
