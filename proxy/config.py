@@ -58,16 +58,35 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class StreamManagementConfig:
+    resume_timeout: int = 300  # seconds a session waits for its client when it asks no max
+    max_resume_timeout: int = 600  # the most a client may ask for
+    ack_timeout: float = 60.0  # seconds without an answer to our <r/>: the connection is dead
+    max_queue: int = 1000  # unacknowledged stanzas kept per session; beyond it the session ends
+    on_timeout: Literal["store", "bounce"] = "store"  # what happens to undelivered messages
+    stored_ttl: int = 604800  # seconds a stored message waits for its account to log in
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "xmpp-front.sqlite3"  # SQLite file (relative to the config file); ":memory:"
+
+
+@dataclass(frozen=True)
 class Config:
     listen: list[Listener] = field(default_factory=lambda: [Listener()])
     tls: TlsConfig = field(default_factory=TlsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: Limits = field(default_factory=Limits)
     log: LogConfig = field(default_factory=LogConfig)
+    stream_management: StreamManagementConfig = field(default_factory=StreamManagementConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     # Relative paths in the file are resolved against the file's own folder.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     def path(self, value: str) -> Path:
+        if value == ":memory:":
+            return Path(value)
         p = Path(value)
         return p if p.is_absolute() else self.base_dir / p
 
@@ -80,6 +99,13 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("limits", "max_stanza_bytes"): (lambda v: 1024 <= v <= 64 * 1024 * 1024,
                                      "between 1024 and 67108864 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("stream_management", "resume_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("stream_management", "max_resume_timeout"): (lambda v: v > 0,
+                                                  "a positive number of seconds"),
+    ("stream_management", "ack_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("stream_management", "max_queue"): (lambda v: v >= 1, "at least 1"),
+    ("stream_management", "stored_ttl"): (lambda v: v > 0, "a positive number of seconds"),
+    ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
 }
 
 

@@ -12,11 +12,11 @@ from typing import Any
 from .config import Config, Listener
 from .features.legacy_session import LegacySessionFactory
 from .logsetup import get_logger
-from .net.client_side import NegotiationFailed, negotiate
-from .net.relay import run_relay
+from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
+from .net.hub import Hub
+from .net.live import LiveSession
 from .net.upstream import client_tls_context
 from .net.xmlstream import ConnectionLost, XmlStream
-from .session import SessionCore
 from .xmpp import codec
 
 
@@ -38,6 +38,7 @@ class Proxy:
         self.connections: set[asyncio.Task[None]] = set()
         self.clients: set[XmlStream] = set()
         self.stopping = False
+        self.hub = Hub(config, [LegacySessionFactory()], store=None, log=self.log)
 
     @property
     def bound_ports(self) -> list[int]:
@@ -71,24 +72,33 @@ class Proxy:
         log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
                  **stream.tls_info)
         self.clients.add(stream)
+        auth: AuthenticatedClient | None = None
+        session: LiveSession | None = None
         try:
             try:
-                bound = await negotiate(stream, listener, self.config, self.server_tls,
-                                        self.upstream_tls, log)
+                negotiation = ClientNegotiation(stream, listener, self.config, self.server_tls,
+                                                self.upstream_tls, log)
+                async with asyncio.timeout(self.config.limits.negotiation_timeout):
+                    auth = await negotiation.run()
+                    session, first = await self.hub.establish(negotiation, auth, log)
             except NegotiationFailed as exc:
                 log.info("closed", reason=exc.reason, phase="negotiation")
                 await stream.close(exc.error)
                 return
-            except (TimeoutError, ConnectionLost, ssl.SSLError, OSError) as exc:
-                reason = "negotiation timeout" if isinstance(exc, asyncio.TimeoutError) else (
-                    f"connection lost: {exc}")
-                log.info("closed", reason=reason, phase="negotiation")
-                await stream.close(codec.stream_error("connection-timeout")
-                                   if isinstance(exc, asyncio.TimeoutError) else None)
+            except (ConnectionLost, TimeoutError, ssl.SSLError, OSError) as exc:
+                timed_out = isinstance(exc, TimeoutError)
+                log.info("closed", phase="negotiation", reason="negotiation timeout"
+                         if timed_out else f"connection lost: {exc!r}")
+                await stream.close(codec.stream_error("connection-timeout") if timed_out
+                                   else None)
                 return
-            log = log.bind(jid=str(bound.jid))
-            core = SessionCore(bound.jid, [LegacySessionFactory()])
-            reason = await run_relay(bound, core, log)
+            finally:
+                # The upstream login that checked the password is kept only by a new
+                # session; a resumed or taken-over session has its own.
+                if auth is not None and (session is None or session.upstream is not auth.upstream):
+                    await auth.upstream.stream.close()
+            log = log.bind(jid=session.jid)
+            reason = await session.serve_client(stream, first)
             log.info("closed", reason=reason, phase="session")
         except asyncio.CancelledError:
             stream.abort()
@@ -108,6 +118,7 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
+        await self.hub.stop()
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
         for stream in list(self.clients):
             stream.send_bytes(shutdown + codec.STREAM_CLOSE)

@@ -8,7 +8,6 @@ client stream plus its authenticated upstream link, ready for the relay.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import secrets
@@ -21,10 +20,9 @@ from lxml import etree
 from ..config import Config, Listener
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
-from ..xmpp.jid import InvalidJid, Jid
+from ..xmpp.jid import Jid
 from .upstream import (
     UpstreamAuthFailed,
-    UpstreamBindFailed,
     UpstreamLink,
     UpstreamUnavailable,
     connect_upstream,
@@ -45,15 +43,17 @@ class NegotiationFailed(Exception):
         self.error = error
 
 
-def _violation(condition: str, text: str) -> NegotiationFailed:
+def violation(condition: str, text: str) -> NegotiationFailed:
     return NegotiationFailed(f"{condition}: {text}", codec.stream_error(condition, text))
 
 
 @dataclass
-class BoundClient:
+class AuthenticatedClient:
+    """A client past SASL (stream restarted), with the upstream link its login opened."""
+
     stream: XmlStream
+    account: Jid
     upstream: UpstreamLink
-    jid: Jid
 
 
 class ClientNegotiation:
@@ -72,7 +72,7 @@ class ClientNegotiation:
         self.upstream: UpstreamLink | None = None
         self.account: Jid | None = None
 
-    async def run(self) -> BoundClient:
+    async def run(self) -> AuthenticatedClient:
         try:
             return await self._negotiate()
         except BaseException:
@@ -85,17 +85,17 @@ class ClientNegotiation:
         if isinstance(event, codec.StanzaReceived):
             return event.element
         if isinstance(event, codec.StreamViolation):
-            raise _violation(event.condition, event.text)
+            raise violation(event.condition, event.text)
         if isinstance(event, codec.StreamClosed):
             raise NegotiationFailed("client closed the stream during negotiation")
-        raise _violation("not-well-formed", "a second stream header")
+        raise violation("not-well-formed", "a second stream header")
 
     async def _open_stream(self, *features: Element) -> None:
         """Wait for the client's header, answer with ours and the given features."""
         event = await self.stream.next_event()
         if isinstance(event, codec.StreamViolation):
             self.stream.send_bytes(codec.stream_header(from_=self.domain))
-            raise _violation(event.condition, event.text)
+            raise violation(event.condition, event.text)
         if not isinstance(event, codec.StreamOpened):
             raise NegotiationFailed("expected a stream header")
         self.stream.send_bytes(codec.stream_header(
@@ -103,17 +103,17 @@ class ClientNegotiation:
             to=event.attrs.get("from")))
         to = event.attrs.get("to", "")
         if to.lower() != self.domain:
-            raise _violation("host-unknown", f"this server serves {self.domain}")
+            raise violation("host-unknown", f"this server serves {self.domain}")
         self.stream.send(features_element(*features))
 
-    async def _negotiate(self) -> BoundClient:
+    async def _negotiate(self) -> AuthenticatedClient:
         if not self.listener.direct_tls:
             starttls = st.element("starttls", namespace=ns.TLS)
             st.sub(starttls, "required")
             await self._open_stream(starttls)
             el = await self._next()
             if el.tag != ns.qname(ns.TLS, "starttls"):
-                raise _violation("policy-violation", "STARTTLS is required first")
+                raise violation("policy-violation", "STARTTLS is required first")
             self.stream.send(st.element("proceed", namespace=ns.TLS))
             await self.stream.drain()
             await self.stream.start_tls(self.server_tls)
@@ -124,14 +124,15 @@ class ClientNegotiation:
         await self._open_stream(mechanisms)
         await self._authenticate()
         self.stream.restart()
+        assert self.upstream is not None and self.account is not None
+        return AuthenticatedClient(self.stream, self.account, self.upstream)
 
-        bind = st.element("bind", namespace=ns.BIND)
-        session = st.element("session", namespace=ns.SESSION)
-        st.sub(session, "optional")
-        await self._open_stream(bind, session)
-        jid = await self._bind()
-        assert self.upstream is not None
-        return BoundClient(self.stream, self.upstream, jid)
+    async def open_bound_stream(self, features: list[Element]) -> None:
+        """The post-authentication stream header and features (bind, sm, ...)."""
+        await self._open_stream(*features)
+
+    async def next_element(self) -> Element:
+        return await self._next()
 
     # SASL -----------------------------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class ClientNegotiation:
                 if el.tag == ns.qname(ns.SASL, "abort"):
                     self._sasl_failure("aborted")
                     continue
-                raise _violation("not-authorized", "authenticate first")
+                raise violation("not-authorized", "authenticate first")
             outcome = await self._try_plain(el)
             if outcome is None:
                 self.stream.send(st.element("success", namespace=ns.SASL))
@@ -156,7 +157,7 @@ class ClientNegotiation:
             self._sasl_failure(outcome)
             failures += 1
             if failures >= MAX_AUTH_ATTEMPTS:
-                raise _violation("policy-violation", "too many failed authentication attempts")
+                raise violation("policy-violation", "too many failed authentication attempts")
 
     async def _try_plain(self, auth: Element) -> str | None:
         """One SASL PLAIN attempt: None on success, else the failure condition to send."""
@@ -171,7 +172,7 @@ class ClientNegotiation:
             if response.tag == ns.qname(ns.SASL, "abort"):
                 return "aborted"
             if response.tag != ns.qname(ns.SASL, "response"):
-                raise _violation("not-authorized", "expected a SASL response")
+                raise violation("not-authorized", "expected a SASL response")
             text = (response.text or "").strip()
         try:
             message = base64.b64decode(text, validate=True) if text != "=" else b""
@@ -201,52 +202,3 @@ class ClientNegotiation:
         self.account = account
         self.log.info("auth_ok", account=str(account), upstream_mechanism=self.upstream.mechanism)
         return None
-
-    # Binding ---------------------------------------------------------------------------------
-
-    async def _bind(self) -> Jid:
-        assert self.upstream is not None and self.account is not None
-        while True:
-            el = await self._next()
-            if el.tag != st.IQ:
-                raise _violation("not-authorized", "bind a resource first")
-            if el.get("type") == "set" and el.find(ns.qname(ns.BIND, "bind")) is not None:
-                resource_el = el.find(f"{{{ns.BIND}}}bind/{{{ns.BIND}}}resource")
-                resource = (resource_el.text or "").strip() if resource_el is not None else ""
-                try:
-                    full = await self.upstream.bind(resource or None,
-                                                    self.config.upstream.connect_timeout)
-                except UpstreamBindFailed as exc:
-                    reply = exc.error_reply
-                    reply.set("id", el.get("id", ""))
-                    for attr in ("to", "from"):
-                        reply.attrib.pop(attr, None)
-                    self.stream.send(reply)
-                    self.log.info("bind_failed", reason=str(exc), resource=resource)
-                    continue
-                except UpstreamUnavailable as exc:
-                    raise _violation("remote-connection-failed",
-                                     "the legacy server failed during bind") from exc
-                try:
-                    jid = Jid.parse(full)
-                except InvalidJid as exc:
-                    raise _violation("internal-server-error", "bad JID from the server") from exc
-                if jid.bare != self.account.bare:
-                    raise _violation("internal-server-error", "the server bound another account")
-                result = st.iq_result(el)
-                result.attrib.pop("to", None)
-                bind = st.sub(result, "bind", namespace=ns.BIND)
-                st.sub(bind, "jid", text=str(jid))
-                self.stream.send(result)
-                self.log.info("bound", jid=str(jid))
-                return jid
-            # Anything else before binding is not allowed (RFC 6120 §7.1).
-            self.stream.send(st.error_reply(el, "not-authorized" if el.get("type") in (
-                "get", "set") else "bad-request"))
-
-
-async def negotiate(stream: XmlStream, listener: Listener, config: Config,
-                    server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext | None,
-                    log: Any) -> BoundClient:
-    negotiation = ClientNegotiation(stream, listener, config, server_tls, upstream_tls, log)
-    return await asyncio.wait_for(negotiation.run(), config.limits.negotiation_timeout)

@@ -95,8 +95,8 @@ class UpstreamLink:
                 el = await self.stream.next_element(timeout)
                 if el.tag == st.IQ and el.get("id") == iq.get("id"):
                     return el
-        except (ConnectionLost, UnexpectedEvent) as exc:
-            raise UpstreamUnavailable(f"lost during bind: {exc}") from exc
+        except (ConnectionLost, UnexpectedEvent, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"lost during bind: {exc!r}") from exc
 
 
 async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext | None,

@@ -53,11 +53,12 @@ class XmlStream:
         return self.writer.get_extra_info("ssl_object") is not None
 
     async def next_event(self, timeout: float | None = None) -> codec.StreamEvent:
-        """The next stream event; raises ConnectionLost on EOF, a socket error or timeout."""
+        """The next stream event; ConnectionLost on EOF or a socket error, TimeoutError when
+        nothing arrives within ``timeout``."""
         while not self._events:
             try:
                 data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
-            except (TimeoutError, OSError, ssl.SSLError) as exc:
+            except (OSError, ssl.SSLError) as exc:
                 raise ConnectionLost(type(exc).__name__) from exc
             if not data:
                 raise ConnectionLost("eof")

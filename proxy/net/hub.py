@@ -1,0 +1,186 @@
+"""The hub: every live session, and how an authenticated client connection gets one.
+
+After SASL a client either binds a resource (a new session, or the takeover of a session
+already bound to that resource) or resumes a stream-management session (XEP-0198 §5).
+Resumption ids are looked up under the authenticated account only, so another user's id is
+simply not found and nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from lxml import etree
+
+from ..config import Config
+from ..features.stream_management import HandledCountTooHigh, failed, parse_h
+from ..session import FeatureFactory, SessionCore
+from ..xmpp import codec, ns
+from ..xmpp import stanza as st
+from ..xmpp.jid import InvalidJid, Jid
+from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, violation
+from .live import LiveSession, OfflineStore
+from .upstream import UpstreamBindFailed, UpstreamUnavailable
+
+Element = etree._Element
+
+_BIND = ns.qname(ns.BIND, "bind")
+_SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")
+MAX_TOMBSTONES = 10000  # ended SM ids remembered, so a late <resume/> learns the final h
+
+
+class Hub:
+    def __init__(self, config: Config, factories: Sequence[FeatureFactory],
+                 store: OfflineStore | None, log: Any) -> None:
+        self.config = config
+        self.factories = list(factories)
+        self.store = store
+        self.log = log
+        self.by_jid: dict[str, LiveSession] = {}
+        self.by_sm_id: dict[tuple[str, str], LiveSession] = {}
+        # (account, sm id) -> (last inbound h, expiry) of sessions that ended.
+        self.tombstones: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+
+    # Registry ----------------------------------------------------------------------------------
+
+    def new_sm_id(self) -> str:
+        return secrets.token_urlsafe(18)
+
+    def sm_enabled(self, session: LiveSession) -> None:
+        if session.sm is not None and session.sm.resumable:
+            self.by_sm_id[(str(session.core.account), session.sm.sm_id)] = session
+
+    def sm_disabled(self, session: LiveSession) -> None:
+        sm = session.sm
+        if sm is None:
+            return
+        key = (str(session.core.account), sm.sm_id)
+        if self.by_sm_id.pop(key, None) is not None:
+            self.tombstones[key] = (sm.inbound, time.monotonic()
+                                    + 2 * self.config.stream_management.max_resume_timeout)
+            while len(self.tombstones) > MAX_TOMBSTONES:
+                self.tombstones.popitem(last=False)
+
+    def session_ended(self, session: LiveSession) -> None:
+        if self.by_jid.get(session.jid) is session:
+            del self.by_jid[session.jid]
+        self.sm_disabled(session)
+
+    @property
+    def sessions(self) -> list[LiveSession]:
+        return list(self.by_jid.values())
+
+    # After SASL ---------------------------------------------------------------------------------
+
+    def _post_auth_features(self) -> list[Element]:
+        bind = st.element("bind", namespace=ns.BIND)
+        session = st.element("session", namespace=ns.SESSION)
+        st.sub(session, "optional")
+        features = [bind, session, st.element("sm", namespace=ns.SM)]
+        for factory in self.factories:
+            extra = getattr(factory, "stream_features", None)
+            if extra is not None:
+                features.extend(extra())
+        return features
+
+    async def establish(self, negotiation: ClientNegotiation, auth: AuthenticatedClient,
+                       log: Any) -> tuple[LiveSession, list[Element]]:
+        """Bind, take over or resume; returns the session and what to write to the client
+        first. Raises NegotiationFailed when the client breaks the rules."""
+        await negotiation.open_bound_stream(self._post_auth_features())
+        stream = auth.stream
+        while True:
+            el = await negotiation.next_element()
+            if el.tag == _SM_ENABLE:
+                stream.send(failed("unexpected-request", text="bind a resource first"))
+            elif el.tag == _SM_RESUME:
+                outcome = self._resume(auth, el, log)
+                if isinstance(outcome, LiveSession):
+                    return outcome, outcome.resume(parse_h(el) or 0)
+                stream.send(outcome)
+            elif el.tag == st.IQ and el.get("type") == "set" and el.find(_BIND) is not None:
+                bound = await self._bind(auth, el, log)
+                if bound is not None:
+                    return bound
+            elif el.tag == st.IQ:
+                stream.send(st.error_reply(el, "not-authorized" if el.get("type") in (
+                    "get", "set") else "bad-request", text="bind a resource first"))
+            else:
+                raise violation("not-authorized", "bind a resource first")
+
+    def _resume(self, auth: AuthenticatedClient, el: Element, log: Any) -> LiveSession | Element:
+        """The session to resume, or the ``<failed/>`` to answer with."""
+        previd, h = el.get("previd", ""), parse_h(el)
+        if not previd or h is None:
+            return failed("bad-request", text="previd and a valid h are required")
+        key = (str(auth.account), previd)
+        session = self.by_sm_id.get(key)
+        if session is None or session.state == "ended" or session.sm is None:
+            tomb = self.tombstones.get(key)
+            log.info("resume_failed", reason="item-not-found", known=tomb is not None)
+            if tomb is not None and tomb[1] > time.monotonic():
+                return failed("item-not-found", h=tomb[0])
+            return failed("item-not-found")
+        written = session.sm.written
+        if (h - session.sm.acked) % 2 ** 32 > written:
+            exc = HandledCountTooHigh(h, session.sm.sent)
+            raise NegotiationFailed("resume with h too high", codec.stream_error(
+                "undefined-condition", str(exc), app_condition=exc.app_condition()))
+        return session
+
+    async def _bind(self, auth: AuthenticatedClient, el: Element,
+                    log: Any) -> tuple[LiveSession, list[Element]] | None:
+        resource_el = el.find(f"{{{ns.BIND}}}bind/{{{ns.BIND}}}resource")
+        resource = (resource_el.text or "").strip() if resource_el is not None else ""
+        stream = auth.stream
+        existing = self.by_jid.get(str(auth.account.with_resource(resource))) if resource else None
+        if existing is not None and existing.state != "ended":
+            # Takeover: the upstream session is kept as it is, not bound again.
+            return existing, [self._bind_result(el, existing.core.jid), *existing.take_over()]
+        try:
+            full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
+        except UpstreamBindFailed as exc:
+            reply = exc.error_reply
+            reply.set("id", el.get("id", ""))
+            for attr in ("to", "from"):
+                reply.attrib.pop(attr, None)
+            stream.send(reply)
+            log.info("bind_failed", reason=str(exc), resource=resource)
+            return None
+        except UpstreamUnavailable as exc:
+            raise violation("remote-connection-failed",
+                             "the legacy server failed during bind") from exc
+        try:
+            jid = Jid.parse(full)
+        except InvalidJid as exc:
+            raise violation("internal-server-error", "bad JID from the server") from exc
+        if jid.bare != auth.account.bare:
+            raise violation("internal-server-error", "the server bound another account")
+        core = SessionCore(jid, self.factories)
+        session = LiveSession(self, core, auth.upstream, self.config, self.store, log)
+        previous = self.by_jid.get(str(jid))
+        if previous is not None:  # the server resolved a resource conflict in our favour
+            asyncio.get_running_loop().create_task(previous.end("resource bound again"))
+        self.by_jid[str(jid)] = session
+        log.info("bound", jid=str(jid))
+        return session, [self._bind_result(el, jid)]
+
+    @staticmethod
+    def _bind_result(request: Element, jid: Jid) -> Element:
+        result = st.iq_result(request)
+        result.attrib.pop("to", None)
+        bind = st.sub(result, "bind", namespace=ns.BIND)
+        st.sub(bind, "jid", text=str(jid))
+        return result
+
+    # Shutdown -----------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
+        await asyncio.gather(*(s.end("proxy stopping", client_error=shutdown)
+                               for s in self.sessions), return_exceptions=True)

@@ -1,0 +1,406 @@
+"""A live session in the running proxy: one bound resource, its upstream stream, and the
+client connection it has at the moment (if any).
+
+It outlives its client connection: with stream management a dropped client leaves the
+session hibernating, upstream still up and its presence intact, until the client resumes or
+the granted time runs out. Protocol decisions are the cores' (SessionCore, StreamManagement);
+this shell moves stanzas, runs the timers and closes connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from lxml import etree
+
+from ..config import Config
+from ..features.stream_management import (HandledCountTooHigh, StreamManagement, Unacked,
+                                           delay_stamp, failed, parse_h, sm_element)
+from ..session import Outputs, SessionCore
+from ..xmpp import codec, ns
+from ..xmpp import stanza as st
+from .upstream import UpstreamLink
+from .xmlstream import ConnectionLost, XmlStream
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+Element = etree._Element
+
+_STREAM_ERROR = ns.qname(ns.STREAM, "error")
+_SM_R, _SM_A = ns.qname(ns.SM, "r"), ns.qname(ns.SM, "a")
+_SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")
+CLOSE_GRACE = 2.0  # seconds the other side gets to close its stream after ours
+
+State = Literal["active", "hibernating", "ended"]
+
+
+class OfflineStore(Protocol):
+    def offline_put(self, account: str, stanza: bytes, expires_at: float) -> None: ...
+
+    def offline_take(self, account: str, now: float) -> list[bytes]: ...
+
+
+class ClientLeft(Exception):
+    """How a client connection ended. ``clean``: it closed its stream (no hibernation).
+    ``error``: what to write to it before closing, if anything."""
+
+    def __init__(self, reason: str, *, clean: bool = False, error: bytes | None = None,
+                 end_session: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.clean = clean
+        self.error = error
+        self.end_session = end_session or clean
+
+
+class LiveSession:
+    def __init__(self, hub: Hub, core: SessionCore, upstream: UpstreamLink, config: Config,
+                 store: OfflineStore | None, log: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.hub = hub
+        self.core = core
+        self.upstream = upstream
+        self.config = config
+        self.store = store
+        self.log = log.bind(session=core.id)
+        self.clock = clock
+        self.state: State = "active"
+        self.client: XmlStream | None = None
+        self.sm: StreamManagement | None = None
+        self._hibernation: asyncio.TimerHandle | None = None
+        self._client_detached = asyncio.Event()
+        self._offline_delivered = False
+        self._upstream_task = asyncio.create_task(self._pump_upstream())
+
+    @property
+    def jid(self) -> str:
+        return str(self.core.jid)
+
+    # Writing ------------------------------------------------------------------------------------
+
+    def to_client(self, el: Element) -> None:
+        if self.sm is not None:
+            self.sm.track(el, written=self.client is not None)
+            if self.sm.overflowing:
+                self.log.warning("sm_queue_overflow", queued=len(self.sm.unacked))
+                asyncio.get_running_loop().call_soon(
+                    self._end_soon, "stream management queue overflow")
+        if self.client is not None:
+            self.client.send(el)
+
+    def to_upstream(self, el: Element) -> None:
+        self.upstream.stream.send(el)
+
+    def _write(self, out: Outputs) -> None:
+        for el in out.to_upstream:
+            self.to_upstream(el)
+        for el in out.to_client:
+            self.to_client(el)
+
+    def _ask_for_ack(self) -> None:
+        if self.sm is not None and self.client is not None:
+            request = self.sm.request_ack(self.clock())
+            if request is not None:
+                self.client.send(request)
+
+    # The client connection ----------------------------------------------------------------------
+
+    async def serve_client(self, stream: XmlStream, first: list[Element] | None = None) -> str:
+        """Attach ``stream`` and relay for it until it leaves; returns why it left.
+
+        ``first`` are elements to write before anything else (resumed, takeover queue).
+        """
+        if self.client is not None and self.client is not stream:
+            self._evict_client("another connection took this session over")
+        if self._hibernation is not None:
+            self._hibernation.cancel()
+            self._hibernation = None
+        self.state = "active"
+        self.client = stream
+        self._client_detached = asyncio.Event()
+        for el in first or ():
+            stream.send(el)
+        try:
+            await self._pump_client(stream)
+            reason = "?"  # unreachable: the pump only ends by raising
+        except ClientLeft as left:
+            reason = left.reason
+            await self._client_gone(stream, left)
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        finally:
+            if self.client is stream:
+                self.client = None
+            self._client_detached.set()
+        return reason
+
+    def _evict_client(self, why: str) -> None:
+        """Close the current client connection with ``<conflict/>`` (resume or takeover)."""
+        old = self.client
+        if old is None:
+            return
+        self.log.info("client_evicted", reason=why)
+        self.client = None
+        if self.sm is not None:
+            self.sm.detached()
+        old.send_bytes(codec.stream_error("conflict", why) + codec.STREAM_CLOSE)
+        old.closing = True
+        old.abort()
+
+    async def _client_gone(self, stream: XmlStream, left: ClientLeft) -> None:
+        if self.client is not stream:
+            return  # evicted: the session already belongs to another connection
+        self.client = None
+        if self.sm is not None:
+            self.sm.detached()
+        if left.end_session or self.sm is None or not self.sm.resumable:
+            await asyncio.gather(stream.close(left.error, wait_for_peer=CLOSE_GRACE),
+                                 self.end(left.reason))
+            return
+        stream.abort()
+        self.state = "hibernating"
+        self.log.info("hibernating", reason=left.reason, seconds=self.sm.max_resume,
+                      queued=len(self.sm.unacked))
+        self._hibernation = asyncio.get_running_loop().call_later(
+            self.sm.max_resume, self._end_soon, "resumption timed out")
+
+    async def _next_client_event(self, stream: XmlStream) -> codec.StreamEvent:
+        sm = self.sm
+        timeout = None
+        if sm is not None and sm.ack_requested_at is not None:
+            timeout = max(0.0, sm.ack_requested_at + self.config.stream_management.ack_timeout
+                          - self.clock())
+        try:
+            return await stream.next_event(timeout)
+        except TimeoutError:
+            if sm is not None and sm.ack_overdue(self.clock(),
+                                                 self.config.stream_management.ack_timeout):
+                raise ClientLeft("no ack from the client within ack_timeout") from None
+            return await self._next_client_event(stream)
+        except ConnectionLost as exc:
+            raise ClientLeft(f"client connection lost ({exc})") from exc
+
+    async def _pump_client(self, stream: XmlStream) -> None:
+        while True:
+            event = await self._next_client_event(stream)
+            if isinstance(event, codec.StanzaReceived):
+                el = event.element
+                if st.is_stanza(el):
+                    if self.sm is not None:
+                        self.sm.count_inbound()
+                    self._from_client(el)
+                    await self.upstream.stream.drain()
+                else:
+                    self._client_nonza(stream, el)
+                self._ask_for_ack()
+            elif isinstance(event, codec.StreamClosed):
+                raise ClientLeft("client closed the stream", clean=True)
+            elif isinstance(event, codec.StreamViolation):
+                raise ClientLeft(f"client stream violation: {event.condition}",
+                                 error=codec.stream_error(event.condition, event.text),
+                                 end_session=True)
+            else:
+                raise ClientLeft("client sent a second stream header", end_session=True,
+                                 error=codec.stream_error("not-well-formed",
+                                                          "unexpected stream header"))
+
+    def _from_client(self, el: Element) -> None:
+        self._write(self.core.from_client(el))
+        if (not self._offline_delivered and el.tag == st.PRESENCE and el.get("type") is None
+                and el.get("to") is None):
+            # Like a server's offline storage: stored messages follow initial presence.
+            self._offline_delivered = True
+            self._deliver_stored()
+
+    def _client_nonza(self, stream: XmlStream, el: Element) -> None:
+        tag = el.tag
+        sm = self.sm
+        if tag == _SM_R:
+            stream.send(sm.answer() if sm is not None else failed("unexpected-request"))
+        elif tag == _SM_A:
+            h = parse_h(el)
+            if sm is None or h is None:
+                raise ClientLeft("bad <a/> from the client", end_session=True,
+                                 error=codec.stream_error("undefined-condition",
+                                                          "a bad or unexpected <a/>"))
+            try:
+                sm.acknowledge(h)
+            except HandledCountTooHigh as exc:
+                self.log.warning("sm_h_too_high", h=exc.h, sent=exc.sent)
+                raise ClientLeft("client acknowledged more than was sent", end_session=True,
+                                 error=codec.stream_error(
+                                     "undefined-condition", str(exc),
+                                     app_condition=exc.app_condition())) from None
+        elif tag == _SM_ENABLE:
+            if sm is not None:
+                stream.send(failed("unexpected-request", text="already enabled"))
+                return
+            smc = self.config.stream_management
+            self.sm, enabled = StreamManagement.enable(
+                el, sm_id=self.hub.new_sm_id(), resume_allowed=True,
+                resume_timeout=smc.resume_timeout, max_resume_timeout=smc.max_resume_timeout,
+                max_queue=smc.max_queue)
+            self.hub.sm_enabled(self)
+            stream.send(enabled)  # outbound counting starts after this write
+            self.log.info("sm_enabled", resumable=self.sm.resumable, max=self.sm.max_resume)
+        elif tag == _SM_RESUME:
+            stream.send(failed("unexpected-request", text="this stream is bound already"))
+        elif tag == _STREAM_ERROR:
+            raise ClientLeft(f"client stream error: {st.error_condition(el)}",
+                             end_session=True)
+        else:
+            raise ClientLeft(f"unsupported element from client: {tag}", end_session=True,
+                             error=codec.stream_error(
+                                 "unsupported-stanza-type",
+                                 f"{etree.QName(el).localname} is not supported"))
+
+    # Resumption and takeover --------------------------------------------------------------------
+
+    def resume(self, h: int) -> list[Element]:
+        """What a resuming connection gets first: ``<resumed/>``, the unacked, ``<r/>``.
+        Raises HandledCountTooHigh when ``h`` is absurd."""
+        assert self.sm is not None
+        self._evict_client("the session was resumed from another connection")
+        resend = self.sm.resume(h, self.config.upstream.domain)
+        resumed = sm_element("resumed", {"h": str(self.sm.inbound), "previd": self.sm.sm_id})
+        request = sm_element("r") if resend else None
+        if request is not None:
+            self.sm.ack_requested_at = self.clock()
+        self.log.info("resumed", h=h, resent=len(resend))
+        return [resumed, *resend, *([request] if request is not None else [])]
+
+    def take_over(self) -> list[Element]:
+        """A new connection bound this session's resource: it gets the whole queue; stream
+        management starts afresh on it."""
+        self._evict_client("the resource was bound from another connection")
+        queue: list[Element] = []
+        if self.sm is not None:
+            for item in self.sm.take_all():
+                delay_stamp(item.element, item.queued_at, self.config.upstream.domain)
+                queue.append(item.element)
+            self.hub.sm_disabled(self)
+            self.sm = None
+        self.log.info("taken_over", delivered=len(queue))
+        return queue
+
+    # The upstream side -------------------------------------------------------------------------
+
+    async def _pump_upstream(self) -> None:
+        stream = self.upstream.stream
+        try:
+            while True:
+                try:
+                    event = await stream.next_event()
+                except ConnectionLost:
+                    await self.end("upstream connection lost", client_error=codec.stream_error(
+                        "remote-connection-failed",
+                        "the connection to the legacy server was lost"), upstream_dead=True)
+                    return
+                if isinstance(event, codec.StanzaReceived):
+                    el = event.element
+                    if el.tag == _STREAM_ERROR:
+                        condition = st.error_condition(el) or "undefined-condition"
+                        await self.end(f"upstream stream error: {condition}",
+                                       client_error=codec.serialize(el), upstream_dead=True)
+                        return
+                    if st.is_stanza(el):
+                        self._write(self.core.from_upstream(el))
+                        self._ask_for_ack()
+                        if self.client is not None:
+                            await self.client.drain()
+                elif isinstance(event, codec.StreamClosed):
+                    await self.end("upstream closed the stream", upstream_dead=True)
+                    return
+                elif isinstance(event, codec.StreamViolation):
+                    await self.end(f"upstream stream violation: {event.condition}",
+                                   client_error=codec.stream_error(
+                                       "remote-connection-failed",
+                                       "the legacy server broke the stream"),
+                                   upstream_dead=True)
+                    return
+        except Exception:
+            self.log.exception("upstream_pump_failed")
+            await self.end("internal error", client_error=codec.stream_error(
+                "internal-server-error"))
+
+    # The end --------------------------------------------------------------------------------------
+
+    def _end_soon(self, reason: str) -> None:
+        if self.state != "ended":
+            asyncio.get_running_loop().create_task(self.end(reason))
+
+    async def end(self, reason: str, *, client_error: bytes | None = None,
+                  upstream_dead: bool = False) -> None:
+        """End the session for good: undelivered stanzas are stored or bounced (never
+        lost), the client and the server streams are closed."""
+        if self.state == "ended":
+            return
+        self.state = "ended"
+        if self._hibernation is not None:
+            self._hibernation.cancel()
+        self.hub.session_ended(self)
+        self.log.info("session_ended", reason=reason)
+        if asyncio.current_task() is not self._upstream_task:
+            # Only one reader per stream: the pump stops before we wait for the server.
+            self._upstream_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._upstream_task
+        undelivered = self.sm.take_all() if self.sm is not None else []
+        if undelivered:
+            self._dispose(undelivered, upstream_dead)
+        self.core.closed()
+        client, self.client = self.client, None
+        if client is not None:
+            # Its own task is reading it: closing the transport ends that read with EOF.
+            client.send_bytes((client_error or b"") + codec.STREAM_CLOSE)
+            client.closing = True
+            client.abort()
+        if upstream_dead:
+            self.upstream.stream.abort()
+        else:
+            await self.upstream.stream.close(wait_for_peer=CLOSE_GRACE)
+
+    def _dispose(self, items: list[Unacked], upstream_dead: bool) -> None:
+        """Stanzas the client never acknowledged, at the end of the session (XEP-0198 §5:
+        the server must not lose them): messages stored or bounced, iq requests answered
+        with service-unavailable, presences dropped."""
+        smc = self.config.stream_management
+        stored = bounced = answered = 0
+        for item in items:
+            el = item.element
+            kind, typ = st.kind(el), el.get("type")
+            if kind == "message" and typ != "error":
+                if smc.on_timeout == "store" and self.store is not None:
+                    delay_stamp(el, item.queued_at, self.config.upstream.domain)
+                    # Stored with its namespace declaration, to be parsed back on its own.
+                    self.store.offline_put(str(self.core.account), etree.tostring(el),
+                                           time.time() + smc.stored_ttl)
+                    stored += 1
+                elif not upstream_dead:
+                    self.to_upstream(st.error_reply(el, "recipient-unavailable"))
+                    bounced += 1
+            elif kind == "iq" and typ in ("get", "set") and not upstream_dead:
+                self.to_upstream(st.error_reply(el, "service-unavailable"))
+                answered += 1
+        self.log.info("undelivered", stored=stored, bounced=bounced, iq_errors=answered,
+                      dropped=len(items) - stored - bounced - answered)
+
+    def _deliver_stored(self) -> None:
+        if self.store is None:
+            return
+        stored = self.store.offline_take(str(self.core.account), time.time())
+        for data in stored:
+            self.to_client(etree.fromstring(data, _SAFE_PARSER))
+        if stored:
+            self.log.info("stored_delivered", count=len(stored))
+            self._ask_for_ack()
+
+
+# Stored stanzas were serialized by the proxy itself; parse them back with nothing expanded.
+_SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
