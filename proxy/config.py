@@ -65,6 +65,9 @@ class StreamManagementConfig:
     max_queue: int = 1000  # unacknowledged stanzas kept per session; beyond it the session ends
     on_timeout: Literal["store", "bounce"] = "store"  # what happens to undelivered messages
     stored_ttl: int = 604800  # seconds a stored message waits for its account to log in
+    # Testing only: both counters start here instead of 0, to exercise the 2^32 wrap on the
+    # wire. Real clients expect 0; never set it in production.
+    debug_counter_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("stream_management", "ack_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("stream_management", "max_queue"): (lambda v: v >= 1, "at least 1"),
     ("stream_management", "stored_ttl"): (lambda v: v > 0, "a positive number of seconds"),
+    ("stream_management", "debug_counter_start"): (lambda v: 0 <= v < 2 ** 32,
+                                                   "between 0 and 2^32-1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
 }
 

@@ -99,7 +99,7 @@ class StreamManagement:
 
     @classmethod
     def enable(cls, request: Element, *, sm_id: str, resume_allowed: bool, resume_timeout: int,
-               max_resume_timeout: int, max_queue: int,
+               max_resume_timeout: int, max_queue: int, counter_start: int = 0,
                wall_clock: Callable[[], float] = time.time) -> tuple[StreamManagement, Element]:
         """Accept ``<enable/>``; returns the state and the ``<enabled/>`` to send."""
         wants_resume = request.get("resume", "false") in ("true", "1") and resume_allowed
@@ -107,7 +107,8 @@ class StreamManagement:
         granted = int(asked) if asked.isdigit() and int(asked) > 0 else resume_timeout
         granted = min(granted, max_resume_timeout)
         state = cls(sm_id=sm_id, resumable=wants_resume, max_resume=granted,
-                    max_queue=max_queue, wall_clock=wall_clock)
+                    max_queue=max_queue, wall_clock=wall_clock, inbound=counter_start % MOD,
+                    acked=counter_start % MOD)
         enabled = sm_element("enabled")
         if wants_resume:
             enabled.attrib.update({"id": sm_id, "resume": "true", "max": str(granted)})

@@ -18,6 +18,7 @@ from typing import Any
 from lxml import etree
 
 from ..config import Config, Listener
+from ..features.stream_management import failed
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
 from ..xmpp.jid import Jid
@@ -148,6 +149,10 @@ class ClientNegotiation:
             if el.tag != ns.qname(ns.SASL, "auth"):
                 if el.tag == ns.qname(ns.SASL, "abort"):
                     self._sasl_failure("aborted")
+                    continue
+                if etree.QName(el).namespace == ns.SM:
+                    # Stream management errors are recoverable (XEP-0198 §3): say no, go on.
+                    self.stream.send(failed("unexpected-request", text="authenticate first"))
                     continue
                 raise violation("not-authorized", "authenticate first")
             outcome = await self._try_plain(el)

@@ -162,7 +162,8 @@ class Hub:
         if jid.bare != auth.account.bare:
             raise violation("internal-server-error", "the server bound another account")
         core = SessionCore(jid, self.factories)
-        session = LiveSession(self, core, auth.upstream, self.config, self.store, log)
+        session = LiveSession(self, core, auth.upstream, self.config, self.store,
+                              self.log.bind(jid=str(jid)))
         previous = self.by_jid.get(str(jid))
         if previous is not None:  # the server resolved a resource conflict in our favour
             asyncio.get_running_loop().create_task(previous.end("resource bound again"))

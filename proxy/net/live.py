@@ -245,7 +245,7 @@ class LiveSession:
             self.sm, enabled = StreamManagement.enable(
                 el, sm_id=self.hub.new_sm_id(), resume_allowed=True,
                 resume_timeout=smc.resume_timeout, max_resume_timeout=smc.max_resume_timeout,
-                max_queue=smc.max_queue)
+                max_queue=smc.max_queue, counter_start=smc.debug_counter_start)
             self.hub.sm_enabled(self)
             stream.send(enabled)  # outbound counting starts after this write
             self.log.info("sm_enabled", resumable=self.sm.resumable, max=self.sm.max_resume)
