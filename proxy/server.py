@@ -80,7 +80,7 @@ class Proxy:
                                                 self.upstream_tls, log)
                 async with asyncio.timeout(self.config.limits.negotiation_timeout):
                     auth = await negotiation.run()
-                    session, first = await self.hub.establish(negotiation, auth, log)
+                    session, first, resumed = await self.hub.establish(negotiation, auth, log)
             except NegotiationFailed as exc:
                 log.info("closed", reason=exc.reason, phase="negotiation")
                 await stream.close(exc.error)
@@ -98,7 +98,7 @@ class Proxy:
                 if auth is not None and (session is None or session.upstream is not auth.upstream):
                     await auth.upstream.stream.close()
             log = log.bind(jid=session.jid)
-            reason = await session.serve_client(stream, first)
+            reason = await session.serve_client(stream, first, resumed=resumed)
             log.info("closed", reason=reason, phase="session")
         except asyncio.CancelledError:
             stream.abort()

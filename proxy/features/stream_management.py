@@ -152,9 +152,10 @@ class StreamManagement:
         self.ack_requested_at = None
         return newly
 
-    def request_ack(self, now: float) -> Element | None:
-        """An ``<r/>`` when written stanzas await acknowledgement and none is outstanding."""
-        if not self.written or self.ack_requested_at is not None:
+    def request_ack(self, now: float, *, always: bool = False) -> Element | None:
+        """An ``<r/>`` when written stanzas await acknowledgement and none is outstanding
+        (``always``: whatever is outstanding, as after resumption)."""
+        if not always and (not self.written or self.ack_requested_at is not None):
             return None
         self.ack_requested_at = now
         return sm_element("r")

@@ -89,9 +89,10 @@ class Hub:
         return features
 
     async def establish(self, negotiation: ClientNegotiation, auth: AuthenticatedClient,
-                       log: Any) -> tuple[LiveSession, list[Element]]:
-        """Bind, take over or resume; returns the session and what to write to the client
-        first. Raises NegotiationFailed when the client breaks the rules."""
+                       log: Any) -> tuple[LiveSession, list[Element], bool]:
+        """Bind, take over or resume; returns the session, what to write to the client
+        first, and whether it was a resumption. Raises NegotiationFailed when the client
+        breaks the rules."""
         await negotiation.open_bound_stream(self._post_auth_features())
         stream = auth.stream
         while True:
@@ -101,12 +102,12 @@ class Hub:
             elif el.tag == _SM_RESUME:
                 outcome = self._resume(auth, el, log)
                 if isinstance(outcome, LiveSession):
-                    return outcome, outcome.resume(parse_h(el) or 0)
+                    return outcome, outcome.resume(parse_h(el) or 0), True
                 stream.send(outcome)
             elif el.tag == st.IQ and el.get("type") == "set" and el.find(_BIND) is not None:
                 bound = await self._bind(auth, el, log)
                 if bound is not None:
-                    return bound
+                    return (*bound, False)
             elif el.tag == st.IQ:
                 stream.send(st.error_reply(el, "not-authorized" if el.get("type") in (
                     "get", "set") else "bad-request", text="bind a resource first"))

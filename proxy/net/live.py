@@ -73,7 +73,8 @@ class LiveSession:
         self.client: XmlStream | None = None
         self.sm: StreamManagement | None = None
         self._hibernation: asyncio.TimerHandle | None = None
-        self._client_detached = asyncio.Event()
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_timed_out = False
         self._offline_delivered = False
         self._upstream_task = asyncio.create_task(self._pump_upstream())
 
@@ -102,18 +103,28 @@ class LiveSession:
         for el in out.to_client:
             self.to_client(el)
 
-    def _ask_for_ack(self) -> None:
+    def _ask_for_ack(self, *, always: bool = False) -> None:
         if self.sm is not None and self.client is not None:
-            request = self.sm.request_ack(self.clock())
+            request = self.sm.request_ack(self.clock(), always=always)
             if request is not None:
                 self.client.send(request)
+                self._ack_timer = asyncio.get_running_loop().call_later(
+                    self.config.stream_management.ack_timeout, self._ack_deadline,
+                    self.client)
+
+    def _cancel_ack_timer(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
 
     # The client connection ----------------------------------------------------------------------
 
-    async def serve_client(self, stream: XmlStream, first: list[Element] | None = None) -> str:
+    async def serve_client(self, stream: XmlStream, first: list[Element] | None = None, *,
+                           resumed: bool = False) -> str:
         """Attach ``stream`` and relay for it until it leaves; returns why it left.
 
-        ``first`` are elements to write before anything else (resumed, takeover queue).
+        ``first`` are elements to write before anything else (bind result, takeover queue,
+        or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows).
         """
         if self.client is not None and self.client is not stream:
             self._evict_client("another connection took this session over")
@@ -122,9 +133,11 @@ class LiveSession:
             self._hibernation = None
         self.state = "active"
         self.client = stream
-        self._client_detached = asyncio.Event()
+        self._ack_timed_out = False
         for el in first or ():
             stream.send(el)
+        if resumed:
+            self._ask_for_ack(always=True)
         try:
             await self._pump_client(stream)
             reason = "?"  # unreachable: the pump only ends by raising
@@ -137,7 +150,6 @@ class LiveSession:
         finally:
             if self.client is stream:
                 self.client = None
-            self._client_detached.set()
         return reason
 
     def _evict_client(self, why: str) -> None:
@@ -147,6 +159,7 @@ class LiveSession:
             return
         self.log.info("client_evicted", reason=why)
         self.client = None
+        self._cancel_ack_timer()
         if self.sm is not None:
             self.sm.detached()
         old.send_bytes(codec.stream_error("conflict", why) + codec.STREAM_CLOSE)
@@ -157,6 +170,7 @@ class LiveSession:
         if self.client is not stream:
             return  # evicted: the session already belongs to another connection
         self.client = None
+        self._cancel_ack_timer()
         if self.sm is not None:
             self.sm.detached()
         if left.end_session or self.sm is None or not self.sm.resumable:
@@ -171,20 +185,20 @@ class LiveSession:
             self.sm.max_resume, self._end_soon, "resumption timed out")
 
     async def _next_client_event(self, stream: XmlStream) -> codec.StreamEvent:
-        sm = self.sm
-        timeout = None
-        if sm is not None and sm.ack_requested_at is not None:
-            timeout = max(0.0, sm.ack_requested_at + self.config.stream_management.ack_timeout
-                          - self.clock())
         try:
-            return await stream.next_event(timeout)
-        except TimeoutError:
-            if sm is not None and sm.ack_overdue(self.clock(),
-                                                 self.config.stream_management.ack_timeout):
-                raise ClientLeft("no ack from the client within ack_timeout") from None
-            return await self._next_client_event(stream)
+            return await stream.next_event()
         except ConnectionLost as exc:
+            if self._ack_timed_out:
+                raise ClientLeft("no ack from the client within ack_timeout") from exc
             raise ClientLeft(f"client connection lost ({exc})") from exc
+
+    def _ack_deadline(self, stream: XmlStream) -> None:
+        """Our <r/> went unanswered for ack_timeout: the connection is dead. Closing it ends
+        the client pump's read, and the session hibernates as after any drop."""
+        self._ack_timer = None
+        if self.client is stream and self.sm is not None and self.sm.ack_requested_at:
+            self._ack_timed_out = True
+            stream.abort()
 
     async def _pump_client(self, stream: XmlStream) -> None:
         while True:
@@ -231,6 +245,7 @@ class LiveSession:
                                                           "a bad or unexpected <a/>"))
             try:
                 sm.acknowledge(h)
+                self._cancel_ack_timer()
             except HandledCountTooHigh as exc:
                 self.log.warning("sm_h_too_high", h=exc.h, sent=exc.sent)
                 raise ClientLeft("client acknowledged more than was sent", end_session=True,
@@ -263,17 +278,14 @@ class LiveSession:
     # Resumption and takeover --------------------------------------------------------------------
 
     def resume(self, h: int) -> list[Element]:
-        """What a resuming connection gets first: ``<resumed/>``, the unacked, ``<r/>``.
-        Raises HandledCountTooHigh when ``h`` is absurd."""
+        """What a resuming connection gets first: ``<resumed/>`` and the unacked stanzas
+        (serve_client adds the ``<r/>``). Raises HandledCountTooHigh when ``h`` is absurd."""
         assert self.sm is not None
         self._evict_client("the session was resumed from another connection")
         resend = self.sm.resume(h, self.config.upstream.domain)
         resumed = sm_element("resumed", {"h": str(self.sm.inbound), "previd": self.sm.sm_id})
-        request = sm_element("r") if resend else None
-        if request is not None:
-            self.sm.ack_requested_at = self.clock()
         self.log.info("resumed", h=h, resent=len(resend))
-        return [resumed, *resend, *([request] if request is not None else [])]
+        return [resumed, *resend]
 
     def take_over(self) -> list[Element]:
         """A new connection bound this session's resource: it gets the whole queue; stream
@@ -344,6 +356,7 @@ class LiveSession:
         self.state = "ended"
         if self._hibernation is not None:
             self._hibernation.cancel()
+        self._cancel_ack_timer()
         self.hub.session_ended(self)
         self.log.info("session_ended", reason=reason)
         if asyncio.current_task() is not self._upstream_task:
