@@ -1,0 +1,242 @@
+"""The SQLite store: schema, transactions, the roster area (versions, change log, items,
+pre-approvals) and persistence across reopening a file."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from proxy.store import MIGRATIONS, RosterItem, RosterVersion, Store, StoreError
+
+A = "juliet@example.com"
+B = "romeo@example.net"
+
+
+def epochs() -> Callable[[], str]:
+    counter = itertools.count(1)
+    return lambda: f"e{next(counter)}"
+
+
+def item(jid: str, *groups: str, name: str | None = None, sub: str = "none",
+         ask: str | None = None) -> RosterItem:
+    return RosterItem(jid, name, sub, ask, tuple(groups))
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def test_schema_is_created_and_versioned(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s.sqlite3"))
+    assert store.schema_version() == MIGRATIONS[-1][0]
+    tables = {r[0] for r in store.conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"schema_version", "roster_state", "roster_items", "roster_changes",
+            "preapprovals"} <= tables
+    store.close()
+    again = Store(str(tmp_path / "s.sqlite3"))  # reopening migrates nothing twice
+    assert again.schema_version() == MIGRATIONS[-1][0]
+    again.close()
+
+
+def test_file_store_uses_wal(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s.sqlite3"))
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_memory_store_works() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    assert str(store.roster.version(A)) == "e1-0"
+    store.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sqlite3")
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 999")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError):
+        Store(path)
+
+
+def test_transaction_rolls_back_on_error() -> None:
+    store = Store(":memory:")
+    with pytest.raises(RuntimeError), store.transaction() as c:
+        c.execute("INSERT INTO preapprovals (account, contact) VALUES ('a', 'b')")
+        with store.transaction() as inner:  # nested: joins the outer one
+            inner.execute("INSERT INTO preapprovals (account, contact) VALUES ('a', 'c')")
+        raise RuntimeError("boom")
+    assert store.roster.preapprovals("a") == set()
+    with store.transaction() as c:
+        c.execute("INSERT INTO preapprovals (account, contact) VALUES ('a', 'b')")
+    assert store.roster.preapprovals("a") == {"b"}
+
+
+# ---------------------------------------------------------------- versions
+
+
+def test_version_text_and_known() -> None:
+    v = RosterVersion("abc", 7, 3)
+    assert str(v) == "abc-7"
+    assert v.known("abc-7") == 7
+    assert v.known("abc-3") == 3
+    assert v.known("abc-2") is None  # older than the change log reaches
+    assert v.known("abc-8") is None  # from the future
+    assert v.known("xyz-5") is None  # another epoch (store lost, other account)
+    for bad in ("", None, "abc", "abc-", "abc-x", "abc-05", "abc--5", "7"):
+        assert v.known(bad) is None
+
+
+def test_first_full_roster_is_one_version_and_the_floor() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    v = store.roster.replace(A, [item("a@x"), item("b@x", "G")])
+    assert (v.seq, v.floor) == (1, 1)
+    assert store.roster.changes_since(A, 1) == []
+    assert store.roster.changes_since(A, 0) is None  # nobody can hold version 0
+    assert [i.jid for i in store.roster.items(A)] == ["a@x", "b@x"]
+
+
+def test_diff_gives_one_version_per_changed_item_in_order() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    store.roster.replace(A, [item("a@x"), item("b@x", "G"), item("c@x")])
+    v = store.roster.replace(A, [item("a@x"), item("b@x", "H"), item("d@x")])
+    assert v.seq == 4
+    assert store.roster.changes_since(A, 1) == [(2, "b@x"), (3, "d@x"), (4, "c@x")]
+    assert store.roster.item(A, "c@x") is None
+    assert store.roster.item(A, "b@x") == item("b@x", "H")
+    # no difference: no new version
+    assert store.roster.replace(A, store.roster.items(A)).seq == 4
+
+
+def test_versions_never_repeat_even_when_content_returns() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    seen = {str(store.roster.replace(A, []))}
+    for _ in range(3):
+        for changes in ([("a@x", item("a@x"))], [("a@x", None)]):
+            v = str(store.roster.update(A, changes))
+            assert v not in seen
+            seen.add(v)
+    assert store.roster.items(A) == []
+    # the log keeps the latest change of each jid only
+    assert store.roster.changes_since(A, 1) == [(7, "a@x")]
+
+
+def test_update_skips_no_ops() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    store.roster.replace(A, [item("a@x", "G")])
+    assert store.roster.update(A, [("a@x", item("a@x", "G"))]).seq == 1
+    assert store.roster.update(A, [("zz@x", None)]).seq == 1  # removing nothing
+    assert store.roster.update(A, [("a@x", item("a@x", "G", "H"))]).seq == 2
+
+
+def test_touch_makes_a_version_without_content_change() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    store.roster.replace(A, [item("a@x"), item("b@x")])
+    assert store.roster.touch(A, ["b@x", "nobody@x"]).seq == 2
+    assert store.roster.changes_since(A, 1) == [(2, "b@x")]
+
+
+def test_change_log_is_bounded_and_raises_the_floor() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    store.roster.replace(A, [], max_changes=3)
+    for n in range(5):
+        store.roster.update(A, [(f"c{n}@x", item(f"c{n}@x"))], max_changes=3)
+    v = store.roster.version(A)
+    assert (v.seq, v.floor) == (6, 3)
+    assert store.roster.changes_since(A, 3) == [(4, "c2@x"), (5, "c3@x"), (6, "c4@x")]
+    assert store.roster.changes_since(A, 2) is None
+    assert v.known("e1-2") is None and v.known("e1-3") == 3
+    count = store.conn.execute("SELECT count(*) FROM roster_changes").fetchone()[0]
+    assert count == 3
+
+
+def test_zero_max_changes_keeps_no_log() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    store.roster.replace(A, [], max_changes=0)
+    v = store.roster.update(A, [("a@x", item("a@x"))], max_changes=0)
+    assert (v.seq, v.floor) == (2, 2)
+    assert store.roster.changes_since(A, 1) is None
+
+
+def test_accounts_are_separate() -> None:
+    store = Store(":memory:", new_epoch=epochs())
+    store.roster.replace(A, [item("a@x")])
+    store.roster.replace(B, [item("b@x")])
+    store.roster.add_preapproval(A, "p@x")
+    assert [i.jid for i in store.roster.items(B)] == ["b@x"]
+    assert store.roster.version(A).epoch != store.roster.version(B).epoch
+    assert store.roster.preapprovals(B) == set()
+    store.roster.forget(A)
+    assert store.roster.items(A) == [] and store.roster.preapprovals(A) == set()
+    assert store.roster.version(A).epoch not in ("e1", "e2")  # a new epoch: no repeat
+
+
+def test_groups_order_names_and_non_ascii_round_trip() -> None:
+    store = Store(":memory:")
+    items = [
+        item("a@x", "Zeta", "alpha", "Mitte", name="Ann"),
+        item("b@x"),
+        item("jürgen@exämple.de", "Fréunde", "家族", "😀 emoji", name="Jürgen ☃"),
+        item("c@x", " spaced ", name=""),
+        item("d@x", sub="to", ask="subscribe"),
+    ]
+    store.roster.replace(A, items)
+    assert store.roster.items(A) == items
+    assert store.roster.item(A, "jürgen@exämple.de") == items[2]
+
+
+def test_item_order_is_first_appearance() -> None:
+    store = Store(":memory:")
+    store.roster.replace(A, [item("b@x"), item("a@x")])
+    store.roster.update(A, [("c@x", item("c@x")), ("b@x", item("b@x", "G"))])
+    assert [i.jid for i in store.roster.items(A)] == ["b@x", "a@x", "c@x"]
+
+
+def test_preapprovals() -> None:
+    store = Store(":memory:")
+    assert store.roster.add_preapproval(A, "p@x") is True
+    assert store.roster.add_preapproval(A, "p@x") is False
+    assert store.roster.preapprovals(A) == {"p@x"}
+    assert store.roster.remove_preapproval(A, "p@x") is True
+    assert store.roster.remove_preapproval(A, "p@x") is False
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_everything_survives_reopening_the_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "front.sqlite3")
+    store = Store(path)
+    store.roster.replace(A, [item("a@x", "G1", "G2", name="Ä"), item("b@x")], max_changes=10)
+    store.roster.update(A, [("b@x", None), ("c@x", item("c@x", "家族"))], max_changes=10)
+    store.roster.add_preapproval(A, "p@x")
+    before = store.roster.version(A)
+    items = store.roster.items(A)
+    store.close()
+
+    store = Store(path)
+    assert store.roster.version(A) == before
+    assert store.roster.items(A) == items
+    assert store.roster.changes_since(A, 1) == [(2, "b@x"), (3, "c@x")]
+    assert store.roster.preapprovals(A) == {"p@x"}
+    # the counter goes on from where it was: versions never repeat across restarts
+    after = store.roster.update(A, [("b@x", item("b@x"))], max_changes=10)
+    assert after.epoch == before.epoch and after.seq == before.seq + 1
+    store.close()
+
+
+def test_epochs_are_random_by_default() -> None:
+    one, two = Store(":memory:"), Store(":memory:")
+    assert one.roster.version(A).epoch != two.roster.version(A).epoch
+
+
+def test_bad_epoch_source_is_refused() -> None:
+    store = Store(":memory:", new_epoch=lambda: "has-dash")
+    with pytest.raises(StoreError):
+        store.roster.version(A)
