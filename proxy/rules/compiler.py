@@ -240,7 +240,8 @@ class Compiler:
         try:
             root = etree.fromstring(wrapped, parser)
         except etree.XMLSyntaxError as exc:
-            self.fail(f"malformed XML in 'add' {xml!r}: {exc.msg}")
+            msg = re.sub(r", line \d+, column \d+$", "", exc.msg or "not well-formed")
+            self.fail(f"malformed XML in 'add' {xml!r}: {msg}")
         children = list(root)
         if (len(children) != 1 or (root.text or "").strip() or (children[0].tail or "").strip()
                 or not isinstance(children[0].tag, str)):
@@ -356,11 +357,12 @@ class Compiler:
     def act_error(self, arg: Any) -> _Action:
         args = self._args("error", arg, ("condition",), ("type", "text", "by"), "condition")
         condition = args["condition"]
-        if condition not in st.DEFAULT_ERROR_TYPE:
+        if not isinstance(condition, str) or condition not in st.DEFAULT_ERROR_TYPE:
             self.fail(f"unknown error condition {condition!r} (RFC 6120 §8.3.3: "
                       f"{', '.join(st.DEFAULT_ERROR_TYPE)})")
         error_type = args.get("type")
-        if error_type is not None and error_type not in ERROR_TYPES:
+        if error_type is not None and (not isinstance(error_type, str)
+                                       or error_type not in ERROR_TYPES):
             self.fail(f"bad error type {error_type!r} (known: {', '.join(sorted(ERROR_TYPES))})")
         text, by = args.get("text"), args.get("by")
         for key, value in (("text", text), ("by", by)):

@@ -77,7 +77,8 @@ def read_rule_file(path: str | Path) -> RuleFile:
                             f"(known: {', '.join(FILE_KEYS)})")
         if "rules" not in data:
             raise RuleError(source, None, "no 'rules:' list")
-        rules, vectors = data["rules"], data.get("vectors") or []
+        rules = data["rules"]
+        vectors = [] if data.get("vectors") is None else data["vectors"]
         namespaces = data.get("namespaces") or {}
         description = data.get("description")
         if not isinstance(vectors, list):
