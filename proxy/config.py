@@ -43,6 +43,18 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    ping_idle: float = 60.0  # seconds of silence from the server before a liveness ping
+    ping_timeout: float = 20.0  # seconds that ping may go unanswered: the server is dead
+    max_buffer: int = 1000  # client stanzas held per session while unconfirmed or down
+    barrier_every: int = 10  # a confirming barrier iq at least every this many stanzas
+
+
+@dataclass(frozen=True)
+class ReconnectConfig:
+    first_delay_max: float = 60.0  # the first attempt waits a random time in [0, this]
+    base: float = 1.0  # then full jitter in [0, min(cap, base * 2^n)]
+    cap: float = 60.0
+    max_outage: float = 300.0  # give up (errors to the client) after this long down
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class Config:
     listen: list[Listener] = field(default_factory=lambda: [Listener()])
     tls: TlsConfig = field(default_factory=TlsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     limits: Limits = field(default_factory=Limits)
     log: LogConfig = field(default_factory=LogConfig)
     stream_management: StreamManagementConfig = field(default_factory=StreamManagementConfig)
@@ -99,6 +112,14 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("listen", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
     ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("upstream", "ping_idle"): (lambda v: v > 0, "a positive number of seconds"),
+    ("upstream", "ping_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("upstream", "max_buffer"): (lambda v: v >= 1, "at least 1"),
+    ("upstream", "barrier_every"): (lambda v: v >= 1, "at least 1"),
+    ("reconnect", "first_delay_max"): (lambda v: v >= 0, "zero or more seconds"),
+    ("reconnect", "base"): (lambda v: v > 0, "a positive number of seconds"),
+    ("reconnect", "cap"): (lambda v: v > 0, "a positive number of seconds"),
+    ("reconnect", "max_outage"): (lambda v: v > 0, "a positive number of seconds"),
     ("limits", "max_stanza_bytes"): (lambda v: 1024 <= v <= 64 * 1024 * 1024,
                                      "between 1024 and 67108864 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),

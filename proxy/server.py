@@ -10,7 +10,9 @@ import ssl
 from typing import Any
 
 from .config import Config, Listener
+from .features.dedupe import DedupeFactory
 from .features.legacy_session import LegacySessionFactory
+from .features.presence_memory import PresenceMemoryFactory
 from .logsetup import get_logger
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
@@ -38,7 +40,9 @@ class Proxy:
         self.connections: set[asyncio.Task[None]] = set()
         self.clients: set[XmlStream] = set()
         self.stopping = False
-        self.hub = Hub(config, [LegacySessionFactory()], store=None, log=self.log)
+        self.hub = Hub(config, [LegacySessionFactory(), PresenceMemoryFactory(),
+                                DedupeFactory()],
+                       store=None, upstream_tls=self.upstream_tls, log=self.log)
 
     @property
     def bound_ports(self) -> list[int]:
@@ -95,7 +99,8 @@ class Proxy:
             finally:
                 # The upstream login that checked the password is kept only by a new
                 # session; a resumed or taken-over session has its own.
-                if auth is not None and (session is None or session.upstream is not auth.upstream):
+                if auth is not None and (session is None
+                                         or session.upstream.link is not auth.upstream):
                     await auth.upstream.stream.close()
             log = log.bind(jid=session.jid)
             reason = await session.serve_client(stream, first, resumed=resumed)

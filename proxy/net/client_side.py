@@ -12,7 +12,7 @@ import base64
 import binascii
 import secrets
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lxml import etree
@@ -55,6 +55,7 @@ class AuthenticatedClient:
     stream: XmlStream
     account: Jid
     upstream: UpstreamLink
+    password: str = field(repr=False)  # kept to log in again after an upstream outage
 
 
 class ClientNegotiation:
@@ -72,6 +73,7 @@ class ClientNegotiation:
         self.log = log
         self.upstream: UpstreamLink | None = None
         self.account: Jid | None = None
+        self._password = ""
 
     async def run(self) -> AuthenticatedClient:
         try:
@@ -126,7 +128,7 @@ class ClientNegotiation:
         await self._authenticate()
         self.stream.restart()
         assert self.upstream is not None and self.account is not None
-        return AuthenticatedClient(self.stream, self.account, self.upstream)
+        return AuthenticatedClient(self.stream, self.account, self.upstream, self._password)
 
     async def open_bound_stream(self, features: list[Element]) -> None:
         """The post-authentication stream header and features (bind, sm, ...)."""
@@ -205,5 +207,6 @@ class ClientNegotiation:
                              detail=str(exc))
             return "temporary-auth-failure"
         self.account = account
+        self._password = password
         self.log.info("auth_ok", account=str(account), upstream_mechanism=self.upstream.mechanism)
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,8 +37,10 @@ MAX_TOMBSTONES = 10000  # ended SM ids remembered, so a late <resume/> learns th
 
 class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
-                 store: OfflineStore | None, log: Any) -> None:
+                 store: OfflineStore | None, upstream_tls: ssl.SSLContext | None,
+                 log: Any) -> None:
         self.config = config
+        self.upstream_tls = upstream_tls
         self.factories = list(factories)
         self.store = store
         self.log = log
@@ -164,7 +167,8 @@ class Hub:
             raise violation("internal-server-error", "the server bound another account")
         core = SessionCore(jid, self.factories)
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
-                              self.log.bind(jid=str(jid)))
+                              self.log.bind(jid=str(jid)), password=auth.password,
+                              tls_context=self.upstream_tls)
         previous = self.by_jid.get(str(jid))
         if previous is not None:  # the server resolved a resource conflict in our favour
             asyncio.get_running_loop().create_task(previous.end("resource bound again"))

@@ -10,7 +10,7 @@ this shell moves stanzas, runs the timers and closes connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -24,6 +24,7 @@ from ..session import Outputs, SessionCore
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from .upstream import UpstreamLink
+from .upstream_side import UpstreamSide
 from .xmlstream import ConnectionLost, XmlStream
 
 if TYPE_CHECKING:
@@ -59,12 +60,12 @@ class ClientLeft(Exception):
 
 
 class LiveSession:
-    def __init__(self, hub: Hub, core: SessionCore, upstream: UpstreamLink, config: Config,
-                 store: OfflineStore | None, log: Any,
+    def __init__(self, hub: Hub, core: SessionCore, link: UpstreamLink, config: Config,
+                 store: OfflineStore | None, log: Any, *, password: str,
+                 tls_context: ssl.SSLContext | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hub = hub
         self.core = core
-        self.upstream = upstream
         self.config = config
         self.store = store
         self.log = log.bind(session=core.id)
@@ -76,7 +77,8 @@ class LiveSession:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_timed_out = False
         self._offline_delivered = False
-        self._upstream_task = asyncio.create_task(self._pump_upstream())
+        self.upstream = UpstreamSide(self, link, config=config, tls_context=tls_context,
+                                     username=core.jid.local, password=password, log=self.log)
 
     @property
     def jid(self) -> str:
@@ -95,7 +97,18 @@ class LiveSession:
             self.client.send(el)
 
     def to_upstream(self, el: Element) -> None:
-        self.upstream.stream.send(el)
+        answer = self.upstream.send(el)
+        if answer is not None:
+            self.to_client(answer)
+
+    def from_server(self, el: Element) -> None:
+        """A stanza from the legacy server (the upstream side's reading task)."""
+        self._write(self.core.from_upstream(el))
+        self._ask_for_ack()
+
+    async def client_drain(self) -> None:
+        if self.client is not None:
+            await self.client.drain()
 
     def _write(self, out: Outputs) -> None:
         for el in out.to_upstream:
@@ -202,6 +215,9 @@ class LiveSession:
 
     async def _pump_client(self, stream: XmlStream) -> None:
         while True:
+            # Backpressure while the server is away and the buffer is full: stop reading
+            # (stanzas already received were counted and are acked as usual).
+            await self.upstream.room.wait()
             event = await self._next_client_event(stream)
             if isinstance(event, codec.StanzaReceived):
                 el = event.element
@@ -209,7 +225,7 @@ class LiveSession:
                     if self.sm is not None:
                         self.sm.count_inbound()
                     self._from_client(el)
-                    await self.upstream.stream.drain()
+                    await self.upstream.drain()
                 else:
                     self._client_nonza(stream, el)
                 self._ask_for_ack()
@@ -301,46 +317,6 @@ class LiveSession:
         self.log.info("taken_over", delivered=len(queue))
         return queue
 
-    # The upstream side -------------------------------------------------------------------------
-
-    async def _pump_upstream(self) -> None:
-        stream = self.upstream.stream
-        try:
-            while True:
-                try:
-                    event = await stream.next_event()
-                except ConnectionLost:
-                    await self.end("upstream connection lost", client_error=codec.stream_error(
-                        "remote-connection-failed",
-                        "the connection to the legacy server was lost"), upstream_dead=True)
-                    return
-                if isinstance(event, codec.StanzaReceived):
-                    el = event.element
-                    if el.tag == _STREAM_ERROR:
-                        condition = st.error_condition(el) or "undefined-condition"
-                        await self.end(f"upstream stream error: {condition}",
-                                       client_error=codec.serialize(el), upstream_dead=True)
-                        return
-                    if st.is_stanza(el):
-                        self._write(self.core.from_upstream(el))
-                        self._ask_for_ack()
-                        if self.client is not None:
-                            await self.client.drain()
-                elif isinstance(event, codec.StreamClosed):
-                    await self.end("upstream closed the stream", upstream_dead=True)
-                    return
-                elif isinstance(event, codec.StreamViolation):
-                    await self.end(f"upstream stream violation: {event.condition}",
-                                   client_error=codec.stream_error(
-                                       "remote-connection-failed",
-                                       "the legacy server broke the stream"),
-                                   upstream_dead=True)
-                    return
-        except Exception:
-            self.log.exception("upstream_pump_failed")
-            await self.end("internal error", client_error=codec.stream_error(
-                "internal-server-error"))
-
     # The end --------------------------------------------------------------------------------------
 
     def _end_soon(self, reason: str) -> None:
@@ -359,14 +335,10 @@ class LiveSession:
         self._cancel_ack_timer()
         self.hub.session_ended(self)
         self.log.info("session_ended", reason=reason)
-        if asyncio.current_task() is not self._upstream_task:
-            # Only one reader per stream: the pump stops before we wait for the server.
-            self._upstream_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._upstream_task
+        upstream_up = self.upstream.state == "up" and not upstream_dead
         undelivered = self.sm.take_all() if self.sm is not None else []
         if undelivered:
-            self._dispose(undelivered, upstream_dead)
+            self._dispose(undelivered, upstream_up)
         self.core.closed()
         client, self.client = self.client, None
         if client is not None:
@@ -374,12 +346,9 @@ class LiveSession:
             client.send_bytes((client_error or b"") + codec.STREAM_CLOSE)
             client.closing = True
             client.abort()
-        if upstream_dead:
-            self.upstream.stream.abort()
-        else:
-            await self.upstream.stream.close(wait_for_peer=CLOSE_GRACE)
+        await self.upstream.close(dead=not upstream_up)
 
-    def _dispose(self, items: list[Unacked], upstream_dead: bool) -> None:
+    def _dispose(self, items: list[Unacked], upstream_up: bool) -> None:
         """Stanzas the client never acknowledged, at the end of the session (XEP-0198 §5:
         the server must not lose them): messages stored or bounced, iq requests answered
         with service-unavailable, presences dropped."""
@@ -389,17 +358,18 @@ class LiveSession:
             el = item.element
             kind, typ = st.kind(el), el.get("type")
             if kind == "message" and typ != "error":
-                if smc.on_timeout == "store" and self.store is not None:
+                # With the server away a bounce cannot leave: store rather than lose it.
+                if self.store is not None and (smc.on_timeout == "store" or not upstream_up):
                     delay_stamp(el, item.queued_at, self.config.upstream.domain)
                     # Stored with its namespace declaration, to be parsed back on its own.
                     self.store.offline_put(str(self.core.account), etree.tostring(el),
                                            time.time() + smc.stored_ttl)
                     stored += 1
-                elif not upstream_dead:
-                    self.to_upstream(st.error_reply(el, "recipient-unavailable"))
+                elif upstream_up:
+                    self.upstream.send_direct(st.error_reply(el, "recipient-unavailable"))
                     bounced += 1
-            elif kind == "iq" and typ in ("get", "set") and not upstream_dead:
-                self.to_upstream(st.error_reply(el, "service-unavailable"))
+            elif kind == "iq" and typ in ("get", "set") and upstream_up:
+                self.upstream.send_direct(st.error_reply(el, "service-unavailable"))
                 answered += 1
         self.log.info("undelivered", stored=stored, bounced=bounced, iq_errors=answered,
                       dropped=len(items) - stored - bounced - answered)

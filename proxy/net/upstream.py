@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import ssl
 import uuid
 from dataclasses import dataclass
@@ -46,12 +47,48 @@ class UpstreamBindFailed(UpstreamError):
         self.error_reply = error_reply
 
 
+# The TLS session to offer on the connection being opened in this task (RFC 5077 / TLS 1.3
+# resumption). asyncio has no ``session=`` argument, but it builds every TLS object through
+# ``SSLContext.wrap_bio``, in the task that opens the connection: that is where it goes in.
+_RESUME_SESSION: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar(
+    "xmpp_front_tls_session", default=None)
+
+
+class ResumableTlsContext(ssl.SSLContext):
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        if session is None and not server_side:
+            session = _RESUME_SESSION.get()
+        try:
+            return super().wrap_bio(incoming, outgoing, server_side=server_side,
+                                    server_hostname=server_hostname, session=session)
+        except (ValueError, ssl.SSLError):
+            # A session from another context or an expired one: a full handshake instead.
+            return super().wrap_bio(incoming, outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+
+
 def client_tls_context(config: UpstreamConfig, ca_path: str | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_path)
+    context = ResumableTlsContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_path:
+        context.load_verify_locations(cafile=ca_path)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if not config.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def tls_session(stream: XmlStream) -> ssl.SSLSession | None:
+    sslobj = stream.writer.get_extra_info("ssl_object")
+    return sslobj.session if sslobj is not None else None
+
+
+def tls_session_reused(stream: XmlStream) -> bool:
+    sslobj = stream.writer.get_extra_info("ssl_object")
+    return bool(sslobj is not None and sslobj.session_reused)
 
 
 @dataclass
@@ -100,13 +137,15 @@ class UpstreamLink:
 
 
 async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext | None,
-                           username: str, password: str, *,
-                           max_stanza_bytes: int) -> UpstreamLink:
+                           username: str, password: str, *, max_stanza_bytes: int,
+                           resume_tls: ssl.SSLSession | None = None) -> UpstreamLink:
     """Open and authenticate a stream to the legacy server as ``username``.
 
+    ``resume_tls``: a TLS session of an earlier connection, offered for resumption.
     Raises UpstreamAuthFailed when the server rejects the credentials and
     UpstreamUnavailable for everything else (refused, TLS failure, timeout, stream error).
     """
+    _RESUME_SESSION.set(resume_tls)
     timeout = config.connect_timeout
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(

@@ -259,11 +259,13 @@ def test_clean_close_passes_both_ways(proxy, accounts) -> None:
     assert closed and closed[0]["reason"] == "client closed the stream"
 
 
-def test_server_shutdown_and_crash_reach_the_client_as_stream_errors(tmp_path: Path,
-                                                                     certs) -> None:
+def test_a_server_gone_for_good_ends_the_clients_stream_saying_so(tmp_path: Path,
+                                                                 certs) -> None:
+    """Shutdown and crash both start a reconnect; past max_outage the client is told."""
     server = LegacyProsody(tmp_path / "prosody")
-    with server, ProxyProcess(tmp_path / "proxy", server, *certs) as proxy:
-        jid = server.register("dave", "pw-dave")
+    with server, ProxyProcess(tmp_path / "proxy", server, *certs, reconnect={
+            "first_delay_max": 0.1, "base": 0.1, "cap": 0.2, "max_outage": 1.5}) as proxy:
+        server.register("dave", "pw-dave")
 
         async def one(stop) -> str | None:
             raw = await raw_login(proxy.host, proxy.port, "dave", "pw-dave", direct_tls=False)
@@ -276,11 +278,11 @@ def test_server_shutdown_and_crash_reach_the_client_as_stream_errors(tmp_path: P
             finally:
                 raw.abort()
 
-        assert run(one(server.stop), 30) == "system-shutdown"
+        assert run(one(server.stop), 30) == "remote-connection-failed"
         server.start()
         assert run(one(server.kill), 30) == "remote-connection-failed"
-        assert jid
-    assert proxy.events("closed")
+    gave_up = proxy.events("upstream_gave_up")
+    assert len(gave_up) == 2 and all("unreachable" in e["reason"] for e in gave_up)
 
 
 def test_sasl_plain_edge_cases(proxy, accounts) -> None:

@@ -1,0 +1,132 @@
+"""The outbox: client stanzas on their way to the legacy server, kept until the server has
+surely handled them. Socket-free.
+
+A legacy server sends no acks and a TCP write proves nothing. But RFC 6120 §10.1 makes a
+server handle one stream's stanzas in order, so the reply to an iq the proxy sends after a
+batch (a barrier: a ping to the server's domain) confirms every stanza written before it.
+Unconfirmed stanzas are replayed, in order and with their ids, after a reconnect.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from .xmpp import ns
+from .xmpp import stanza as st
+
+Element = etree._Element
+
+
+@dataclass
+class Outbox:
+    domain: str
+    max_buffer: int
+    barrier_every: int
+    new_id: Callable[[], str]
+    connected: bool = False
+    # Written but not yet confirmed, in order, with their write sequence numbers.
+    unconfirmed: deque[tuple[int, Element]] = field(default_factory=deque)
+    # Not yet written (while the server is away).
+    pending: deque[Element] = field(default_factory=deque)
+    # Outstanding barriers, oldest first: (iq id, the sequence number they confirm up to).
+    barriers: deque[tuple[str, int]] = field(default_factory=deque)
+    written: int = 0  # sequence number of the next write
+    unbarriered: int = 0  # written since the last barrier
+    # The client's iq requests still waiting for the server's answer, by id.
+    awaiting: dict[str, Element] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.unconfirmed) + len(self.pending)
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.max_buffer
+
+    def _write(self, el: Element) -> None:
+        self.unconfirmed.append((self.written, el))
+        self.written += 1
+        self.unbarriered += 1
+
+    def submit(self, el: Element) -> list[Element]:
+        """A client stanza for the server; returns what to write now."""
+        if el.tag == st.IQ and el.get("type") in ("get", "set") and el.get("id"):
+            self.awaiting[el.get("id", "")] = el
+        if not self.connected:
+            self.pending.append(el)
+            return []
+        self._write(el)
+        if self.unbarriered >= self.barrier_every:
+            return [el, self.barrier()]
+        return [el]
+
+    def barrier(self) -> Element:
+        """A barrier covering everything written so far (also sent when a batch is done)."""
+        iq_id = self.new_id()
+        self.barriers.append((iq_id, self.written))
+        self.unbarriered = 0
+        iq = st.element("iq", {"type": "get", "id": iq_id, "to": self.domain})
+        st.sub(iq, "ping", namespace=ns.PING)
+        return iq
+
+    def on_reply(self, el: Element) -> bool:
+        """True when ``el`` answers one of our barriers (it must not reach the client)."""
+        if el.tag != st.IQ or el.get("type") not in ("result", "error"):
+            return False
+        self.awaiting.pop(el.get("id", ""), None)
+        if not self.barriers:
+            return False
+        reply_id = el.get("id")
+        for index, (iq_id, upto) in enumerate(self.barriers):
+            if iq_id == reply_id:
+                # In-order handling: this reply confirms the older barriers' stanzas too.
+                for _ in range(index + 1):
+                    self.barriers.popleft()
+                while self.unconfirmed and self.unconfirmed[0][0] < upto:
+                    self.unconfirmed.popleft()
+                return True
+        return False
+
+    def connection_lost(self) -> list[Element]:
+        """Nothing written is confirmed any more: all of it waits for the next connection.
+
+        Returns error replies for the client's iq requests that the server had confirmed
+        but not answered: they will not be replayed, and no request may hang.
+        """
+        lost = [req for req in self.awaiting.values() if not self.holds(req)]
+        for req in lost:
+            del self.awaiting[req.get("id", "")]
+        self.connected = False
+        self.pending.extendleft(el for _, el in reversed(self.unconfirmed))
+        self.unconfirmed.clear()
+        self.barriers.clear()
+        self.unbarriered = 0
+        return [st.error_reply(req, "remote-server-timeout", error_type="wait",
+                               text="the legacy server went away before answering")
+                for req in lost]
+
+    def reconnected(self) -> list[Element]:
+        """What to replay on the new connection, in the original order, plus a barrier."""
+        self.connected = True
+        replay = list(self.pending)
+        self.pending.clear()
+        for el in replay:
+            self._write(el)
+        return [*replay, self.barrier()] if replay else []
+
+    def drain(self) -> list[Element]:
+        """Giving up: everything never confirmed, for the caller to bounce."""
+        items = [el for _, el in self.unconfirmed] + list(self.pending)
+        self.unconfirmed.clear()
+        self.pending.clear()
+        self.barriers.clear()
+        self.awaiting.clear()
+        return items
+
+    def holds(self, el: Element) -> bool:
+        """Is ``el`` still waiting to be confirmed (so it will be replayed)?"""
+        return any(x is el for _, x in self.unconfirmed) or any(x is el for x in self.pending)
