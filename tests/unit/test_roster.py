@@ -794,3 +794,30 @@ def test_removing_an_item_removes_its_preapproval() -> None:
     c.send("<presence type='subscribed' to='nurse@example.com'/>")
     c.recv(server.push("<item jid='nurse@example.com' subscription='remove'/>"))
     assert factory.store.roster.preapprovals(ACCOUNT) == set()
+
+
+def test_pushes_held_across_a_reconnect_never_override_the_newer_roster() -> None:
+    factory, server = factory_with()
+    c = Client(factory)
+    roster_gets(c.get(""))  # lost with the connection
+    stale = server.push("<item jid='tybalt@example.com' subscription='none'/>")
+    assert c.recv(stale).to_client == []  # held behind the get in flight
+    server.set("<item jid='tybalt@example.com' subscription='to'><group>Capulet</group></item>")
+    (fetch,) = roster_gets(c.core.upstream_restored())
+    (result,) = c.recv(server.result(fetch)).to_client
+    assert ("tybalt@example.com", "to", ["Capulet"], None, None) in items_of(result)
+    (full,) = Client(factory, GARDEN).get("").to_client
+    assert items_of(full) == items_of(result)
+
+
+def test_roster_get_addressed_to_someone_else_is_relayed() -> None:
+    factory, server = factory_with()
+    c = Client(factory)
+    c.login(server)
+    out = c.send("<iq type='get' id='o1' to='romeo@example.net'>"
+                 "<query xmlns='jabber:iq:roster'/></iq>")
+    assert [e.get("id") for e in out.to_upstream] == ["o1"] and out.to_client == []
+    out = c.send("<iq type='get' id='o2' to='juliet@example.com'>"
+                 "<query xmlns='jabber:iq:roster' ver='E1-1'/></iq>")
+    (answer,) = out.to_client  # her own bare JID: hers to answer
+    assert is_empty_result(answer, "o2") and answer.get("from") == ACCOUNT
