@@ -821,3 +821,21 @@ def test_roster_get_addressed_to_someone_else_is_relayed() -> None:
                  "<query xmlns='jabber:iq:roster' ver='E1-1'/></iq>")
     (answer,) = out.to_client  # her own bare JID: hers to answer
     assert is_empty_result(answer, "o2") and answer.get("from") == ACCOUNT
+
+
+def test_live_client_behind_the_log_floor_gets_every_item() -> None:
+    factory, server = factory_with((ROMEO,), max_changes=1)
+    a, b = Client(factory), Client(factory, GARDEN)
+    a.login(server)
+    b.login(server)
+    x = server.push("<item jid='x@example.com' subscription='none'/>")
+    y = server.push("<item jid='y@example.com' subscription='none'/>")
+    a.recv(x)
+    a.recv(y)  # the log now reaches back to E1-2 only; b's client is at E1-1
+    out = b.recv(x.replace(BALCONY, GARDEN))
+    assert sorted(item_of(p)[0] for p in out.to_client) == [
+        "romeo@example.net", "x@example.com", "y@example.com"]
+    assert {ver(p) for p in out.to_client} == {"E1-3"}
+    assert [p.get("id") for p in out.to_client].count("push1") == 1
+    out = b.recv(y.replace(BALCONY, GARDEN))
+    assert out.to_client == [] and [e.get("id") for e in out.to_upstream] == ["push2"]
