@@ -83,6 +83,11 @@ class StreamManagementConfig:
 
 
 @dataclass(frozen=True)
+class RosterConfig:
+    max_changes: int = 1000  # roster changes remembered per account for versioned fetches
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: str = "xmpp-front.sqlite3"  # SQLite file (relative to the config file); ":memory:"
 
@@ -97,6 +102,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     stream_management: StreamManagementConfig = field(default_factory=StreamManagementConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    roster: RosterConfig = field(default_factory=RosterConfig)
     # Relative paths in the file are resolved against the file's own folder.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -131,6 +137,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("stream_management", "stored_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("stream_management", "debug_counter_start"): (lambda v: 0 <= v < 2 ** 32,
                                                    "between 0 and 2^32-1"),
+    ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
 }
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
+from .session import OWN_ID_PREFIX
 from .xmpp import ns
 from .xmpp import stanza as st
 
@@ -54,8 +55,10 @@ class Outbox:
 
     def submit(self, el: Element) -> list[Element]:
         """A client stanza for the server; returns what to write now."""
-        if el.tag == st.IQ and el.get("type") in ("get", "set") and el.get("id"):
-            self.awaiting[el.get("id", "")] = el
+        iq_id = el.get("id", "")
+        if (el.tag == st.IQ and el.get("type") in ("get", "set") and iq_id
+                and not iq_id.startswith(OWN_ID_PREFIX)):
+            self.awaiting[iq_id] = el  # a client request: it must not hang on an outage
         if not self.connected:
             self.pending.append(el)
             return []

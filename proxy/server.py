@@ -13,12 +13,15 @@ from .config import Config, Listener
 from .features.dedupe import DedupeFactory
 from .features.legacy_session import LegacySessionFactory
 from .features.presence_memory import PresenceMemoryFactory
+from .features.roster import RosterFactory
 from .logsetup import get_logger
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
 from .net.live import LiveSession
 from .net.upstream import client_tls_context
 from .net.xmlstream import ConnectionLost, XmlStream
+from .session import SessionCore
+from .store import Store
 from .xmpp import codec
 
 
@@ -40,9 +43,24 @@ class Proxy:
         self.connections: set[asyncio.Task[None]] = set()
         self.clients: set[XmlStream] = set()
         self.stopping = False
-        self.hub = Hub(config, [LegacySessionFactory(), PresenceMemoryFactory(),
-                                DedupeFactory()],
-                       store=None, upstream_tls=self.upstream_tls, log=self.log)
+        self.store = Store(str(config.path(config.store.path)))
+        self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes,
+                                    notify=self._roster_catch_up)
+        # Client edge first, server edge last: the roster cache sees the server's stanzas
+        # before anything else and the client's after every rewrite.
+        factories = [LegacySessionFactory(), PresenceMemoryFactory(), DedupeFactory(),
+                     self.roster]
+        self.hub = Hub(config, factories, store=self.store.offline,
+                       upstream_tls=self.upstream_tls, log=self.log)
+
+    def _roster_catch_up(self, core: SessionCore) -> None:
+        """Another session changed the shared roster cache: this session's client is owed
+        pushes. Called from inside that other session's processing, so only scheduled."""
+        def push() -> None:
+            session = self.hub.by_jid.get(str(core.jid))
+            if session is not None and session.core is core and session.state != "ended":
+                session.write(self.roster.catch_up(core))
+        asyncio.get_running_loop().call_soon(push)
 
     @property
     def bound_ports(self) -> list[int]:
@@ -136,6 +154,7 @@ class Proxy:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
+        self.store.close()
         self.log.info("stopped")
 
 

@@ -23,6 +23,9 @@ from .xmpp.jid import Jid
 
 Element = etree._Element
 
+# Stanzas the proxy sends itself carry ids with this prefix; their replies are its own.
+OWN_ID_PREFIX = "xf-"
+
 
 @dataclass
 class Outputs:
@@ -85,7 +88,7 @@ class SessionCore:
 
     def new_id(self, purpose: str) -> str:
         """An id for a stanza the proxy itself sends (unique within the session)."""
-        return f"xf-{purpose}-{self.id}-{next(self._ids)}"
+        return f"{OWN_ID_PREFIX}{purpose}-{self.id}-{next(self._ids)}"
 
     def stream_features(self) -> list[Element]:
         return [el for feature in self.features for el in feature.stream_features()]

@@ -6,8 +6,10 @@ shares the store's connection and is reached as an attribute:
 
 - ``store.roster`` (:class:`RosterArea`): per account, the cached roster, its version, the
   change log behind roster versioning (RFC 6121 §2.6) and subscription pre-approvals (§3.4).
+- ``store.offline`` (:class:`OfflineArea`): messages a client never acknowledged when its
+  stream-management session ended, kept for the account's next login.
 
-Adding an area (e.g. stored offline messages for stream management): append a migration to
+Adding an area: append a migration to
 ``MIGRATIONS`` (never edit a released one), write a class taking the ``Store``, and attach it
 in ``Store.__init__``. Every write goes through ``Store.transaction()``.
 
@@ -61,6 +63,15 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             PRIMARY KEY (account, contact)
         );
     """),
+    (2, """
+        CREATE TABLE offline_messages (           -- stream management: undelivered messages
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,  -- delivery order
+            account    TEXT NOT NULL,
+            stanza     BLOB NOT NULL,             -- the message as XML, with its <delay/>
+            expires_at REAL NOT NULL              -- wall-clock seconds
+        );
+        CREATE INDEX offline_by_account ON offline_messages (account, id);
+    """),
 )
 
 
@@ -89,6 +100,7 @@ class Store:
             self._conn.close()
             raise
         self.roster = RosterArea(self, new_epoch)
+        self.offline = OfflineArea(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -387,3 +399,33 @@ def _item(row: Sequence[object]) -> RosterItem:
     return RosterItem(str(jid), None if name is None else str(name), str(subscription),
                       None if ask is None else str(ask),
                       tuple(str(g) for g in json.loads(str(groups))))
+
+
+# ---------------------------------------------------------------------- offline area
+
+
+class OfflineArea:
+    """Messages waiting for their account (``stream_management.on_timeout: store``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def offline_put(self, account: str, stanza: bytes, expires_at: float) -> None:
+        with self._store.transaction() as c:
+            c.execute("INSERT INTO offline_messages (account, stanza, expires_at)"
+                      " VALUES (?, ?, ?)", (account, stanza, expires_at))
+
+    def offline_take(self, account: str, now: float) -> list[bytes]:
+        """The account's unexpired messages, oldest first; they leave the store (expired
+        ones of every account are purged on the way)."""
+        with self._store.transaction() as c:
+            c.execute("DELETE FROM offline_messages WHERE expires_at <= ?", (now,))
+            rows = c.execute("SELECT id, stanza FROM offline_messages WHERE account = ?"
+                             " ORDER BY id", (account,)).fetchall()
+            c.execute("DELETE FROM offline_messages WHERE account = ?", (account,))
+        return [bytes(row[1]) for row in rows]
+
+    def count(self, account: str) -> int:
+        row = self._store.conn.execute(
+            "SELECT count(*) FROM offline_messages WHERE account = ?", (account,)).fetchone()
+        return int(row[0])

@@ -103,14 +103,14 @@ class LiveSession:
 
     def from_server(self, el: Element) -> None:
         """A stanza from the legacy server (the upstream side's reading task)."""
-        self._write(self.core.from_upstream(el))
+        self.write(self.core.from_upstream(el))
         self._ask_for_ack()
 
     async def client_drain(self) -> None:
         if self.client is not None:
             await self.client.drain()
 
-    def _write(self, out: Outputs) -> None:
+    def write(self, out: Outputs) -> None:
         for el in out.to_upstream:
             self.to_upstream(el)
         for el in out.to_client:
@@ -241,7 +241,7 @@ class LiveSession:
                                                           "unexpected stream header"))
 
     def _from_client(self, el: Element) -> None:
-        self._write(self.core.from_client(el))
+        self.write(self.core.from_client(el))
         if (not self._offline_delivered and el.tag == st.PRESENCE and el.get("type") is None
                 and el.get("to") is None):
             # Like a server's offline storage: stored messages follow initial presence.

@@ -23,6 +23,7 @@ from lxml import etree
 from ..backoff import Backoff
 from ..config import Config
 from ..outbox import Outbox
+from ..session import OWN_ID_PREFIX
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
@@ -270,6 +271,8 @@ class UpstreamSide:
         """The session cannot be restored: whatever the client sent that the server never
         confirmed comes back to it as errors, then its stream ends saying why."""
         for el in self.outbox.drain():
+            if el.get("id", "").startswith(OWN_ID_PREFIX):
+                continue  # the proxy's own request: the client never sent it
             if st.kind(el) in ("message", "iq") and el.get("type") not in (
                     "error", "result"):
                 self.session.to_client(st.error_reply(

@@ -31,6 +31,8 @@ from .compiler import (
     Compiler,
     Direction,
     RuleOutcome,
+    child_namespaces,
+    truthy,
 )
 from .files import FILE_KEYS, RuleError, RuleFile, check_namespaces, read_rule_file
 
@@ -98,15 +100,26 @@ class RuleSet:
         except KeyError:
             raise ValueError(f"direction must be 'c2s' or 's2c', not {direction!r}") from None
         outcome = RuleOutcome(stanza)
+        children: set[str] | None = None  # namespaces of the stanza's children, when needed
         for rule in rules:
             if not rule.matches(stanza):
                 continue
+            if rule.xpath is not None:
+                if rule.guard is not None:
+                    if children is None:
+                        children = child_namespaces(stanza)
+                    if rule.guard.isdisjoint(children):
+                        continue
+                if not truthy(rule.xpath(stanza)):
+                    continue
             outcome.matched.append(rule.name)
             flow = GO
             for action in rule.actions:
                 flow = action(stanza, outcome, rule)
                 if flow:
                     break
+            if rule.actions:
+                children = None  # the actions may have changed the children
             if flow == END:
                 outcome.stanza = None
                 break

@@ -107,7 +107,7 @@ class _JidMatcher:
                     and self.full_glob.match(f"{bare}/{resource}"))
 
 
-def _truthy(result: Any) -> bool:
+def truthy(result: Any) -> bool:
     """XPath 1.0 boolean() of any result."""
     if isinstance(result, float):
         return result == result and result != 0  # NaN is false
@@ -133,9 +133,67 @@ def _xpath_value(result: Any) -> Any:
 _Action = Callable[[Element, RuleOutcome, "CompiledRule"], int]
 
 
+_NAME = r"[A-Za-z_][\w.-]*"
+# A location path (after _skeleton) whose first step is a prefixed child element.
+_GUARDED_PATH = re.compile(
+    rf"(?:child::)?({_NAME}):(?:{_NAME}|\*)(?:\[\])*"
+    rf"(?:/{{1,2}}(?:[a-z-]+::)?@?(?:(?:{_NAME}:)?(?:{_NAME}|\*)(?:\(\))?|\.\.?)(?:\[\])*)*")
+_OR = re.compile(r"(?<![\w.-])or(?![\w.-])")
+_AND = re.compile(r"\s+and\s+")
+
+
+def _skeleton(expr: str) -> str | None:
+    """``expr`` with string literals and the insides of [...] and (...) taken out."""
+    out, depth, quote = [], 0, ""
+    for ch in expr:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+            if depth == 0:
+                out.append("''")
+        elif ch in "[(":
+            depth += 1
+            if depth == 1:
+                out.append(ch)
+        elif ch in "])":
+            depth -= 1
+            if depth == 0:
+                out.append(ch)
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out) if depth == 0 and not quote else None
+
+
+def xpath_guard(expr: str, namespaces: dict[str, str]) -> frozenset[str] | None:
+    """Namespaces of which the stanza needs a child element for ``expr`` to be true, or None
+    when that cannot be told. Conservative: only for a location path (or a union of them, or
+    a conjunction with one) whose first step is a prefixed child element, e.g. ``cs:*``,
+    ``x:html | y:body``, ``j:jingle[@action='x']/j:content and not(z:y)``."""
+    skel = _skeleton(expr)
+    if skel is None or _OR.search(skel):
+        return None
+    for conjunct in _AND.split(skel.strip()):
+        uris: set[str] = set()
+        for alt in conjunct.split("|"):
+            m = _GUARDED_PATH.fullmatch(alt.strip())
+            uri = namespaces.get(m.group(1)) if m else None
+            if uri is None:
+                break
+            uris.add(uri)
+        else:
+            return frozenset(uris)
+    return None
+
+
+def child_namespaces(el: Element) -> set[str]:
+    return {t[1:t.find("}")] if t[0] == "{" else "" for t in
+            (c.tag for c in el) if isinstance(t, str)}
+
+
 class CompiledRule:
-    __slots__ = ("actions", "body", "directions", "from_", "kinds", "name", "to", "types",
-                 "xpath")
+    __slots__ = ("actions", "body", "directions", "from_", "guard", "kinds", "name", "to",
+                 "types", "xpath")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -146,9 +204,11 @@ class CompiledRule:
         self.to: _JidMatcher | None = None
         self.body: re.Pattern[str] | None = None
         self.xpath: etree.XPath | None = None
+        self.guard: frozenset[str] | None = None  # see xpath_guard
         self.actions: tuple[_Action, ...] = ()
 
     def matches(self, el: Element) -> bool:
+        """The cheap conditions (the caller checks kind, direction, guard and XPath)."""
         if self.types is not None and (el.get("type") or IMPLICIT_TYPE[el.tag]) not in self.types:
             return False
         if self.from_ is not None and not self.from_(el.get("from")):
@@ -157,9 +217,8 @@ class CompiledRule:
             return False
         if self.body is not None:
             search = self.body.search
-            if not any(b.text and search(b.text) for b in el.iterchildren(_BODY)):
-                return False
-        return self.xpath is None or _truthy(self.xpath(el))
+            return any(b.text and search(b.text) for b in el.iterchildren(_BODY))
+        return True
 
 
 class Compiler:
@@ -302,6 +361,7 @@ class Compiler:
             rule.body = self.regex(match["body"], "body")
         if "xpath" in match:
             rule.xpath = self.xpath(match["xpath"], "xpath")
+            rule.guard = xpath_guard(match["xpath"], self.namespaces)
 
     def _actions(self, specs: list[Any]) -> tuple[_Action, ...]:
         actions = []
