@@ -438,3 +438,64 @@ def test_slixmpp_resumes_and_gets_every_message_exactly_once(proxy, accounts) ->
             await clients.disconnect(b)
 
     run(scenario(), 60)
+
+
+def test_timeout_with_store_delivers_at_next_login_also_after_a_proxy_restart(
+        make_proxy, accounts, tmp_path: Path) -> None:
+    store = {"path": str(tmp_path / "front.sqlite3")}
+    proxy = make_proxy(store=store, stream_management={"on_timeout": "store"})
+    alice, bob = accounts("alice"), accounts("bob")
+
+    async def go_away() -> None:
+        a = await login(proxy, alice, "phone")
+        b = await login(proxy, bob, "pc")
+        try:
+            await enable(a, "resume='true' max='1'")
+            a.abort()
+            await asyncio.sleep(0.3)
+            for n in range(3):
+                b.send(f"<message to='{alice[0]}/phone' type='chat' id='s{n}'>"
+                       f"<body>stored {n}</body></message>")
+            await asyncio.sleep(2.5)  # the session times out with those unacknowledged
+        finally:
+            b.abort()
+
+    run(go_away(), 30)
+    assert proxy.events("undelivered")[-1]["stored"] == 3
+    proxy.stop()
+    restarted = make_proxy(store=store)  # a new proxy process on the same store
+
+    async def come_back() -> list[etree._Element]:
+        a = await login(restarted, alice, "laptop")
+        try:
+            a.send("<presence/>")  # stored messages follow initial presence
+            return await messages(a, 3)
+        finally:
+            a.abort()
+
+    got = run(come_back(), 30)
+    assert [m.findtext("{jabber:client}body") for m in got] == [f"stored {n}" for n in range(3)]
+    assert all(m.find("{urn:xmpp:delay}delay") is not None for m in got)
+
+
+def test_timeout_with_bounce_returns_errors_to_the_sender(make_proxy, accounts) -> None:
+    proxy = make_proxy(stream_management={"on_timeout": "bounce"})
+    alice, bob = accounts("alice"), accounts("bob")
+
+    async def scenario() -> None:
+        a = await login(proxy, alice, "phone")
+        b = await clients.connect_client(bob[0] + "/pc", bob[1], proxy.host, proxy.port,
+                                         direct_tls=False)
+        errors = clients.Inbox(b, "message_error")
+        try:
+            await enable(a, "resume='true' max='1'")
+            a.abort()
+            await asyncio.sleep(0.3)
+            b.send_message(mto=alice[0] + "/phone", mbody="will bounce", mtype="chat")
+            bounced = await errors.get(10)
+            assert bounced["error"]["condition"] == "recipient-unavailable"
+            assert str(bounced["from"]) == alice[0] + "/phone"
+        finally:
+            await clients.disconnect(b)
+
+    run(scenario(), 30)
