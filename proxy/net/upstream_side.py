@@ -264,6 +264,7 @@ class UpstreamSide:
             link.stream.send(el)
         self._update_room()
         self.log.info("upstream_restored", outage_seconds=round(outage, 3),
+                      restore_stanzas=len(restore.to_upstream),
                       replayed=max(0, len(replay) - 1), attempts=self.backoff.attempts,
                       tls_resumed=tls_session_reused(link.stream))
 

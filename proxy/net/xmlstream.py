@@ -58,6 +58,8 @@ class XmlStream:
         while not self._events:
             try:
                 data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+            except TimeoutError:
+                raise  # an OSError subclass, but not a lost connection
             except (OSError, ssl.SSLError) as exc:
                 raise ConnectionLost(type(exc).__name__) from exc
             if not data:

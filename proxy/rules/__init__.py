@@ -31,8 +31,7 @@ from .compiler import (
     Compiler,
     Direction,
     RuleOutcome,
-    child_namespaces,
-    truthy,
+    StanzaFacts,
 )
 from .files import FILE_KEYS, RuleError, RuleFile, check_namespaces, read_rule_file
 
@@ -53,6 +52,9 @@ __all__ = [
 ]
 
 
+_NONE: tuple[tuple[CompiledRule, ...], bool] = ((), False)
+
+
 class RuleSet:
     """Compiled rules, in order. Immutable: reload by loading a new set and swapping."""
 
@@ -60,11 +62,15 @@ class RuleSet:
         self._rules = tuple(rules)
         self.names: list[str] = [r.name for r in self._rules]
         self.sources: list[str] = list(sources)
-        # direction -> stanza tag -> the rules that can apply, in order.
-        self._index: dict[str, dict[Any, tuple[CompiledRule, ...]]] = {
-            d: {tag: tuple(r for r in self._rules if d in r.directions and tag in r.kinds)
-                for tag in KINDS.values()}
-            for d in DIRECTIONS}
+        # direction -> stanza tag -> (the rules that can apply, in order; whether to compute
+        # the children's namespaces for XPath guards: worth it from two guarded rules on).
+        self._index: dict[str, dict[Any, tuple[tuple[CompiledRule, ...], bool]]] = {}
+        for d in DIRECTIONS:
+            self._index[d] = {}
+            for tag in KINDS.values():
+                rules_here = tuple(r for r in self._rules if d in r.directions and tag in r.kinds)
+                guarded = sum(r.guard is not None for r in rules_here)
+                self._index[d][tag] = (rules_here, guarded >= 2)
 
     @classmethod
     def load(cls, paths: Sequence[str | Path]) -> RuleSet:
@@ -96,22 +102,16 @@ class RuleSet:
         """Run the rules on one stanza (changed in place). Anything that is not a message,
         presence or iq in ``jabber:client`` (nonzas) passes untouched."""
         try:
-            rules = self._index[direction].get(stanza.tag, ())
+            rules, guards = self._index[direction].get(stanza.tag, _NONE)
         except KeyError:
             raise ValueError(f"direction must be 'c2s' or 's2c', not {direction!r}") from None
         outcome = RuleOutcome(stanza)
-        children: set[str] | None = None  # namespaces of the stanza's children, when needed
+        if not rules:
+            return outcome
+        facts = StanzaFacts(stanza, guards)
         for rule in rules:
-            if not rule.matches(stanza):
+            if not rule.matches(facts):
                 continue
-            if rule.xpath is not None:
-                if rule.guard is not None:
-                    if children is None:
-                        children = child_namespaces(stanza)
-                    if rule.guard.isdisjoint(children):
-                        continue
-                if not truthy(rule.xpath(stanza)):
-                    continue
             outcome.matched.append(rule.name)
             flow = GO
             for action in rule.actions:
@@ -119,7 +119,7 @@ class RuleSet:
                 if flow:
                     break
             if rule.actions:
-                children = None  # the actions may have changed the children
+                facts.reset()  # the actions may have changed what the next rules look at
             if flow == END:
                 outcome.stanza = None
                 break

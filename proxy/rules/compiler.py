@@ -92,19 +92,19 @@ class _JidMatcher:
         self.bare_glob = re.compile("|".join(bare_globs), re.I) if bare_globs else None
         self.full_glob = re.compile("|".join(full_globs), re.I) if full_globs else None
 
-    def __call__(self, value: str | None) -> bool:
-        if not value:
+    def matches(self, parts: tuple[str, str, str | None] | None) -> bool:
+        """``parts``: see :meth:`StanzaFacts.jid`."""
+        if parts is None:
             return False
-        bare, slash, resource = value.partition("/")
-        bare = bare.lower()
-        if bare in self.bare or (self.domains and bare.rpartition("@")[2] in self.domains):
+        bare, domain, full = parts
+        if bare in self.bare or domain in self.domains:
             return True
         if self.bare_glob is not None and self.bare_glob.match(bare):
             return True
-        if slash and self.full and f"{bare}/{resource}" in self.full:
-            return True
-        return bool(slash and self.full_glob is not None
-                    and self.full_glob.match(f"{bare}/{resource}"))
+        if full is None:
+            return False
+        return full in self.full or bool(self.full_glob is not None
+                                         and self.full_glob.match(full))
 
 
 def truthy(result: Any) -> bool:
@@ -186,9 +186,57 @@ def xpath_guard(expr: str, namespaces: dict[str, str]) -> frozenset[str] | None:
     return None
 
 
-def child_namespaces(el: Element) -> set[str]:
-    return {t[1:t.find("}")] if t[0] == "{" else "" for t in
-            (c.tag for c in el) if isinstance(t, str)}
+class StanzaFacts:
+    """What rules ask of one stanza, computed when first asked and kept until an action may
+    have changed the stanza (:meth:`reset`), so that fifty rules read it once."""
+
+    __slots__ = ("_bodies", "_children", "_jids", "_type", "el", "guards")
+
+    def __init__(self, el: Element, guards: bool) -> None:
+        self.el = el
+        self.guards = guards  # worth computing the children's namespaces for XPath guards
+        self.reset()
+
+    def reset(self) -> None:
+        self._type: str | None = None
+        self._jids: dict[str, tuple[str, str, str | None] | None] = {}
+        self._bodies: list[str] | None = None
+        self._children: set[str] | None = None
+
+    def type(self) -> str:
+        if self._type is None:
+            self._type = self.el.get("type") or IMPLICIT_TYPE[self.el.tag]
+        return self._type
+
+    def jid(self, attr: str) -> tuple[str, str, str | None] | None:
+        """(bare JID lowercased, its domain, the full JID or None), None when absent."""
+        try:
+            return self._jids[attr]
+        except KeyError:
+            pass
+        value = self.el.get(attr)
+        parts = None
+        if value:
+            bare, slash, resource = value.partition("/")
+            bare = bare.lower()
+            parts = (bare, bare.rpartition("@")[2], f"{bare}/{resource}" if slash else None)
+        self._jids[attr] = parts
+        return parts
+
+    def bodies(self) -> list[str]:
+        if self._bodies is None:
+            self._bodies = [b.text for b in self.el.iterchildren(_BODY) if b.text]
+        return self._bodies
+
+    def children(self) -> set[str] | None:
+        """The namespaces of the stanza's child elements (None: guards are not used)."""
+        if self._children is None and self.guards:
+            found = self._children = set()
+            for c in self.el:
+                tag = c.tag
+                if isinstance(tag, str) and tag[0] == "{":
+                    found.add(tag[1:tag.index("}")])
+        return self._children
 
 
 class CompiledRule:
@@ -207,18 +255,26 @@ class CompiledRule:
         self.guard: frozenset[str] | None = None  # see xpath_guard
         self.actions: tuple[_Action, ...] = ()
 
-    def matches(self, el: Element) -> bool:
-        """The cheap conditions (the caller checks kind, direction, guard and XPath)."""
-        if self.types is not None and (el.get("type") or IMPLICIT_TYPE[el.tag]) not in self.types:
+    def matches(self, facts: StanzaFacts) -> bool:
+        """All conditions but direction and kind (the rule set's index takes care of those),
+        cheapest first."""
+        if self.types is not None and facts.type() not in self.types:
             return False
-        if self.from_ is not None and not self.from_(el.get("from")):
+        if self.from_ is not None and not self.from_.matches(facts.jid("from")):
             return False
-        if self.to is not None and not self.to(el.get("to")):
+        if self.to is not None and not self.to.matches(facts.jid("to")):
             return False
         if self.body is not None:
             search = self.body.search
-            return any(b.text and search(b.text) for b in el.iterchildren(_BODY))
-        return True
+            if not any(search(text) for text in facts.bodies()):
+                return False
+        if self.xpath is None:
+            return True
+        if self.guard is not None:
+            children = facts.children()
+            if children is not None and self.guard.isdisjoint(children):
+                return False
+        return truthy(self.xpath(facts.el))
 
 
 class Compiler:
