@@ -5,9 +5,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.integration.proxyproc import ProxyProcess
 from tests.peers.certs import make_cert
 from tests.peers.prosody import LegacyProsody
 
@@ -54,3 +56,29 @@ def accounts(prosody: LegacyProsody) -> MakeAccount:
         return prosody.register(user, password), password
 
     return make_account
+
+
+MakeProxy = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path, prosody: LegacyProsody,
+               certs: tuple[Path, Path]) -> Iterator[MakeProxy]:
+    """make_proxy(**config_overrides) -> a started xmpp-front in front of `prosody`;
+    every proxy made is stopped at the end of the test."""
+    started: list[ProxyProcess] = []
+
+    def make(**overrides: Any) -> ProxyProcess:
+        proxy = ProxyProcess(tmp_path / f"proxy{len(started)}", prosody, *certs, **overrides)
+        started.append(proxy)
+        return proxy.start()
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(make_proxy: MakeProxy) -> ProxyProcess:
+    """xmpp-front with the default configuration in front of the shared `prosody`."""
+    return make_proxy()

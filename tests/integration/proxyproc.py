@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -104,6 +105,19 @@ class ProxyProcess:
             if name is None or event.get("event") == name:
                 out.append(event)
         return out
+
+    def wait_event(self, name: str, predicate: Callable[[dict[str, Any]], bool] = lambda e: True,
+                   timeout: float = 10.0) -> dict[str, Any]:
+        """The first logged event called ``name`` that satisfies ``predicate``, waiting for
+        it to be written (the proxy logs some only after closing gracefully)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(name) if predicate(e)]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {name!r} event in the proxy log within {timeout}s")
+            time.sleep(0.05)
 
     def __enter__(self) -> ProxyProcess:
         return self.start()

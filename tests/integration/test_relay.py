@@ -23,12 +23,6 @@ pytestmark = pytest.mark.integration
 NS_STREAM = "http://etherx.jabber.org/streams"
 
 
-@pytest.fixture
-def proxy(tmp_path: Path, prosody: LegacyProsody, certs) -> ProxyProcess:
-    with ProxyProcess(tmp_path / "proxy", prosody, *certs) as running:
-        yield running
-
-
 def user(jid: str) -> str:
     return jid.split("@")[0]
 
@@ -254,8 +248,8 @@ def test_clean_close_passes_both_ways(proxy, accounts) -> None:
             await clients.disconnect(bob)
 
     run(scenario(), 40)
-    closed = [e for e in proxy.events("closed") if e.get("jid") == alice_jid + "/closer"]
-    assert closed and closed[0]["reason"] == "client closed the stream"
+    closed = proxy.wait_event("closed", lambda e: e.get("jid") == alice_jid + "/closer")
+    assert closed["reason"] == "client closed the stream"
 
 
 def test_a_server_gone_for_good_ends_the_clients_stream_saying_so(tmp_path: Path,

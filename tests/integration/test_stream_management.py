@@ -6,7 +6,6 @@ Raw-wire tests drive the cases no client library sends; the slixmpp test is the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from lxml import etree
 
 from tests.integration.proxyproc import ProxyProcess
 from tests.peers import clients
-from tests.peers.prosody import LegacyProsody
 from tests.peers.rawclient import RawClient, raw_login, stream_error_condition
 from tests.peers.util import run
 
@@ -29,28 +27,6 @@ MESSAGE = "{jabber:client}message"
 
 def q(local: str) -> str:
     return f"{{{SM}}}{local}"
-
-
-MakeProxy = Callable[..., ProxyProcess]
-
-
-@pytest.fixture
-def make_proxy(tmp_path: Path, prosody: LegacyProsody, certs) -> Iterator[MakeProxy]:
-    started: list[ProxyProcess] = []
-
-    def make(**overrides: Any) -> ProxyProcess:
-        proxy = ProxyProcess(tmp_path / f"proxy{len(started)}", prosody, *certs, **overrides)
-        started.append(proxy)
-        return proxy.start()
-
-    yield make
-    for proxy in started:
-        proxy.stop()
-
-
-@pytest.fixture
-def proxy(make_proxy: MakeProxy) -> ProxyProcess:
-    return make_proxy()
 
 
 def user(jid: str) -> str:
