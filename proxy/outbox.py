@@ -13,13 +13,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lxml import etree
 
 from .session import OWN_ID_PREFIX
 from .xmpp import ns
 from .xmpp import stanza as st
+from .xmpp.stanza import Element
 
-Element = etree._Element
 
 
 @dataclass

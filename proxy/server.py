@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import signal
 import ssl
@@ -20,7 +21,7 @@ from .net.hub import Hub
 from .net.live import LiveSession
 from .net.upstream import client_tls_context
 from .net.xmlstream import ConnectionLost, XmlStream
-from .session import SessionCore
+from .session import FeatureFactory, SessionCore
 from .store import Store
 from .xmpp import codec
 
@@ -48,8 +49,8 @@ class Proxy:
                                     notify=self._roster_catch_up)
         # Client edge first, server edge last: the roster cache sees the server's stanzas
         # before anything else and the client's after every rewrite.
-        factories = [LegacySessionFactory(), PresenceMemoryFactory(), DedupeFactory(),
-                     self.roster]
+        factories: list[FeatureFactory] = [LegacySessionFactory(), PresenceMemoryFactory(),
+                                           DedupeFactory(), self.roster]
         self.hub = Hub(config, factories, store=self.store.offline,
                        upstream_tls=self.upstream_tls, log=self.log)
 
@@ -72,7 +73,7 @@ class Proxy:
                                     self.config.limits.negotiation_timeout}
                                    if listener.direct_tls else {})
             server = await asyncio.start_server(
-                lambda r, w, li=listener: self._accept(r, w, li),
+                functools.partial(self._accept, listener=listener),
                 listener.host, listener.port, **tls)
             self.servers.append(server)
             self.log.info("listening", host=listener.host,

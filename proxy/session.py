@@ -17,11 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lxml import etree
 
 from .xmpp.jid import Jid
+from .xmpp.stanza import Element
 
-Element = etree._Element
 
 # Stanzas the proxy sends itself carry ids with this prefix; their replies are its own.
 OWN_ID_PREFIX = "xf-"

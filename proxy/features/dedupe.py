@@ -9,12 +9,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from lxml import etree
 
 from ..session import Feature, Outputs, SessionCore
 from ..xmpp import stanza as st
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 _ORIGIN_ID = "{urn:xmpp:sid:0}origin-id"
 

@@ -3,13 +3,12 @@ opened the upstream session during bind when the server wanted one, so it answer
 
 from __future__ import annotations
 
-from lxml import etree
 
 from ..session import Feature, Outputs, SessionCore
 from ..xmpp import ns
 from ..xmpp import stanza as st
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 _SESSION = ns.qname(ns.SESSION, "session")
 
 

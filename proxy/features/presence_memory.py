@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 
-from lxml import etree
 
 from ..session import Feature, Outputs, SessionCore
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 _MUC_X = ns.qname(ns.MUC, "x")
 

@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from lxml import etree
 
 from ..xmpp import ns
 from ..xmpp import stanza as st
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 MOD = 2 ** 32
 _DELAY = ns.qname(ns.DELAY, "delay")

@@ -29,8 +29,8 @@ from .upstream import (
     connect_upstream,
 )
 from .xmlstream import XmlStream, features_element
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 MAX_AUTH_ATTEMPTS = 3  # SASL failures before the stream is closed (RFC 6120 §6.4.5 "retries")
 

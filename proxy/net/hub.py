@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from lxml import etree
 
 from ..config import Config
 from ..features.stream_management import HandledCountTooHigh, failed, parse_h
@@ -27,8 +26,8 @@ from ..xmpp.jid import InvalidJid, Jid
 from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, violation
 from .live import LiveSession, OfflineStore
 from .upstream import UpstreamBindFailed, UpstreamUnavailable
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 _BIND = ns.qname(ns.BIND, "bind")
 _SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")

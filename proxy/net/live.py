@@ -26,11 +26,11 @@ from ..xmpp import stanza as st
 from .upstream import UpstreamLink
 from .upstream_side import UpstreamSide
 from .xmlstream import ConnectionLost, XmlStream
+from ..xmpp.stanza import Element
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-Element = etree._Element
 
 _STREAM_ERROR = ns.qname(ns.STREAM, "error")
 _SM_R, _SM_A = ns.qname(ns.SM, "r"), ns.qname(ns.SM, "a")

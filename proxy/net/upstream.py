@@ -19,8 +19,8 @@ from ..config import UpstreamConfig
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
 from .xmlstream import ConnectionLost, UnexpectedEvent, XmlStream
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 # SASL failures from the server that mean "these credentials will not do"; the client is told
 # the same condition. Anything else is the proxy's or the server's trouble.

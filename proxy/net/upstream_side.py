@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from lxml import etree
 
 from ..backoff import Backoff
 from ..config import Config
@@ -29,11 +28,11 @@ from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
                        UpstreamUnavailable, connect_upstream, tls_session, tls_session_reused)
 from .xmlstream import ConnectionLost
+from ..xmpp.stanza import Element
 
 if TYPE_CHECKING:
     from .live import LiveSession
 
-Element = etree._Element
 
 _STREAM_ERROR = ns.qname(ns.STREAM, "error")
 _PING = ns.qname(ns.PING, "ping")

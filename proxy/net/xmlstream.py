@@ -14,8 +14,8 @@ from collections import deque
 from lxml import etree
 
 from ..xmpp import codec, ns
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 READ_CHUNK = 65536
 

@@ -266,7 +266,10 @@ class CompiledRule:
             return False
         if self.body is not None:
             search = self.body.search
-            if not any(search(text) for text in facts.bodies()):
+            for text in facts.bodies():
+                if search(text):
+                    break
+            else:
                 return False
         if self.xpath is None:
             return True

@@ -20,8 +20,8 @@ from xml.sax.saxutils import quoteattr
 from lxml import etree
 
 from . import ns
+from .stanza import Element
 
-Element = etree._Element
 
 DEFAULT_MAX_STANZA_BYTES = 256 * 1024
 # Input is fed to lxml in slices, so the stanza size limit is enforced within this margin.

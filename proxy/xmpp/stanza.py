@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 from lxml import etree
 
 from . import ns
 
-Element = etree._Element
+Element: TypeAlias = etree._Element
 
 MESSAGE = ns.qname(ns.CLIENT, "message")
 PRESENCE = ns.qname(ns.CLIENT, "presence")
