@@ -19,6 +19,14 @@ def _load(path: str):  # type: ignore[no-untyped-def]
         print(f"xmpp-front: invalid configuration: {exc}", file=sys.stderr)
         return None
     problems = check_files(config)
+    if config.rules:
+        from .rules_cli import check_rule_files
+
+        missing = [p for p in config.rules if not config.path(p).is_file()]
+        problems += [f"rules: no such file: {config.path(p)}" for p in missing]
+        if not missing:
+            problems += [f"rules: {p}" for p in check_rule_files(
+                [config.path(p) for p in config.rules])]
     for problem in problems:
         print(f"xmpp-front: invalid configuration: {problem}", file=sys.stderr)
     return None if problems else config
@@ -32,7 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
     check = commands.add_parser("check", help="validate a configuration and exit")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    rules = commands.add_parser("rules", help="rule files")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    rules_test = rules_commands.add_parser(
+        "test", help="run the test vectors of rule files (default: the shipped packs)")
+    rules_test.add_argument("paths", nargs="*", help="rule files")
     args = parser.parse_args(argv)
+
+    if args.command == "rules":
+        from .rules_cli import rules_test_main
+
+        return rules_test_main(args.paths)
 
     config = _load(args.config)
     if config is None:

@@ -67,6 +67,10 @@ class Limits:
 class LogConfig:
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    stanzas: bool = False  # one "stanza" event per stanza (metadata only)
+    redact: list[str] = field(default_factory=lambda: ["body"])  # masked in transcripts
+    capture_dir: str | None = None  # per-session XML transcripts go here
+    capture_max_bytes: int = 1048576  # per transcript file
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class Config:
     stream_management: StreamManagementConfig = field(default_factory=StreamManagementConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     roster: RosterConfig = field(default_factory=RosterConfig)
+    rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -137,6 +142,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("stream_management", "stored_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("stream_management", "debug_counter_start"): (lambda v: 0 <= v < 2 ** 32,
                                                    "between 0 and 2^32-1"),
+    ("log", "capture_max_bytes"): (lambda v: v >= 1024, "at least 1024 bytes"),
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
 }

@@ -15,6 +15,8 @@ from .features.dedupe import DedupeFactory
 from .features.legacy_session import LegacySessionFactory
 from .features.presence_memory import PresenceMemoryFactory
 from .features.roster import RosterFactory
+from .features.rules import RulesFactory
+from .inspection import Inspector
 from .logsetup import get_logger
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
@@ -47,12 +49,18 @@ class Proxy:
         self.store = Store(str(config.path(config.store.path)))
         self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes,
                                     notify=self._roster_catch_up)
-        # Client edge first, server edge last: the roster cache sees the server's stanzas
-        # before anything else and the client's after every rewrite.
-        factories: list[FeatureFactory] = [LegacySessionFactory(), PresenceMemoryFactory(),
-                                           DedupeFactory(), self.roster]
+        # Client edge first, server edge last: rules see what the client sent and what it
+        # will get; the roster cache sees the server's stanzas before anything else and the
+        # client's after every rewrite.
+        self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
+        factories: list[FeatureFactory] = [self.rules, LegacySessionFactory(),
+                                           PresenceMemoryFactory(), DedupeFactory(),
+                                           self.roster]
+        capture = config.log.capture_dir
+        inspector = Inspector.from_config(config.log, config.path(capture) if capture else None,
+                                          self.log)
         self.hub = Hub(config, factories, store=self.store.offline,
-                       upstream_tls=self.upstream_tls, log=self.log)
+                       upstream_tls=self.upstream_tls, inspector=inspector, log=self.log)
 
     def _roster_catch_up(self, core: SessionCore) -> None:
         """Another session changed the shared roster cache: this session's client is owed
@@ -91,7 +99,8 @@ class Proxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      listener: Listener) -> None:
         stream = XmlStream(reader, writer, max_stanza_bytes=self.config.limits.max_stanza_bytes)
-        log = self.log.bind(conn=secrets.token_hex(4), peer=stream.peer)
+        conn_id = secrets.token_hex(4)
+        log = self.log.bind(conn=conn_id, peer=stream.peer)
         log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
                  **stream.tls_info)
         self.clients.add(stream)
@@ -122,7 +131,8 @@ class Proxy:
                                          or session.upstream.link is not auth.upstream):
                     await auth.upstream.stream.close()
             log = log.bind(jid=session.jid)
-            reason = await session.serve_client(stream, first, resumed=resumed)
+            reason = await session.serve_client(stream, first, resumed=resumed,
+                                                conn_id=conn_id)
             log.info("closed", reason=reason, phase="session")
         except asyncio.CancelledError:
             stream.abort()
@@ -159,8 +169,18 @@ class Proxy:
         self.log.info("stopped")
 
 
+RULES_POLL_SECONDS = 2.0  # how often rule files are checked for changes
+
+
+async def _watch_rules(rules: RulesFactory) -> None:
+    while True:
+        await asyncio.sleep(RULES_POLL_SECONDS)
+        if rules.changed_on_disk():
+            rules.reload("a rule file changed")
+
+
 async def serve(config: Config, ready: Any = None) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the rules."""
     proxy = Proxy(config)
     await proxy.start()
     stop = asyncio.Event()
@@ -168,7 +188,12 @@ async def serve(config: Config, ready: Any = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, proxy.rules.reload, "SIGHUP")
+    watcher = asyncio.create_task(_watch_rules(proxy.rules)) if config.rules else None
     if ready is not None:
         ready(proxy)
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     await proxy.stop()

@@ -15,7 +15,7 @@ import itertools
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 from .xmpp.jid import Jid
@@ -84,6 +84,10 @@ class SessionCore:
         self._jid_text = str(jid)
         self._ids = itertools.count(1)
         self.features: list[Feature] = [factory.create(self) for factory in factories]
+        # Per stanza, for the inspection log: the rules that matched and the events they
+        # asked for (set by the rules feature, read and reset by the shell).
+        self.matched: Sequence[str] = ()
+        self.rule_events: Sequence[dict[str, Any]] = ()
 
     def new_id(self, purpose: str) -> str:
         """An id for a stanza the proxy itself sends (unique within the session)."""

@@ -18,6 +18,7 @@ from typing import Any
 
 
 from ..config import Config
+from ..inspection import Inspector
 from ..features.stream_management import HandledCountTooHigh, failed, parse_h
 from ..session import FeatureFactory, SessionCore
 from ..xmpp import codec, ns
@@ -37,8 +38,9 @@ MAX_TOMBSTONES = 10000  # ended SM ids remembered, so a late <resume/> learns th
 class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
                  store: OfflineStore | None, upstream_tls: ssl.SSLContext | None,
-                 log: Any) -> None:
+                 log: Any, inspector: Inspector | None = None) -> None:
         self.config = config
+        self.inspector = inspector
         self.upstream_tls = upstream_tls
         self.factories = list(factories)
         self.store = store
@@ -167,7 +169,7 @@ class Hub:
         core = SessionCore(jid, self.factories)
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
-                              tls_context=self.upstream_tls)
+                              tls_context=self.upstream_tls, inspector=self.inspector)
         previous = self.by_jid.get(str(jid))
         if previous is not None:  # the server resolved a resource conflict in our favour
             asyncio.get_running_loop().create_task(previous.end("resource bound again"))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from lxml import etree
 
 from ..config import Config
+from ..inspection import Inspector
 from ..features.stream_management import (HandledCountTooHigh, StreamManagement, Unacked,
                                            delay_stamp, failed, parse_h, sm_element)
 from ..session import Outputs, SessionCore
@@ -62,7 +63,7 @@ class ClientLeft(Exception):
 class LiveSession:
     def __init__(self, hub: Hub, core: SessionCore, link: UpstreamLink, config: Config,
                  store: OfflineStore | None, log: Any, *, password: str,
-                 tls_context: ssl.SSLContext | None,
+                 tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hub = hub
         self.core = core
@@ -77,6 +78,10 @@ class LiveSession:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_timed_out = False
         self._offline_delivered = False
+        self.conn_id: str | None = None  # the client connection's id in the log
+        self.inspector = inspector
+        self.transcript = (inspector.transcript(str(core.account), core.id)
+                           if inspector is not None else None)
         self.upstream = UpstreamSide(self, link, config=config, tls_context=tls_context,
                                      username=core.jid.local, password=password, log=self.log)
 
@@ -103,8 +108,25 @@ class LiveSession:
 
     def from_server(self, el: Element) -> None:
         """A stanza from the legacy server (the upstream side's reading task)."""
-        self.write(self.core.from_upstream(el))
+        started = time.perf_counter()
+        out = self.core.from_upstream(el)
+        self.write(out)
         self._ask_for_ack()
+        self._after_pipeline("s2c", el, started, any(x is el for x in out.to_client))
+
+    def _after_pipeline(self, direction: str, el: Element, started: float,
+                        forwarded: bool) -> None:
+        """What the rules asked to log, and the inspection log and transcript."""
+        core = self.core
+        for event in core.rule_events:
+            self.log.info(event.get("event", "rule"),
+                          **{k: v for k, v in event.items() if k != "event"})
+        if self.inspector is not None:
+            self.inspector.stanza(direction, el, started=started, conn=self.conn_id,
+                                  session=core.id, account=str(core.account),
+                                  forwarded=forwarded, matched=core.matched,
+                                  transcript=self.transcript)
+        core.matched, core.rule_events = (), ()
 
     async def client_drain(self) -> None:
         if self.client is not None:
@@ -133,7 +155,7 @@ class LiveSession:
     # The client connection ----------------------------------------------------------------------
 
     async def serve_client(self, stream: XmlStream, first: list[Element] | None = None, *,
-                           resumed: bool = False) -> str:
+                           resumed: bool = False, conn_id: str | None = None) -> str:
         """Attach ``stream`` and relay for it until it leaves; returns why it left.
 
         ``first`` are elements to write before anything else (bind result, takeover queue,
@@ -146,6 +168,7 @@ class LiveSession:
             self._hibernation = None
         self.state = "active"
         self.client = stream
+        self.conn_id = conn_id
         self._ack_timed_out = False
         for el in first or ():
             stream.send(el)
@@ -241,7 +264,10 @@ class LiveSession:
                                                           "unexpected stream header"))
 
     def _from_client(self, el: Element) -> None:
-        self.write(self.core.from_client(el))
+        started = time.perf_counter()
+        out = self.core.from_client(el)
+        self.write(out)
+        self._after_pipeline("c2s", el, started, any(x is el for x in out.to_upstream))
         if (not self._offline_delivered and el.tag == st.PRESENCE and el.get("type") is None
                 and el.get("to") is None):
             # Like a server's offline storage: stored messages follow initial presence.
