@@ -51,12 +51,13 @@ class Transcript:
         self.written = 0
         self.full = False
 
-    def write(self, direction: str, data: bytes) -> None:
+    def write(self, direction: str, data: bytes, forwarded: bool = True) -> None:
         if self.full:
             return
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         arrow = "client → server" if direction == "c2s" else "server → client"
-        entry = f"<!-- {stamp} {direction} ({arrow}) -->\n".encode() + data + b"\n"
+        fate = "" if forwarded else ", kept by the proxy"
+        entry = f"<!-- {stamp} {direction} ({arrow}{fate}) -->\n".encode() + data + b"\n"
         if self.written + len(entry) > self.max_bytes:
             entry = f"<!-- {stamp} transcript truncated at {self.max_bytes} bytes -->\n".encode()
             self.full = True
@@ -99,8 +100,8 @@ class Inspector:
             self.log.info(
                 "stanza", direction=direction, conn=conn, session=session, account=account,
                 kind=st.kind(el), type=el.get("type"), id=el.get("id"), size=len(data),
-                rules=list(matched), dropped=not forwarded,
+                rules=list(matched), forwarded=forwarded,
                 proxy_ms=round((time.perf_counter() - started) * 1000, 3))
         if transcript is not None:
             shown = codec.serialize(redact(el, self.redact)) if self.redact else data
-            transcript.write(direction, shown)
+            transcript.write(direction, shown, forwarded)
