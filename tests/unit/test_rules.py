@@ -11,6 +11,7 @@ import pytest
 from lxml import etree
 
 from proxy.rules import RuleError, RuleOutcome, RuleSet
+from proxy.rules.compiler import xpath_guard
 from proxy.rules_cli import canonical_lines, parse_stanza
 from proxy.xmpp import ns
 
@@ -626,3 +627,78 @@ def test_from_rules_names_its_source() -> None:
         RuleSet.from_rules([{"name": "x", "match": {"body": "("}}], "config")
     with pytest.raises(RuleError, match="the rules must be a list"):
         RuleSet.from_rules({"name": "x"}, "config")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- cheap paths stay correct
+
+X = "urn:example:x"
+GUARD_NS = {"cs": CS, "x": X, "client": ns.CLIENT}
+
+
+@pytest.mark.parametrize("expr, guard", [
+    ("cs:*", {CS}),
+    ("child::cs:active", {CS}),
+    ("cs:active | x:y", {CS, X}),
+    ("cs:* and not(client:body)", {CS}),
+    ("not(client:body) and cs:*", {CS}),
+    ("cs:a[@k = 'a or b' and . = \"]\"]/cs:b", {CS}),
+    ("x:a/x:b[2]/text()", {X}),
+    ("x:a//x:b/@c", {X}),
+    ("x:a/..", {X}),
+    ("cs:* or client:body", None),
+    ("cs:a[1]or(true())", None),
+    ("cs:a and x:b or client:c", None),
+    ("count(cs:*) > 0", None),
+    ("boolean(cs:x)", None),
+    ("(cs:a | cs:b)", None),
+    ("//cs:*", None),
+    ("./cs:*", None),
+    ("descendant::cs:*", None),
+    ("@x:attr", None),
+    ("cs:x = 'y'", None),
+    ("cs:x | //x:y", None),
+    ("*", None),
+    ("body", None),
+])
+def test_xpath_guards_are_conservative(expr: str, guard: set[str] | None) -> None:
+    assert xpath_guard(expr, GUARD_NS) == (None if guard is None else frozenset(guard))
+
+
+GUARD_EXPRS = ["cs:*", "cs:active | x:y", "cs:* and not(client:body)", "x:y/x:z",
+               "cs:* or client:body", "client:body[contains(., 'Bob')] and cs:active",
+               "x:y[@a='1'] | cs:paused", "not(cs:*)", "count(*) > 1"]
+GUARD_STANZAS = [CHAT, "<message><body>x</body></message>", "<message/>",
+                 "<message><y xmlns='urn:example:x'><z/></y></message>",
+                 "<message><y xmlns='urn:example:x' a='1'/><b:paused xmlns:b='" + CS + "'/>"
+                 "</message>", "<presence><y xmlns='urn:example:x'/></presence>"]
+
+
+@pytest.mark.parametrize("expr", GUARD_EXPRS)
+def test_guarded_xpath_rules_match_exactly_like_plain_xpath(expr: str) -> None:
+    # Two other guarded rules switch the children's-namespace pre-check on.
+    rs = ruleset({"name": "probe", "match": {"xpath": expr}},
+                 {"name": "g1", "match": {"xpath": "x:never"}},
+                 {"name": "g2", "match": {"xpath": "cs:never"}}, namespaces=GUARD_NS)
+    plain = etree.XPath(expr, namespaces=GUARD_NS)
+    for xml in GUARD_STANZAS:
+        el = parse_stanza(xml)
+        result = plain(el)
+        expected = bool(result) if not isinstance(result, float) else result != 0
+        assert ("probe" in run(rs, xml).matched) is expected, (expr, xml)
+
+
+def test_later_rules_see_changed_type_body_and_children() -> None:
+    rs = ruleset(
+        {"name": "retype", "match": {"type": "chat"},
+         "actions": [{"set_attr": {"name": "type", "value": "normal"}}]},
+        {"name": "now-normal", "match": {"type": "normal", "body": "Bob"},
+         "actions": [{"replace": {"pattern": "Bob", "with": "Carol"}}]},
+        {"name": "now-carol", "match": {"body": "Carol"}, "actions": [{"remove": "cs:*"}]},
+        {"name": "no-chatstate-left", "match": {"xpath": "cs:*"}},
+        {"name": "x-child", "match": {"xpath": "x:*"}},
+        {"name": "add-x", "actions": [{"add": "<x:y/>"}]},
+        {"name": "x-child-now", "match": {"xpath": "x:*"}},
+        {"name": "still-chat", "match": {"type": "chat"}},
+        namespaces=GUARD_NS)
+    out = run(rs, CHAT)
+    assert out.matched == ["retype", "now-normal", "now-carol", "add-x", "x-child-now"]
