@@ -11,7 +11,7 @@ import pytest
 from lxml import etree
 
 from proxy.rules import RuleError, RuleOutcome, RuleSet
-from proxy.rules.compiler import xpath_guard
+from proxy.rules.match import xpath_guard
 from proxy.rules_cli import canonical_lines, parse_stanza
 from proxy.xmpp import ns
 
