@@ -78,6 +78,22 @@ def _xpath_value(result: Any) -> Any:
 _Action = Callable[[Element, RuleOutcome, "CompiledRule"], int]
 
 
+def _unprefixed(el: Element, parent: Element | None, parent_ns: str | None) -> Element:
+    """A copy of ``el`` whose elements use default namespace declarations, as XMPP
+    software expects (``<mark xmlns='urn:x'/>``, not ``<h:mark xmlns:h='urn:x'/>``)."""
+    namespace = etree.QName(el).namespace
+    nsmap = {None: namespace} if namespace and namespace != parent_ns else None
+    attrib = dict(el.attrib)
+    if parent is None:
+        copy_ = etree.Element(el.tag, attrib, nsmap=nsmap)
+    else:
+        copy_ = etree.SubElement(parent, el.tag, attrib, nsmap=nsmap)
+    copy_.text = el.text
+    for child in el:
+        _unprefixed(child, copy_, namespace).tail = child.tail
+    return copy_
+
+
 class CompiledRule:
     __slots__ = ("actions", "body", "directions", "from_", "guard", "kinds", "name", "to",
                  "types", "xpath")
@@ -206,10 +222,7 @@ class Compiler:
         if any(not isinstance(e.tag, str) for e in children[0].iter()):
             self.fail(f"comments, processing instructions and entities are not allowed "
                       f"in 'add': {xml!r}")
-        template = copy.deepcopy(children[0])
-        template.tail = None
-        etree.cleanup_namespaces(template)
-        return template
+        return _unprefixed(children[0], None, None)
 
     def compile(self, data: Any) -> CompiledRule:
         if not isinstance(data, dict):

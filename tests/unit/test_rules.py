@@ -14,6 +14,7 @@ from proxy.rules import RuleError, RuleOutcome, RuleSet
 from proxy.rules.match import xpath_guard
 from proxy.rules_cli import canonical_lines, parse_stanza
 from proxy.xmpp import ns
+from proxy.xmpp.codec import serialize
 
 CS = "http://jabber.org/protocol/chatstates"
 CS_NS = {"cs": CS}
@@ -702,3 +703,14 @@ def test_later_rules_see_changed_type_body_and_children() -> None:
         namespaces=GUARD_NS)
     out = run(rs, CHAT)
     assert out.matched == ["retype", "now-normal", "now-carol", "add-x", "x-child-now"]
+
+
+def test_added_elements_use_default_namespace_declarations_on_the_wire() -> None:
+    rs = ruleset({"name": "a", "namespaces": {"h": "urn:example:h"}, "actions": [
+        {"add": "<h:mark id='1'><h:x>t</h:x><subject/></h:mark>"},
+        {"add": "<subject>s</subject>"}]})
+    out = run(rs, "<message to='a@b'/>")
+    assert out.stanza is not None
+    assert serialize(out.stanza) == (
+        b'<message to="a@b"><mark xmlns="urn:example:h" id="1"><x>t</x>'
+        b'<subject xmlns="jabber:client"/></mark><subject>s</subject></message>')
