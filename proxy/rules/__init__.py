@@ -118,7 +118,7 @@ class RuleSet:
                 flow = action(stanza, outcome, rule)
                 if flow:
                     break
-            if rule.actions:
+            if rule.changes:
                 facts.reset()  # the actions may have changed what the next rules look at
             if flow == END:
                 outcome.stanza = None

@@ -45,6 +45,7 @@ _BODY = ns.qname(ns.CLIENT, "body")
 _XPATH_STRINGS = re.compile(r"'[^']*'|\"[^\"]*\"")
 _XPATH_PREFIX = re.compile(r"(?<![\w.-])([A-Za-z_][\w.-]*):(?=[A-Za-z_*])")
 
+_READ_ONLY_ACTIONS = frozenset({"log", "stop", "drop", "error"})
 # What an action tells the engine to do next.
 GO, STOP, END = 0, 1, 2  # next action; no later rule; stanza consumed (dropped/answered)
 
@@ -95,8 +96,8 @@ def _unprefixed(el: Element, parent: Element | None, parent_ns: str | None) -> E
 
 
 class CompiledRule:
-    __slots__ = ("actions", "body", "directions", "from_", "guard", "kinds", "name", "to",
-                 "types", "xpath")
+    __slots__ = ("actions", "body", "changes", "directions", "from_", "guard", "kinds", "name",
+                 "to", "types", "xpath")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -109,6 +110,7 @@ class CompiledRule:
         self.xpath: etree.XPath | None = None
         self.guard: frozenset[str] | None = None  # see xpath_guard
         self.actions: tuple[_Action, ...] = ()
+        self.changes = False  # whether an action may change the stanza
 
     def matches(self, facts: StanzaFacts) -> bool:
         """All conditions but direction and kind (the rule set's index takes care of those),
@@ -249,6 +251,9 @@ class Compiler:
         if not isinstance(actions, list):
             actions = [actions]
         rule.actions = self._actions(actions)
+        rule.changes = any(
+            (a if isinstance(a, str) else next(iter(a), "")) not in _READ_ONLY_ACTIONS
+            for a in actions)
         return rule
 
     def _match(self, rule: CompiledRule, match: dict[str, Any]) -> None:
