@@ -30,8 +30,8 @@ from lxml import etree
 
 from .rules import DIRECTIONS, RuleError, RuleSet, read_rule_file
 from .xmpp.codec import StanzaReceived, StreamViolation, XmlStreamParser
+from .xmpp.stanza import Element
 
-Element = etree._Element
 
 EXIT_OK, EXIT_FAILED, EXIT_LOAD_ERROR = 0, 1, 2
 VECTOR_KEYS = ("name", "description", "direction", "in", "out", "replies", "matched", "log")

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lxml import etree
 
 from .compiler import (
     DEFAULT_NAMESPACES,
@@ -34,8 +33,8 @@ from .compiler import (
     StanzaFacts,
 )
 from .files import FILE_KEYS, RuleError, RuleFile, check_namespaces, read_rule_file
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 __all__ = [
     "DEFAULT_NAMESPACES",

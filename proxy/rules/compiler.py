@@ -20,8 +20,8 @@ from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
 from .files import RuleError, check_namespaces
 from .match import JidMatcher, StanzaFacts, truthy, xpath_guard
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 Direction = Literal["c2s", "s2c"]
 
 DIRECTIONS: tuple[Direction, ...] = ("c2s", "s2c")

@@ -8,13 +8,12 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from lxml import etree
 
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
+from ..xmpp.stanza import Element
 
-Element = etree._Element
 
 IMPLICIT_TYPE = {st.MESSAGE: "normal", st.PRESENCE: "available", st.IQ: ""}
 _BODY = ns.qname(ns.CLIENT, "body")
