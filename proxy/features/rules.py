@@ -44,11 +44,7 @@ class RulesFactory:
         self._stamps = self._file_stamps()
         try:
             fresh = RuleSet.load(self.paths) if self.paths else RuleSet.empty()
-        except RuleError as exc:
-            self.log.error("rules_reload_refused", why=why, error=str(exc),
-                           rules_in_force=len(self.ruleset))
-            return False
-        except OSError as exc:
+        except RuleError as exc:  # also an unreadable file
             self.log.error("rules_reload_refused", why=why, error=str(exc),
                            rules_in_force=len(self.ruleset))
             return False
