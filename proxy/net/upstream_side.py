@@ -120,6 +120,10 @@ class UpstreamSide:
         else:
             self.room.set()
 
+    @property
+    def congested(self) -> bool:
+        return self.state == "up" and self.link.stream.congested
+
     async def drain(self) -> None:
         if self.state == "up":
             await self.link.stream.drain()

@@ -81,6 +81,12 @@ class XmlStream:
         if not self.writer.is_closing():
             self.writer.write(data)
 
+    @property
+    def congested(self) -> bool:
+        """More is buffered for the peer than asyncio's high-water mark: time to wait."""
+        transport = self.writer.transport
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
     async def drain(self) -> None:
         with contextlib.suppress(OSError, ssl.SSLError):
             await self.writer.drain()
