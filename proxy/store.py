@@ -175,6 +175,18 @@ class RosterItem:
     ask: str | None = None
     groups: tuple[str, ...] = ()
 
+    def same(self, other: RosterItem | None) -> bool:
+        """Equal as a roster item: groups are a set (RFC 6121 §2.1.2.5), and a server may
+        send them in another order each time it loads a roster; that is no change."""
+        return other is not None and (
+            (self.jid, self.name, self.subscription, self.ask) ==
+            (other.jid, other.name, other.subscription, other.ask)
+            and sorted(self.groups) == sorted(other.groups))
+
+
+def same_item(a: RosterItem | None, b: RosterItem | None) -> bool:
+    return a is b if a is None or b is None else a.same(b)
+
 
 @dataclass(frozen=True, slots=True)
 class RosterVersion:
@@ -283,7 +295,7 @@ class RosterArea:
                 return RosterVersion(state.epoch, seq, seq)
             current = {it.jid: it for it in self.items(account)}
             changes: list[Change] = [(jid, it) for jid, it in new.items()
-                                     if current.get(jid) != it]
+                                     if not same_item(current.get(jid), it)]
             changes += [(jid, None) for jid in current if jid not in new]
             return self._apply(account, changes, max_changes)
 
@@ -294,7 +306,7 @@ class RosterArea:
         with self._store.transaction():
             self._state(account)
             real: list[Change] = [(jid, it) for jid, it in changes
-                                  if self.item(account, jid) != it]
+                                  if not same_item(self.item(account, jid), it)]
             return self._apply(account, real, max_changes)
 
     def touch(self, account: str, jids: Iterable[str], *,

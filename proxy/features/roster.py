@@ -31,7 +31,7 @@ from typing import TypeAlias
 from lxml import etree
 
 from ..session import Feature, Outputs, SessionCore
-from ..store import DEFAULT_MAX_CHANGES, RosterItem, RosterVersion, Store
+from ..store import DEFAULT_MAX_CHANGES, RosterItem, RosterVersion, Store, same_item
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
@@ -478,7 +478,7 @@ class RosterFeature(Feature):
         """Whether another session already applied this push (same jid and state, delivered
         on its upstream after this session's cursor): then it is not applied twice."""
         for event, ejid, estate in self._acct.journal:
-            if event > self.cursor and ejid == jid and estate == state:
+            if event > self.cursor and ejid == jid and same_item(estate, state):
                 self.cursor = event
                 return True
         return False

@@ -298,7 +298,8 @@ def serialize(el: Element, default_ns: str = ns.CLIENT) -> bytes:
     Declarations the stream header already made are left out: a stanza's own
     ``xmlns="jabber:client"`` and, on ``stream:``-prefixed elements, ``xmlns:stream``.
     """
-    data: bytes = etree.tostring(el)
+    # UTF-8, not lxml's default ASCII: non-ASCII text stays text, not &#NNN; references.
+    data: bytes = etree.tostring(el, encoding="utf-8")
     tag = el.tag
     if not isinstance(tag, str):
         return data

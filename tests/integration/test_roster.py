@@ -446,10 +446,6 @@ def test_server_pushes_carry_ver_and_versions_never_repeat(proxy, accounts) -> N
     run(scenario(), 30)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an unchanged roster gets new versions when the legacy server sends an item's groups in "
-    "another order (Prosody keeps groups in a hash: the order changes when it reloads the "
-    "roster); the full-roster diff compares groups as ordered tuples"))
 def test_unchanged_roster_reloaded_by_the_server_keeps_its_version(
         own_prosody, certs, tmp_path: Path) -> None:
     server = own_prosody
