@@ -38,6 +38,11 @@ class Outbox:
     unbarriered: int = 0  # written since the last barrier
     # The client's iq requests still waiting for the server's answer, by id.
     awaiting: dict[str, Element] = field(default_factory=dict)
+    # When the server offers XEP-0198, its acks confirm instead of barriers: ``sm_base`` is
+    # the sequence number of the first stanza it counts, ``sm_h`` its last ``h``.
+    sm: bool = False
+    sm_base: int = 0
+    sm_h: int = 0
 
     @property
     def size(self) -> int:
@@ -67,13 +72,40 @@ class Outbox:
         return [el]
 
     def barrier(self) -> Element:
-        """A barrier covering everything written so far (also sent when a batch is done)."""
+        """A barrier covering everything written so far (also sent when a batch is done):
+        a ping iq, or with stream management upstream an ``<r/>``."""
+        self.unbarriered = 0
+        if self.sm:
+            return st.element("r", namespace=ns.SM)
         iq_id = self.new_id()
         self.barriers.append((iq_id, self.written))
-        self.unbarriered = 0
+        self.written += 1  # the ping is a stanza too
         iq = st.element("iq", {"type": "get", "id": iq_id, "to": self.domain})
         st.sub(iq, "ping", namespace=ns.PING)
         return iq
+
+    def note_direct(self) -> None:
+        """A stanza went to the server outside the outbox (restore, bounces): the server's
+        stream-management count includes it."""
+        self.written += 1
+
+    def sm_enable(self) -> Element:
+        """Switch to the server's acks; the returned ``<enable/>`` must be written next."""
+        self.sm, self.sm_base, self.sm_h = True, self.written, 0
+        self.barriers.clear()
+        return st.element("enable", namespace=ns.SM)
+
+    def sm_failed(self) -> Element:
+        """The server refused ``<enable/>``: back to barriers, one covering all so far."""
+        self.sm = False
+        return self.barrier()
+
+    def on_sm_ack(self, h: int) -> None:
+        """``<a h/>`` from the server: everything it counted is handled."""
+        self.sm_base += (h - self.sm_h) % 2 ** 32
+        self.sm_h = h
+        while self.unconfirmed and self.unconfirmed[0][0] < self.sm_base:
+            self.unconfirmed.popleft()
 
     def on_reply(self, el: Element) -> bool:
         """True when ``el`` answers one of our barriers (it must not reach the client)."""
@@ -103,6 +135,7 @@ class Outbox:
         for req in lost:
             del self.awaiting[req.get("id", "")]
         self.connected = False
+        self.sm = False
         self.pending.extendleft(el for _, el in reversed(self.unconfirmed))
         self.unconfirmed.clear()
         self.barriers.clear()

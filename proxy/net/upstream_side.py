@@ -19,8 +19,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 
+from lxml import etree
+
 from ..backoff import Backoff
 from ..config import Config
+from ..features.stream_management import parse_h
 from ..outbox import Outbox
 from ..session import OWN_ID_PREFIX
 from ..xmpp import codec, ns
@@ -76,13 +79,15 @@ class UpstreamSide:
         self.backoff = Backoff(rc.first_delay_max, rc.base, rc.cap, rng or random.Random())
         self.room = asyncio.Event()  # set while the outbox can take more client stanzas
         self.room.set()
-        self._probe: str | None = None  # id of an unanswered liveness ping
+        self._probe = False  # a liveness ping is unanswered
+        self._sm_inbound = 0  # stanzas from the server since our <enable/> (XEP-0198)
         self._flush: asyncio.TimerHandle | None = None
         self.reconnects = 0
         # The TLS session to offer when reconnecting; taken once the server has spoken on a
         # connection (a TLS 1.3 ticket arrives after the handshake).
         self._tls_session: ssl.SSLSession | None = None
         self._tls_fresh = True
+        self._enable_sm(link)
         self._task = asyncio.create_task(self._run())
 
     # Writing ------------------------------------------------------------------------------------
@@ -104,6 +109,30 @@ class UpstreamSide:
         """Outside the outbox: restore stanzas and anything that must not be replayed."""
         if self.state == "up":
             self.link.stream.send(el)
+            self.outbox.note_direct()
+
+    def _enable_sm(self, link: UpstreamLink) -> None:
+        """Real stream management upstream when the server offers it: its acks then confirm
+        what it handled, and no barrier pings are needed."""
+        if link.features.find(ns.qname(ns.SM, "sm")) is not None:
+            self._sm_inbound = 0
+            link.stream.send(self.outbox.sm_enable())
+
+    def _sm_nonza(self, el: Element) -> None:
+        local = etree.QName(el).localname
+        if local == "a":
+            h = parse_h(el)
+            if h is not None:
+                self.outbox.on_sm_ack(h)
+                self._update_room()
+        elif local == "r":
+            self.link.stream.send(st.element("a", {"h": str(self._sm_inbound)},
+                                             namespace=ns.SM))
+        elif local == "enabled":
+            self.log.info("upstream_sm_enabled")
+        elif local == "failed":
+            self.log.info("upstream_sm_refused")
+            self.link.stream.send(self.outbox.sm_failed())
 
     def _is_server_ping(self, el: Element) -> bool:
         return (el.tag == st.IQ and el.get("type") == "get" and el.find(_PING) is not None
@@ -158,15 +187,14 @@ class UpstreamSide:
             try:
                 event = await stream.next_event(up.ping_timeout if self._probe else up.ping_idle)
             except TimeoutError:
-                if self._probe is not None:
+                if self._probe:
                     return f"no answer to a ping within {up.ping_timeout}s", None
-                probe = self.outbox.barrier()  # a liveness ping that also confirms
-                self._probe = probe.get("id")
-                stream.send(probe)
+                self._probe = True
+                stream.send(self.outbox.barrier())  # a liveness ping that also confirms
                 continue
             except ConnectionLost as exc:
                 return f"connection lost ({exc})", None
-            self._probe = None  # anything at all from the server: it is alive
+            self._probe = False  # anything at all from the server: it is alive
             if self._tls_fresh:
                 self._tls_fresh = False
                 self._tls_session = tls_session(stream) or self._tls_session
@@ -177,7 +205,12 @@ class UpstreamSide:
                     if condition in TRANSIENT_STREAM_ERRORS:
                         return f"stream error: {condition}", None
                     return f"stream error: {condition}", codec.serialize(el)
+                if etree.QName(el).namespace == ns.SM:
+                    self._sm_nonza(el)
+                    continue
                 if st.is_stanza(el):
+                    if self.outbox.sm:
+                        self._sm_inbound = (self._sm_inbound + 1) % 2 ** 32
                     if self.outbox.on_reply(el):
                         self._update_room()
                         continue
@@ -192,7 +225,7 @@ class UpstreamSide:
     def _went_down(self, reason: str) -> None:
         self.state = "down"
         self.down_since = self.clock()
-        self._probe = None
+        self._probe = False
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
@@ -257,9 +290,11 @@ class UpstreamSide:
         self.state = "up"
         self.down_since = None
         self.reconnects += 1
+        self._enable_sm(link)
         restore = self.session.core.upstream_restored()
         for el in restore.to_upstream:  # presence, rooms, roster catch-up
             link.stream.send(el)
+            self.outbox.note_direct()
         for el in restore.to_client:
             self.session.to_client(el)
         replay = self.outbox.reconnected()

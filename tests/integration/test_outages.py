@@ -375,3 +375,26 @@ def test_fifty_sessions_spread_their_reconnects(tmp_path: Path, certs) -> None:
         stamps = sorted(datetime.fromisoformat(e["timestamp"])
                         for e in s.proxy.events("upstream_restored"))
         assert (stamps[-1] - stamps[0]).total_seconds() > window / 3
+
+
+def test_a_server_with_stream_management_confirms_by_its_acks(tmp_path: Path, certs) -> None:
+    """When the server offers XEP-0198 the proxy uses its acks instead of barrier pings;
+    an outage still loses nothing."""
+    with make_setup(tmp_path, certs, prosody={"smacks": True},
+                    upstream={"barrier_every": 2}) as s:
+        async def outage() -> None:
+            await asyncio.sleep(0.4)
+            s.relay.reset()
+
+        async def scenario() -> None:
+            a, b = await chat_pair(s)
+            try:
+                await exchange_through(outage, a, b, count=20)
+            finally:
+                await clients.disconnect(a)
+                await clients.disconnect(b)
+
+        run(scenario(), 60)
+        # Enabled on the first connection and again after the reconnect, for both sessions.
+        assert len(s.proxy.events("upstream_sm_enabled")) == 4
+        assert not s.proxy.events("upstream_sm_refused")

@@ -59,6 +59,7 @@ class LegacyProsody:
         disabled_sasl_mechanisms: Sequence[str] = (),
         extra_config: str = "",
         tls_tickets: bool = False,
+        smacks: bool = False,
         log_level: LogLevel = "info",
         close_timeout: float | None = None,
     ) -> None:
@@ -78,6 +79,8 @@ class LegacyProsody:
         self.extra_config = extra_config
         # Prosody turns TLS session tickets off by default; on, clients can resume sessions.
         self.tls_tickets = tls_tickets
+        # A less legacy server: XEP-0198 on (the proxy then uses its acks upstream).
+        self.smacks = smacks
         self.log_level = log_level
         self.close_timeout = close_timeout
         self.host = LOCALHOST
@@ -107,6 +110,8 @@ class LegacyProsody:
             "roster", "saslauth", "tls", "disco", "ping", "private", "vcard",
             "version", "time", "uptime", "posix", "legacy_norosterver",
         ]
+        if self.smacks:
+            modules.append("smacks")
         if not self.preapproval:
             modules.append("legacy_nopreapproval")
         if self.allow_registration:
@@ -136,7 +141,8 @@ class LegacyProsody:
             f"allow_registration = {'true' if self.allow_registration else 'false'}",
             f"modules_enabled = {{ {lua_modules} }}",
             # The legacy part: no SM, no CSI, no 10 kB/s throttle, no federation.
-            'modules_disabled = { "smacks"; "csi_simple"; "csi"; "limits"; "s2s" }',
+            "modules_disabled = { " + ("" if self.smacks else '"smacks"; ')
+            + '"csi_simple"; "csi"; "limits"; "s2s" }',
             (
                 f'log = {{ {{ levels = {{ min = "{self.log_level}" }}, to = "file", '
                 f"filename = {_lua_str(self._log_path)} }} }}"

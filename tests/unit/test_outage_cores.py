@@ -159,3 +159,22 @@ def test_dedupe_drops_a_second_copy_within_the_window() -> None:
     assert d.from_upstream(s, parse(origin.format("3")), out) is None  # same origin-id
     now[0] = 11.0
     assert d.from_upstream(s, parse("<message from='b@localhost/x' id='1'/>"), out) is not None
+
+
+def test_with_stream_management_upstream_acks_confirm_instead_of_barriers() -> None:
+    box = make_outbox(barrier_every=2, max_buffer=10)
+    enable = box.sm_enable()
+    assert enable.tag == "{urn:xmpp:sm:3}enable"
+    box.note_direct()  # a restore presence the server counts too
+    box.submit(msg(1))
+    out = box.submit(msg(2))
+    assert [e.tag for e in out][-1] == "{urn:xmpp:sm:3}r"  # the barrier is an <r/> now
+    box.on_sm_ack(2)  # the presence and m1
+    assert [e.get("id") for _, e in box.unconfirmed] == ["m2"]
+    box.on_sm_ack(3)
+    assert not box.unconfirmed
+    box.submit(msg(3))
+    ping_barrier = box.sm_failed()  # refused after all: back to a ping covering m3
+    assert ping_barrier.find("{urn:xmpp:ping}ping") is not None
+    assert box.on_reply(reply(ping_barrier.get("id")))
+    assert not box.unconfirmed
