@@ -12,7 +12,6 @@ ever be expanded.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
@@ -227,38 +226,43 @@ class XmlStreamParser:
         return True
 
     def _drain(self, events: list[StreamEvent]) -> bool:
+        # The hot loop of the proxy: one pass per element, so locals and no calls where
+        # the common case allows.
+        depth = self._depth
+        root = self._root
         for action, el in self._parser.read_events():
             if action == "start":
-                self._depth += 1
-                if not self._on_start(el, events):
-                    return False
+                depth += 1
+                tag = el.tag
+                # lxml accepts undeclared prefixes (as "a:b" names): namespace
+                # well-formedness is checked here, on element and attribute names.
+                if (tag[0] != "{" and ":" in tag) or (el.attrib and any(
+                        key[0] != "{" and ":" in key for key in el.attrib.keys())):
+                    self._depth = depth
+                    return self._fail(events, "not-well-formed", "undeclared namespace prefix")
+                if depth == 1:
+                    self._depth = depth
+                    self._unfinished_bytes = 0
+                    if not self._on_stream_open(el, events):
+                        return False
+                    root = self._root
                 continue
-            self._depth -= 1
-            if self._depth == 1:
-                assert self._root is not None
+            depth -= 1
+            if depth == 1:
+                assert root is not None
                 # The copy carries only the namespace declarations it uses.
-                stanza = copy.deepcopy(el)
+                stanza = el.__deepcopy__(None)
                 stanza.tail = None
                 events.append(StanzaReceived(stanza))
-                self._root.remove(el)
-                self._root.text = None  # whitespace keepalives between stanzas
+                root.remove(el)
+                root.text = None  # whitespace keepalives between stanzas
                 self._unfinished_bytes = 0
-            elif self._depth == 0:
+            elif depth == 0:
+                self._depth = depth
                 events.append(StreamClosed())
                 self._done = True
                 return False
-        return True
-
-    def _on_start(self, el: Element, events: list[StreamEvent]) -> bool:
-        tag = el.tag
-        if not isinstance(tag, str) or (":" in tag and tag[0] != "{"):
-            return self._fail(events, "not-well-formed", f"undeclared namespace prefix in {tag}")
-        if el.attrib and any(":" in key and key[0] != "{" for key in el.attrib.keys()):
-            return self._fail(events, "not-well-formed",
-                              "undeclared namespace prefix on an attribute")
-        if self._depth == 1:
-            self._unfinished_bytes = 0
-            return self._on_stream_open(el, events)
+        self._depth = depth
         return True
 
     def _on_stream_open(self, el: Element, events: list[StreamEvent]) -> bool:
