@@ -51,12 +51,13 @@ class Transcript:
         self.written = 0
         self.full = False
 
-    def write(self, direction: str, data: bytes, forwarded: bool = True) -> None:
+    def write(self, direction: str, data: bytes, forwarded: bool = True,
+              made: bool = False) -> None:
         if self.full:
             return
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         arrow = "client → server" if direction == "c2s" else "server → client"
-        fate = "" if forwarded else ", kept by the proxy"
+        fate = ", kept by the proxy" if not forwarded else ", made by the proxy" if made else ""
         entry = f"<!-- {stamp} {direction} ({arrow}{fate}) -->\n".encode() + data + b"\n"
         if self.written + len(entry) > self.max_bytes:
             entry = f"<!-- {stamp} transcript truncated at {self.max_bytes} bytes -->\n".encode()
@@ -94,14 +95,16 @@ class Inspector:
 
     def stanza(self, direction: str, el: Element, *, started: float, conn: str | None,
                session: str, account: str, forwarded: bool, matched: Sequence[str],
-               transcript: Transcript | None) -> None:
+               transcript: Transcript | None, origin: str = "peer") -> None:
+        """``origin``: ``peer`` for a stanza the client or the server sent, ``proxy`` for
+        one the proxy made itself (answers, pushes, bounces)."""
         data = codec.serialize(el)
         if self.events:
             self.log.info(
                 "stanza", direction=direction, conn=conn, session=session, account=account,
                 kind=st.kind(el), type=el.get("type"), id=el.get("id"), size=len(data),
-                rules=list(matched), forwarded=forwarded,
+                rules=list(matched), forwarded=forwarded, origin=origin,
                 proxy_ms=round((time.perf_counter() - started) * 1000, 3))
         if transcript is not None:
             shown = codec.serialize(redact(el, self.redact)) if self.redact else data
-            transcript.write(direction, shown, forwarded)
+            transcript.write(direction, shown, forwarded, made=origin == "proxy")

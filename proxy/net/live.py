@@ -112,21 +112,43 @@ class LiveSession:
         out = self.core.from_upstream(el)
         self.write(out)
         self._ask_for_ack()
-        self._after_pipeline("s2c", el, started, any(x is el for x in out.to_client))
+        self._after_pipeline("s2c", el, started, out, out.to_client)
 
-    def _after_pipeline(self, direction: str, el: Element, started: float,
-                        forwarded: bool) -> None:
-        """What the rules asked to log, and the inspection log and transcript."""
+    def _after_pipeline(self, direction: str, el: Element, started: float, out: Outputs,
+                        onward: list[Element]) -> None:
+        """What the rules asked to log, and the inspection log and transcript: the stanza
+        that came in (forwarded or kept) and every stanza the features made of their own."""
         core = self.core
         for event in core.rule_events:
-            self.log.info(event.get("event", "rule"),
-                          **{k: v for k, v in event.items() if k != "event"})
+            # The stanza's context first; a rule's own fields of the same name win.
+            self.log.info(event.get("event", "rule"), **{
+                "direction": direction, "from": el.get("from"), "to": el.get("to"),
+                "conn": self.conn_id, **{k: v for k, v in event.items() if k != "event"}})
         if self.inspector is not None:
+            forwarded = any(x is el for x in onward)
             self.inspector.stanza(direction, el, started=started, conn=self.conn_id,
                                   session=core.id, account=str(core.account),
                                   forwarded=forwarded, matched=core.matched,
                                   transcript=self.transcript)
+            for made, way in ((out.to_client, "s2c"), (out.to_upstream, "c2s")):
+                for extra in made:
+                    if extra is not el:
+                        self.inspect_own(way, extra, started)
         core.matched, core.rule_events = (), ()
+
+    def inspect_own(self, direction: str, el: Element, started: float | None = None) -> None:
+        """A stanza the proxy made itself (an answer, a push, a bounce) for the inspection
+        log and the transcript."""
+        if self.inspector is not None:
+            self.inspector.stanza(direction, el, started=started or time.perf_counter(),
+                                  conn=self.conn_id, session=self.core.id,
+                                  account=str(self.core.account), forwarded=True, matched=(),
+                                  transcript=self.transcript, origin="proxy")
+
+    def proxy_to_client(self, el: Element) -> None:
+        """A stanza of the proxy's own for the client (error replies, stored messages)."""
+        self.inspect_own("s2c", el)
+        self.to_client(el)
 
     async def client_drain(self) -> None:
         """Backpressure toward the server's side: wait while the client's buffer is full.
@@ -270,7 +292,7 @@ class LiveSession:
         started = time.perf_counter()
         out = self.core.from_client(el)
         self.write(out)
-        self._after_pipeline("c2s", el, started, any(x is el for x in out.to_upstream))
+        self._after_pipeline("c2s", el, started, out, out.to_upstream)
         if (not self._offline_delivered and el.tag == st.PRESENCE and el.get("type") is None
                 and el.get("to") is None):
             # Like a server's offline storage: stored messages follow initial presence.
@@ -408,7 +430,7 @@ class LiveSession:
             return
         stored = self.store.offline_take(str(self.core.account), time.time())
         for data in stored:
-            self.to_client(etree.fromstring(data, _SAFE_PARSER))
+            self.proxy_to_client(etree.fromstring(data, _SAFE_PARSER))
         if stored:
             self.log.info("stored_delivered", count=len(stored))
             self._ask_for_ack()

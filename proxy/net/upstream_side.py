@@ -231,7 +231,7 @@ class UpstreamSide:
             self._flush = None
         self.link.stream.abort()
         for reply in self.outbox.connection_lost():
-            self.session.to_client(reply)
+            self.session.proxy_to_client(reply)
         self._update_room()
         self.log.warning("upstream_down", reason=reason, buffered=self.outbox.size)
 
@@ -314,7 +314,7 @@ class UpstreamSide:
                 continue  # the proxy's own request: the client never sent it
             if st.kind(el) in ("message", "iq") and el.get("type") not in (
                     "error", "result"):
-                self.session.to_client(st.error_reply(
+                self.session.proxy_to_client(st.error_reply(
                     el, "remote-server-timeout", error_type="wait",
                     text="the legacy server could not be reached"))
         self.room.set()

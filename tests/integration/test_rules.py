@@ -833,10 +833,6 @@ def test_log_action_writes_an_event_with_its_fields(env: Env) -> None:
                 if e.get("jid") in sessions.values()]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/rules.md (log action): the event is logged 'with the stanza's direction, session "
-    "and addresses', but LiveSession._after_pipeline (proxy/net/live.py) logs only the "
-    "rule's fields plus the bound jid/session: no direction, from or to"))
 def test_log_action_event_carries_direction_and_addresses(env: Env) -> None:
     senders: dict[str, tuple[str, str]] = {}
 
