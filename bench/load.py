@@ -1,0 +1,318 @@
+"""Load generators: many clients logged in at once, message pairs at full speed or at a fixed
+rate, repeated logins. Everything bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .client import MESSAGE_END, BenchClient, collect_latencies, login
+from .procs import cpu_seconds
+
+_ECHO = re.compile(rb"<body>echo</body>")
+
+# A chat message of ordinary size: about 200 bytes on the wire with from/to/id.
+BODY = "Benchmark message: the quick brown fox jumps over the lazy dog, 0123456789."
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Endpoint:
+    """Where clients connect: a server, the proxy or a relay in front of one."""
+
+    name: str
+    host: str
+    port: int
+    direct_tls: bool = False
+    # Processes whose CPU time is reported, by name; the first one is "the" one (the proxy).
+    watch: dict[str, int] = field(default_factory=dict)
+    domain: str = "localhost"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+async def login_many(ep: Endpoint, accounts: Sequence[tuple[str, str]], *, resource: str,
+                     concurrency: int = 32, progress: Progress | None = None,
+                     every: int = 1000, timeout: float = 60.0) -> list[BenchClient]:
+    """Log all accounts in (at most ``concurrency`` at a time); any failure raises."""
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(user: str, password: str) -> BenchClient:
+        nonlocal done
+        async with sem:
+            client = await login(ep.host, ep.port, user, password, resource=resource,
+                                 domain=ep.domain, direct_tls=ep.direct_tls, timeout=timeout)
+        done += 1
+        if progress is not None and done % every == 0:
+            progress(f"{done}/{len(accounts)} more logged in via {ep.name}")
+        return client
+
+    tasks = [asyncio.ensure_future(one(u, p)) for u, p in accounts]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is None:
+                t.result().abort()
+        raise
+
+
+def abort_all(clients: Sequence[BenchClient]) -> None:
+    for c in clients:
+        c.abort()
+
+
+@dataclass
+class _Pair:
+    sender: BenchClient
+    receiver: BenchClient
+    sent: int = 0
+    received: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _receive(pair: _Pair) -> None:
+    reader = pair.receiver.reader
+    carry = bytes(pair.receiver.buf)
+    keep = len(MESSAGE_END) - 1
+    while True:
+        data = await reader.read(1 << 18)
+        if not data:
+            return
+        chunk = carry + data if carry else data
+        pair.received += chunk.count(MESSAGE_END)
+        carry = chunk[-keep:]
+        pair.wake.set()
+
+
+async def _send(pair: _Pair, stop: asyncio.Event, window: int, batch: int) -> None:
+    prefix = f"<message to='{pair.receiver.jid}' type='chat' id='t".encode()
+    suffix = f"'><body>{BODY}</body></message>".encode()
+    writer = pair.sender.writer
+    n = 0
+    while not stop.is_set():
+        while pair.sent - pair.received > window - batch and not stop.is_set():
+            pair.wake.clear()
+            try:
+                await asyncio.wait_for(pair.wake.wait(), 0.5)
+            except TimeoutError:
+                pass
+        if stop.is_set():
+            return
+        writer.write(b"".join([prefix + b"%x" % i + suffix for i in range(n, n + batch)]))
+        n += batch
+        pair.sent += batch
+        await writer.drain()
+
+
+@dataclass
+class ThroughputResult:
+    messages_per_s: float
+    delivered: int
+    seconds: float
+    # CPU time / wall time over the measured window (1.0 = one core busy), by process name;
+    # "harness" is the load generator itself.
+    cpu: dict[str, float]
+    main: str | None = None  # the watched process of interest (the proxy, a relay)
+
+    @property
+    def cpu_share(self) -> float | None:
+        return self.cpu.get(self.main) if self.main else None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"messages_per_s": round(self.messages_per_s, 1), "delivered": self.delivered,
+                "seconds": round(self.seconds, 3),
+                "cpu_share": {k: round(v, 3) for k, v in self.cpu.items()}}
+
+
+def _cpu_now(watch: dict[str, int]) -> dict[str, float]:
+    now = {"harness": time.process_time()}
+    for name, pid in watch.items():
+        try:
+            now[name] = cpu_seconds(pid)
+        except OSError:
+            pass
+    return now
+
+
+async def throughput(ep: Endpoint, accounts: Sequence[tuple[str, str]], *, seconds: float,
+                     warmup: float = 1.0, window: int = 2000, batch: int = 25,
+                     progress: Progress | None = None,
+                     on_window: Callable[[float], object] | None = None) -> ThroughputResult:
+    """Pairs (accounts[0]->accounts[1], [2]->[3], ...) send chat messages as fast as a window
+    of ``window`` undelivered messages per pair allows; count deliveries over ``seconds``
+    after ``warmup``. ``on_window(seconds)`` is called when the measured window starts."""
+    clients = await login_many(ep, accounts, resource="bench", concurrency=8)
+    pairs = [_Pair(clients[i], clients[i + 1]) for i in range(0, len(clients) - 1, 2)]
+    stop = asyncio.Event()
+    tasks = [asyncio.ensure_future(_receive(p)) for p in pairs]
+    tasks += [asyncio.ensure_future(_send(p, stop, window, batch)) for p in pairs]
+    try:
+        if progress:
+            progress(f"{len(pairs)} pairs sending via {ep.name} for {warmup:g}+{seconds:g} s")
+        await asyncio.sleep(warmup)
+        for t in tasks:
+            if t.done():
+                t.result()  # a failed sender or receiver: raise now
+        c0, t0 = sum(p.received for p in pairs), time.perf_counter()
+        cpu0 = _cpu_now(ep.watch)
+        if on_window is not None:
+            on_window(seconds)
+        await asyncio.sleep(seconds)
+        c1, t1 = sum(p.received for p in pairs), time.perf_counter()
+        cpu1 = _cpu_now(ep.watch)
+        for t in tasks:
+            if t.done():
+                t.result()
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        abort_all(clients)
+    elapsed = t1 - t0
+    cpu = {k: (cpu1[k] - cpu0[k]) / elapsed for k in cpu0 if k in cpu1}
+    return ThroughputResult((c1 - c0) / elapsed, c1 - c0, elapsed, cpu,
+                            next(iter(ep.watch), None))
+
+
+@dataclass
+class LatencyResult:
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    samples: int
+    rate: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"p50_ms": round(self.p50_ms, 3), "p99_ms": round(self.p99_ms, 3),
+                "max_ms": round(self.max_ms, 3), "samples": self.samples, "rate": self.rate}
+
+
+async def latency(ep: Endpoint, accounts: Sequence[tuple[str, str]], *, rate: float,
+                  seconds: float, warmup: float = 1.0,
+                  progress: Progress | None = None) -> LatencyResult:
+    """Pairs send messages stamped with the send time at ``rate`` messages/s in total, one
+    write per message; the receiver notes the time each arrived."""
+    clients = await login_many(ep, accounts, resource="bench", concurrency=8)
+    pairs = [(clients[i], clients[i + 1]) for i in range(0, len(clients) - 1, 2)]
+    samples: list[tuple[int, int]] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.1
+    measure_from = time.perf_counter_ns() + int((0.1 + warmup) * 1e9)
+    end = start + warmup + seconds
+    interval = len(pairs) / rate
+
+    async def send(k: int, sender: BenchClient, receiver: BenchClient) -> None:
+        head = f"<message to='{receiver.jid}' type='chat' id='L".encode()
+        tail = f"'><body>{BODY}</body></message>".encode()
+        due = start + k * interval / len(pairs)
+        while due < end:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            sender.writer.write(head + str(time.perf_counter_ns()).encode() + tail)
+            due += interval
+
+    receivers = [asyncio.ensure_future(collect_latencies(r.reader, samples)) for _, r in pairs]
+    try:
+        if progress:
+            progress(f"{len(pairs)} pairs at {rate:g} msg/s via {ep.name} for "
+                     f"{warmup:g}+{seconds:g} s")
+        await asyncio.gather(*(send(k, s, r) for k, (s, r) in enumerate(pairs)))
+        await asyncio.sleep(0.5)  # the last ones in flight
+    finally:
+        for t in receivers:
+            t.cancel()
+        await asyncio.gather(*receivers, return_exceptions=True)
+        abort_all(clients)
+    lat = [lat_ns / 1e6 for sent_ns, lat_ns in samples if sent_ns >= measure_from]
+    if not lat:
+        raise RuntimeError(f"no message arrived via {ep.name}")
+    return LatencyResult(percentile(lat, 50), percentile(lat, 99), max(lat), len(lat), rate)
+
+
+@dataclass
+class LoginResult:
+    logins_per_s: float
+    logins: int
+    p50_ms: float
+    p99_ms: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"logins_per_s": round(self.logins_per_s, 2), "logins": self.logins,
+                "p50_ms": round(self.p50_ms, 2), "p99_ms": round(self.p99_ms, 2)}
+
+
+async def login_rate(ep: Endpoint, accounts: Sequence[tuple[str, str]], *, seconds: float,
+                     progress: Progress | None = None) -> LoginResult:
+    """One logger per account, each logging in (TLS, SASL, bind) and closing again in a loop;
+    logins completed within ``seconds`` (after one warm-up login each)."""
+    loop = asyncio.get_running_loop()
+    durations: list[float] = []
+    counted = 0
+    end = 0.0
+
+    async def logger(k: int, user: str, password: str) -> None:
+        nonlocal counted
+        n = 0
+        while True:
+            t = loop.time()
+            if end and t >= end:
+                return
+            client = await login(ep.host, ep.port, user, password, resource=f"l{k}-{n}",
+                                 domain=ep.domain, direct_tls=ep.direct_tls)
+            done = loop.time()
+            await client.close()
+            n += 1
+            if end and done <= end:
+                counted += 1
+                durations.append(done - t)
+            if not end:
+                return  # the warm-up login
+
+    await asyncio.gather(*(logger(k, u, p) for k, (u, p) in enumerate(accounts)))
+    if progress:
+        progress(f"{len(accounts)} loggers via {ep.name} for {seconds:g} s")
+    end = loop.time() + seconds
+    await asyncio.wait_for(asyncio.gather(*(logger(k, u, p)
+                                            for k, (u, p) in enumerate(accounts))),
+                           seconds + 60)
+    ms = [d * 1000 for d in durations] or [float("nan")]
+    return LoginResult(counted / seconds, counted, percentile(ms, 50), percentile(ms, 99))
+
+
+_echo_round = itertools.count(1)
+
+
+async def echo_check(clients: Sequence[BenchClient], timeout: float = 60.0) -> int:
+    """Every client sends a message to its own full JID; how many got theirs back. (A fresh
+    id each round: the proxy drops a message it already delivered, by sender and id.)"""
+    echo_id = f"echo{next(_echo_round)}"
+
+    async def one(c: BenchClient) -> bool:
+        c.buf.clear()
+        c.write(f"<message to='{c.jid}' type='chat' id='{echo_id}'><body>echo</body>"
+                "</message>")
+        try:
+            await c.read_until(_ECHO, timeout)
+            return True
+        except Exception:
+            return False
+
+    results = await asyncio.gather(*(one(c) for c in clients))
+    return sum(results)
+

@@ -1,0 +1,662 @@
+"""The benchmark harness: ``python -m bench [options]`` from the repository root.
+
+Every figure is measured through xmpp-front and, in the same run, directly against the same
+server (a legacy Prosody, or the harness's own fast upstream for the proxy's own capacity),
+because absolute numbers drift on shared machines and the comparison is what matters.
+Progress goes to stderr, the table to stdout, and ``--json PATH`` writes everything.
+See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.peers.certs import make_cert
+from tests.peers.prosody import LegacyProsody
+
+from . import load, procs
+from .client import BenchClient, register_many
+from .load import Endpoint
+from .profile import format_hot_spots, py_spy_available, start_py_spy
+from .rules50 import write_fifty_rules
+
+CASES = ("capacity", "rules", "throughput", "latency", "login", "resume", "memory", "restore")
+C = TypeVar("C", bound=procs.Child)
+WARM_SESSIONS = 10  # memory: sessions connected before the baseline RSS is read
+
+
+class Bench:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.t0 = time.monotonic()
+        if opts.workdir:
+            self.workdir = Path(opts.workdir).resolve()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="xmpp-front-bench-"))
+        self.cert, self.key = make_cert(self.workdir / "certs", "localhost")
+        self.prosody: LegacyProsody | None = None
+        self._accounts: list[tuple[str, str]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.details: dict[str, Any] = {}
+        self._spies: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    # -- output -------------------------------------------------------------------------------
+
+    def progress(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def row(self, case: str, setup: str, figure: str, value: float | int | str | None,
+            unit: str = "", vs: str = "", **extra: Any) -> None:
+        self.rows.append({"case": case, "setup": setup, "figure": figure, "value": value,
+                          "unit": unit, "vs": vs, **extra})
+
+    # -- peers --------------------------------------------------------------------------------
+
+    async def prosody_server(self) -> LegacyProsody:
+        if self.prosody is None or not self.prosody.running:
+            if self.prosody is None:
+                self.prosody = LegacyProsody(self.workdir / "prosody", allow_registration=True)
+            self.progress("starting the legacy Prosody")
+            await asyncio.to_thread(self.prosody.start)
+        return self.prosody
+
+    async def prosody_accounts(self, n: int) -> list[tuple[str, str]]:
+        """``n`` accounts on the Prosody (registered in-band the first time they are needed)."""
+        server = await self.prosody_server()
+        if len(self._accounts) < n:
+            new = [(f"bench{i}", f"pw-bench-{i}") for i in range(len(self._accounts), n)]
+            self.progress(f"registering {len(new)} accounts in-band")
+            await register_many(server.host, server.c2s_port, new, domain=server.domain,
+                                connections=8, timeout=60 + len(new) * 0.1)
+            self._accounts += new
+        return self._accounts[:n]
+
+    def proxy_before_prosody(self, name: str, **overrides: Any) -> procs.Proxy:
+        assert self.prosody is not None
+        return procs.Proxy(self.workdir / name, self.cert, self.key, {
+            "port": self.prosody.c2s_port, "domain": self.prosody.domain, "tls": "starttls",
+            "verify": True, "ca": str(self.prosody.cert)}, name=name, **overrides)
+
+    def proxy_before_fast(self, name: str, upstream: procs.Child, *, tls: bool = False,
+                          **overrides: Any) -> procs.Proxy:
+        return procs.Proxy(self.workdir / name, self.cert, self.key, {
+            "port": upstream.port, "domain": "localhost",
+            "tls": "direct" if tls else "none", "verify": True, "ca": str(self.cert)},
+            name=name, **overrides)
+
+    def ep(self, name: str, port: int, *, direct_tls: bool = False,
+           watch: procs.Child | None = None, also: dict[str, int] | None = None) -> Endpoint:
+        """``watch``: the process of interest (CPU reported); ``also``: more to report."""
+        pids = {watch.name: watch.pid} if watch is not None else {}
+        pids.update(also or {})
+        if self.prosody is not None and self.prosody.pid is not None:
+            pids.setdefault("prosody", self.prosody.pid)
+        return Endpoint(name, "127.0.0.1", port, direct_tls=direct_tls, watch=pids)
+
+    async def started(self, child: C) -> C:
+        t = time.monotonic()
+        await asyncio.to_thread(child.start)
+        took = time.monotonic() - t
+        if took > 1:
+            self.progress(f"starting {child.name} took {took:.1f} s")
+        return child
+
+    async def stopped(self, child: procs.Child) -> None:
+        t = time.monotonic()
+        await asyncio.to_thread(child.stop)
+        took = time.monotonic() - t
+        if child.killed:
+            self.progress(f"{child.name} did not stop on SIGTERM within {took:.0f} s: killed")
+            self.details.setdefault("stop_hung", []).append(child.name)
+        elif took > 1:
+            self.progress(f"stopping {child.name} took {took:.1f} s")
+
+    def fake_accounts(self, n: int, prefix: str = "fast") -> list[tuple[str, str]]:
+        return [(f"{prefix}{i}", "any") for i in range(n)]
+
+    # -- cases --------------------------------------------------------------------------------
+
+    async def case_throughput(self) -> None:
+        o = self.opts
+        server = await self.prosody_server()
+        accounts = await self.prosody_accounts(2 * o.pairs)
+        kw = dict(seconds=o.seconds, warmup=o.warmup, window=o.window, batch=o.batch,
+                  progress=self.progress)
+        direct = await load.throughput(self.ep("prosody", server.c2s_port), accounts, **kw)
+        proxy = await self.started(self.proxy_before_prosody("proxy-throughput"))
+        try:
+            via = await load.throughput(self.ep("proxy", proxy.port, watch=proxy), accounts,
+                                        **kw)
+        finally:
+            await self.stopped(proxy)
+        ratio = via.messages_per_s / direct.messages_per_s
+        self.row("throughput", "direct Prosody", "messages/s", round(direct.messages_per_s),
+                 vs=f"Prosody CPU {_pct(direct.cpu.get('prosody'))}")
+        self.row("throughput", "via proxy", "messages/s", round(via.messages_per_s),
+                 vs=f"{ratio:.1%} of direct", ratio=ratio)
+        self.row("throughput", "via proxy", "proxy CPU", _pct(via.cpu_share), "of one core",
+                 vs=f"Prosody CPU {_pct(via.cpu.get('prosody'))}; harness "
+                    f"{_pct(via.cpu.get('harness'))}")
+        self.details["throughput"] = {"direct": direct.as_dict(), "proxy": via.as_dict(),
+                                      "ratio": ratio, "pairs": o.pairs}
+
+    async def case_latency(self) -> None:
+        o = self.opts
+        server = await self.prosody_server()
+        accounts = await self.prosody_accounts(2 * o.pairs)
+        kw = dict(rate=o.rate, seconds=o.seconds, warmup=o.warmup, progress=self.progress)
+        direct = await load.latency(self.ep("prosody", server.c2s_port), accounts, **kw)
+        proxy = await self.started(self.proxy_before_prosody("proxy-latency"))
+        try:
+            via = await load.latency(self.ep("proxy", proxy.port), accounts, **kw)
+        finally:
+            await self.stopped(proxy)
+        rate = f"at {o.rate:g} msg/s"
+        for name, r in (("direct Prosody", direct), ("via proxy", via)):
+            vs_p50 = vs_p99 = ""
+            if r is via:
+                vs_p50 = f"+{via.p50_ms - direct.p50_ms:.2f} ms"
+                vs_p99 = f"+{via.p99_ms - direct.p99_ms:.2f} ms"
+            self.row("latency", name, f"p50 {rate}", round(r.p50_ms, 3), "ms", vs_p50)
+            self.row("latency", name, f"p99 {rate}", round(r.p99_ms, 3), "ms", vs_p99,
+                     samples=r.samples)
+        added = via.p99_ms - direct.p99_ms
+        self.details["latency"] = {"direct": direct.as_dict(), "proxy": via.as_dict(),
+                                   "added_p50_ms": via.p50_ms - direct.p50_ms,
+                                   "added_p99_ms": added}
+
+    async def case_login(self) -> None:
+        o = self.opts
+        server = await self.prosody_server()
+        accounts = await self.prosody_accounts(max(2 * o.pairs, o.loggers))
+        accounts = accounts[:o.loggers]
+        direct = await load.login_rate(self.ep("prosody", server.c2s_port), accounts,
+                                       seconds=o.seconds, progress=self.progress)
+        proxy = await self.started(self.proxy_before_prosody("proxy-login"))
+        try:
+            via = await load.login_rate(self.ep("proxy", proxy.port), accounts,
+                                        seconds=o.seconds, progress=self.progress)
+        finally:
+            await self.stopped(proxy)
+        ratio = via.logins_per_s / direct.logins_per_s if direct.logins_per_s else float("nan")
+        what = f"logins/s ({o.loggers} concurrent)"
+        self.row("login", "direct Prosody", what, round(direct.logins_per_s, 1),
+                 vs=f"p50 {direct.p50_ms:.1f} ms")
+        self.row("login", "via proxy", what, round(via.logins_per_s, 1),
+                 vs=f"{ratio:.1%} of direct; p50 {via.p50_ms:.1f} ms", ratio=ratio)
+        self.details["login"] = {"direct": direct.as_dict(), "proxy": via.as_dict(),
+                                 "ratio": ratio, "loggers": o.loggers}
+
+    async def case_capacity(self) -> None:
+        o = self.opts
+        kw = dict(seconds=o.seconds, warmup=o.warmup, window=o.window, batch=o.batch,
+                  progress=self.progress)
+        accounts = self.fake_accounts(2 * o.pairs)
+        results: dict[str, load.ThroughputResult] = {}
+        upstream = await self.started(procs.fast_upstream(self.workdir / "capacity"))
+        relay = relay_tls = proxy = None
+        up = {upstream.name: upstream.pid}
+        try:
+            results["direct"] = await load.throughput(
+                self.ep("fast upstream", upstream.port, watch=upstream), accounts, **kw)
+            relay = await self.started(procs.byte_relay(self.workdir / "capacity",
+                                                        upstream.port))
+            results["relay"] = await load.throughput(
+                self.ep("byte relay", relay.port, watch=relay, also=up), accounts, **kw)
+            await self.stopped(relay)
+            relay_tls = await self.started(procs.byte_relay(
+                self.workdir / "capacity", upstream.port, cert=self.cert, key=self.key))
+            results["relay_tls"] = await load.throughput(
+                self.ep("byte relay (TLS)", relay_tls.port, direct_tls=True, watch=relay_tls,
+                        also=up), accounts, **kw)
+            await self.stopped(relay_tls)
+            proxy = await self.started(self.proxy_before_fast("proxy-capacity", upstream))
+            results["proxy"] = await load.throughput(
+                self.ep("proxy", proxy.port, watch=proxy, also=up), accounts,
+                on_window=self._profiler(proxy, "capacity"), **kw)
+            self._finish_profile("capacity")
+        finally:
+            for child in (proxy, relay_tls, relay, upstream):
+                if child is not None:
+                    await self.stopped(child)
+        d, r, rt, p = (results[k] for k in ("direct", "relay", "relay_tls", "proxy"))
+        self.row("capacity", "direct fast upstream", "messages/s", round(d.messages_per_s),
+                 vs=f"upstream CPU {_pct(d.cpu_share)}")
+        self.row("capacity", "byte relay (plain)", "messages/s", round(r.messages_per_s),
+                 vs=f"{r.messages_per_s / d.messages_per_s:.1%} of direct; relay CPU "
+                    f"{_pct(r.cpu_share)}")
+        self.row("capacity", "byte relay (TLS client leg)", "messages/s",
+                 round(rt.messages_per_s),
+                 vs=f"{rt.messages_per_s / d.messages_per_s:.1%} of direct; relay CPU "
+                    f"{_pct(rt.cpu_share)}")
+        self.row("capacity", "proxy (TLS client leg)", "messages/s", round(p.messages_per_s),
+                 vs=f"{p.messages_per_s / rt.messages_per_s:.1%} of TLS relay")
+        stanzas = 2 * p.messages_per_s
+        per_core = stanzas / p.cpu_share if p.cpu_share else float("nan")
+        self.row("capacity", "proxy (TLS client leg)", "stanzas relayed/s", round(stanzas),
+                 vs=f"proxy CPU {_pct(p.cpu_share)}")
+        self.row("capacity", "proxy (TLS client leg)", "stanzas per CPU-second", round(per_core),
+                 vs="one core, 100% busy")
+        self.details["capacity"] = {k: v.as_dict() for k, v in results.items()}
+        self.details["capacity"]["proxy_stanzas_per_s"] = stanzas
+        self.details["capacity"]["proxy_stanzas_per_cpu_second"] = per_core
+
+    def _profiler(self, proxy: procs.Child, tag: str) -> Callable[[float], object] | None:
+        """With --profile: a callback that starts py-spy on ``proxy`` for the measured
+        window; _finish_profile(tag) then summarizes the samples."""
+        if not self.opts.profile:
+            return None
+        if not py_spy_available():
+            self.progress("--profile: py-spy not found (pip install py-spy); not profiling")
+            return None
+        out = Path(self.opts.profile).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        raw = out / f"{tag}.collapsed.txt"
+
+        def start(seconds: float) -> None:
+            self.progress(f"py-spy recording {proxy.name} (pid {proxy.pid}) for {seconds:g} s")
+            self._spies[tag] = (start_py_spy(proxy.pid, seconds, raw), raw)
+
+        return start
+
+    def _finish_profile(self, tag: str) -> None:
+        entry = self._spies.pop(tag, None)
+        if entry is None:
+            return
+        spy, raw = entry
+        try:
+            _, err = spy.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _, err = spy.communicate()
+        if spy.returncode != 0 or not raw.exists():
+            self.progress(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
+            return
+        summary = format_hot_spots(raw)
+        (raw.parent / f"{tag}.hotspots.md").write_text(summary + "\n")
+        self.details.setdefault("profile", {})[tag] = {"collapsed": str(raw),
+                                                       "summary": summary}
+        self.progress(f"profile of {tag} written to {raw.parent}")
+
+    async def case_rules(self) -> None:
+        o = self.opts
+        rules_file = write_fifty_rules(self.workdir / "rules50.yaml")
+        if not _rules_wired(rules_file):
+            self.row("rules", "proxy, 50 rules", "messages/s", "n/a", vs="rules not wired")
+            self.details["rules"] = {"wired": False}
+            return
+        kw = dict(seconds=o.seconds, warmup=o.warmup, window=o.window, batch=o.batch,
+                  progress=self.progress)
+        accounts = self.fake_accounts(2 * o.pairs, "rules")
+        upstream = await self.started(procs.fast_upstream(self.workdir / "rules"))
+        try:
+            proxy = await self.started(self.proxy_before_fast("proxy-norules", upstream))
+            try:
+                none = await load.throughput(self.ep("proxy, no rules", proxy.port,
+                                                     watch=proxy), accounts, **kw)
+            finally:
+                await self.stopped(proxy)
+            proxy = await self.started(self.proxy_before_fast(
+                "proxy-rules50", upstream, rules=[str(rules_file)]))
+            try:
+                fifty = await load.throughput(self.ep("proxy, 50 rules", proxy.port,
+                                                      watch=proxy), accounts,
+                                              on_window=self._profiler(proxy, "rules50"), **kw)
+                self._finish_profile("rules50")
+            finally:
+                await self.stopped(proxy)
+        finally:
+            await self.stopped(upstream)
+        ratio = fifty.messages_per_s / none.messages_per_s
+        self.row("rules", "proxy, no rules (fast upstream)", "messages/s",
+                 round(none.messages_per_s), vs=f"proxy CPU {_pct(none.cpu_share)}")
+        self.row("rules", "proxy, 50 rules (fast upstream)", "messages/s",
+                 round(fifty.messages_per_s),
+                 vs=f"{ratio:.1%} of no rules; proxy CPU {_pct(fifty.cpu_share)}", ratio=ratio)
+        self.details["rules"] = {"wired": True, "none": none.as_dict(),
+                                 "fifty": fifty.as_dict(), "ratio": ratio}
+
+    async def case_resume(self) -> None:
+        o = self.opts
+        server = await self.prosody_server()
+        (user, password), = (await self.prosody_accounts(max(2 * o.pairs, 1)))[:1]
+        proxy = await self.started(self.proxy_before_prosody("proxy-resume"))
+        times: list[float] = []
+        client: BenchClient | None = None
+        try:
+            ep = self.ep("proxy", proxy.port)
+            client = await _login(ep, user, password, "resume")
+            sm_id = await client.enable_sm()
+            self.progress(f"{o.resumes} resumptions via the proxy (Prosody {server.c2s_port})")
+            for _ in range(o.resumes):
+                client.abort()
+                client = await BenchClient.connect(ep.host, ep.port)
+                await client.authenticate(user, password)
+                times.append(await client.resume(sm_id, 0) * 1000)
+                client.write("<a xmlns='urn:xmpp:sm:3' h='0'/>")
+        finally:
+            if client is not None:
+                await client.close()
+            await self.stopped(proxy)
+        p50, p99 = load.percentile(times, 50), load.percentile(times, 99)
+        self.row("resume", "via proxy", "<resume/> to <resumed/> p50", round(p50, 3), "ms",
+                 vs="direct: n/a (no SM)")
+        self.row("resume", "via proxy", "<resume/> to <resumed/> p99", round(p99, 3), "ms",
+                 vs=f"{len(times)} resumptions")
+        self.details["resume"] = {"p50_ms": p50, "p99_ms": p99, "max_ms": max(times),
+                                  "n": len(times)}
+
+    async def case_memory(self) -> None:
+        """Idle sessions through the proxy in front of the fast upstream, both legs TLS (and,
+        at the smallest size, with a plain upstream leg for comparison)."""
+        o = self.opts
+        sizes = sorted(o.sessions)
+        self.details["memory"] = {"baseline_sessions": WARM_SESSIONS, "runs": {}}
+        for label, tls, counts in (("both TLS legs", True, sizes),
+                                   ("client TLS leg only", False, sizes[:1])):
+            await self._memory(label, tls, counts)
+        self.details["memory"]["nofile_limit"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+    async def _memory(self, label: str, tls: bool, sizes: list[int]) -> None:
+        name = "memory-tls" if tls else "memory-plain"
+        upstream = await self.started(procs.fast_upstream(
+            self.workdir / name, cert=self.cert if tls else None, key=self.key if tls else None))
+        proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls))
+        clients: list[BenchClient] = []
+        run: dict[str, Any] = {}
+        self.details["memory"]["runs"][label] = run
+        try:
+            ep = self.ep("proxy", proxy.port)
+            accounts = self.fake_accounts(sizes[-1], "idle")
+            clients += await load.login_many(ep, accounts[:WARM_SESSIONS], resource="idle")
+            await asyncio.sleep(1.0)
+            base = proxy.rss()
+            run["baseline_rss"] = base
+            self.progress(f"{label}: proxy RSS with {WARM_SESSIONS} sessions "
+                          f"{base / 2**20:.1f} MiB")
+            for n in sizes:
+                more = accounts[len(clients):n]
+                t = time.monotonic()
+                clients += await load.login_many(ep, more, resource="idle", concurrency=64,
+                                                 progress=self.progress)
+                took = time.monotonic() - t
+                await asyncio.sleep(2.0)
+                rss = proxy.rss()
+                fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+                per = (rss - base) / (n - WARM_SESSIONS)
+                echoed = await load.echo_check(clients)
+                self.progress(f"{label}, {n} sessions: proxy RSS {rss / 2**20:.1f} MiB, "
+                              f"{per / 1024:.1f} KiB per session, {fds} fds, "
+                              f"{echoed}/{n} echoed; logins took {took:.1f} s")
+                self.row("memory", f"{n} idle sessions, {label}", "RSS per session",
+                         round(per / 1024, 1), "KiB",
+                         vs=f"total {rss / 2**20:.0f} MiB; {echoed}/{n} working; {fds} fds")
+                run[str(n)] = {"rss": rss, "per_session": per, "fds": fds, "echoed": echoed,
+                               "login_seconds": took}
+        finally:
+            load.abort_all(clients)
+            await self.stopped(proxy)
+            await self.stopped(upstream)
+
+    async def case_restore(self) -> None:
+        o = self.opts
+        n = o.restore_sessions
+        server = await self.prosody_server()
+        accounts = await self.prosody_accounts(n)
+        proxy = await self.started(self.proxy_before_prosody(
+            "proxy-restore", log_level="info",
+            reconnect={"first_delay_max": o.first_delay_max, "base": 0.2, "cap": 2}))
+        clients: list[BenchClient] = []
+        try:
+            ep = self.ep("proxy", proxy.port)
+            clients = await load.login_many(ep, accounts, resource="restore", concurrency=32,
+                                            progress=self.progress, every=250)
+            self.progress(f"{n} sessions via the proxy; killing Prosody")
+            await asyncio.to_thread(server.kill)
+            killed = time.time()
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(server.start)
+            restarted = time.time()
+            self.progress(f"Prosody back after {restarted - killed:.2f} s; waiting for "
+                          f"{n} upstream_restored")
+            ok = await asyncio.to_thread(
+                procs.wait_until, lambda: len(proxy.events("upstream_restored")) >= n,
+                o.restore_timeout, 0.25)
+            events = [json.loads(line) for line in proxy.events("upstream_restored")]
+            stamps = sorted(dt.datetime.fromisoformat(e["timestamp"]).timestamp()
+                            for e in events)
+            alive = sum(not c.reader.at_eof() for c in clients)
+            echoed = await load.echo_check(clients)
+        finally:
+            load.abort_all(clients)
+            await self.stopped(proxy)
+        if stamps:
+            last = stamps[-1] - restarted
+            median = stamps[len(stamps) // 2] - restarted
+        else:
+            last = median = float("nan")
+        resumed = sum(bool(e.get("tls_resumed")) for e in events)
+        self.row("restore", f"{n} sessions, server killed", "restart to all restored",
+                 round(last, 2), "s",
+                 vs=f"{len(events)}/{n} restored; half by {median:.2f} s; "
+                    f"first_delay_max {o.first_delay_max:g}")
+        self.row("restore", f"{n} sessions, server killed", "clients working after",
+                 f"{echoed}/{n}", vs=f"{alive}/{n} connections kept")
+        self.details["restore"] = {"sessions": n, "restored": len(events), "complete": ok,
+                                   "seconds_to_all": last, "seconds_to_half": median,
+                                   "outage_seconds": restarted - killed, "echoed": echoed,
+                                   "connections_kept": alive, "tls_resumed": resumed}
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self, cases: list[str]) -> None:
+        table: dict[str, Callable[[], Awaitable[None]]] = {
+            name: getattr(self, f"case_{name}") for name in CASES}
+        for name in cases:
+            self.progress(f"== {name}")
+            started = time.monotonic()
+            try:
+                await table[name]()
+            except Exception as exc:  # one broken case does not lose the others' figures
+                self.progress(f"{name} FAILED: {exc!r}")
+                self.row(name, "-", "FAILED", "error", vs=f"{type(exc).__name__}: {exc}"[:120])
+                self.details.setdefault("errors", {})[name] = repr(exc)
+            self.details.setdefault("case_seconds", {})[name] = round(
+                time.monotonic() - started, 1)
+
+    def close(self) -> None:
+        procs.stop_all()
+        if self.prosody is not None:
+            self.prosody.stop()
+        if not self.opts.workdir and not self.opts.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def _login(ep: Endpoint, user: str, password: str, resource: str) -> BenchClient:
+    from .client import login
+    return await login(ep.host, ep.port, user, password, resource=resource, domain=ep.domain,
+                       direct_tls=ep.direct_tls)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: stop like Ctrl-C, children stopped on the way out
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
+
+
+def _rules_wired(rules_file: Path) -> bool:
+    """Whether the proxy's configuration takes ``rules: [paths]`` yet."""
+    from proxy.config import ConfigError, parse_config
+    try:
+        parse_config({"rules": [str(rules_file)]})
+    except ConfigError:
+        return False
+    return True
+
+
+def raise_nofile(needed: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE (inherited by the processes we start) to at least ``needed``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft, hard
+    want_hard = max(hard, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, want_hard))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # not root: what we may
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def machine() -> dict[str, Any]:
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {"nproc": os.cpu_count(), "mem_total_gib": round(int(mem) / 2**20, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cpu": _cpu_model(),
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ("case", "setup", "figure", "value", "unit", "compared")
+    cells = [head] + [(r["case"], r["setup"], r["figure"], _fmt(r["value"]), r["unit"],
+                       r["vs"]) for r in rows]
+    widths = [max(len(str(c[i])) for c in cells) for i in range(len(head))]
+    lines = []
+    for k, c in enumerate(cells):
+        lines.append("| " + " | ".join(
+            str(v).rjust(widths[i]) if i == 3 and k else str(v).ljust(widths[i])
+            for i, v in enumerate(c)) + " |")
+        if k == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(s) for s in text.split(",") if s.strip()]
+    if not sizes or min(sizes) <= WARM_SESSIONS:
+        raise argparse.ArgumentTypeError(f"sizes must be more than {WARM_SESSIONS}")
+    return sizes
+
+
+def _cases(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown case {unknown[0]!r} (known: "
+                                         f"{', '.join(CASES)})")
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="xmpp-front benchmarks: each figure through the proxy and directly, "
+                    "in the same run. Cases: " + ", ".join(CASES))
+    p.add_argument("--only", type=_cases, default=list(CASES),
+                   help="comma-separated cases to run (default: all)")
+    p.add_argument("--pairs", type=int, default=4, help="client pairs for throughput (4)")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="measured seconds per throughput/latency/login figure (5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (1)")
+    p.add_argument("--window", type=int, default=2000,
+                   help="undelivered messages allowed per pair (2000)")
+    p.add_argument("--batch", type=int, default=25, help="messages per write (25)")
+    p.add_argument("--rate", type=float, default=200.0,
+                   help="messages/s in total for the latency figure (200)")
+    p.add_argument("--loggers", type=int, default=4, help="concurrent loggers (4)")
+    p.add_argument("--sessions", type=_sizes, default=[1000],
+                   help="idle session counts for memory, e.g. 1000,10000 (1000)")
+    p.add_argument("--resumes", type=int, default=50, help="resumptions measured (50)")
+    p.add_argument("--restore-sessions", type=int, default=1000,
+                   help="sessions restored after a server restart (1000)")
+    p.add_argument("--first-delay-max", type=float, default=2.0,
+                   help="reconnect.first_delay_max for the restore case (2)")
+    p.add_argument("--restore-timeout", type=float, default=180.0,
+                   help="seconds to wait for every session to be restored (180)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy the proxy during the capacity case; samples and hot spots "
+                        "go to DIR")
+    p.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    p.add_argument("--workdir", metavar="DIR", help="keep configs and logs here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    opts = p.parse_args(argv)
+    for name in ("pairs", "loggers", "resumes", "restore_sessions", "window", "batch"):
+        if getattr(opts, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.batch >= opts.window:
+        p.error("--batch must be smaller than --window")
+    if opts.seconds <= 0 or opts.rate <= 0:
+        p.error("--seconds and --rate must be positive")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    cases = [c for c in CASES if c in opts.only]
+    biggest = max([*(opts.sessions if "memory" in cases else [0]),
+                   opts.restore_sessions if "restore" in cases else 0])
+    # Per session: the harness's client socket; the proxy's client and upstream sockets; the
+    # upstream's socket. One limit for all (children inherit it), with room to spare.
+    needed = 2 * biggest + 4096
+    nofile = raise_nofile(needed)
+    bench = Bench(opts)
+    bench.progress(f"work folder {bench.workdir}; RLIMIT_NOFILE {nofile[0]} "
+                   f"(needed {needed})")
+    if nofile[0] < needed:
+        bench.progress(f"warning: RLIMIT_NOFILE {nofile[0]} < {needed}: the biggest session "
+                       "counts may fail (run as root or raise the hard limit)")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        asyncio.run(bench.run(cases))
+    except KeyboardInterrupt:
+        bench.progress("interrupted")
+        return 130
+    finally:
+        bench.close()
+    m = machine()
+    out = {"machine": m, "command": "python -m bench " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "options": vars(opts),
+        "nofile": nofile, "rows": bench.rows, "details": bench.details}
+    print(format_table(bench.rows))
+    print(f"\n{m['date']}; {m['nproc']} CPUs ({m['cpu']}); {m['mem_total_gib']} GiB; "
+          f"Python {m['python']}; total {time.monotonic() - bench.t0:.0f} s")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        bench.progress(f"results written to {opts.json}")
+    return 1 if "errors" in bench.details else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
