@@ -527,7 +527,13 @@ def raise_nofile(needed: int) -> tuple[int, int]:
 
 def machine() -> dict[str, Any]:
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=procs.REPO,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
     return {"nproc": os.cpu_count(), "mem_total_gib": round(int(mem) / 2**20, 1),
+            "commit": commit,
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu": _cpu_model(),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
@@ -650,8 +656,9 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]), "options": vars(opts),
         "nofile": nofile, "rows": bench.rows, "details": bench.details}
     print(format_table(bench.rows))
-    print(f"\n{m['date']}; {m['nproc']} CPUs ({m['cpu']}); {m['mem_total_gib']} GiB; "
-          f"Python {m['python']}; total {time.monotonic() - bench.t0:.0f} s")
+    print(f"\n{m['date']}; commit {m['commit']}; {m['nproc']} CPUs ({m['cpu']}); "
+          f"{m['mem_total_gib']} GiB; Python {m['python']}; "
+          f"total {time.monotonic() - bench.t0:.0f} s")
     if opts.json:
         Path(opts.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
         bench.progress(f"results written to {opts.json}")
