@@ -72,6 +72,30 @@ async def login_many(ep: Endpoint, accounts: Sequence[tuple[str, str]], *, resou
         raise
 
 
+async def login_some(ep: Endpoint, accounts: Sequence[tuple[str, str]], *, resource: str,
+                     concurrency: int = 32, progress: Progress | None = None,
+                     every: int = 1000, timeout: float = 60.0,
+                     ) -> tuple[list[BenchClient], list[BaseException]]:
+    """Like login_many, but goes on after failures: (the clients logged in, the errors)."""
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(user: str, password: str) -> BenchClient:
+        nonlocal done
+        async with sem:
+            client = await login(ep.host, ep.port, user, password, resource=resource,
+                                 domain=ep.domain, direct_tls=ep.direct_tls, timeout=timeout)
+        done += 1
+        if progress is not None and done % every == 0:
+            progress(f"{done}/{len(accounts)} more logged in via {ep.name}")
+        return client
+
+    results = await asyncio.gather(*(one(u, p) for u, p in accounts), return_exceptions=True)
+    clients = [r for r in results if isinstance(r, BenchClient)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    return clients, errors
+
+
 def abort_all(clients: Sequence[BenchClient]) -> None:
     for c in clients:
         c.abort()

@@ -37,6 +37,7 @@ from .rules50 import write_fifty_rules
 
 CASES = ("capacity", "rules", "throughput", "latency", "login", "resume", "memory", "restore")
 C = TypeVar("C", bound=procs.Child)
+PROXY_OWN_FDS = 16  # listeners, epoll, the store, stdio: measured 10 with a few sessions
 WARM_SESSIONS = 10  # memory: sessions connected before the baseline RSS is read
 
 
@@ -393,22 +394,34 @@ class Bench:
             for n in sizes:
                 more = accounts[len(clients):n]
                 t = time.monotonic()
-                clients += await load.login_many(ep, more, resource="idle", concurrency=64,
-                                                 progress=self.progress)
+                new, errors = await load.login_some(ep, more, resource="idle", concurrency=64,
+                                                    progress=self.progress)
+                clients += new
                 took = time.monotonic() - t
                 await asyncio.sleep(2.0)
                 rss = proxy.rss()
                 fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
-                per = (rss - base) / (n - WARM_SESSIONS)
+                have = len(clients)
+                per = (rss - base) / (have - WARM_SESSIONS)
                 echoed = await load.echo_check(clients)
-                self.progress(f"{label}, {n} sessions: proxy RSS {rss / 2**20:.1f} MiB, "
+                self.progress(f"{label}, {have}/{n} sessions: proxy RSS {rss / 2**20:.1f} MiB, "
                               f"{per / 1024:.1f} KiB per session, {fds} fds, "
-                              f"{echoed}/{n} echoed; logins took {took:.1f} s")
+                              f"{echoed}/{have} echoed; logins took {took:.1f} s")
+                failed = ""
+                if errors:
+                    failed = f"; {len(errors)} logins FAILED, first: {errors[0]}"[:160]
+                    self.progress(f"{label}: {len(errors)} of {n} logins failed; first: "
+                                  f"{errors[0]!r}")
                 self.row("memory", f"{n} idle sessions, {label}", "RSS per session",
                          round(per / 1024, 1), "KiB",
-                         vs=f"total {rss / 2**20:.0f} MiB; {echoed}/{n} working; {fds} fds")
+                         vs=f"total {rss / 2**20:.0f} MiB; {echoed}/{n} working; "
+                            f"{fds} fds{failed}")
                 run[str(n)] = {"rss": rss, "per_session": per, "fds": fds, "echoed": echoed,
+                               "sessions": have, "failed_logins": len(errors),
+                               "first_error": repr(errors[0]) if errors else None,
                                "login_seconds": took}
+                if errors:
+                    break
         finally:
             load.abort_all(clients)
             await self.stopped(proxy)
@@ -635,14 +648,17 @@ def main(argv: list[str] | None = None) -> int:
                    opts.restore_sessions if "restore" in cases else 0])
     # Per session: the harness's client socket; the proxy's client and upstream sockets; the
     # upstream's socket. One limit for all (children inherit it), with room to spare.
-    needed = 2 * biggest + 4096
-    nofile = raise_nofile(needed)
+    # The proxy needs two descriptors per session (client and upstream sockets) and a few
+    # of its own; the harness one per session; the fast upstream one per session.
+    proxy_needs = 2 * biggest + PROXY_OWN_FDS
+    nofile = raise_nofile(2 * biggest + 4096)
     bench = Bench(opts)
-    bench.progress(f"work folder {bench.workdir}; RLIMIT_NOFILE {nofile[0]} "
-                   f"(needed {needed})")
-    if nofile[0] < needed:
-        bench.progress(f"warning: RLIMIT_NOFILE {nofile[0]} < {needed}: the biggest session "
-                       "counts may fail (run as root or raise the hard limit)")
+    bench.progress(f"work folder {bench.workdir}; RLIMIT_NOFILE {nofile[0]} (hard "
+                   f"{nofile[1]}); the proxy needs about {proxy_needs} for {biggest} sessions")
+    if nofile[0] < proxy_needs:
+        bench.progress(f"warning: RLIMIT_NOFILE {nofile[0]} < {proxy_needs}: the proxy can "
+                       f"hold about {(nofile[0] - PROXY_OWN_FDS) // 2} sessions here (raising "
+                       "the hard limit needs root with CAP_SYS_RESOURCE)")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         asyncio.run(bench.run(cases))
