@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -409,7 +410,7 @@ class Bench:
                               f"{echoed}/{have} echoed; logins took {took:.1f} s")
                 failed = ""
                 if errors:
-                    failed = f"; {len(errors)} logins FAILED, first: {errors[0]}"[:160]
+                    failed = f"; {len(errors)} logins FAILED ({_short_error(errors[0])})"
                     self.progress(f"{label}: {len(errors)} of {n} logins failed; first: "
                                   f"{errors[0]!r}")
                 self.row("memory", f"{n} idle sessions, {label}", "RSS per session",
@@ -509,6 +510,14 @@ async def _login(ep: Endpoint, user: str, password: str, resource: str) -> Bench
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM: stop like Ctrl-C, children stopped on the way out
+
+
+def _short_error(exc: BaseException) -> str:
+    """A SASL or stream error condition if the message has one, else the exception, short."""
+    text = str(exc)
+    m = re.search(r"<([a-z-]+)/>\s*(?:<text[^>]*>[^<]*</text>\s*)?</(?:failure|stream:error)>",
+                  text)
+    return m.group(1) if m else f"{type(exc).__name__}: {text}"[:80]
 
 
 def _pct(share: float | None) -> str:
