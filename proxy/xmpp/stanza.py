@@ -88,13 +88,7 @@ def error_reply(stanza: Element, condition: str, *, error_type: str | None = Non
     Only the error child is sent back: echoing the original payload is optional and would
     bounce large or sensitive content.
     """
-    reply = element(etree.QName(stanza).localname, {"type": "error"})
-    if stanza.get("id") is not None:
-        reply.set("id", stanza.get("id", ""))
-    if stanza.get("from"):
-        reply.set("to", stanza.get("from", ""))
-    if stanza.get("to"):
-        reply.set("from", stanza.get("to", ""))
+    reply = _reply(stanza, "error")
     err = sub(reply, "error", {"type": error_type or DEFAULT_ERROR_TYPE.get(condition, "cancel")})
     if by:
         err.set("by", by)
@@ -105,14 +99,18 @@ def error_reply(stanza: Element, condition: str, *, error_type: str | None = Non
     return reply
 
 
+def _reply(request: Element, reply_type: str) -> Element:
+    """A stanza of the request's kind and id going back: ``to`` and ``from`` swapped."""
+    reply = element(etree.QName(request).localname, {"type": reply_type})
+    for source, target in (("id", "id"), ("from", "to"), ("to", "from")):
+        value = request.get(source)
+        if value is not None and (value or source == "id"):
+            reply.set(target, value)
+    return reply
+
+
 def iq_result(request: Element, payload: Element | None = None) -> Element:
-    reply = element("iq", {"type": "result"})
-    if request.get("id") is not None:
-        reply.set("id", request.get("id", ""))
-    if request.get("from"):
-        reply.set("to", request.get("from", ""))
-    if request.get("to"):
-        reply.set("from", request.get("to", ""))
+    reply = _reply(request, "result")
     if payload is not None:
         reply.append(payload)
     return reply

@@ -4,8 +4,8 @@ restarts or vanishes behind a fault-injecting relay, and nothing they send is lo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -61,13 +61,21 @@ def setup(tmp_path: Path, certs) -> Iterator[Setup]:
         yield s
 
 
-async def chat_pair(s: Setup) -> tuple[Any, Any]:
+@asynccontextmanager
+async def chat_pair(s: Setup) -> AsyncIterator[tuple[Any, Any]]:
+    """alice and bob logged in through the proxy; logged out at the end."""
     (a_jid, a_pw), (b_jid, b_pw) = s.account("alice"), s.account("bob")
     a = await clients.connect_client(a_jid + "/a", a_pw, s.proxy.host, s.proxy.port,
                                      direct_tls=False)
-    b = await clients.connect_client(b_jid + "/b", b_pw, s.proxy.host, s.proxy.port,
-                                     direct_tls=False)
-    return a, b
+    try:
+        b = await clients.connect_client(b_jid + "/b", b_pw, s.proxy.host, s.proxy.port,
+                                         direct_tls=False)
+        try:
+            yield a, b
+        finally:
+            await clients.disconnect(b)
+    finally:
+        await clients.disconnect(a)
 
 
 async def exchange_through(outage, a, b, count: int = 30, *, pause: float = 0.05) -> None:
@@ -111,12 +119,8 @@ def test_server_killed_and_restarted_twice_mid_flow(setup: Setup) -> None:
             await restored(setup, 2 * (n + 1))  # both sessions back before the next crash
 
     async def scenario() -> None:
-        a, b = await chat_pair(setup)
-        try:
+        async with chat_pair(setup) as (a, b):
             await exchange_through(outage, a, b, count=40)
-        finally:
-            await clients.disconnect(a)
-            await clients.disconnect(b)
 
     run(scenario(), 90)
     assert len(setup.proxy.events("upstream_restored")) >= 4  # two sessions, twice
@@ -129,12 +133,8 @@ def test_graceful_server_restart(setup: Setup) -> None:
         setup.server.start()
 
     async def scenario() -> None:
-        a, b = await chat_pair(setup)
-        try:
+        async with chat_pair(setup) as (a, b):
             await exchange_through(outage, a, b, count=30)
-        finally:
-            await clients.disconnect(a)
-            await clients.disconnect(b)
 
     run(scenario(), 90)
     assert any("system-shutdown" in e["reason"] for e in setup.proxy.events("upstream_down"))
@@ -149,12 +149,8 @@ def test_reset_recovers_and_reuses_the_tls_session(tmp_path: Path, certs) -> Non
             s.relay.reset()
 
         async def scenario() -> None:
-            a, b = await chat_pair(s)
-            try:
+            async with chat_pair(s) as (a, b):
                 await exchange_through(outage, a, b, count=20)
-            finally:
-                await clients.disconnect(a)
-                await clients.disconnect(b)
 
         run(scenario(), 60)
         done = s.proxy.events("upstream_restored")
@@ -163,8 +159,7 @@ def test_reset_recovers_and_reuses_the_tls_session(tmp_path: Path, certs) -> Non
 
 def test_refusal_for_a_while_then_recovery_with_pings_answered_meanwhile(setup: Setup) -> None:
     async def scenario() -> None:
-        a, b = await chat_pair(setup)
-        try:
+        async with chat_pair(setup) as (a, b):
             async def outage() -> None:
                 await asyncio.sleep(0.3)
                 setup.relay.refuse()
@@ -177,9 +172,6 @@ def test_refusal_for_a_while_then_recovery_with_pings_answered_meanwhile(setup: 
                 setup.relay.pass_through()
 
             await exchange_through(outage, a, b, count=30)
-        finally:
-            await clients.disconnect(a)
-            await clients.disconnect(b)
 
     run(scenario(), 60)
     assert setup.proxy.events("upstream_reconnect_failed")
@@ -188,8 +180,7 @@ def test_refusal_for_a_while_then_recovery_with_pings_answered_meanwhile(setup: 
 def test_blackhole_is_detected_within_ping_idle_plus_timeout(tmp_path: Path, certs) -> None:
     with make_setup(tmp_path, certs, upstream={"ping_idle": 1, "ping_timeout": 1}) as s:
         async def scenario() -> float:
-            a, b = await chat_pair(s)
-            try:
+            async with chat_pair(s) as (a, b):
                 await asyncio.sleep(0.5)
                 started = asyncio.get_running_loop().time()
                 s.relay.blackhole()
@@ -202,9 +193,6 @@ def test_blackhole_is_detected_within_ping_idle_plus_timeout(tmp_path: Path, cer
                 a.send_message(mto=b.boundjid.full, mbody="after the blackhole", mtype="chat")
                 assert (await inbox.get(20))["body"] == "after the blackhole"
                 return detected
-            finally:
-                await clients.disconnect(a)
-                await clients.disconnect(b)
 
         detected = run(scenario(), 60)
         assert detected <= 1 + 1 + 1.0  # ping_idle + ping_timeout, plus scheduling slack
@@ -304,8 +292,7 @@ def test_after_reconnect_the_client_is_back_in_its_room_with_its_presence(
             "muc": True, "extra_config": "muc_room_locking = false"}) as s:
 
         async def scenario() -> None:
-            a, b = await chat_pair(s)
-            try:
+            async with chat_pair(s) as (a, b):
                 await subscribe_both(a, b)
                 for c, nick in ((a, "alice"), (b, "bob")):
                     joined = clients.Inbox(c, "presence",
@@ -334,9 +321,6 @@ def test_after_reconnect_the_client_is_back_in_its_room_with_its_presence(
                 groupchat = clients.Inbox(a, "message", lambda m: m["body"] == "welcome back")
                 b.send_message(mto=room, mbody="welcome back", mtype="groupchat")
                 assert (await groupchat.get(10))["body"] == "welcome back"
-            finally:
-                await clients.disconnect(a)
-                await clients.disconnect(b)
 
         run(scenario(), 60)
 
@@ -387,12 +371,8 @@ def test_a_server_with_stream_management_confirms_by_its_acks(tmp_path: Path, ce
             s.relay.reset()
 
         async def scenario() -> None:
-            a, b = await chat_pair(s)
-            try:
+            async with chat_pair(s) as (a, b):
                 await exchange_through(outage, a, b, count=20)
-            finally:
-                await clients.disconnect(a)
-                await clients.disconnect(b)
 
         run(scenario(), 60)
         # Enabled on the first connection and again after the reconnect, for both sessions.
