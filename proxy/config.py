@@ -61,6 +61,9 @@ class ReconnectConfig:
 class Limits:
     max_stanza_bytes: int = 262144
     negotiation_timeout: float = 30.0  # seconds a client may take from connect to bound
+    # Decrypted bytes asyncio reads per TLS call, per connection. Python's default (256 KiB,
+    # allocated for every TLS connection) would dominate the memory of an idle session.
+    tls_read_buffer: int = 16896
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("reconnect", "max_outage"): (lambda v: v > 0, "a positive number of seconds"),
     ("limits", "max_stanza_bytes"): (lambda v: 1024 <= v <= 64 * 1024 * 1024,
                                      "between 1024 and 67108864 bytes"),
+    ("limits", "tls_read_buffer"): (lambda v: 4096 <= v <= 1048576,
+                                    "between 4096 and 1048576 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("stream_management", "resume_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("stream_management", "max_resume_timeout"): (lambda v: v > 0,

@@ -45,6 +45,7 @@ TRANSIENT_STREAM_ERRORS = frozenset((
     "system-shutdown", "connection-timeout", "internal-server-error", "reset",
     "remote-connection-failed", "resource-constraint", "undefined-condition"))
 BARRIER_FLUSH = 0.2  # seconds after a batch before a barrier confirms it
+CLOSE_WAIT = 1.0  # seconds the reading task gets to stop when the session ends
 
 UpstreamState = Literal["up", "down", "gone"]
 
@@ -329,8 +330,15 @@ class UpstreamSide:
             self._flush.cancel()
         if asyncio.current_task() is not self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
+            if not self._task.done():
+                # Still blocked in a read: closing the transport ends it.
+                self.link.stream.abort()
+                dead = True
+                await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
+            if self._task.done() and not self._task.cancelled():
+                with contextlib.suppress(Exception):
+                    self._task.result()
         if self.state == "up" and not dead:
             await self.link.stream.close(wait_for_peer=2.0)
         else:

@@ -34,6 +34,8 @@ class XmlStream:
         self.parser = codec.XmlStreamParser(max_stanza_bytes=max_stanza_bytes)
         self._events: deque[codec.StreamEvent] = deque()
         self.closing = False
+        self.dead = False  # the connection ended under us (EOF, reset)
+        self._pending_out: list[bytes] = []
 
     @property
     def peer(self) -> str:
@@ -57,12 +59,20 @@ class XmlStream:
         nothing arrives within ``timeout``."""
         while not self._events:
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+                if timeout is None:
+                    data = await self.reader.read(READ_CHUNK)
+                else:
+                    # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
+                    # cancellation that races with a completed read.
+                    async with asyncio.timeout(timeout):
+                        data = await self.reader.read(READ_CHUNK)
             except TimeoutError:
                 raise  # an OSError subclass, but not a lost connection
             except (OSError, ssl.SSLError) as exc:
+                self.dead = True
                 raise ConnectionLost(type(exc).__name__) from exc
             if not data:
+                self.dead = True
                 raise ConnectionLost("eof")
             self._events.extend(self.parser.feed(data))
         return self._events.popleft()
@@ -78,7 +88,19 @@ class XmlStream:
         self.send_bytes(codec.serialize(el))
 
     def send_bytes(self, data: bytes) -> None:
-        if not self.writer.is_closing():
+        """Queue ``data``; everything queued in one turn of the event loop goes out as one
+        write (one TLS record, one syscall) instead of one per stanza."""
+        if not self._pending_out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending_out.append(data)
+
+    def flush(self) -> None:
+        if not self._pending_out:
+            return
+        data = b"".join(self._pending_out)
+        self._pending_out.clear()
+        # Nothing for a peer that is gone: asyncio would only log a warning per write.
+        if not self.dead and not self.writer.is_closing():
             self.writer.write(data)
 
     @property
@@ -88,6 +110,7 @@ class XmlStream:
         return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
 
     async def drain(self) -> None:
+        self.flush()
         with contextlib.suppress(OSError, ssl.SSLError):
             await self.writer.drain()
 
@@ -121,6 +144,7 @@ class XmlStream:
         self.abort()
 
     def abort(self) -> None:
+        self.flush()
         self.closing = True
         with contextlib.suppress(Exception):
             self.writer.close()
