@@ -91,9 +91,13 @@ class Bench:
 
     def proxy_before_prosody(self, name: str, **overrides: Any) -> procs.Proxy:
         assert self.prosody is not None
-        return procs.Proxy(self.workdir / name, self.cert, self.key, {
+        upstream: dict[str, Any] = {
             "port": self.prosody.c2s_port, "domain": self.prosody.domain, "tls": "starttls",
-            "verify": True, "ca": str(self.prosody.cert)}, name=name, **overrides)
+            "verify": True, "ca": str(self.prosody.cert)}
+        if self.opts.barrier_every is not None:
+            upstream["barrier_every"] = self.opts.barrier_every
+        return procs.Proxy(self.workdir / name, self.cert, self.key, upstream, name=name,
+                           **overrides)
 
     def proxy_before_fast(self, name: str, upstream: procs.Child, *, tls: bool = False,
                           **overrides: Any) -> procs.Proxy:
@@ -638,6 +642,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "go to DIR")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--workdir", metavar="DIR", help="keep configs and logs here")
+    p.add_argument("--barrier-every", type=int, metavar="N", default=None,
+                   help="upstream.barrier_every for proxies in front of Prosody "
+                        "(default: the proxy's own default, 10)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     opts = p.parse_args(argv)
     for name in ("pairs", "loggers", "resumes", "restore_sessions", "window", "batch"):
