@@ -32,6 +32,7 @@ from .compiler import (
     RuleOutcome,
     StanzaFacts,
 )
+from .index import KindIndex
 from .files import FILE_KEYS, RuleError, RuleFile, check_namespaces, read_rule_file
 from ..xmpp.stanza import Element
 
@@ -51,9 +52,6 @@ __all__ = [
 ]
 
 
-_NONE: tuple[tuple[CompiledRule, ...], bool] = ((), False)
-
-
 class RuleSet:
     """Compiled rules, in order. Immutable: reload by loading a new set and swapping."""
 
@@ -61,15 +59,16 @@ class RuleSet:
         self._rules = tuple(rules)
         self.names: list[str] = [r.name for r in self._rules]
         self.sources: list[str] = list(sources)
-        # direction -> stanza tag -> (the rules that can apply, in order; whether to compute
-        # the children's namespaces for XPath guards: worth it from two guarded rules on).
-        self._index: dict[str, dict[Any, tuple[tuple[CompiledRule, ...], bool]]] = {}
+        # direction -> stanza tag -> the plans by stanza type (see .index), for the kinds
+        # that have rules.
+        self._index: dict[str, dict[Any, KindIndex]] = {}
         for d in DIRECTIONS:
             self._index[d] = {}
             for tag in KINDS.values():
-                rules_here = tuple(r for r in self._rules if d in r.directions and tag in r.kinds)
-                guarded = sum(r.guard is not None for r in rules_here)
-                self._index[d][tag] = (rules_here, guarded >= 2)
+                here = [(i, r) for i, r in enumerate(self._rules)
+                        if d in r.directions and tag in r.kinds]
+                if here:
+                    self._index[d][tag] = KindIndex(tag, here)
 
     @classmethod
     def load(cls, paths: Sequence[str | Path]) -> RuleSet:
@@ -101,14 +100,56 @@ class RuleSet:
         """Run the rules on one stanza (changed in place). Anything that is not a message,
         presence or iq in ``jabber:client`` (nonzas) passes untouched."""
         try:
-            rules, guards = self._index[direction].get(stanza.tag, _NONE)
+            kind = self._index[direction].get(stanza.tag)
         except KeyError:
             raise ValueError(f"direction must be 'c2s' or 's2c', not {direction!r}") from None
         outcome = RuleOutcome(stanza)
-        if not rules:
+        if kind is None:
             return outcome
-        facts = StanzaFacts(stanza, guards)
-        for rule in rules:
+        plan = kind.plans.get(stanza.get("type") or kind.implicit, kind.default)
+        if not plan.rules:
+            return outcome
+        facts = StanzaFacts(stanza, plan.guards)
+        rules = self._rules
+        after = -1
+        while True:
+            for pos in plan.candidates(facts, after):
+                rule = rules[pos]
+                if not rule.matches(facts):
+                    continue
+                outcome.matched.append(rule.name)
+                flow = GO
+                for action in rule.actions:
+                    flow = action(stanza, outcome, rule)
+                    if flow:
+                        break
+                if flow == END:
+                    outcome.stanza = None
+                    return outcome
+                if flow == STOP:
+                    return outcome
+                if rule.changes:
+                    # The actions may have changed what the next rules look at, the type
+                    # too: start again after this rule, with fresh facts.
+                    facts.reset()
+                    plan = kind.plans.get(stanza.get("type") or kind.implicit, kind.default)
+                    facts.guards = plan.guards
+                    after = pos
+                    break
+            else:
+                return outcome
+
+    def _apply_linear(self, direction: Direction, stanza: Element) -> RuleOutcome:
+        """:meth:`apply` without the index: every rule tried in order (for tests)."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'c2s' or 's2c', not {direction!r}")
+        outcome = RuleOutcome(stanza)
+        if stanza.tag not in KINDS.values():
+            return outcome
+        facts = StanzaFacts(stanza, True)
+        for rule in self._rules:
+            if direction not in rule.directions or stanza.tag not in rule.kinds:
+                continue
             if not rule.matches(facts):
                 continue
             outcome.matched.append(rule.name)
@@ -118,7 +159,7 @@ class RuleSet:
                 if flow:
                     break
             if rule.changes:
-                facts.reset()  # the actions may have changed what the next rules look at
+                facts.reset()
             if flow == END:
                 outcome.stanza = None
                 break
