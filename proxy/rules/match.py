@@ -164,16 +164,31 @@ class StanzaFacts:
         return parts
 
     def bodies(self) -> list[str]:
-        if self._bodies is None:
-            self._bodies = [b.text for b in self.el.iterchildren(_BODY) if b.text]
-        return self._bodies
+        bodies = self._bodies
+        if bodies is None:
+            if self.guards:  # the children's namespaces will be wanted too: one pass
+                bodies = self._scan()
+            else:
+                bodies = self._bodies = [b.text for b in self.el.iterchildren(_BODY) if b.text]
+        return bodies
 
     def children(self) -> set[str] | None:
         """The namespaces of the stanza's child elements (None: guards are not used)."""
         if self._children is None and self.guards:
-            found = self._children = set()
-            for c in self.el:
-                tag = c.tag
-                if isinstance(tag, str) and tag[0] == "{":
-                    found.add(tag[1:tag.index("}")])
+            self._scan()
         return self._children
+
+    def _scan(self) -> list[str]:
+        """The children's namespaces and the body texts, in one pass over the children."""
+        found: set[str] = set()
+        bodies: list[str] = []
+        for c in self.el:
+            tag = c.tag
+            if isinstance(tag, str) and tag[0] == "{":
+                if tag == _BODY:
+                    text = c.text
+                    if text:
+                        bodies.append(text)
+                found.add(tag[1:tag.index("}")])
+        self._children, self._bodies = found, bodies
+        return bodies
