@@ -150,17 +150,16 @@ class StanzaFacts:
 
     def jid(self, attr: str) -> tuple[str, str, str | None] | None:
         """(bare JID lowercased, its domain, the full JID or None), None when absent."""
-        try:
-            return self._jids[attr]
-        except KeyError:
-            pass
+        jids = self._jids
+        if attr in jids:  # (no try/except: the first lookup would raise every time)
+            return jids[attr]
         value = self.el.get(attr)
         parts = None
         if value:
             bare, slash, resource = value.partition("/")
             bare = bare.lower()
             parts = (bare, bare.rpartition("@")[2], f"{bare}/{resource}" if slash else None)
-        self._jids[attr] = parts
+        jids[attr] = parts
         return parts
 
     def bodies(self) -> list[str]:
