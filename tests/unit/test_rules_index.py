@@ -95,8 +95,10 @@ def test_bench_rules_same_results() -> None:
     from bench.rules50 import fifty_rules
     data = fifty_rules()
     rs = RuleSet.from_rules(data["rules"], namespaces=data["namespaces"])
-    for xml in ["<message from='a@localhost/x' to='u@x.bad0.example' type='chat'><body>hi</body></message>",
-                "<message from='a@bad3.example/x' to='old2@localhost' type='chat'><body>CodeWord4 !</body>"
+    for xml in ["<message from='a@localhost/x' to='u@x.bad0.example' type='chat'>"
+                "<body>hi</body></message>",
+                "<message from='a@bad3.example/x' to='old2@localhost' type='chat'>"
+                "<body>CodeWord4 !</body>"
                 "<e xmlns='urn:example:bench:ext2'/></message>",
                 "<message to='z@bots1.localhost' type='headline'/>",
                 "<presence from='z@a.spam2.example' type='subscribe'/>",
