@@ -21,6 +21,9 @@ from .xmpp.stanza import Element
 
 
 
+MAX_BARRIERS_IN_FLIGHT = 2
+
+
 @dataclass
 class Outbox:
     domain: str
@@ -67,7 +70,9 @@ class Outbox:
             self.pending.append(el)
             return []
         self._write(el)
-        if self.unbarriered >= self.barrier_every:
+        # At most two barriers in flight: under load the server's next reply confirms more
+        # at once, and it is not made to answer a ping per few stanzas.
+        if self.unbarriered >= self.barrier_every and len(self.barriers) < MAX_BARRIERS_IN_FLIGHT:
             return [el, self.barrier()]
         return [el]
 

@@ -178,3 +178,16 @@ def test_with_stream_management_upstream_acks_confirm_instead_of_barriers() -> N
     assert ping_barrier.find("{urn:xmpp:ping}ping") is not None
     assert box.on_reply(reply(ping_barrier.get("id")))
     assert not box.unconfirmed
+
+
+def test_at_most_two_barriers_in_flight_then_the_flush_covers_the_rest() -> None:
+    box = make_outbox(barrier_every=2, max_buffer=100)
+    sent = [e for n in range(10) for e in box.submit(msg(n))]
+    barriers = [e.get("id") for e in sent if e.tag == "{jabber:client}iq"]
+    assert barriers == ["b1", "b2"]  # not one per two stanzas while unanswered
+    assert box.on_reply(reply("b2"))  # confirms m0..m3
+    assert box.unconfirmed[0][1].get("id") == "m4"
+    more = box.submit(msg(10))  # room again: the backlog gets its barrier
+    assert more[-1].get("id") == "b3"
+    assert box.on_reply(reply("b3"))
+    assert not box.unconfirmed
