@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tests.integration.proxyproc import merge_config
 from tests.peers.util import LOCALHOST, free_port, wait_port_sync
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,16 +38,6 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class Child:
@@ -160,7 +151,7 @@ class Proxy(Child):
                  **overrides: Any) -> None:
         port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config: dict[str, Any] = _merge({
+        self.config: dict[str, Any] = merge_config({
             "listen": [{"host": LOCALHOST, "port": port}],
             "tls": {"cert": str(cert), "key": str(key)},
             "upstream": {"host": LOCALHOST, "domain": "localhost", "connect_timeout": 30,

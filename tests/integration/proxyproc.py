@@ -20,11 +20,12 @@ from tests.peers.util import LOCALHOST, free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, mappings merged key by key."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_config(out[key], value)
         else:
             out[key] = value
     return out
@@ -40,7 +41,7 @@ class ProxyProcess:
         self.host = LOCALHOST
         self.port = free_port()
         self.direct_tls_port = free_port()
-        self.config: dict[str, Any] = _merge({
+        self.config: dict[str, Any] = merge_config({
             "listen": [{"host": LOCALHOST, "port": self.port},
                        {"host": LOCALHOST, "port": self.direct_tls_port, "direct_tls": True}],
             "tls": {"cert": str(cert), "key": str(key)},
