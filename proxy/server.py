@@ -81,10 +81,6 @@ class Proxy:
                 session.write(self.roster.catch_up(core))
         asyncio.get_running_loop().call_soon(push)
 
-    @property
-    def bound_ports(self) -> list[int]:
-        return [s.sockets[0].getsockname()[1] for s in self.servers]
-
     async def start(self) -> None:
         for listener in self.config.listen:
             tls: dict[str, Any] = ({"ssl": self.server_tls, "ssl_handshake_timeout":

@@ -159,9 +159,6 @@ class StreamManagement:
         self.ack_requested_at = now
         return sm_element("r")
 
-    def ack_overdue(self, now: float, ack_timeout: float) -> bool:
-        return self.ack_requested_at is not None and now - self.ack_requested_at > ack_timeout
-
     # Connections --------------------------------------------------------------------------------
 
     def detached(self) -> None:

@@ -83,7 +83,6 @@ class UpstreamSide:
         self._probe = False  # a liveness ping is unanswered
         self._sm_inbound = 0  # stanzas from the server since our <enable/> (XEP-0198)
         self._flush: asyncio.TimerHandle | None = None
-        self.reconnects = 0
         # The TLS session to offer when reconnecting; taken once the server has spoken on a
         # connection (a TLS 1.3 ticket arrives after the handshake).
         self._tls_session: ssl.SSLSession | None = None
@@ -290,7 +289,6 @@ class UpstreamSide:
         self._tls_fresh = True
         self.state = "up"
         self.down_since = None
-        self.reconnects += 1
         self._enable_sm(link)
         restore = self.session.core.upstream_restored()
         for el in restore.to_upstream:  # presence, rooms, roster catch-up

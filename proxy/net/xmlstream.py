@@ -50,10 +50,6 @@ class XmlStream:
         cipher = sslobj.cipher()
         return {"tls_version": sslobj.version(), "cipher": cipher[0] if cipher else None}
 
-    @property
-    def encrypted(self) -> bool:
-        return self.writer.get_extra_info("ssl_object") is not None
-
     async def next_event(self, timeout: float | None = None) -> codec.StreamEvent:
         """The next stream event; ConnectionLost on EOF or a socket error, TimeoutError when
         nothing arrives within ``timeout``."""
