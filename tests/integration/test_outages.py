@@ -154,7 +154,8 @@ def test_reset_recovers_and_reuses_the_tls_session(tmp_path: Path, certs) -> Non
 
         run(scenario(), 60)
         done = s.proxy.events("upstream_restored")
-        assert len(done) == 2 and all(e["tls_resumed"] for e in done)
+        assert len(done) == 2 and all(e["tls_resumed"] for e in done), (
+            done, s.proxy.events("upstream_down"), s.proxy.events("upstream_reconnect_failed"))
 
 
 def test_refusal_for_a_while_then_recovery_with_pings_answered_meanwhile(setup: Setup) -> None:
@@ -376,5 +377,7 @@ def test_a_server_with_stream_management_confirms_by_its_acks(tmp_path: Path, ce
 
         run(scenario(), 60)
         # Enabled on the first connection and again after the reconnect, for both sessions.
-        assert len(s.proxy.events("upstream_sm_enabled")) == 4
+        enabled = s.proxy.events("upstream_sm_enabled")
+        assert len(enabled) == 4, (enabled, s.proxy.events("upstream_restored"),
+                                   s.proxy.events("upstream_down"))
         assert not s.proxy.events("upstream_sm_refused")
