@@ -140,19 +140,24 @@ def test_graceful_server_restart(setup: Setup) -> None:
     assert any("system-shutdown" in e["reason"] for e in setup.proxy.events("upstream_down"))
 
 
+def chat_through_a_reset(s: Setup) -> None:
+    """alice and bob chat while the link to the server is reset under them."""
+    async def outage() -> None:
+        await asyncio.sleep(0.4)
+        s.relay.reset()
+
+    async def scenario() -> None:
+        async with chat_pair(s) as (a, b):
+            await exchange_through(outage, a, b, count=20)
+
+    run(scenario(), 60)
+
+
 def test_reset_recovers_and_reuses_the_tls_session(tmp_path: Path, certs) -> None:
     # Prosody turns TLS session tickets off by default; a server that allows them lets
     # the proxy's reconnect skip the full handshake.
     with make_setup(tmp_path, certs, prosody={"tls_tickets": True}) as s:
-        async def outage() -> None:
-            await asyncio.sleep(0.4)
-            s.relay.reset()
-
-        async def scenario() -> None:
-            async with chat_pair(s) as (a, b):
-                await exchange_through(outage, a, b, count=20)
-
-        run(scenario(), 60)
+        chat_through_a_reset(s)
         done = s.proxy.events("upstream_restored")
         assert len(done) == 2 and all(e["tls_resumed"] for e in done), (
             done, s.proxy.events("upstream_down"), s.proxy.events("upstream_reconnect_failed"))
@@ -367,15 +372,7 @@ def test_a_server_with_stream_management_confirms_by_its_acks(tmp_path: Path, ce
     an outage still loses nothing."""
     with make_setup(tmp_path, certs, prosody={"smacks": True},
                     upstream={"barrier_every": 2}) as s:
-        async def outage() -> None:
-            await asyncio.sleep(0.4)
-            s.relay.reset()
-
-        async def scenario() -> None:
-            async with chat_pair(s) as (a, b):
-                await exchange_through(outage, a, b, count=20)
-
-        run(scenario(), 60)
+        chat_through_a_reset(s)
         # Enabled on the first connection and again after the reconnect, for both sessions.
         enabled = s.proxy.events("upstream_sm_enabled")
         assert len(enabled) == 4, (enabled, s.proxy.events("upstream_restored"),
