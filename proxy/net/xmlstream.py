@@ -18,6 +18,10 @@ from ..xmpp.stanza import Element
 
 
 READ_CHUNK = 65536
+# A polite close (TLS close_notify) waits for the peer; a dead peer never answers, and
+# asyncio's own TLS shutdown timeout (30 s) then surfaces as an error in the reader. After
+# this long the transport is dropped instead.
+CLOSE_GRACE = 2.0
 
 
 class ConnectionLost(Exception):
@@ -54,16 +58,21 @@ class XmlStream:
         """The next stream event; ConnectionLost on EOF or a socket error, TimeoutError when
         nothing arrives within ``timeout``."""
         while not self._events:
+            deadline = None
             try:
                 if timeout is None:
                     data = await self.reader.read(READ_CHUNK)
                 else:
                     # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
                     # cancellation that races with a completed read.
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(timeout) as deadline:
                         data = await self.reader.read(READ_CHUNK)
-            except TimeoutError:
-                raise  # an OSError subclass, but not a lost connection
+            except TimeoutError as exc:
+                if deadline is not None and deadline.expired():
+                    raise  # our own timeout: nothing arrived, the connection may be fine
+                # The transport's (a TLS shutdown that timed out): the connection is gone.
+                self.dead = True
+                raise ConnectionLost(type(exc).__name__) from exc
             except (OSError, ssl.SSLError) as exc:
                 self.dead = True
                 raise ConnectionLost(type(exc).__name__) from exc
@@ -139,11 +148,30 @@ class XmlStream:
                         pass
         self.abort()
 
-    def abort(self) -> None:
-        self.flush()
+    def abort(self, *, hard: bool = False) -> None:
+        """Close the connection without waiting for the peer's stream close.
+
+        ``hard``: drop it at once, unsent bytes and all (a peer declared dead must not hold
+        a TLS shutdown open). Otherwise what is queued is written and TLS is shut down
+        politely, but never for longer than CLOSE_GRACE.
+        """
         self.closing = True
+        transport = self.writer.transport
+        if hard:
+            self._pending_out.clear()
+            self.dead = True
+            with contextlib.suppress(Exception):
+                transport.abort()
+            return
+        self.flush()
         with contextlib.suppress(Exception):
             self.writer.close()
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, _force_close, transport)
+
+
+def _force_close(transport: asyncio.BaseTransport) -> None:
+    with contextlib.suppress(Exception):
+        transport.abort()  # type: ignore[attr-defined]
 
 
 class UnexpectedEvent(Exception):
