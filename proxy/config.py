@@ -100,6 +100,25 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class DurabilityConfig:
+    # journal: every ledger change is committed to the store before the client is acked,
+    # so a crash loses nothing acknowledged. memory: faster, a crash loses the ledgers.
+    mode: Literal["journal", "memory"] = "journal"
+    # SQLite's synchronous setting for the journal: normal survives a crash of the process,
+    # full also a power cut (an fsync per commit), off neither reliably.
+    fsync: Literal["normal", "full", "off"] = "normal"
+    pending_ttl: int = 86400  # seconds client stanzas wait for their account's next login
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    # A graceful stop (SIGTERM) gets this long to collect acks from clients, let the server
+    # confirm what it was sent and read what it already sent, before the rest is stored.
+    drain_timeout: float = 5.0
+    ack_wait: float = 1.0  # of that, how long clients get to acknowledge what they have
+
+
+@dataclass(frozen=True)
 class Config:
     listen: list[Listener] = field(default_factory=lambda: [Listener()])
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -110,6 +129,8 @@ class Config:
     stream_management: StreamManagementConfig = field(default_factory=StreamManagementConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     roster: RosterConfig = field(default_factory=RosterConfig)
+    durability: DurabilityConfig = field(default_factory=DurabilityConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
@@ -150,6 +171,9 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("log", "capture_max_bytes"): (lambda v: v >= 1024, "at least 1024 bytes"),
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
+    ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
+    ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
+    ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
 }
 
 

@@ -46,6 +46,8 @@ class Outbox:
     sm: bool = False
     sm_base: int = 0
     sm_h: int = 0
+    # Submitted stanzas that left from the front (confirmed or drained): the ledger's count.
+    left: int = 0
 
     @property
     def size(self) -> int:
@@ -111,6 +113,7 @@ class Outbox:
         self.sm_h = h
         while self.unconfirmed and self.unconfirmed[0][0] < self.sm_base:
             self.unconfirmed.popleft()
+            self.left += 1
 
     def on_reply(self, el: Element) -> bool:
         """True when ``el`` answers one of our barriers (it must not reach the client)."""
@@ -127,6 +130,7 @@ class Outbox:
                     self.barriers.popleft()
                 while self.unconfirmed and self.unconfirmed[0][0] < upto:
                     self.unconfirmed.popleft()
+                    self.left += 1
                 return True
         return False
 
@@ -161,11 +165,16 @@ class Outbox:
     def drain(self) -> list[Element]:
         """Giving up: everything never confirmed, for the caller to bounce."""
         items = [el for _, el in self.unconfirmed] + list(self.pending)
+        self.left += len(items)
         self.unconfirmed.clear()
         self.pending.clear()
         self.barriers.clear()
         self.awaiting.clear()
         return items
+
+    def held(self) -> list[Element]:
+        """Everything not yet confirmed, oldest first (without taking it out)."""
+        return [el for _, el in self.unconfirmed] + list(self.pending)
 
     def holds(self, el: Element) -> bool:
         """Is ``el`` still waiting to be confirmed (so it will be replayed)?"""

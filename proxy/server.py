@@ -9,6 +9,7 @@ import functools
 import secrets
 import signal
 import ssl
+import time
 from typing import Any
 
 from .config import Config, Listener
@@ -18,6 +19,7 @@ from .features.presence_memory import PresenceMemoryFactory
 from .features.roster import RosterFactory
 from .features.rules import RulesFactory
 from .inspection import Inspector
+from .journal import Journal, recover
 from .logsetup import get_logger
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
@@ -69,8 +71,24 @@ class Proxy:
         capture = config.log.capture_dir
         inspector = Inspector.from_config(config.log, config.path(capture) if capture else None,
                                           self.log)
-        self.hub = Hub(config, factories, store=self.store.offline,
-                       upstream_tls=self.upstream_tls, inspector=inspector, log=self.log)
+        self.journal: Journal | None = None
+        if config.durability.mode == "journal":
+            if self.store.path == ":memory:":
+                self.log.warning("journal_disabled", reason="store.path is :memory:")
+            else:
+                self.journal = Journal(self.store.path,
+                                       synchronous=config.durability.fsync.upper(),
+                                       log=self.log)
+        self.hub = Hub(config, factories, store=self.store,
+                       upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
+                       journal=self.journal)
+
+    def recover(self) -> dict[str, int]:
+        """Settle the ledgers an earlier run left in the journal (a crash, or anything a
+        graceful stop could not settle itself)."""
+        return recover(self.store, now=time.time(),
+                       stored_ttl=self.config.stream_management.stored_ttl,
+                       domain=self.config.upstream.domain, log=self.log)
 
     def _roster_catch_up(self, core: SessionCore) -> None:
         """Another session changed the shared roster cache: this session's client is owed
@@ -82,6 +100,7 @@ class Proxy:
         asyncio.get_running_loop().call_soon(push)
 
     async def start(self) -> None:
+        self.recover()  # before any client can log in and want what it holds
         for listener in self.config.listen:
             tls: dict[str, Any] = ({"ssl": self.server_tls, "ssl_handshake_timeout":
                                     self.config.limits.negotiation_timeout}
@@ -158,7 +177,8 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
-        await self.hub.stop()
+        totals = await self.hub.stop()
+        self.log.info("sessions_settled", **totals)
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
         for stream in list(self.clients):
             stream.send_bytes(shutdown + codec.STREAM_CLOSE)
@@ -171,6 +191,9 @@ class Proxy:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
+        if self.journal is not None:
+            await self.journal.close()
+        self.recover()
         self.store.close()
         self.log.info("stopped")
 

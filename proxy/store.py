@@ -8,6 +8,10 @@ shares the store's connection and is reached as an attribute:
   change log behind roster versioning (RFC 6121 §2.6) and subscription pre-approvals (§3.4).
 - ``store.offline`` (:class:`OfflineArea`): messages a client never acknowledged when its
   stream-management session ended, kept for the account's next login.
+- ``store.pending`` (:class:`PendingArea`): client stanzas the server never confirmed when
+  the proxy stopped, sent upstream first at the account's next login.
+- ``ledger_journal``: the crash-proof copy of every session's ledger, written by
+  :class:`proxy.journal.Journal` on its own connection and thread.
 
 Adding an area: append a migration to
 ``MIGRATIONS`` (never edit a released one), write a class taking the ``Store``, and attach it
@@ -72,6 +76,24 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         CREATE INDEX offline_by_account ON offline_messages (account, id);
     """),
+    (3, """
+        CREATE TABLE pending_outbound (           -- client stanzas the server never confirmed
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,  -- the order they were sent in
+            account    TEXT NOT NULL,
+            stanza     BLOB NOT NULL,             -- as it was to go upstream, original id kept
+            expires_at REAL NOT NULL              -- wall-clock seconds; bounced after this
+        );
+        CREATE INDEX pending_by_account ON pending_outbound (account, id);
+        CREATE TABLE ledger_journal (             -- the live ledgers, for crash recovery
+            session   TEXT NOT NULL,
+            lane      TEXT NOT NULL,              -- 'c2s' or 's2c'
+            n         INTEGER NOT NULL,           -- the stanza's number in its lane
+            account   TEXT NOT NULL,
+            stanza    BLOB NOT NULL,
+            queued_at REAL NOT NULL,              -- wall-clock seconds it was taken on
+            PRIMARY KEY (session, lane, n)
+        ) WITHOUT ROWID;
+    """),
 )
 
 
@@ -101,6 +123,7 @@ class Store:
             raise
         self.roster = RosterArea(self, new_epoch)
         self.offline = OfflineArea(self)
+        self.pending = PendingArea(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -440,4 +463,36 @@ class OfflineArea:
     def count(self, account: str) -> int:
         row = self._store.conn.execute(
             "SELECT count(*) FROM offline_messages WHERE account = ?", (account,)).fetchone()
+        return int(row[0])
+
+
+# ---------------------------------------------------------------------- pending outbound
+
+
+class PendingArea:
+    """Client stanzas for the server, left over when the proxy stopped or crashed."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def put(self, account: str, stanzas: Iterable[bytes], expires_at: float) -> None:
+        with self._store.transaction() as c:
+            c.executemany("INSERT INTO pending_outbound (account, stanza, expires_at)"
+                          " VALUES (?, ?, ?)", [(account, s, expires_at) for s in stanzas])
+
+    def take(self, account: str) -> list[tuple[bytes, float]]:
+        """The account's stanzas in their original order, with their expiry; they leave."""
+        with self._store.transaction() as c:
+            rows = c.execute("SELECT stanza, expires_at FROM pending_outbound WHERE account = ?"
+                             " ORDER BY id", (account,)).fetchall()
+            if rows:
+                c.execute("DELETE FROM pending_outbound WHERE account = ?", (account,))
+        return [(bytes(r[0]), float(r[1])) for r in rows]
+
+    def count(self, account: str | None = None) -> int:
+        if account is None:
+            row = self._store.conn.execute("SELECT count(*) FROM pending_outbound").fetchone()
+        else:
+            row = self._store.conn.execute(
+                "SELECT count(*) FROM pending_outbound WHERE account = ?", (account,)).fetchone()
         return int(row[0])

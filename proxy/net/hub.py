@@ -25,7 +25,8 @@ from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
 from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, violation
-from .live import LiveSession, OfflineStore
+from ..journal import Journal
+from .live import LiveSession, SessionStore
 from .upstream import UpstreamBindFailed, UpstreamUnavailable
 from ..xmpp.stanza import Element
 
@@ -37,9 +38,11 @@ MAX_TOMBSTONES = 10000  # ended SM ids remembered, so a late <resume/> learns th
 
 class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
-                 store: OfflineStore | None, upstream_tls: ssl.SSLContext | None,
-                 log: Any, inspector: Inspector | None = None) -> None:
+                 store: SessionStore | None, upstream_tls: ssl.SSLContext | None,
+                 log: Any, inspector: Inspector | None = None,
+                 journal: Journal | None = None) -> None:
         self.config = config
+        self.journal = journal
         self.inspector = inspector
         self.upstream_tls = upstream_tls
         self.factories = list(factories)
@@ -47,6 +50,8 @@ class Hub:
         self.log = log
         self.by_jid: dict[str, LiveSession] = {}
         self.by_sm_id: dict[tuple[str, str], LiveSession] = {}
+        # Ended sessions whose upstream side still waits for the server's confirmations.
+        self.finishing_sessions: set[LiveSession] = set()
         # (account, sm id) -> (last inbound h, expiry) of sessions that ended.
         self.tombstones: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
 
@@ -69,6 +74,10 @@ class Hub:
                                     + 2 * self.config.stream_management.max_resume_timeout)
             while len(self.tombstones) > MAX_TOMBSTONES:
                 self.tombstones.popitem(last=False)
+
+    def finishing(self, session: LiveSession) -> None:
+        self.finishing_sessions.add(session)
+        session.upstream.finished_callback = lambda: self.finishing_sessions.discard(session)
 
     def session_ended(self, session: LiveSession) -> None:
         if self.by_jid.get(session.jid) is session:
@@ -169,12 +178,14 @@ class Hub:
         core = SessionCore(jid, self.factories)
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
-                              tls_context=self.upstream_tls, inspector=self.inspector)
+                              tls_context=self.upstream_tls, inspector=self.inspector,
+                              journal=self.journal)
         previous = self.by_jid.get(str(jid))
         if previous is not None:  # the server resolved a resource conflict in our favour
             asyncio.get_running_loop().create_task(previous.end("resource bound again"))
         self.by_jid[str(jid)] = session
         log.info("bound", jid=str(jid))
+        session.replay_pending()  # before anything the client sends now
         return session, [self._bind_result(el, jid)]
 
     @staticmethod
@@ -187,7 +198,22 @@ class Hub:
 
     # Shutdown -----------------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def stop(self) -> dict[str, int]:
+        """Every session ends within ``shutdown.drain_timeout``: acks collected, the server's
+        confirmations and last stanzas read, the rest stored. Returns the ledgers' totals."""
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
-        await asyncio.gather(*(s.end("proxy stopping", client_error=shutdown)
-                               for s in self.sessions), return_exceptions=True)
+        deadline = asyncio.get_running_loop().time() + self.config.shutdown.drain_timeout
+        live, finishing = self.sessions, list(self.finishing_sessions)
+        results = await asyncio.gather(
+            *(s.shutdown(deadline, shutdown) for s in live),
+            *(s.finish(deadline) for s in finishing), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                self.log.error("shutdown_failed", error=repr(result))
+        totals: dict[str, int] = {}
+        for s in (*live, *finishing):
+            for lane, counts in s.ledger.summary().items():
+                for name, value in counts.items():
+                    if name != "entered":
+                        totals[f"{lane}_{name}"] = totals.get(f"{lane}_{name}", 0) + value
+        return totals

@@ -10,6 +10,7 @@ this shell moves stanzas, runs the timers and closes connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Callable
@@ -19,9 +20,11 @@ from lxml import etree
 
 from ..config import Config
 from ..inspection import Inspector
+from ..journal import Journal, parse_stored, replayable, storable
+from ..ledger import Exit, Ledger
 from ..features.stream_management import (HandledCountTooHigh, StreamManagement, Unacked,
                                            delay_stamp, failed, parse_h, sm_element)
-from ..session import Outputs, SessionCore
+from ..session import OWN_ID_PREFIX, Outputs, SessionCore
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from .upstream import UpstreamLink
@@ -47,6 +50,22 @@ class OfflineStore(Protocol):
     def offline_take(self, account: str, now: float) -> list[bytes]: ...
 
 
+class PendingStore(Protocol):
+    def put(self, account: str, stanzas: list[bytes], expires_at: float) -> None: ...
+
+    def take(self, account: str) -> list[tuple[bytes, float]]: ...
+
+
+class SessionStore(Protocol):
+    """What a session keeps in the store: see proxy/store.py."""
+
+    @property
+    def offline(self) -> OfflineStore: ...
+
+    @property
+    def pending(self) -> PendingStore: ...
+
+
 class ClientLeft(Exception):
     """How a client connection ended. ``clean``: it closed its stream (no hibernation).
     ``error``: what to write to it before closing, if anything."""
@@ -62,13 +81,17 @@ class ClientLeft(Exception):
 
 class LiveSession:
     def __init__(self, hub: Hub, core: SessionCore, link: UpstreamLink, config: Config,
-                 store: OfflineStore | None, log: Any, *, password: str,
+                 store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
+                 journal: Journal | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hub = hub
         self.core = core
         self.config = config
         self.store = store
+        self.journal = journal
+        self.ledger = Ledger()
+        self._account = str(core.account)
         self.log = log.bind(session=core.id)
         self.clock = clock
         self.state: State = "active"
@@ -92,14 +115,131 @@ class LiveSession:
     # Writing ------------------------------------------------------------------------------------
 
     def to_client(self, el: Element) -> None:
+        """A stanza for the client: it enters the ledger (the SM queue holds it until the
+        client acknowledges it; without SM it is delivered when written)."""
+        lane = self.ledger.s2c
         if self.sm is not None:
+            number = lane.enter()
             self.sm.track(el, written=self.client is not None)
+            if self.journal is not None:
+                self.journal.put(self.core.id, "s2c", number, self._account,
+                                 etree.tostring(el), self.sm.unacked[-1].queued_at)
             if self.sm.overflowing:
                 self.log.warning("sm_queue_overflow", queued=len(self.sm.unacked))
                 asyncio.get_running_loop().call_soon(
                     self._end_soon, "stream management queue overflow")
-        if self.client is not None:
+            if self.client is not None:
+                self.client.send(el)
+        elif self.client is not None:
+            lane.enter()
+            lane.leave(1, "delivered")
             self.client.send(el)
+        else:
+            # No client and nothing to hold it: the session is ending (or ended).
+            self.settle_from_server(el)
+
+    # The ledger ---------------------------------------------------------------------------------
+
+    def c2s_taken(self, el: Element) -> None:
+        """A stanza for the server entered the outbox (and the ledger, and the journal)."""
+        number = self.ledger.c2s.enter()
+        if self.journal is not None:
+            self.journal.put(self.core.id, "c2s", number, self._account, etree.tostring(el),
+                             time.time())
+
+    def c2s_left(self, count: int, exit: Exit) -> None:
+        if count:
+            left = self.ledger.c2s.leave(count, exit)
+            if self.journal is not None:
+                self.journal.cut(self.core.id, "c2s", left)
+
+    def _s2c_left(self, count: int, exit: Exit) -> None:
+        if count:
+            left = self.ledger.s2c.leave(count, exit)
+            if self.journal is not None:
+                self.journal.cut(self.core.id, "s2c", left)
+
+    def settle_from_server(self, el: Element) -> None:
+        """A server stanza for a client that is gone for good: a message (or subscription
+        request) is stored for the account's next login, an iq request is answered, the
+        rest is discarded. Counted in the ledger either way."""
+        lane = self.ledger.s2c
+        lane.enter()
+        if self.store is not None and storable(el):
+            delay_stamp(el, time.time(), self.config.upstream.domain)
+            self.store.offline.offline_put(self._account, etree.tostring(el),
+                                           time.time() + self.config.stream_management.stored_ttl)
+            lane.leave(1, "stored")
+        elif (st.kind(el) == "iq" and el.get("type") in ("get", "set")
+              and self.upstream.state == "up" and not self.upstream.link.stream.closing):
+            self.upstream.send_direct(st.error_reply(el, "service-unavailable"))
+            lane.leave(1, "bounced")
+        else:
+            lane.leave(1, "discarded")
+
+    def bounce_to_sender(self, error: Element) -> bool:
+        """An error for a stanza the client sent: to the client while it is here, else a
+        message error is stored for the account's next login. False if it cannot go
+        anywhere (an iq error for a session that is gone)."""
+        if self.state != "ended" and self.client is not None:
+            self.proxy_to_client(error)
+            return True
+        if self.store is not None and error.tag == st.MESSAGE:
+            self.store.offline.offline_put(self._account, etree.tostring(error),
+                                           time.time() + self.config.stream_management.stored_ttl)
+            return True
+        return False
+
+    def settle_outbox(self, *, client_here: bool) -> None:
+        """What the server never confirmed, when nothing more will: client stanzas worth
+        sending go into the store's pending queue (sent first at the account's next login,
+        original ids kept), iq requests are answered with an error while the client is here,
+        the rest is discarded."""
+        keep: list[bytes] = []
+        bounced = discarded = 0
+        for el in self.upstream.outbox.drain():
+            if self.store is not None and replayable(el):
+                keep.append(etree.tostring(el))
+            elif (client_here and st.kind(el) == "iq" and el.get("type") in ("get", "set")
+                  and not el.get("id", "").startswith(OWN_ID_PREFIX)
+                  and self.client is not None):
+                self.proxy_to_client(st.error_reply(
+                    el, "remote-server-timeout", error_type="wait",
+                    text="xmpp-front is stopping and the server did not answer"))
+                bounced += 1
+            else:
+                discarded += 1
+        if keep and self.store is not None:
+            self.store.pending.put(self._account, keep,
+                                   time.time() + self.config.durability.pending_ttl)
+        self.c2s_left(len(keep), "stored")
+        self.c2s_left(bounced, "bounced")
+        self.c2s_left(discarded, "discarded")
+        if keep or bounced or discarded:
+            self.log.info("unconfirmed_settled", pending=len(keep), bounced=bounced,
+                          discarded=discarded)
+
+    def replay_pending(self) -> None:
+        """Client stanzas left over from an earlier run of the proxy go to the server first,
+        in order, with their ids; those past their expiry come back as errors."""
+        if self.store is None:
+            return
+        sent = expired = 0
+        now = time.time()
+        for data, expires_at in self.store.pending.take(self._account):
+            el = parse_stored(data)
+            if expires_at <= now:
+                expired += 1
+                if el.tag == st.MESSAGE:
+                    self.proxy_to_client(st.error_reply(
+                        el, "remote-server-timeout", error_type="wait",
+                        text="not delivered: the legacy server was unreachable for too long"))
+                continue
+            el.set("from", str(self.core.jid))
+            self.to_upstream(el)
+            sent += 1
+        if sent or expired:
+            self.log.info("pending_replayed", sent=sent, expired=expired)
 
     def to_upstream(self, el: Element) -> None:
         answer = self.upstream.send(el)
@@ -237,7 +377,7 @@ class LiveSession:
             await asyncio.gather(stream.close(left.error, wait_for_peer=CLOSE_GRACE),
                                  self.end(left.reason))
             return
-        stream.abort()
+        stream.abort(hard=True)  # already lost: nothing more can reach it
         self.state = "hibernating"
         self.log.info("hibernating", reason=left.reason, seconds=self.sm.max_resume,
                       queued=len(self.sm.unacked))
@@ -258,7 +398,9 @@ class LiveSession:
         self._ack_timer = None
         if self.client is stream and self.sm is not None and self.sm.ack_requested_at:
             self._ack_timed_out = True
-            stream.abort()
+            self.log.info("client_link_dead", reason="no ack within ack_timeout",
+                          seconds=self.config.stream_management.ack_timeout)
+            stream.abort(hard=True)  # a dead link would never finish a polite TLS close
 
     async def _pump_client(self, stream: XmlStream) -> None:
         while True:
@@ -299,11 +441,27 @@ class LiveSession:
             self._offline_delivered = True
             self._deliver_stored()
 
+    def _answer_ack_request(self, stream: XmlStream, sm: StreamManagement) -> None:
+        """``<a h/>`` for the client's ``<r/>``; with the journal, only once what it
+        acknowledges is committed (an ack is a promise)."""
+        answer = sm.answer()
+        if self.journal is None:
+            stream.send(answer)
+            return
+
+        def send() -> None:
+            if self.client is stream and not stream.closing:
+                stream.send(answer)
+        self.journal.when_durable(send)
+
     def _client_nonza(self, stream: XmlStream, el: Element) -> None:
         tag = el.tag
         sm = self.sm
         if tag == _SM_R:
-            stream.send(sm.answer() if sm is not None else failed("unexpected-request"))
+            if sm is not None:
+                self._answer_ack_request(stream, sm)
+            else:
+                stream.send(failed("unexpected-request"))
         elif tag == _SM_A:
             h = parse_h(el)
             if sm is None or h is None:
@@ -311,7 +469,7 @@ class LiveSession:
                                  error=codec.stream_error("undefined-condition",
                                                           "a bad or unexpected <a/>"))
             try:
-                sm.acknowledge(h)
+                self._s2c_left(sm.acknowledge(h), "delivered")
                 self._cancel_ack_timer()
             except HandledCountTooHigh as exc:
                 self.log.warning("sm_h_too_high", h=exc.h, sent=exc.sent)
@@ -349,7 +507,9 @@ class LiveSession:
         (serve_client adds the ``<r/>``). Raises HandledCountTooHigh when ``h`` is absurd."""
         assert self.sm is not None
         self._evict_client("the session was resumed from another connection")
+        held = len(self.sm.unacked)
         resend = self.sm.resume(h, self.config.upstream.domain)
+        self._s2c_left(held - len(self.sm.unacked), "delivered")
         resumed = sm_element("resumed", {"h": str(self.sm.inbound), "previd": self.sm.sm_id})
         self.log.info("resumed", h=h, resent=len(resend))
         return [resumed, *resend]
@@ -363,6 +523,8 @@ class LiveSession:
             for item in self.sm.take_all():
                 delay_stamp(item.element, item.queued_at, self.config.upstream.domain)
                 queue.append(item.element)
+            # Written to the new connection first, without stream management on it.
+            self._s2c_left(len(queue), "delivered")
             self.hub.sm_disabled(self)
             self.sm = None
         self.log.info("taken_over", delivered=len(queue))
@@ -375,9 +537,12 @@ class LiveSession:
             asyncio.get_running_loop().create_task(self.end(reason))
 
     async def end(self, reason: str, *, client_error: bytes | None = None,
-                  upstream_dead: bool = False) -> None:
-        """End the session for good: undelivered stanzas are stored or bounced (never
-        lost), the client and the server streams are closed."""
+                  upstream_dead: bool = False, stopping: bool = False,
+                  deadline: float | None = None) -> None:
+        """End the session for good; nothing in its ledger is lost: what the client never
+        acknowledged is stored or bounced, and what the server has not confirmed is still
+        worked on (``finishing``) or, when the proxy is ``stopping``, stored for the
+        account's next login. ``deadline`` (loop time) bounds a stop's wait for the server."""
         if self.state == "ended":
             return
         self.state = "ended"
@@ -386,10 +551,13 @@ class LiveSession:
         self._cancel_ack_timer()
         self.hub.session_ended(self)
         self.log.info("session_ended", reason=reason)
-        upstream_up = self.upstream.state == "up" and not upstream_dead
+        upstream = self.upstream
+        upstream_up = upstream.state == "up" and not upstream_dead
         undelivered = self.sm.take_all() if self.sm is not None else []
         if undelivered:
-            self._dispose(undelivered, upstream_up)
+            self._dispose(undelivered, upstream_up, store_all=stopping)
+        if stopping and not upstream_up:
+            self.settle_outbox(client_here=True)  # nothing will confirm it now
         self.core.closed()
         client, self.client = self.client, None
         if client is not None:
@@ -397,12 +565,58 @@ class LiveSession:
             client.send_bytes((client_error or b"") + codec.STREAM_CLOSE)
             client.closing = True
             client.abort()
-        await self.upstream.close(dead=not upstream_up)
+        if stopping:
+            loop = asyncio.get_running_loop()
+            left = (deadline - loop.time()) if deadline is not None else 0.0
+            await upstream.close(dead=not upstream_up, timeout=max(0.2, left))
+            self.settle_outbox(client_here=False)
+        elif upstream.outbox.size and upstream.state != "gone":
+            upstream.orphan()
+            self.hub.finishing(self)
+        else:
+            await upstream.close(dead=not upstream_up)
+        self._log_ledger()
 
-    def _dispose(self, items: list[Unacked], upstream_up: bool) -> None:
+    def _log_ledger(self) -> None:
+        self.log.info("ledger", **self.ledger.summary(), empty=self.ledger.empty)
+
+    async def finish(self, deadline: float) -> None:
+        """The proxy is stopping while this ended session still waits for the server's
+        confirmations: wait until ``deadline`` at most, then store what is left."""
+        upstream = self.upstream
+        loop = asyncio.get_running_loop()
+        if upstream.state == "up":
+            upstream.flush_now()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                await upstream.finished.wait()
+        if not upstream.finished.is_set():
+            await upstream.close(dead=upstream.state != "up",
+                                 timeout=max(0.2, deadline - loop.time()))
+        self.settle_outbox(client_here=False)
+        self._log_ledger()
+
+    async def shutdown(self, deadline: float, error: bytes) -> None:
+        """A graceful stop of the proxy: the client gets a moment to acknowledge what it has
+        (so it is not stored and delivered twice), the server to confirm what it was sent;
+        then the session ends and what is left is stored."""
+        loop = asyncio.get_running_loop()
+        ack_until = min(deadline, loop.time() + self.config.shutdown.ack_wait)
+        if self.client is not None and self.sm is not None and self.sm.written:
+            self._ask_for_ack(always=True)
+            await _wait_until(lambda: self.client is None or self.sm is None
+                              or not self.sm.written, ack_until)
+        if self.upstream.state == "up" and self.upstream.outbox.size:
+            self.upstream.flush_now()
+            await _wait_until(lambda: self.upstream.state != "up"
+                              or not self.upstream.outbox.size, deadline)
+        await self.end("proxy stopping", client_error=error, stopping=True, deadline=deadline)
+
+    def _dispose(self, items: list[Unacked], upstream_up: bool, *,
+                 store_all: bool = False) -> None:
         """Stanzas the client never acknowledged, at the end of the session (XEP-0198 §5:
         the server must not lose them): messages stored or bounced, iq requests answered
-        with service-unavailable, presences dropped."""
+        with service-unavailable, presences discarded (subscription requests stored)."""
         smc = self.config.stream_management
         stored = bounced = answered = 0
         for item in items:
@@ -410,31 +624,43 @@ class LiveSession:
             kind, typ = st.kind(el), el.get("type")
             if kind == "message" and typ != "error":
                 # With the server away a bounce cannot leave: store rather than lose it.
-                if self.store is not None and (smc.on_timeout == "store" or not upstream_up):
+                if self.store is not None and (smc.on_timeout == "store" or not upstream_up
+                                               or store_all):
                     delay_stamp(el, item.queued_at, self.config.upstream.domain)
                     # Stored with its namespace declaration, to be parsed back on its own.
-                    self.store.offline_put(str(self.core.account), etree.tostring(el),
-                                           time.time() + smc.stored_ttl)
+                    self.store.offline.offline_put(self._account, etree.tostring(el),
+                                                   time.time() + smc.stored_ttl)
                     stored += 1
                 elif upstream_up:
                     self.upstream.send_direct(st.error_reply(el, "recipient-unavailable"))
                     bounced += 1
+            elif self.store is not None and kind == "presence" and storable(el):
+                self.store.offline.offline_put(self._account, etree.tostring(el),
+                                               time.time() + smc.stored_ttl)
+                stored += 1
             elif kind == "iq" and typ in ("get", "set") and upstream_up:
                 self.upstream.send_direct(st.error_reply(el, "service-unavailable"))
                 answered += 1
+        discarded = len(items) - stored - bounced - answered
+        self._s2c_left(stored, "stored")
+        self._s2c_left(bounced + answered, "bounced")
+        self._s2c_left(discarded, "discarded")
         self.log.info("undelivered", stored=stored, bounced=bounced, iq_errors=answered,
-                      dropped=len(items) - stored - bounced - answered)
+                      dropped=discarded)
 
     def _deliver_stored(self) -> None:
         if self.store is None:
             return
-        stored = self.store.offline_take(str(self.core.account), time.time())
+        stored = self.store.offline.offline_take(self._account, time.time())
         for data in stored:
-            self.proxy_to_client(etree.fromstring(data, _SAFE_PARSER))
+            self.proxy_to_client(parse_stored(data))
         if stored:
             self.log.info("stored_delivered", count=len(stored))
             self._ask_for_ack()
 
 
-# Stored stanzas were serialized by the proxy itself; parse them back with nothing expanded.
-_SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:
+    """Poll ``condition`` until it holds or the loop time ``until`` passes (shutdown only)."""
+    loop = asyncio.get_running_loop()
+    while not condition() and loop.time() < until:
+        await asyncio.sleep(min(step, max(0.0, until - loop.time())))

@@ -25,7 +25,7 @@ from ..backoff import Backoff
 from ..config import Config
 from ..features.stream_management import parse_h
 from ..outbox import Outbox
-from ..session import OWN_ID_PREFIX
+from ..session import OWN_ID_PREFIX, Outputs
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
@@ -46,8 +46,10 @@ TRANSIENT_STREAM_ERRORS = frozenset((
     "remote-connection-failed", "resource-constraint", "undefined-condition"))
 BARRIER_FLUSH = 0.2  # seconds after a batch before a barrier confirms it
 CLOSE_WAIT = 1.0  # seconds the reading task gets to stop when the session ends
+CLOSE_READ = 2.0  # seconds the server gets to close its stream after ours (RFC 6120 §4.4)
 
 UpstreamState = Literal["up", "down", "gone"]
+_ORPHAN_DONE = "the server confirmed everything a finished session sent"
 
 
 class GiveUp(Exception):
@@ -87,6 +89,11 @@ class UpstreamSide:
         # connection (a TLS 1.3 ticket arrives after the handshake).
         self._tls_session: ssl.SSLSession | None = None
         self._tls_fresh = True
+        # The session ended while the server still owed confirmations: this side lives on,
+        # reconnecting if need be, until the server confirmed everything or max_outage.
+        self.orphaned = False
+        self.finished = asyncio.Event()  # set once this side is gone for good
+        self.finished_callback: Callable[[], None] | None = None
         self._enable_sm(link)
         self._task = asyncio.create_task(self._run())
 
@@ -97,6 +104,7 @@ class UpstreamSide:
         client when the proxy answers itself (a ping to the server while it is away)."""
         if self.state != "up" and self._is_server_ping(el):
             return st.iq_result(el)
+        self.session.c2s_taken(el)
         for out in self.outbox.submit(el):
             self.link.stream.send(out)
         self._update_room()
@@ -124,7 +132,7 @@ class UpstreamSide:
             h = parse_h(el)
             if h is not None:
                 self.outbox.on_sm_ack(h)
-                self._update_room()
+                self._confirmed()
         elif local == "r":
             self.link.stream.send(st.element("a", {"h": str(self._sm_inbound)},
                                              namespace=ns.SM))
@@ -142,6 +150,17 @@ class UpstreamSide:
         self._flush = None
         if self.state == "up" and self.outbox.unbarriered:
             self.link.stream.send(self.outbox.barrier())
+
+    def _confirmed(self) -> None:
+        """The server confirmed some of the outbox: it leaves the ledger as delivered."""
+        self.session.c2s_left(self.outbox.left - self.session.ledger.c2s.left, "delivered")
+        self._update_room()
+
+    def flush_now(self) -> None:
+        """A barrier for whatever is unconfirmed, now (an ending or stopping session)."""
+        if self._flush is not None:
+            self._flush.cancel()
+        self._flush_barrier()
 
     def _update_room(self) -> None:
         if self.outbox.full:
@@ -163,6 +182,11 @@ class UpstreamSide:
         try:
             while True:
                 reason, error = await self._pump()
+                if reason == _ORPHAN_DONE:
+                    await self._close_reading(CLOSE_READ)
+                    self.state = "gone"
+                    self.log.info("upstream_finished", reason="the server confirmed everything")
+                    return
                 if error is not None:
                     raise GiveUp(reason, error)
                 self._went_down(reason)
@@ -177,6 +201,24 @@ class UpstreamSide:
             self.state = "gone"
             await self.session.end("internal error", client_error=codec.stream_error(
                 "internal-server-error"), upstream_dead=True)
+            self._bounce_held("internal error")
+        finally:
+            if self.state == "gone":
+                self._set_finished()
+
+    def _set_finished(self) -> None:
+        self.finished.set()
+        if self.finished_callback is not None:
+            self.finished_callback()
+
+    def orphan(self) -> None:
+        """The session ended with stanzas the server has not confirmed: keep working for
+        them (the credentials are still in memory) until confirmed, or bounce them after
+        ``max_outage``. Whatever the server sends meanwhile is settled by the session."""
+        self.orphaned = True
+        self.log.info("upstream_finishing", unconfirmed=self.outbox.size, state=self.state)
+        if self.state == "up":
+            self.flush_now()
 
     async def _pump(self) -> tuple[str, bytes | None]:
         """Relay from the server until it goes away. Returns why, and a stream error for
@@ -207,12 +249,19 @@ class UpstreamSide:
                     return f"stream error: {condition}", codec.serialize(el)
                 if etree.QName(el).namespace == ns.SM:
                     self._sm_nonza(el)
+                    if self.orphaned and not self.outbox.size:
+                        return _ORPHAN_DONE, None
                     continue
                 if st.is_stanza(el):
                     if self.outbox.sm:
                         self._sm_inbound = (self._sm_inbound + 1) % 2 ** 32
                     if self.outbox.on_reply(el):
-                        self._update_room()
+                        self._confirmed()
+                        if self.orphaned and not self.outbox.size:
+                            return _ORPHAN_DONE, None
+                        continue
+                    if self.orphaned:
+                        self.session.settle_from_server(el)
                         continue
                     self.session.from_server(el)
                     await self.session.client_drain()
@@ -290,7 +339,10 @@ class UpstreamSide:
         self.state = "up"
         self.down_since = None
         self._enable_sm(link)
-        restore = self.session.core.upstream_restored()
+        # A finishing session's client is gone: nothing of its state is restored (its
+        # contacts must not see it come back online), only what it sent is replayed.
+        restore = (self.session.core.upstream_restored() if not self.orphaned
+                   else Outputs())
         for el in restore.to_upstream:  # presence, rooms, roster catch-up
             link.stream.send(el)
             self.outbox.note_direct()
@@ -307,23 +359,55 @@ class UpstreamSide:
 
     async def _give_up(self, give_up: GiveUp) -> None:
         """The session cannot be restored: whatever the client sent that the server never
-        confirmed comes back to it as errors, then its stream ends saying why."""
-        for el in self.outbox.drain():
-            if el.get("id", "").startswith(OWN_ID_PREFIX):
-                continue  # the proxy's own request: the client never sent it
-            if st.kind(el) in ("message", "iq") and el.get("type") not in (
-                    "error", "result"):
-                self.session.proxy_to_client(st.error_reply(
-                    el, "remote-server-timeout", error_type="wait",
-                    text="the legacy server could not be reached"))
+        confirmed comes back to its sender as errors (stored for the account's next login
+        when the client is gone), then the client's stream ends saying why."""
+        self._bounce_held(give_up.reason)
         self.room.set()
-        self.log.warning("upstream_gave_up", reason=give_up.reason)
+        self.log.warning("upstream_gave_up", reason=give_up.reason, orphaned=self.orphaned)
         await self.session.end(f"upstream gave up: {give_up.reason}",
                                client_error=give_up.error, upstream_dead=True)
 
+    def _bounce_held(self, reason: str) -> None:
+        bounced = discarded = 0
+        for el in self.outbox.drain():
+            if (not el.get("id", "").startswith(OWN_ID_PREFIX)  # not the proxy's own
+                    and st.kind(el) in ("message", "iq")
+                    and el.get("type") not in ("error", "result")
+                    and self.session.bounce_to_sender(st.error_reply(
+                        el, "remote-server-timeout", error_type="wait",
+                        text="the legacy server could not be reached"))):
+                bounced += 1
+            else:
+                discarded += 1
+        self.session.c2s_left(bounced, "bounced")
+        self.session.c2s_left(discarded, "discarded")
+        if bounced or discarded:
+            self.log.info("unconfirmed_returned", reason=reason, bounced=bounced,
+                          discarded=discarded)
+
     # The end ----------------------------------------------------------------------------------
 
-    async def close(self, *, dead: bool) -> None:
+    async def _close_reading(self, timeout: float) -> None:
+        """Close our stream and read the server's until it closes it too (RFC 6120 §4.4):
+        stanzas it sent before its close are the session's to settle, not to lose."""
+        stream = self.link.stream
+        stream.send_bytes(codec.STREAM_CLOSE)
+        stream.closing = True
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = await stream.next_event()
+                    if isinstance(event, codec.StanzaReceived):
+                        el = event.element
+                        if st.is_stanza(el) and not self.outbox.on_reply(el):
+                            self.session.settle_from_server(el)
+                    elif not isinstance(event, codec.StreamOpened):
+                        break
+        except (TimeoutError, ConnectionLost):
+            pass
+        stream.abort()
+
+    async def close(self, *, dead: bool, timeout: float = CLOSE_READ) -> None:
         if self._flush is not None:
             self._flush.cancel()
         if asyncio.current_task() is not self._task:
@@ -338,7 +422,8 @@ class UpstreamSide:
                 with contextlib.suppress(Exception):
                     self._task.result()
         if self.state == "up" and not dead:
-            await self.link.stream.close(wait_for_peer=2.0)
+            await self._close_reading(timeout)
         else:
             self.link.stream.abort()
         self.state = "gone"
+        self._set_finished()

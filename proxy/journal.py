@@ -1,0 +1,234 @@
+"""The journal: a crash-proof copy of every session's ledger, in the store's SQLite file.
+
+``durability: {mode: journal}``. Each stanza that enters a ledger lane is written here
+(``put``) and each run of stanzas that leaves it is deleted (``cut``: a lane is first in, first
+out, so "everything below number N" names them). Writes are collected per turn of the event
+loop and committed as one transaction on the journal's own thread and connection, so the loop
+never waits for the disk. An acknowledgement to a client waits for the commit that covers
+what it acknowledges (``when_durable``): an ack means durable.
+
+After a crash (or a graceful stop) :func:`recover` settles what the journal holds exactly as
+a session's end would: server stanzas into the offline store, client stanzas into the pending
+queue for the server. Puts and cuts of the same batch cancel out before they reach the disk,
+so a stanza that is confirmed within one turn costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+
+from .features.stream_management import delay_stamp
+from .session import OWN_ID_PREFIX
+from .xmpp import stanza as st
+
+RETRY_SECONDS = 1.0  # after a failed commit (disk full, locked): the batch is tried again
+
+# Presence types that carry a subscription decision: they must reach the server (RFC 6121
+# §3); every other presence is state that the next session sends afresh.
+SUBSCRIPTION_PRESENCE = frozenset(("subscribe", "subscribed", "unsubscribe", "unsubscribed"))
+
+Key = tuple[str, str]  # (session, lane)
+
+
+@dataclass
+class _Batch:
+    puts: dict[Key, list[tuple[int, str, bytes, float]]] = field(
+        default_factory=lambda: defaultdict(list))
+    cuts: dict[Key, int] = field(default_factory=dict)
+    waiters: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.puts and not self.cuts
+
+
+class Journal:
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", log: Any = None) -> None:
+        self.path = path
+        self.log = log
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if path != ":memory:":
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._batch = _Batch()
+        self._scheduled = False
+        self._in_flight = 0
+        self._queue: queue.Queue[_Batch | None] = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="xmpp-front-journal",
+                                        daemon=True)
+        self._thread.start()
+        self.commits = 0
+        self.rows_written = 0
+
+    # On the event loop ---------------------------------------------------------------------------
+
+    def put(self, session: str, lane: str, n: int, account: str, stanza: bytes,
+            queued_at: float) -> None:
+        self._batch.puts[(session, lane)].append((n, account, stanza, queued_at))
+        self._schedule()
+
+    def cut(self, session: str, lane: str, left: int) -> None:
+        """Every stanza of the lane numbered below ``left`` has left the ledger."""
+        key = (session, lane)
+        if self._batch.cuts.get(key, -1) < left:
+            self._batch.cuts[key] = left
+            self._schedule()
+
+    def when_durable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the loop once everything journaled so far is committed."""
+        if self._batch.empty and not self._in_flight:
+            callback()
+            return
+        self._batch.waiters.append(callback)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand the current batch to the writer thread (also an empty one with waiters: the
+        thread works in order, so its commit comes after every earlier one)."""
+        self._scheduled = False
+        batch, self._batch = self._batch, _Batch()
+        if batch.empty and not batch.waiters:
+            return
+        self._in_flight += 1
+        self._queue.put(batch)
+
+    def _done(self, batch: _Batch) -> None:
+        self._in_flight -= 1
+        for callback in batch.waiters:
+            callback()
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the thread, close the connection."""
+        self.flush()
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._conn.close()
+
+    # On the writer thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            while True:
+                try:
+                    self._write(batch)
+                    break
+                except sqlite3.Error as exc:
+                    if self.log is not None:
+                        self.log.error("journal_write_failed", error=str(exc),
+                                       retry_seconds=RETRY_SECONDS)
+                    time.sleep(RETRY_SECONDS)
+            self.commits += 1
+            if self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.call_soon_threadsafe(self._done, batch)
+                except RuntimeError:  # the loop closed meanwhile: nobody is waiting
+                    pass
+
+    def _write(self, batch: _Batch) -> None:
+        rows: list[tuple[str, str, int, str, bytes, float]] = []
+        for (session, lane), puts in batch.puts.items():
+            cut = batch.cuts.get((session, lane), -1)
+            rows.extend((session, lane, n, account, data, at)
+                        for n, account, data, at in puts if n >= cut)
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for (session, lane), left in batch.cuts.items():
+                c.execute("DELETE FROM ledger_journal WHERE session = ? AND lane = ? AND n < ?",
+                          (session, lane, left))
+            if rows:
+                c.executemany("INSERT OR REPLACE INTO ledger_journal (session, lane, n, account,"
+                              " stanza, queued_at) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        self.rows_written += len(rows)
+
+
+# Settling: where held stanzas go when their session cannot deliver them --------------------------
+
+
+def replayable(el: st.Element) -> bool:
+    """Is a client stanza worth sending to the server at the account's next login?"""
+    if el.get("id", "").startswith(OWN_ID_PREFIX):
+        return False  # the proxy's own request, made for a session that is gone
+    kind = st.kind(el)
+    if kind == "message":
+        return True
+    if kind == "presence":
+        return el.get("type") in SUBSCRIPTION_PRESENCE
+    return False  # an iq belongs to its session: nobody would read the answer
+
+
+def storable(el: st.Element) -> bool:
+    """Is a server stanza for the client worth keeping for the account's next login?"""
+    kind = st.kind(el)
+    if kind == "message":
+        return el.get("type") != "error"
+    return kind == "presence" and el.get("type") in SUBSCRIPTION_PRESENCE
+
+
+_SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+
+
+def parse_stored(data: bytes) -> st.Element:
+    """A stanza the proxy serialized itself, parsed back with nothing expanded."""
+    return etree.fromstring(data, _SAFE_PARSER)
+
+
+def recover(store: Any, *, now: float, stored_ttl: float, domain: str,
+            log: Any = None) -> dict[str, int]:
+    """Settle every ledger left in the journal (after a crash or a graceful stop): server
+    stanzas for a client into the offline store (messages stamped with ``<delay/>``), client
+    stanzas into the pending queue for the server; the rest is discarded, counted."""
+    conn = store.conn
+    rows = conn.execute("SELECT session, lane, n, account, stanza, queued_at FROM ledger_journal"
+                        " ORDER BY account, queued_at, session, lane, n").fetchall()
+    counts = {"sessions": len({r[0] for r in rows}), "stored": 0, "pending": 0,
+              "discarded": 0}
+    if not rows:
+        return counts
+    with store.transaction() as c:
+        for _session, lane, _n, account, data, queued_at in rows:
+            try:
+                el = parse_stored(bytes(data))
+            except etree.XMLSyntaxError:
+                counts["discarded"] += 1
+                continue
+            if lane == "s2c" and storable(el):
+                delay_stamp(el, float(queued_at), domain)
+                c.execute("INSERT INTO offline_messages (account, stanza, expires_at)"
+                          " VALUES (?, ?, ?)", (account, etree.tostring(el), now + stored_ttl))
+                counts["stored"] += 1
+            elif lane == "c2s" and replayable(el):
+                c.execute("INSERT INTO pending_outbound (account, stanza, expires_at)"
+                          " VALUES (?, ?, ?)", (account, bytes(data), now + stored_ttl))
+                counts["pending"] += 1
+            else:
+                counts["discarded"] += 1
+        c.execute("DELETE FROM ledger_journal")
+    if log is not None:
+        log.info("journal_recovered", **counts)
+    return counts
