@@ -186,7 +186,7 @@ def storable(el: st.Element) -> bool:
     """Is a server stanza for the client worth keeping for the account's next login?"""
     kind = st.kind(el)
     if kind == "message":
-        return el.get("type") != "error"
+        return True  # errors too: they tell the sender what became of its message
     return kind == "presence" and el.get("type") in SUBSCRIPTION_PRESENCE
 
 

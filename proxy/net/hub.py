@@ -77,7 +77,10 @@ class Hub:
 
     def finishing(self, session: LiveSession) -> None:
         self.finishing_sessions.add(session)
-        session.upstream.finished_callback = lambda: self.finishing_sessions.discard(session)
+        def done() -> None:
+            self.finishing_sessions.discard(session)
+            session.log_ledger()
+        session.upstream.finished_callback = done
 
     def session_ended(self, session: LiveSession) -> None:
         if self.by_jid.get(session.jid) is session:

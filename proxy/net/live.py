@@ -91,6 +91,7 @@ class LiveSession:
         self.store = store
         self.journal = journal
         self.ledger = Ledger()
+        self._ledger_logged = False
         self._account = str(core.account)
         self.log = log.bind(session=core.id)
         self.clock = clock
@@ -573,12 +574,16 @@ class LiveSession:
         elif upstream.outbox.size and upstream.state != "gone":
             upstream.orphan()
             self.hub.finishing(self)
+            return  # its ledger is logged once the upstream side is done
         else:
             await upstream.close(dead=not upstream_up)
-        self._log_ledger()
+        self.log_ledger()
 
-    def _log_ledger(self) -> None:
-        self.log.info("ledger", **self.ledger.summary(), empty=self.ledger.empty)
+    def log_ledger(self) -> None:
+        """The session's final account: how everything it took on left (once)."""
+        if not self._ledger_logged:
+            self._ledger_logged = True
+            self.log.info("ledger", **self.ledger.summary(), empty=self.ledger.empty)
 
     async def finish(self, deadline: float) -> None:
         """The proxy is stopping while this ended session still waits for the server's
@@ -594,7 +599,7 @@ class LiveSession:
             await upstream.close(dead=upstream.state != "up",
                                  timeout=max(0.2, deadline - loop.time()))
         self.settle_outbox(client_here=False)
-        self._log_ledger()
+        self.log_ledger()
 
     async def shutdown(self, deadline: float, error: bytes) -> None:
         """A graceful stop of the proxy: the client gets a moment to acknowledge what it has
@@ -622,16 +627,17 @@ class LiveSession:
         for item in items:
             el = item.element
             kind, typ = st.kind(el), el.get("type")
-            if kind == "message" and typ != "error":
+            if kind == "message":
                 # With the server away a bounce cannot leave: store rather than lose it.
+                # An error is never answered with an error (RFC 6120 §8.3.1): stored too.
                 if self.store is not None and (smc.on_timeout == "store" or not upstream_up
-                                               or store_all):
+                                               or store_all or typ == "error"):
                     delay_stamp(el, item.queued_at, self.config.upstream.domain)
                     # Stored with its namespace declaration, to be parsed back on its own.
                     self.store.offline.offline_put(self._account, etree.tostring(el),
                                                    time.time() + smc.stored_ttl)
                     stored += 1
-                elif upstream_up:
+                elif upstream_up and typ != "error":
                     self.upstream.send_direct(st.error_reply(el, "recipient-unavailable"))
                     bounced += 1
             elif self.store is not None and kind == "presence" and storable(el):

@@ -97,13 +97,19 @@ class ProxyProcess:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The structured log so far, optionally only the events called ``name``."""
+        return [e for e in self.read_events(self.log_path)
+                if name is None or e.get("event") == name]
+
+    @staticmethod
+    def read_events(log_path: Path) -> list[dict[str, Any]]:
+        """Every JSON event in a proxy's log file (also of a process that is gone)."""
         out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        for line in log_path.read_text(errors="replace").splitlines():
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if name is None or event.get("event") == name:
+            if isinstance(event, dict):
                 out.append(event)
         return out
 
