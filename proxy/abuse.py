@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ def address_key(host: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/{IPV6_PREFIX}", strict=False))
     return str(ip)
+
+
+def account_key(account: str) -> str:
+    """The key an account counts under. The legacy server maps spellings of one account
+    together (nodeprep/PRECIS: width, case, compatibility forms); so must the counting, or
+    ``ＶICTIM`` would be a fresh account to guess at. Folding too much only merges counts."""
+    return unicodedata.normalize("NFKC", account).casefold()
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ class LoginThrottle:
         the right password that it is wrong would make clients drop saved credentials. It
         also says nothing about whether the password was right.
         """
-        if self.by_account.locked(account):
+        if self.by_account.locked(account_key(account)):
             return Refusal("temporary-auth-failure",
                            "too many failed logins for this account; try again later",
                            "abuse.login_failures_per_account")
@@ -145,7 +153,7 @@ class LoginThrottle:
     def failed(self, account: str, address: str) -> float:
         """The server rejected the credentials: record it; returns the seconds to wait
         before answering (XEP-0205: slow down whoever keeps guessing)."""
-        counts = (self.by_account.record(account).count,
+        counts = (self.by_account.record(account_key(account)).count,
                   self.by_address.record(address_key(address)).count)
         return self.delay_for(max(counts))
 
@@ -158,7 +166,7 @@ class LoginThrottle:
                    self.config.login_delay * 2.0 ** min(over - 1, 32))
 
     def succeeded(self, account: str) -> None:
-        self.by_account.clear(account)
+        self.by_account.clear(account_key(account))
 
 
 class ConnectionLimiter:

@@ -4,6 +4,7 @@ real proxy process in front of the real legacy Prosody."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,15 @@ def test_wrong_passwords_are_delayed_then_refused_without_an_upstream_login(
                                     direct_tls=False, resource="bystander")
         try:
             before = prosody_tls_streams(prosody)
-            outcomes = [await try_login(proxy, victim, "wrong") for _ in range(5)]
+            outcomes, took = [], []
+            for _ in range(5):
+                started = time.monotonic()
+                outcomes.append(await try_login(proxy, victim, "wrong"))
+                took.append(time.monotonic() - started)
             # limit-1 and limit: answered by the server; limit+1 on: refused by the proxy.
             assert outcomes == ["not-authorized"] * 3 + ["temporary-auth-failure"] * 2
+            # The second and third failures waited their growing delays on the wire.
+            assert took[1] >= 0.3 and took[2] >= 0.6
             # Even the right password is refused during the lockout, with no upstream try.
             assert await try_login(proxy, victim, victim_pw) == "temporary-auth-failure"
             await wait_until(lambda: prosody_tls_streams(prosody) - before >= 3)

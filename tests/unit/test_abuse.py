@@ -96,6 +96,13 @@ def test_one_more_failure_after_a_lockout_locks_again() -> None:
     assert t.check(ACCOUNT, ADDRESS) is not None
 
 
+def test_spellings_of_one_account_share_its_count() -> None:
+    t, _ = throttle(login_failures_per_account=3, login_failures_per_address=0)
+    for spelling in ("alice@localhost", "ALICE@localhost", "\uff41lice@localhost"):
+        t.failed(spelling, ADDRESS)
+    assert t.check("Alice@localhost", ADDRESS) is not None
+
+
 def test_address_lockout_covers_every_account_from_it() -> None:
     t, _ = throttle(login_failures_per_account=0, login_failures_per_address=3)
     for i in range(3):
