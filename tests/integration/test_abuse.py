@@ -15,6 +15,7 @@ from tests.peers.faultrelay import FaultRelay
 from tests.peers.prosody import LegacyProsody
 from tests.peers.rawclient import (
     NS_BIND,
+    NS_SM,
     NS_STANZA_ERRORS,
     RawAuthError,
     RawClient,
@@ -261,3 +262,29 @@ def test_the_proxy_as_its_own_upstream_is_refused_at_the_first_nested_connection
             assert relay.connections_total == 1
             assert len(proxy.events("accepted")) == 2  # the client and one nested login
             assert len(proxy.events("loop_refused")) == 1
+
+
+def test_a_hibernated_session_counts_toward_the_account_limit(make_proxy, accounts) -> None:
+    proxy = make_proxy(abuse={"max_sessions_per_account": 1})
+    jid, password = accounts("hib")
+
+    async def scenario() -> None:
+        phone = await raw_login(proxy.host, proxy.port, user(jid), password, direct_tls=False,
+                                resource="phone")
+        phone.send(f"<enable xmlns='{NS_SM}' resume='true'/>")
+        await phone.read_until(q(NS_SM, "enabled"))
+        phone.abort()  # a network drop: the session hibernates, still bound upstream
+        await asyncio.to_thread(proxy.wait_event, "hibernating", timeout=10)
+        laptop = await RawClient.connect(proxy.host, proxy.port, direct_tls=False)
+        try:
+            await laptop.login_plain(user(jid), password)
+            reply = await laptop.iq(
+                f"<bind xmlns='{NS_BIND}'><resource>laptop</resource></bind>", type="set")
+            assert reply.get("type") == "error"
+            # Binding the hibernated resource itself is a takeover: allowed.
+            assert await laptop.bind("phone") == f"{jid}/phone"
+        finally:
+            laptop.abort()
+
+    run(scenario(), timeout=60)
+    assert len(proxy.events("session_refused")) == 1
