@@ -158,6 +158,9 @@ class Proxy(Child):
                          **upstream},
             "log": {"format": "json", "level": log_level},
             "store": {"path": str(workdir / f"{name}.sqlite3")},
+            # Every bench client comes from 127.0.0.1: the per-address and total connection
+            # limits would cap the capacity and memory cases, not measure the relay.
+            "abuse": {"max_connections": 0, "max_connections_per_address": 0},
         }, overrides)
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))

@@ -8,6 +8,7 @@ import sys
 
 from .config import ConfigError, check_files, load_config
 from .logsetup import setup_logging
+from .loopcheck import upstream_loop_problems
 
 EXIT_INVALID_CONFIG = 2
 
@@ -18,7 +19,7 @@ def _load(path: str):  # type: ignore[no-untyped-def]
     except ConfigError as exc:
         print(f"xmpp-front: invalid configuration: {exc}", file=sys.stderr)
         return None
-    problems = check_files(config)
+    problems = check_files(config) + upstream_loop_problems(config)
     if config.rules:
         from .rules_cli import check_rule_files
 

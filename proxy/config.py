@@ -67,6 +67,23 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AbuseConfig:
+    """XEP-0205 limits; a count of 0 turns that limit off. See docs/security.md."""
+
+    max_connections: int = 10000  # open client connections in total
+    max_connections_per_address: int = 50  # per IPv4 address or IPv6 /64
+    max_sessions_per_account: int = 10  # bound resources (hibernated ones count)
+    login_failures_free: int = 2  # failed logins (per account or address) answered at once
+    login_delay: float = 1.0  # seconds before answering the next failure, doubling each time
+    login_delay_max: float = 8.0
+    login_failures_per_account: int = 10  # then the account's logins are refused a while
+    login_failures_per_address: int = 30  # then that address's logins are refused a while
+    login_lockout: float = 300.0  # seconds logins are refused after reaching a limit
+    login_failure_window: float = 900.0  # seconds without failures: the count is forgotten
+    max_tracked: int = 100000  # accounts and addresses remembered (each table)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -125,6 +142,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     limits: Limits = field(default_factory=Limits)
+    abuse: AbuseConfig = field(default_factory=AbuseConfig)
     log: LogConfig = field(default_factory=LogConfig)
     stream_management: StreamManagementConfig = field(default_factory=StreamManagementConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -168,6 +186,17 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("stream_management", "stored_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("stream_management", "debug_counter_start"): (lambda v: 0 <= v < 2 ** 32,
                                                    "between 0 and 2^32-1"),
+    ("abuse", "max_connections"): (lambda v: v >= 0, "zero (no limit) or more"),
+    ("abuse", "max_connections_per_address"): (lambda v: v >= 0, "zero (no limit) or more"),
+    ("abuse", "max_sessions_per_account"): (lambda v: v >= 0, "zero (no limit) or more"),
+    ("abuse", "login_failures_free"): (lambda v: v >= 0, "zero or more"),
+    ("abuse", "login_delay"): (lambda v: 0 <= v <= 60, "between 0 and 60 seconds"),
+    ("abuse", "login_delay_max"): (lambda v: 0 <= v <= 60, "between 0 and 60 seconds"),
+    ("abuse", "login_failures_per_account"): (lambda v: v >= 0, "zero (no limit) or more"),
+    ("abuse", "login_failures_per_address"): (lambda v: v >= 0, "zero (no limit) or more"),
+    ("abuse", "login_lockout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("abuse", "login_failure_window"): (lambda v: v > 0, "a positive number of seconds"),
+    ("abuse", "max_tracked"): (lambda v: v >= 100, "at least 100"),
     ("log", "capture_max_bytes"): (lambda v: v >= 1024, "at least 1024 bytes"),
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),

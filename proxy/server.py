@@ -12,6 +12,7 @@ import ssl
 import time
 from typing import Any
 
+from .abuse import ConnectionLimiter, LoginThrottle, Refusal
 from .config import Config, Listener
 from .features.dedupe import DedupeFactory
 from .features.legacy_session import LegacySessionFactory
@@ -21,6 +22,7 @@ from .features.rules import RulesFactory
 from .inspection import Inspector
 from .journal import Journal, recover
 from .logsetup import get_logger
+from .loopcheck import OwnStreamIds
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
 from .net.live import LiveSession
@@ -58,6 +60,9 @@ class Proxy:
         self.connections: set[asyncio.Task[None]] = set()
         self.clients: set[XmlStream] = set()
         self.stopping = False
+        self.connection_limiter = ConnectionLimiter(config.abuse)
+        self.login_throttle = LoginThrottle(config.abuse)
+        self.own_stream_ids = OwnStreamIds()
         self.store = Store(str(config.path(config.store.path)))
         self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes,
                                     notify=self._roster_catch_up)
@@ -126,6 +131,31 @@ class Proxy:
         stream = XmlStream(reader, writer, max_stanza_bytes=self.config.limits.max_stanza_bytes)
         conn_id = secrets.token_hex(4)
         log = self.log.bind(conn=conn_id, peer=stream.peer)
+        peername = writer.get_extra_info("peername")
+        address = str(peername[0]) if peername else "?"
+        refusal = self.connection_limiter.admit(address)
+        if refusal is not None:
+            await self._refuse_connection(stream, refusal, log)
+            return
+        try:
+            await self._serve_admitted(stream, listener, conn_id, log)
+        finally:
+            self.connection_limiter.release(address)
+
+    async def _refuse_connection(self, stream: XmlStream, refusal: Refusal, log: Any) -> None:
+        """Over a connection limit: our header first, so the stream error is well-formed
+        XML (RFC 6120 §4.9.1.1), then the error and the close."""
+        log.warning("connection_refused", condition=refusal.condition, limit=refusal.limit,
+                    connections=self.connection_limiter.total)
+        stream.send_bytes(codec.stream_header(from_=self.config.upstream.domain,
+                                              stream_id=secrets.token_urlsafe(12)))
+        with contextlib.suppress(ConnectionLost, OSError, ssl.SSLError):
+            await asyncio.wait_for(stream.close(codec.stream_error(
+                refusal.condition, refusal.text)), 5)
+        stream.abort()
+
+    async def _serve_admitted(self, stream: XmlStream, listener: Listener, conn_id: str,
+                              log: Any) -> None:
         log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
                  **stream.tls_info)
         self.clients.add(stream)
@@ -134,7 +164,9 @@ class Proxy:
         try:
             try:
                 negotiation = ClientNegotiation(stream, listener, self.config, self.server_tls,
-                                                self.upstream_tls, log)
+                                                self.upstream_tls, log,
+                                                throttle=self.login_throttle,
+                                                own_stream_ids=self.own_stream_ids)
                 async with asyncio.timeout(self.config.limits.negotiation_timeout):
                     auth = await negotiation.run()
                     session, first, resumed = await self.hub.establish(negotiation, auth, log)

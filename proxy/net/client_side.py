@@ -8,6 +8,7 @@ client stream plus its authenticated upstream link, ready for the relay.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import secrets
@@ -17,7 +18,9 @@ from typing import Any
 
 from lxml import etree
 
+from ..abuse import LoginThrottle, Refusal
 from ..config import Config, Listener
+from ..loopcheck import OwnStreamIds
 from ..features.stream_management import failed
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
@@ -25,6 +28,7 @@ from ..xmpp.jid import Jid
 from .upstream import (
     UpstreamAuthFailed,
     UpstreamLink,
+    UpstreamLoop,
     UpstreamUnavailable,
     connect_upstream,
 )
@@ -63,7 +67,8 @@ class ClientNegotiation:
 
     def __init__(self, stream: XmlStream, listener: Listener, config: Config,
                  server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext | None,
-                 log: Any) -> None:
+                 log: Any, *, throttle: LoginThrottle | None = None,
+                 own_stream_ids: OwnStreamIds | None = None) -> None:
         self.stream = stream
         self.listener = listener
         self.config = config
@@ -74,6 +79,12 @@ class ClientNegotiation:
         self.upstream: UpstreamLink | None = None
         self.account: Jid | None = None
         self._password = ""
+        self.throttle = throttle
+        # Ids we issue before authentication, so our own upstream can tell it reached us.
+        self.own_stream_ids = own_stream_ids
+        self._issued_ids: list[str] = []
+        peer = stream.writer.get_extra_info("peername")
+        self.client_address = str(peer[0]) if peer else "?"
 
     async def run(self) -> AuthenticatedClient:
         try:
@@ -82,6 +93,9 @@ class ClientNegotiation:
             if self.upstream is not None:
                 await self.upstream.stream.close(wait_for_peer=0)
             raise
+        finally:
+            if self.own_stream_ids is not None:
+                self.own_stream_ids.retire(self._issued_ids)
 
     async def _next(self) -> Element:
         event = await self.stream.next_event()
@@ -101,9 +115,12 @@ class ClientNegotiation:
             raise violation(event.condition, event.text)
         if not isinstance(event, codec.StreamOpened):
             raise NegotiationFailed("expected a stream header")
+        stream_id = secrets.token_urlsafe(12)
+        if self.own_stream_ids is not None and self.account is None:
+            self.own_stream_ids.issued(stream_id)
+            self._issued_ids.append(stream_id)
         self.stream.send_bytes(codec.stream_header(
-            from_=self.domain, stream_id=secrets.token_urlsafe(12),
-            to=event.attrs.get("from")))
+            from_=self.domain, stream_id=stream_id, to=event.attrs.get("from")))
         to = event.attrs.get("to", "")
         if to.lower() != self.domain:
             raise violation("host-unknown", f"this server serves {self.domain}")
@@ -139,9 +156,12 @@ class ClientNegotiation:
 
     # SASL -----------------------------------------------------------------------------------
 
-    def _sasl_failure(self, condition: str) -> None:
+    def _sasl_failure(self, condition: str, text: str | None = None) -> None:
         failure = st.element("failure", namespace=ns.SASL)
         st.sub(failure, condition)
+        if text:
+            st.sub(failure, "text", text=text).set(
+                "{http://www.w3.org/XML/1998/namespace}lang", "en")
         self.stream.send(failure)
 
     async def _authenticate(self) -> None:
@@ -161,12 +181,15 @@ class ClientNegotiation:
             if outcome is None:
                 self.stream.send(st.element("success", namespace=ns.SASL))
                 return
-            self._sasl_failure(outcome)
+            if isinstance(outcome, Refusal):
+                self._sasl_failure(outcome.condition, outcome.text)
+            else:
+                self._sasl_failure(outcome)
             failures += 1
             if failures >= MAX_AUTH_ATTEMPTS:
                 raise violation("policy-violation", "too many failed authentication attempts")
 
-    async def _try_plain(self, auth: Element) -> str | None:
+    async def _try_plain(self, auth: Element) -> str | Refusal | None:
         """One SASL PLAIN attempt: None on success, else the failure condition to send."""
         if auth.get("mechanism") != "PLAIN":
             self.log.info("auth_failed", reason="invalid-mechanism",
@@ -195,18 +218,38 @@ class ClientNegotiation:
         if authzid and authzid.lower() not in (str(account), authcid.lower()):
             self.log.info("auth_failed", reason="invalid-authzid", account=str(account))
             return "invalid-authzid"
+        refusal = (self.throttle.check(str(account), self.client_address)
+                   if self.throttle is not None else None)
+        if refusal is not None:  # answered without asking the server: it costs no login
+            self.log.warning("login_refused", account=str(account), limit=refusal.limit,
+                             address=self.client_address)
+            return refusal
         try:
             self.upstream = await connect_upstream(
                 self.config.upstream, self.upstream_tls, authcid, password,
-                max_stanza_bytes=self.config.limits.max_stanza_bytes)
+                max_stanza_bytes=self.config.limits.max_stanza_bytes,
+                own_stream_ids=(self.own_stream_ids if self.own_stream_ids is not None
+                                else frozenset()))
         except UpstreamAuthFailed as exc:
             self.log.info("auth_failed", reason=exc.condition, account=str(account))
+            if self.throttle is not None:
+                delay = self.throttle.failed(str(account), self.client_address)
+                if delay > 0:
+                    self.log.info("login_throttled", account=str(account), delay=delay,
+                                  address=self.client_address)
+                    await asyncio.sleep(delay)
             return exc.condition
+        except UpstreamLoop as exc:
+            self.log.error("loop_refused", detail=str(exc), upstream_host=self.config.upstream.host,
+                           upstream_port=self.config.upstream.port)
+            return "temporary-auth-failure"
         except UpstreamUnavailable as exc:
             self.log.warning("auth_failed", reason="upstream-unavailable", account=str(account),
                              detail=str(exc))
             return "temporary-auth-failure"
         self.account = account
         self._password = password
+        if self.throttle is not None:
+            self.throttle.succeeded(str(account))
         self.log.info("auth_ok", account=str(account), upstream_mechanism=self.upstream.mechanism)
         return None

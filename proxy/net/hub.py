@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 
+from ..abuse import Refusal, bind_refusal
 from ..config import Config
 from ..inspection import Inspector
 from ..features.stream_management import HandledCountTooHigh, failed, parse_h
@@ -34,6 +35,16 @@ from ..xmpp.stanza import Element
 _BIND = ns.qname(ns.BIND, "bind")
 _SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")
 MAX_TOMBSTONES = 10000  # ended SM ids remembered, so a late <resume/> learns the final h
+XEP_0205_ERRORS = "urn:xmpp:errors"
+
+
+def bind_refused(request: Element, refusal: Refusal) -> Element:
+    """RFC 6120 §7.6.2.1 (type ``wait``), with XEP-0205's application condition."""
+    reply = st.error_reply(request, refusal.condition, error_type="wait", text=refusal.text)
+    for attr in ("to", "from"):
+        reply.attrib.pop(attr, None)
+    st.sub(reply[0], "resource-limit-exceeded", namespace=XEP_0205_ERRORS)
+    return reply
 
 
 class Hub:
@@ -159,6 +170,12 @@ class Hub:
         if existing is not None and existing.state != "ended":
             # Takeover: the upstream session is kept as it is, not bound again.
             return existing, [self._bind_result(el, existing.core.jid), *existing.take_over()]
+        refusal = bind_refusal(self._sessions_of(auth.account), self.config.abuse)
+        if refusal is not None:
+            stream.send(bind_refused(el, refusal))
+            log.warning("session_refused", condition=refusal.condition, limit=refusal.limit,
+                        resource=resource)
+            return None
         try:
             full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
         except UpstreamBindFailed as exc:
@@ -190,6 +207,12 @@ class Hub:
         log.info("bound", jid=str(jid))
         session.replay_pending()  # before anything the client sends now
         return session, [self._bind_result(el, jid)]
+
+    def _sessions_of(self, account: Jid) -> int:
+        # A scan, not a counter kept in step with every end and takeover; one per bind.
+        bare = account.bare
+        return sum(1 for s in self.by_jid.values()
+                   if s.core.account == bare and s.state != "ended")
 
     @staticmethod
     def _bind_result(request: Element, jid: Jid) -> Element:

@@ -11,6 +11,7 @@ import base64
 import contextvars
 import ssl
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass
 
 from lxml import etree
@@ -33,6 +34,10 @@ class UpstreamError(Exception):
 
 class UpstreamUnavailable(UpstreamError):
     """The legacy server could not be reached or did not complete the negotiation."""
+
+
+class UpstreamLoop(UpstreamUnavailable):
+    """The "server" answered with a stream id this proxy issued: it is talking to itself."""
 
 
 class UpstreamAuthFailed(UpstreamError):
@@ -138,10 +143,13 @@ class UpstreamLink:
 
 async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext | None,
                            username: str, password: str, *, max_stanza_bytes: int,
-                           resume_tls: ssl.SSLSession | None = None) -> UpstreamLink:
+                           resume_tls: ssl.SSLSession | None = None,
+                           own_stream_ids: Container[str] = frozenset()) -> UpstreamLink:
     """Open and authenticate a stream to the legacy server as ``username``.
 
     ``resume_tls``: a TLS session of an earlier connection, offered for resumption.
+    ``own_stream_ids``: stream ids this proxy is issuing to its clients; a server header
+    with one of them raises UpstreamLoop (see proxy/loopcheck.py).
     Raises UpstreamAuthFailed when the server rejects the credentials and
     UpstreamUnavailable for everything else (refused, TLS failure, timeout, stream error).
     """
@@ -157,7 +165,8 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
                                   f"{exc or type(exc).__name__}") from exc
     stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes)
     try:
-        return await _negotiate(stream, config, tls_context, username, password, timeout)
+        return await _negotiate(stream, config, tls_context, username, password, timeout,
+                                own_stream_ids)
     except UpstreamError:
         stream.abort()
         raise
@@ -166,12 +175,16 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
         raise UpstreamUnavailable(f"negotiation with the server failed: {exc!r}") from exc
 
 
-async def _open(stream: XmlStream, domain: str, timeout: float) -> Element:
+async def _open(stream: XmlStream, domain: str, timeout: float,
+                own_stream_ids: Container[str] = frozenset()) -> Element:
     """Send our header and return the server's stream features."""
     stream.send_bytes(codec.stream_header(to=domain))
     event = await stream.next_event(timeout)
     if not isinstance(event, codec.StreamOpened):
         raise UpstreamUnavailable(f"the server did not open a stream: {event}")
+    if event.attrs.get("id") in own_stream_ids:
+        raise UpstreamLoop("the upstream answered with this proxy's own stream id: "
+                           "upstream.host/upstream.port lead back to this proxy")
     features = await stream.next_element(timeout)
     if features.tag == ns.qname(ns.STREAM, "error"):
         raise UpstreamUnavailable(f"stream error from the server: {st.error_condition(features)}")
@@ -182,8 +195,8 @@ async def _open(stream: XmlStream, domain: str, timeout: float) -> Element:
 
 async def _negotiate(stream: XmlStream, config: UpstreamConfig,
                      tls_context: ssl.SSLContext | None, username: str, password: str,
-                     timeout: float) -> UpstreamLink:
-    features = await _open(stream, config.domain, timeout)
+                     timeout: float, own_stream_ids: Container[str]) -> UpstreamLink:
+    features = await _open(stream, config.domain, timeout, own_stream_ids)
     if config.tls == "starttls":
         if features.find(ns.qname(ns.TLS, "starttls")) is None:
             raise UpstreamUnavailable("the server does not offer STARTTLS")
