@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 
 from .session import OWN_ID_PREFIX
-from .xmpp import ns
+from .xmpp import counters, ns
 from .xmpp import stanza as st
 from .xmpp.stanza import Element
 
@@ -109,7 +109,7 @@ class Outbox:
 
     def on_sm_ack(self, h: int) -> None:
         """``<a h/>`` from the server: everything it counted is handled."""
-        self.sm_base += (h - self.sm_h) % 2 ** 32
+        self.sm_base += counters.since(h, self.sm_h)
         self.sm_h = h
         while self.unconfirmed and self.unconfirmed[0][0] < self.sm_base:
             self.unconfirmed.popleft()

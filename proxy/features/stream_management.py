@@ -4,7 +4,7 @@ It sits at the client edge of a session, outside the feature pipeline: it counts
 client sent, keeps what was sent to the client until acknowledged, and knows what to resend on
 resumption. The session shell owns connections and timers and asks it what to do.
 
-All counter arithmetic is modulo 2^32 and lives here.
+Counter arithmetic (modulo 2^32) is proxy/xmpp/counters.py's, the one home for it.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 
-from ..xmpp import ns
+from ..xmpp import counters, ns
 from ..xmpp import stanza as st
 from ..xmpp.stanza import Element
 
 
-MOD = 2 ** 32
+MOD = counters.MOD
 _DELAY = ns.qname(ns.DELAY, "delay")
 
 
@@ -46,7 +46,7 @@ def parse_h(el: Element) -> int | None:
         h = int(el.get("h", ""))
     except ValueError:
         return None
-    return h if 0 <= h < MOD else None
+    return h if counters.valid(h) else None
 
 
 def delay_stamp(el: Element, when: float, from_: str) -> None:
@@ -106,8 +106,8 @@ class StreamManagement:
         granted = int(asked) if asked.isdigit() and int(asked) > 0 else resume_timeout
         granted = min(granted, max_resume_timeout)
         state = cls(sm_id=sm_id, resumable=wants_resume, max_resume=granted,
-                    max_queue=max_queue, wall_clock=wall_clock, inbound=counter_start % MOD,
-                    acked=counter_start % MOD)
+                    max_queue=max_queue, wall_clock=wall_clock,
+                    inbound=counters.wrap(counter_start), acked=counters.wrap(counter_start))
         enabled = sm_element("enabled")
         if wants_resume:
             enabled.attrib.update({"id": sm_id, "resume": "true", "max": str(granted)})
@@ -116,7 +116,7 @@ class StreamManagement:
     # What the client sent -------------------------------------------------------------------
 
     def count_inbound(self) -> None:
-        self.inbound = (self.inbound + 1) % MOD
+        self.inbound = counters.increment(self.inbound)
 
     def answer(self) -> Element:
         """The ``<a h/>`` for a client's ``<r/>``."""
@@ -126,7 +126,7 @@ class StreamManagement:
 
     @property
     def sent(self) -> int:
-        return (self.acked + self.written) % MOD
+        return counters.increment(self.acked, self.written)
 
     @property
     def overflowing(self) -> bool:
@@ -141,7 +141,7 @@ class StreamManagement:
     def acknowledge(self, h: int) -> int:
         """Drop what ``h`` acknowledges; returns how many. HandledCountTooHigh if it
         acknowledges more than was written."""
-        newly = (h - self.acked) % MOD
+        newly = counters.since(h, self.acked)
         if newly > self.written:
             raise HandledCountTooHigh(h, self.sent)
         for _ in range(newly):

@@ -22,7 +22,7 @@ from ..config import Config
 from ..inspection import Inspector
 from ..features.stream_management import HandledCountTooHigh, failed, parse_h
 from ..session import FeatureFactory, SessionCore
-from ..xmpp import codec, ns
+from ..xmpp import codec, counters, ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
 from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, violation
@@ -155,7 +155,7 @@ class Hub:
                 return failed("item-not-found", h=tomb[0])
             return failed("item-not-found")
         written = session.sm.written
-        if (h - session.sm.acked) % 2 ** 32 > written:
+        if counters.since(h, session.sm.acked) > written:
             exc = HandledCountTooHigh(h, session.sm.sent)
             raise NegotiationFailed("resume with h too high", codec.stream_error(
                 "undefined-condition", str(exc), app_condition=exc.app_condition()))

@@ -26,7 +26,7 @@ from ..config import Config
 from ..features.stream_management import parse_h
 from ..outbox import Outbox
 from ..session import OWN_ID_PREFIX, Outputs
-from ..xmpp import codec, ns
+from ..xmpp import codec, counters, ns
 from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
                        UpstreamUnavailable, connect_upstream, tls_session, tls_session_reused)
@@ -254,7 +254,7 @@ class UpstreamSide:
                     continue
                 if st.is_stanza(el):
                     if self.outbox.sm:
-                        self._sm_inbound = (self._sm_inbound + 1) % 2 ** 32
+                        self._sm_inbound = counters.increment(self._sm_inbound)
                     if self.outbox.on_reply(el):
                         self._confirmed()
                         if self.orphaned and not self.outbox.size:
