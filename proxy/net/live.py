@@ -145,6 +145,8 @@ class LiveSession:
         """A stanza for the server entered the outbox (and the ledger, and the journal)."""
         number = self.ledger.c2s.enter()
         if self.journal is not None:
+            # After a crash this one may be sent twice: an origin-id lets receivers tell.
+            ensure_origin_id(el)
             self.journal.put(self.core.id, "c2s", number, self._account, etree.tostring(el),
                              time.time())
 
@@ -663,6 +665,22 @@ class LiveSession:
         if stored:
             self.log.info("stored_delivered", count=len(stored))
             self._ask_for_ack()
+
+
+_ORIGIN_ID = ns.qname(ns.SID, "origin-id")
+
+
+def ensure_origin_id(el: Element) -> None:
+    """Give a message with an id an XEP-0359 ``<origin-id/>`` of the same value unless it
+    carries one already. A message without an id is left as it is (a rule may have removed
+    it on purpose), and so are errors."""
+    if el.tag != st.MESSAGE or el.get("type") == "error" or el.find(_ORIGIN_ID) is not None:
+        return
+    msg_id = el.get("id")
+    if not msg_id:
+        return
+    origin = st.sub(el, "origin-id", {"id": msg_id}, namespace=ns.SID)
+    origin.tail = None
 
 
 async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:

@@ -18,6 +18,7 @@ CSI: Final = "urn:xmpp:csi:0"
 PING: Final = "urn:xmpp:ping"
 DISCO_INFO: Final = "http://jabber.org/protocol/disco#info"
 DELAY: Final = "urn:xmpp:delay"
+SID: Final = "urn:xmpp:sid:0"  # XEP-0359 unique and stable stanza ids
 MUC: Final = "http://jabber.org/protocol/muc"
 MUC_USER: Final = "http://jabber.org/protocol/muc#user"
 

@@ -149,3 +149,22 @@ def test_recovery_settles_a_crashed_ledger(tmp_path: Path) -> None:
     assert store.conn.execute("SELECT count(*) FROM ledger_journal").fetchone()[0] == 0
     assert recover(store, now=2_000_000.0, stored_ttl=60, domain="localhost")["sessions"] == 0
     store.close()
+
+
+def test_origin_id_is_the_message_id() -> None:
+    from proxy.net.live import ensure_origin_id
+
+    sid = "{urn:xmpp:sid:0}origin-id"
+    with_id = message(1)
+    ensure_origin_id(with_id)
+    assert with_id.find(sid).get("id") == "m1"
+    bare = st.element("message", {"to": "bob@localhost"})
+    ensure_origin_id(bare)  # no id (maybe a rule removed it): left alone
+    assert bare.get("id") is None and bare.find(sid) is None
+    kept = message(2)
+    st.sub(kept, "origin-id", {"id": "theirs"}, namespace="urn:xmpp:sid:0")
+    ensure_origin_id(kept)
+    assert [o.get("id") for o in kept.iter(sid)] == ["theirs"]
+    error = message(3, type="error")
+    ensure_origin_id(error)
+    assert error.find(sid) is None
