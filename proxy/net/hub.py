@@ -20,9 +20,9 @@ from typing import Any
 from ..abuse import Refusal, bind_refusal
 from ..config import Config
 from ..inspection import Inspector
-from ..features.stream_management import HandledCountTooHigh, failed, parse_h
+from ..features.stream_management import failed, parse_h
 from ..session import FeatureFactory, SessionCore
-from ..xmpp import codec, counters, ns
+from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
 from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, violation
@@ -71,17 +71,16 @@ class Hub:
     def new_sm_id(self) -> str:
         return secrets.token_urlsafe(18)
 
-    def sm_enabled(self, session: LiveSession) -> None:
-        if session.sm is not None and session.sm.resumable:
-            self.by_sm_id[(str(session.core.account), session.sm.sm_id)] = session
-
-    def sm_disabled(self, session: LiveSession) -> None:
-        sm = session.sm
-        if sm is None:
+    def sm_registered(self, session: LiveSession, sm_id: str | None, inbound: int) -> None:
+        """A session's stream management became resumable under ``sm_id``, or ended (None,
+        with its last count for a late ``<resume/>``)."""
+        if sm_id is not None:
+            session.sm_key = (str(session.core.account), sm_id)
+            self.by_sm_id[session.sm_key] = session
             return
-        key = (str(session.core.account), sm.sm_id)
-        if self.by_sm_id.pop(key, None) is not None:
-            self.tombstones[key] = (sm.inbound, time.monotonic()
+        key, session.sm_key = session.sm_key, None
+        if key is not None and self.by_sm_id.pop(key, None) is not None:
+            self.tombstones[key] = (inbound, time.monotonic()
                                     + 2 * self.config.stream_management.max_resume_timeout)
             while len(self.tombstones) > MAX_TOMBSTONES:
                 self.tombstones.popitem(last=False)
@@ -96,7 +95,6 @@ class Hub:
     def session_ended(self, session: LiveSession) -> None:
         if self.by_jid.get(session.jid) is session:
             del self.by_jid[session.jid]
-        self.sm_disabled(session)
 
     @property
     def sessions(self) -> list[LiveSession]:
@@ -154,9 +152,8 @@ class Hub:
             if tomb is not None and tomb[1] > time.monotonic():
                 return failed("item-not-found", h=tomb[0])
             return failed("item-not-found")
-        written = session.sm.written
-        if counters.since(h, session.sm.acked) > written:
-            exc = HandledCountTooHigh(h, session.sm.sent)
+        exc = session.edge.resume_problem(h)
+        if exc is not None:
             raise NegotiationFailed("resume with h too high", codec.stream_error(
                 "undefined-condition", str(exc), app_condition=exc.app_condition()))
         return session

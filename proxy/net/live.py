@@ -3,8 +3,11 @@ client connection it has at the moment (if any).
 
 It outlives its client connection: with stream management a dropped client leaves the
 session hibernating, upstream still up and its presence intact, until the client resumes or
-the granted time runs out. Protocol decisions are the cores' (SessionCore, StreamManagement);
-this shell moves stanzas, runs the timers and closes connections.
+the granted time runs out. Every protocol decision is a core's: the client edge
+(``proxy/client_edge.py``: stream management, hibernation, the ledger, what is stored, bounced
+or discarded) and the feature pipeline (``SessionCore``). This shell feeds them events and
+carries out the commands they return (``execute``): it writes, runs the timers, stores and
+closes connections.
 """
 
 from __future__ import annotations
@@ -13,35 +16,32 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from lxml import etree
-
+from ..client_edge import ClientEdge, EdgePolicy, ensure_origin_id
+from ..commands import (AbortClient, AckWhenDurable, CancelTimer, ClientLeaves, CloseClient,
+                        Command, EndSession, JournalCut, JournalPut, Log, SmRegister,
+                        StartTimer, StoreOffline, StorePending, ToClient, ToServerDirect)
 from ..config import Config
+from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
-from ..journal import Journal, parse_stored, replayable, storable
+from ..journal import Journal
 from ..ledger import Exit, Ledger
-from ..features.stream_management import (HandledCountTooHigh, StreamManagement, Unacked,
-                                           delay_stamp, failed, parse_h, sm_element)
-from ..session import OWN_ID_PREFIX, Outputs, SessionCore
-from ..xmpp import codec, ns
+from ..session import Outputs, SessionCore
+from ..xmpp import codec
 from ..xmpp import stanza as st
 from .upstream import UpstreamLink
 from .upstream_side import UpstreamSide
 from .xmlstream import ConnectionLost, XmlStream
 from ..xmpp.stanza import Element
 
+__all__ = ["ClientLeft", "LiveSession", "SessionStore", "ensure_origin_id"]
+
 if TYPE_CHECKING:
     from .hub import Hub
 
 
-_STREAM_ERROR = ns.qname(ns.STREAM, "error")
-_SM_R, _SM_A = ns.qname(ns.SM, "r"), ns.qname(ns.SM, "a")
-_SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")
-CLOSE_GRACE = 2.0  # seconds the other side gets to close its stream after ours
-
-State = Literal["active", "hibernating", "ended"]
 
 
 class OfflineStore(Protocol):
@@ -90,18 +90,20 @@ class LiveSession:
         self.config = config
         self.store = store
         self.journal = journal
-        self.ledger = Ledger()
-        self._ledger_logged = False
         self._account = str(core.account)
         self.log = log.bind(session=core.id)
-        self.clock = clock
-        self.state: State = "active"
+        smc = config.stream_management
+        self.edge = ClientEdge(EdgePolicy(
+            domain=config.upstream.domain, ack_timeout=smc.ack_timeout,
+            resume_timeout=smc.resume_timeout, max_resume_timeout=smc.max_resume_timeout,
+            max_queue=smc.max_queue, on_timeout=smc.on_timeout, stored_ttl=smc.stored_ttl,
+            pending_ttl=config.durability.pending_ttl, counter_start=smc.debug_counter_start,
+            journal=journal is not None, store=store is not None),
+            new_sm_id=hub.new_sm_id, clock=clock)
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._ledger_logged = False
+        self.sm_key: tuple[str, str] | None = None  # where the hub has it for resumption
         self.client: XmlStream | None = None
-        self.sm: StreamManagement | None = None
-        self._hibernation: asyncio.TimerHandle | None = None
-        self._ack_timer: asyncio.TimerHandle | None = None
-        self._ack_timed_out = False
-        self._offline_delivered = False
         self.conn_id: str | None = None  # the client connection's id in the log
         self.inspector = inspector
         self.transcript = (inspector.transcript(str(core.account), core.id)
@@ -113,149 +115,145 @@ class LiveSession:
     def jid(self) -> str:
         return str(self.core.jid)
 
+    @property
+    def state(self) -> str:
+        return self.edge.state
+
+    @property
+    def sm(self) -> StreamManagement | None:
+        return self.edge.sm
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.edge.ledger
+
+    def _upstream_up(self) -> bool:
+        up = self.upstream
+        return up.state == "up" and not up.link.stream.closing
+
+    # Carrying out commands ----------------------------------------------------------------------
+
+    def execute(self, commands: list[Command]) -> list[Awaitable[Any]]:
+        """Do what the cores asked, in order; returns what is still running (a polite close,
+        the end of the session) for callers that wait for it."""
+        running: list[Awaitable[Any]] = []
+        for c in commands:
+            if isinstance(c, ToClient):
+                if self.client is not None:
+                    if c.own:
+                        self.inspect_own("s2c", c.element)
+                    self.client.send(c.element)
+            elif isinstance(c, JournalPut):
+                assert self.journal is not None
+                self.journal.put(self.core.id, c.lane, c.number, self._account, c.stanza,
+                                 c.queued_at)
+            elif isinstance(c, JournalCut):
+                assert self.journal is not None
+                self.journal.cut(self.core.id, c.lane, c.left)
+            elif isinstance(c, AckWhenDurable):
+                self._ack_when_durable(c.element)
+            elif isinstance(c, StartTimer):
+                self._start_timer(c.name, c.seconds)
+            elif isinstance(c, CancelTimer):
+                timer = self._timers.pop(c.name, None)
+                if timer is not None:
+                    timer.cancel()
+            elif isinstance(c, Log):
+                getattr(self.log, c.level)(c.event, **c.fields)
+            elif isinstance(c, ToServerDirect):
+                self.upstream.send_direct(c.element)
+            elif isinstance(c, StoreOffline):
+                if self.store is not None:
+                    self.store.offline.offline_put(self._account, c.stanza, c.expires_at)
+            elif isinstance(c, StorePending):
+                if self.store is not None:
+                    self.store.pending.put(self._account, list(c.stanzas), c.expires_at)
+            elif isinstance(c, CloseClient):
+                running += self._close_client(c)
+            elif isinstance(c, AbortClient):
+                if self.client is not None:
+                    self.client.abort(hard=True)  # its reader then reports the loss
+            elif isinstance(c, EndSession):
+                ending = self._end_soon(c.reason, c.client_error)
+                if ending is not None:
+                    running.append(ending)
+            elif isinstance(c, SmRegister):
+                self.hub.sm_registered(self, c.sm_id, c.inbound)
+            elif isinstance(c, ClientLeaves):
+                raise ClientLeft(c.reason, error=c.error, end_session=True)
+        return running
+
+    def _close_client(self, c: CloseClient) -> list[Awaitable[Any]]:
+        stream, self.client = self.client, None
+        if stream is None:
+            return []
+        if c.hard:
+            stream.abort(hard=True)
+            return []
+        if c.grace:
+            return [asyncio.ensure_future(stream.close(c.error, wait_for_peer=c.grace))]
+        stream.send_bytes((c.error or b"") + codec.STREAM_CLOSE)
+        stream.closing = True
+        stream.abort()
+        return []
+
+    def _ack_when_durable(self, answer: Element) -> None:
+        stream = self.client
+        if stream is None or self.journal is None:
+            return
+
+        def send() -> None:
+            if self.client is stream and not stream.closing:
+                stream.send(answer)
+        self.journal.when_durable(send)
+
+    def _start_timer(self, name: str, seconds: float) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = asyncio.get_running_loop().call_later(
+            seconds, self._timer_fired, name)
+
+    def _timer_fired(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self.execute(self.edge.timer_fired(name))
+
     # Writing ------------------------------------------------------------------------------------
 
     def to_client(self, el: Element) -> None:
-        """A stanza for the client: it enters the ledger (the SM queue holds it until the
-        client acknowledges it; without SM it is delivered when written)."""
-        lane = self.ledger.s2c
-        if self.sm is not None:
-            number = lane.enter()
-            self.sm.track(el, written=self.client is not None)
-            if self.journal is not None:
-                self.journal.put(self.core.id, "s2c", number, self._account,
-                                 etree.tostring(el), self.sm.unacked[-1].queued_at)
-            if self.sm.overflowing:
-                self.log.warning("sm_queue_overflow", queued=len(self.sm.unacked))
-                asyncio.get_running_loop().call_soon(
-                    self._end_soon, "stream management queue overflow")
-            if self.client is not None:
-                self.client.send(el)
-        elif self.client is not None:
-            lane.enter()
-            lane.leave(1, "delivered")
-            self.client.send(el)
-        else:
-            # No client and nothing to hold it: the session is ending (or ended).
-            self.settle_from_server(el)
+        self.execute(self.edge.for_client(el, upstream_up=self._upstream_up()))
 
-    # The ledger ---------------------------------------------------------------------------------
-
-    def c2s_taken(self, el: Element) -> None:
-        """A stanza for the server entered the outbox (and the ledger, and the journal)."""
-        number = self.ledger.c2s.enter()
-        if self.journal is not None:
-            # After a crash this one may be sent twice: an origin-id lets receivers tell.
-            ensure_origin_id(el)
-            self.journal.put(self.core.id, "c2s", number, self._account, etree.tostring(el),
-                             time.time())
-
-    def c2s_left(self, count: int, exit: Exit) -> None:
-        if count:
-            left = self.ledger.c2s.leave(count, exit)
-            if self.journal is not None:
-                self.journal.cut(self.core.id, "c2s", left)
-
-    def _s2c_left(self, count: int, exit: Exit) -> None:
-        if count:
-            left = self.ledger.s2c.leave(count, exit)
-            if self.journal is not None:
-                self.journal.cut(self.core.id, "s2c", left)
-
-    def settle_from_server(self, el: Element) -> None:
-        """A server stanza for a client that is gone for good: a message (or subscription
-        request) is stored for the account's next login, an iq request is answered, the
-        rest is discarded. Counted in the ledger either way."""
-        lane = self.ledger.s2c
-        lane.enter()
-        if self.store is not None and storable(el):
-            delay_stamp(el, time.time(), self.config.upstream.domain)
-            self.store.offline.offline_put(self._account, etree.tostring(el),
-                                           time.time() + self.config.stream_management.stored_ttl)
-            lane.leave(1, "stored")
-        elif (st.kind(el) == "iq" and el.get("type") in ("get", "set")
-              and self.upstream.state == "up" and not self.upstream.link.stream.closing):
-            self.upstream.send_direct(st.error_reply(el, "service-unavailable"))
-            lane.leave(1, "bounced")
-        else:
-            lane.leave(1, "discarded")
-
-    def bounce_to_sender(self, error: Element) -> bool:
-        """An error for a stanza the client sent: to the client while it is here, else a
-        message error is stored for the account's next login. False if it cannot go
-        anywhere (an iq error for a session that is gone)."""
-        if self.state != "ended" and self.client is not None:
-            self.proxy_to_client(error)
-            return True
-        if self.store is not None and error.tag == st.MESSAGE:
-            self.store.offline.offline_put(self._account, etree.tostring(error),
-                                           time.time() + self.config.stream_management.stored_ttl)
-            return True
-        return False
-
-    def settle_outbox(self, *, client_here: bool) -> None:
-        """What the server never confirmed, when nothing more will: client stanzas worth
-        sending go into the store's pending queue (sent first at the account's next login,
-        original ids kept), iq requests are answered with an error while the client is here,
-        the rest is discarded."""
-        keep: list[bytes] = []
-        bounced = discarded = 0
-        for el in self.upstream.outbox.drain():
-            if self.store is not None and replayable(el):
-                keep.append(etree.tostring(el))
-            elif (client_here and st.kind(el) == "iq" and el.get("type") in ("get", "set")
-                  and not el.get("id", "").startswith(OWN_ID_PREFIX)
-                  and self.client is not None):
-                self.proxy_to_client(st.error_reply(
-                    el, "remote-server-timeout", error_type="wait",
-                    text="xmpp-front is stopping and the server did not answer"))
-                bounced += 1
-            else:
-                discarded += 1
-        if keep and self.store is not None:
-            self.store.pending.put(self._account, keep,
-                                   time.time() + self.config.durability.pending_ttl)
-        self.c2s_left(len(keep), "stored")
-        self.c2s_left(bounced, "bounced")
-        self.c2s_left(discarded, "discarded")
-        if keep or bounced or discarded:
-            self.log.info("unconfirmed_settled", pending=len(keep), bounced=bounced,
-                          discarded=discarded)
-
-    def replay_pending(self) -> None:
-        """Client stanzas left over from an earlier run of the proxy go to the server first,
-        in order, with their ids; those past their expiry come back as errors."""
-        if self.store is None:
-            return
-        sent = expired = 0
-        now = time.time()
-        for data, expires_at in self.store.pending.take(self._account):
-            el = parse_stored(data)
-            if expires_at <= now:
-                expired += 1
-                if el.tag == st.MESSAGE:
-                    self.proxy_to_client(st.error_reply(
-                        el, "remote-server-timeout", error_type="wait",
-                        text="not delivered: the legacy server was unreachable for too long"))
-                continue
-            el.set("from", str(self.core.jid))
-            self.to_upstream(el)
-            sent += 1
-        if sent or expired:
-            self.log.info("pending_replayed", sent=sent, expired=expired)
+    def proxy_to_client(self, el: Element) -> None:
+        """A stanza of the proxy's own for the client (error replies, stored messages)."""
+        self.inspect_own("s2c", el)
+        self.to_client(el)
 
     def to_upstream(self, el: Element) -> None:
         answer = self.upstream.send(el)
         if answer is not None:
             self.to_client(answer)
 
+    def write(self, out: Outputs) -> None:
+        for el in out.to_upstream:
+            self.to_upstream(el)
+        for el in out.to_client:
+            self.to_client(el)
+
     def from_server(self, el: Element) -> None:
         """A stanza from the legacy server (the upstream side's reading task)."""
         started = time.perf_counter()
         out = self.core.from_upstream(el)
         self.write(out)
-        self._ask_for_ack()
+        self.execute(self.edge.request_ack())
         self._after_pipeline("s2c", el, started, out, out.to_client)
+
+    async def client_drain(self) -> None:
+        """Backpressure toward the server's side: wait while the client's buffer is full.
+        (Checked first: awaiting a drain per stanza would cost more than the relay.)"""
+        if self.client is not None and self.client.congested:
+            await self.client.drain()
+
+    # Inspection ---------------------------------------------------------------------------------
 
     def _after_pipeline(self, direction: str, el: Element, started: float, out: Outputs,
                         onward: list[Element]) -> None:
@@ -288,36 +286,40 @@ class LiveSession:
                                   account=str(self.core.account), forwarded=True, matched=(),
                                   transcript=self.transcript, origin="proxy")
 
-    def proxy_to_client(self, el: Element) -> None:
-        """A stanza of the proxy's own for the client (error replies, stored messages)."""
-        self.inspect_own("s2c", el)
-        self.to_client(el)
+    # The ledger, for the upstream side ---------------------------------------------------------
 
-    async def client_drain(self) -> None:
-        """Backpressure toward the server's side: wait while the client's buffer is full.
-        (Checked first: awaiting a drain per stanza would cost more than the relay.)"""
-        if self.client is not None and self.client.congested:
-            await self.client.drain()
+    def c2s_taken(self, el: Element) -> None:
+        self.execute(self.edge.c2s_taken(el))
 
-    def write(self, out: Outputs) -> None:
-        for el in out.to_upstream:
+    def c2s_left(self, count: int, exit: Exit) -> None:
+        self.execute(self.edge.c2s_left(count, exit))
+
+    def settle_from_server(self, el: Element) -> None:
+        self.execute(self.edge.settle_from_server(el, upstream_up=self._upstream_up()))
+
+    def bounce_to_sender(self, error: Element) -> bool:
+        commands = self.edge.bounce_to_sender(error, upstream_up=self._upstream_up())
+        if commands is None:
+            return False
+        self.execute(commands)
+        return True
+
+    def settle_outbox(self, *, client_here: bool) -> None:
+        self.execute(self.edge.settle_outbox(self.upstream.outbox.drain(),
+                                             client_here=client_here,
+                                             upstream_up=self._upstream_up()))
+
+    def replay_pending(self) -> None:
+        """Client stanzas left over from an earlier run of the proxy go to the server first."""
+        if self.store is None:
+            return
+        rows = self.store.pending.take(self._account)
+        if not rows:
+            return
+        send, commands = self.edge.pending_replay(rows, self.jid, upstream_up=self._upstream_up())
+        for el in send:
             self.to_upstream(el)
-        for el in out.to_client:
-            self.to_client(el)
-
-    def _ask_for_ack(self, *, always: bool = False) -> None:
-        if self.sm is not None and self.client is not None:
-            request = self.sm.request_ack(self.clock(), always=always)
-            if request is not None:
-                self.client.send(request)
-                self._ack_timer = asyncio.get_running_loop().call_later(
-                    self.config.stream_management.ack_timeout, self._ack_deadline,
-                    self.client)
-
-    def _cancel_ack_timer(self) -> None:
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
+        self.execute(commands)
 
     # The client connection ----------------------------------------------------------------------
 
@@ -329,18 +331,12 @@ class LiveSession:
         or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows).
         """
         if self.client is not None and self.client is not stream:
-            self._evict_client("another connection took this session over")
-        if self._hibernation is not None:
-            self._hibernation.cancel()
-            self._hibernation = None
-        self.state = "active"
+            self.execute(self.edge.evict("another connection took this session over"))
         self.client = stream
         self.conn_id = conn_id
-        self._ack_timed_out = False
         for el in first or ():
             stream.send(el)
-        if resumed:
-            self._ask_for_ack(always=True)
+        self.execute(self.edge.attach(resumed=resumed))
         try:
             await self._pump_client(stream)
             reason = "?"  # unreachable: the pump only ends by raising
@@ -355,57 +351,22 @@ class LiveSession:
                 self.client = None
         return reason
 
-    def _evict_client(self, why: str) -> None:
-        """Close the current client connection with ``<conflict/>`` (resume or takeover)."""
-        old = self.client
-        if old is None:
-            return
-        self.log.info("client_evicted", reason=why)
-        self.client = None
-        self._cancel_ack_timer()
-        if self.sm is not None:
-            self.sm.detached()
-        old.send_bytes(codec.stream_error("conflict", why) + codec.STREAM_CLOSE)
-        old.closing = True
-        old.abort()
-
     async def _client_gone(self, stream: XmlStream, left: ClientLeft) -> None:
         if self.client is not stream:
             return  # evicted: the session already belongs to another connection
-        self.client = None
-        self._cancel_ack_timer()
-        if self.sm is not None:
-            self.sm.detached()
-        if left.end_session or self.sm is None or not self.sm.resumable:
-            await asyncio.gather(stream.close(left.error, wait_for_peer=CLOSE_GRACE),
-                                 self.end(left.reason))
-            return
-        stream.abort(hard=True)  # already lost: nothing more can reach it
-        self.state = "hibernating"
-        self.log.info("hibernating", reason=left.reason, seconds=self.sm.max_resume,
-                      queued=len(self.sm.unacked))
-        self._hibernation = asyncio.get_running_loop().call_later(
-            self.sm.max_resume, self._end_soon, "resumption timed out")
+        running = self.execute(self.edge.client_left(left.reason, end_session=left.end_session,
+                                                     error=left.error))
+        if running:
+            await asyncio.gather(*running)
 
     async def _next_client_event(self, stream: XmlStream) -> codec.StreamEvent:
         try:
             return await stream.next_event()
         except ConnectionLost as exc:
-            if self._ack_timed_out:
-                raise ClientLeft("no ack from the client within ack_timeout") from exc
-            raise ClientLeft(f"client connection lost ({exc})") from exc
-
-    def _ack_deadline(self, stream: XmlStream) -> None:
-        """Our <r/> went unanswered for ack_timeout: the connection is dead. Closing it ends
-        the client pump's read, and the session hibernates as after any drop."""
-        self._ack_timer = None
-        if self.client is stream and self.sm is not None and self.sm.ack_requested_at:
-            self._ack_timed_out = True
-            self.log.info("client_link_dead", reason="no ack within ack_timeout",
-                          seconds=self.config.stream_management.ack_timeout)
-            stream.abort(hard=True)  # a dead link would never finish a polite TLS close
+            raise ClientLeft(self.edge.connection_lost(str(exc))) from exc
 
     async def _pump_client(self, stream: XmlStream) -> None:
+        edge = self.edge
         while True:
             # Backpressure while the server is away and the buffer is full: stop reading
             # (stanzas already received were counted and are acked as usual).
@@ -414,130 +375,50 @@ class LiveSession:
             if isinstance(event, codec.StanzaReceived):
                 el = event.element
                 if st.is_stanza(el):
-                    if self.sm is not None:
-                        self.sm.count_inbound()
+                    edge.client_stanza()
                     self._from_client(el)
                     if self.upstream.congested:
                         await self.upstream.drain()
                 else:
-                    self._client_nonza(stream, el)
-                self._ask_for_ack()
-            elif isinstance(event, codec.StreamClosed):
-                raise ClientLeft("client closed the stream", clean=True)
-            elif isinstance(event, codec.StreamViolation):
-                raise ClientLeft(f"client stream violation: {event.condition}",
-                                 error=codec.stream_error(event.condition, event.text),
-                                 end_session=True)
+                    self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
+                self.execute(edge.request_ack())
             else:
-                raise ClientLeft("client sent a second stream header", end_session=True,
-                                 error=codec.stream_error("not-well-formed",
-                                                          "unexpected stream header"))
+                leaves = edge.stream_event(event)
+                raise ClientLeft(leaves.reason, error=leaves.error, end_session=True,
+                                 clean=isinstance(event, codec.StreamClosed))
 
     def _from_client(self, el: Element) -> None:
         started = time.perf_counter()
         out = self.core.from_client(el)
         self.write(out)
         self._after_pipeline("c2s", el, started, out, out.to_upstream)
-        if (not self._offline_delivered and el.tag == st.PRESENCE and el.get("type") is None
-                and el.get("to") is None):
-            # Like a server's offline storage: stored messages follow initial presence.
-            self._offline_delivered = True
-            self._deliver_stored()
-
-    def _answer_ack_request(self, stream: XmlStream, sm: StreamManagement) -> None:
-        """``<a h/>`` for the client's ``<r/>``; with the journal, only once what it
-        acknowledges is committed (an ack is a promise)."""
-        answer = sm.answer()
-        if self.journal is None:
-            stream.send(answer)
-            return
-
-        def send() -> None:
-            if self.client is stream and not stream.closing:
-                stream.send(answer)
-        self.journal.when_durable(send)
-
-    def _client_nonza(self, stream: XmlStream, el: Element) -> None:
-        tag = el.tag
-        sm = self.sm
-        if tag == _SM_R:
-            if sm is not None:
-                self._answer_ack_request(stream, sm)
-            else:
-                stream.send(failed("unexpected-request"))
-        elif tag == _SM_A:
-            h = parse_h(el)
-            if sm is None or h is None:
-                raise ClientLeft("bad <a/> from the client", end_session=True,
-                                 error=codec.stream_error("undefined-condition",
-                                                          "a bad or unexpected <a/>"))
-            try:
-                self._s2c_left(sm.acknowledge(h), "delivered")
-                self._cancel_ack_timer()
-            except HandledCountTooHigh as exc:
-                self.log.warning("sm_h_too_high", h=exc.h, sent=exc.sent)
-                raise ClientLeft("client acknowledged more than was sent", end_session=True,
-                                 error=codec.stream_error(
-                                     "undefined-condition", str(exc),
-                                     app_condition=exc.app_condition())) from None
-        elif tag == _SM_ENABLE:
-            if sm is not None:
-                stream.send(failed("unexpected-request", text="already enabled"))
-                return
-            smc = self.config.stream_management
-            self.sm, enabled = StreamManagement.enable(
-                el, sm_id=self.hub.new_sm_id(), resume_allowed=True,
-                resume_timeout=smc.resume_timeout, max_resume_timeout=smc.max_resume_timeout,
-                max_queue=smc.max_queue, counter_start=smc.debug_counter_start)
-            self.hub.sm_enabled(self)
-            stream.send(enabled)  # outbound counting starts after this write
-            self.log.info("sm_enabled", resumable=self.sm.resumable, max=self.sm.max_resume)
-        elif tag == _SM_RESUME:
-            stream.send(failed("unexpected-request", text="this stream is bound already"))
-        elif tag == _STREAM_ERROR:
-            raise ClientLeft(f"client stream error: {st.error_condition(el)}",
-                             end_session=True)
-        else:
-            raise ClientLeft(f"unsupported element from client: {tag}", end_session=True,
-                             error=codec.stream_error(
-                                 "unsupported-stanza-type",
-                                 f"{etree.QName(el).localname} is not supported"))
+        if self.edge.stored_ready(el) and self.store is not None:
+            stored = self.store.offline.offline_take(self._account, time.time())
+            self.execute(self.edge.deliver_stored(stored, upstream_up=self._upstream_up()))
 
     # Resumption and takeover --------------------------------------------------------------------
 
     def resume(self, h: int) -> list[Element]:
         """What a resuming connection gets first: ``<resumed/>`` and the unacked stanzas
         (serve_client adds the ``<r/>``). Raises HandledCountTooHigh when ``h`` is absurd."""
-        assert self.sm is not None
-        self._evict_client("the session was resumed from another connection")
-        held = len(self.sm.unacked)
-        resend = self.sm.resume(h, self.config.upstream.domain)
-        self._s2c_left(held - len(self.sm.unacked), "delivered")
-        resumed = sm_element("resumed", {"h": str(self.sm.inbound), "previd": self.sm.sm_id})
-        self.log.info("resumed", h=h, resent=len(resend))
-        return [resumed, *resend]
+        first, commands = self.edge.resume(h)
+        self.execute(commands)
+        return first
 
     def take_over(self) -> list[Element]:
         """A new connection bound this session's resource: it gets the whole queue; stream
         management starts afresh on it."""
-        self._evict_client("the resource was bound from another connection")
-        queue: list[Element] = []
-        if self.sm is not None:
-            for item in self.sm.take_all():
-                delay_stamp(item.element, item.queued_at, self.config.upstream.domain)
-                queue.append(item.element)
-            # Written to the new connection first, without stream management on it.
-            self._s2c_left(len(queue), "delivered")
-            self.hub.sm_disabled(self)
-            self.sm = None
-        self.log.info("taken_over", delivered=len(queue))
+        queue, commands = self.edge.take_over()
+        self.execute(commands)
         return queue
 
     # The end --------------------------------------------------------------------------------------
 
-    def _end_soon(self, reason: str) -> None:
-        if self.state != "ended":
-            asyncio.get_running_loop().create_task(self.end(reason))
+    def _end_soon(self, reason: str,
+                  client_error: bytes | None = None) -> asyncio.Task[None] | None:
+        if self.state == "ended":
+            return None
+        return asyncio.ensure_future(self.end(reason, client_error=client_error))
 
     async def end(self, reason: str, *, client_error: bytes | None = None,
                   upstream_dead: bool = False, stopping: bool = False,
@@ -548,19 +429,16 @@ class LiveSession:
         account's next login. ``deadline`` (loop time) bounds a stop's wait for the server."""
         if self.state == "ended":
             return
-        self.state = "ended"
-        if self._hibernation is not None:
-            self._hibernation.cancel()
-        self._cancel_ack_timer()
-        self.hub.session_ended(self)
-        self.log.info("session_ended", reason=reason)
         upstream = self.upstream
         upstream_up = upstream.state == "up" and not upstream_dead
-        undelivered = self.sm.take_all() if self.sm is not None else []
-        if undelivered:
-            self._dispose(undelivered, upstream_up, store_all=stopping)
         if stopping and not upstream_up:
             self.settle_outbox(client_here=True)  # nothing will confirm it now
+        self.execute(self.edge.end(upstream_up=upstream_up, stopping=stopping))
+        self.hub.session_ended(self)
+        self.log.info("session_ended", reason=reason)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         self.core.closed()
         client, self.client = self.client, None
         if client is not None:
@@ -609,8 +487,9 @@ class LiveSession:
         then the session ends and what is left is stored."""
         loop = asyncio.get_running_loop()
         ack_until = min(deadline, loop.time() + self.config.shutdown.ack_wait)
-        if self.client is not None and self.sm is not None and self.sm.written:
-            self._ask_for_ack(always=True)
+        sm = self.sm
+        if self.client is not None and sm is not None and sm.written:
+            self.execute(self.edge.request_ack(always=True))
             await _wait_until(lambda: self.client is None or self.sm is None
                               or not self.sm.written, ack_until)
         if self.upstream.state == "up" and self.upstream.outbox.size:
@@ -618,69 +497,6 @@ class LiveSession:
             await _wait_until(lambda: self.upstream.state != "up"
                               or not self.upstream.outbox.size, deadline)
         await self.end("proxy stopping", client_error=error, stopping=True, deadline=deadline)
-
-    def _dispose(self, items: list[Unacked], upstream_up: bool, *,
-                 store_all: bool = False) -> None:
-        """Stanzas the client never acknowledged, at the end of the session (XEP-0198 §5:
-        the server must not lose them): messages stored or bounced, iq requests answered
-        with service-unavailable, presences discarded (subscription requests stored)."""
-        smc = self.config.stream_management
-        stored = bounced = answered = 0
-        for item in items:
-            el = item.element
-            kind, typ = st.kind(el), el.get("type")
-            if kind == "message":
-                # With the server away a bounce cannot leave: store rather than lose it.
-                # An error is never answered with an error (RFC 6120 §8.3.1): stored too.
-                if self.store is not None and (smc.on_timeout == "store" or not upstream_up
-                                               or store_all or typ == "error"):
-                    delay_stamp(el, item.queued_at, self.config.upstream.domain)
-                    # Stored with its namespace declaration, to be parsed back on its own.
-                    self.store.offline.offline_put(self._account, etree.tostring(el),
-                                                   time.time() + smc.stored_ttl)
-                    stored += 1
-                elif upstream_up and typ != "error":
-                    self.upstream.send_direct(st.error_reply(el, "recipient-unavailable"))
-                    bounced += 1
-            elif self.store is not None and kind == "presence" and storable(el):
-                self.store.offline.offline_put(self._account, etree.tostring(el),
-                                               time.time() + smc.stored_ttl)
-                stored += 1
-            elif kind == "iq" and typ in ("get", "set") and upstream_up:
-                self.upstream.send_direct(st.error_reply(el, "service-unavailable"))
-                answered += 1
-        discarded = len(items) - stored - bounced - answered
-        self._s2c_left(stored, "stored")
-        self._s2c_left(bounced + answered, "bounced")
-        self._s2c_left(discarded, "discarded")
-        self.log.info("undelivered", stored=stored, bounced=bounced, iq_errors=answered,
-                      dropped=discarded)
-
-    def _deliver_stored(self) -> None:
-        if self.store is None:
-            return
-        stored = self.store.offline.offline_take(self._account, time.time())
-        for data in stored:
-            self.proxy_to_client(parse_stored(data))
-        if stored:
-            self.log.info("stored_delivered", count=len(stored))
-            self._ask_for_ack()
-
-
-_ORIGIN_ID = ns.qname(ns.SID, "origin-id")
-
-
-def ensure_origin_id(el: Element) -> None:
-    """Give a message with an id an XEP-0359 ``<origin-id/>`` of the same value unless it
-    carries one already. A message without an id is left as it is (a rule may have removed
-    it on purpose), and so are errors."""
-    if el.tag != st.MESSAGE or el.get("type") == "error" or el.find(_ORIGIN_ID) is not None:
-        return
-    msg_id = el.get("id")
-    if not msg_id:
-        return
-    origin = st.sub(el, "origin-id", {"id": msg_id}, namespace=ns.SID)
-    origin.tail = None
 
 
 async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:

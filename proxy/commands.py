@@ -1,0 +1,134 @@
+"""Commands: what the pure cores ask the asyncio shell to do. Socket-free.
+
+A core takes an event (a stanza for the client, a nonza from it, a timer that fired, the
+connection gone, ...) and returns a list of these; the shell carries them out in order and
+decides nothing. Each is a small frozen value, so a test can compare what a core asked for
+with what it expected (a playbook: events in, commands out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .xmpp.stanza import Element
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    """Write to the client's connection now (a stanza already tracked, or a nonza).
+    ``own``: the proxy made it (for the inspection log)."""
+
+    element: Element
+    own: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToServerDirect:
+    """Write to the server outside the outbox (an answer or a bounce of the proxy's)."""
+
+    element: Element
+
+
+@dataclass(frozen=True, slots=True)
+class AckWhenDurable:
+    """Write this ``<a h/>`` once the journal holds every stanza it acknowledges."""
+
+    element: Element
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """(Re)start the session's timer ``name``; when it fires the core hears of it."""
+
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    event: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class CloseClient:
+    """Let go of the client's connection: ``error`` (a stream error) first; ``hard``: drop
+    it at once (lost or replaced), else close it and give the peer ``grace`` seconds to
+    close its side (RFC 6120 §4.4)."""
+
+    error: bytes | None = None
+    hard: bool = False
+    grace: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AbortClient:
+    """The link is dead: drop it at once, unsent bytes and all; its reader reports it gone."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLeaves:
+    """What the client did ends its connection and session (with ``error``, if any)."""
+
+    reason: str
+    error: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    reason: str
+    client_error: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOffline:
+    """Keep a stanza for the account's next login (serialized, namespace declared)."""
+
+    stanza: bytes
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StorePending:
+    """Client stanzas for the server, to be sent first at the account's next login."""
+
+    stanzas: tuple[bytes, ...]
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JournalPut:
+    lane: str
+    number: int
+    stanza: bytes
+    queued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JournalCut:
+    lane: str
+    left: int
+
+
+@dataclass(frozen=True, slots=True)
+class SmRegister:
+    """Stream management was enabled (``sm_id``, resumable) or switched off (None, with the
+    last ``inbound`` count for a late resumption): the registry of sessions follows."""
+
+    sm_id: str | None
+    inbound: int = 0
+
+
+Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
+           | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
+           | JournalPut | JournalCut | SmRegister)
