@@ -1,11 +1,14 @@
-"""The server edge of a live session: it survives the legacy server going away.
+"""The server edge of a live session, the shell part: it survives the legacy server going away.
 
-Client stanzas go out through the Outbox and stay there until a barrier confirms the server
-handled them. A dead server (TCP error, stream error, ``<system-shutdown/>``, or silence: no
-answer to a liveness ping within ``ping_timeout`` after ``ping_idle`` of quiet) starts the
-reconnect loop: jittered, truncated exponential backoff (RFC 6120 §3.3), then the session is
-restored in order (SASL, the same resource, presence and rooms and the features' own
-catch-up, then the unconfirmed stanzas with their ids), then new traffic flows again.
+Client stanzas go out through the outbox and stay there until the server surely handled them.
+A dead server (TCP error, stream error, ``<system-shutdown/>``, or silence: no answer to a
+liveness ping within ``ping_timeout`` after ``ping_idle`` of quiet) starts the reconnect loop
+(jittered, truncated exponential backoff, RFC 6120 §3.3), then the session is restored in
+order (SASL, the same resource, presence and rooms and the features' own catch-up, then the
+unconfirmed stanzas with their ids), then new traffic flows again.
+
+Every decision is the core's (``proxy/server_edge.py``); this shell connects, reads, writes,
+sleeps and carries out what the core returns.
 """
 
 from __future__ import annotations
@@ -15,18 +18,17 @@ import contextlib
 import random
 import ssl
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
-
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from ..backoff import Backoff
+from ..commands import Log, ToClient
 from ..config import Config
-from ..features.stream_management import parse_h
-from ..outbox import Outbox
-from ..session import OWN_ID_PREFIX, Outputs
-from ..xmpp import codec, counters, ns
+from ..server_edge import (Confirmed, Finished, GiveUp, ServerCommand, ServerEdge, ServerLost,
+                           ServerPolicy, ServerState, ToServer)
+from ..session import Outputs
+from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
                        UpstreamUnavailable, connect_upstream, tls_session, tls_session_reused)
@@ -38,25 +40,17 @@ if TYPE_CHECKING:
 
 
 _STREAM_ERROR = ns.qname(ns.STREAM, "error")
-_PING = ns.qname(ns.PING, "ping")
-# Stream errors after which the server may well be back soon: reconnect. Anything else
-# (conflict, not-authorized, policy-violation, ...) is final and passed to the client.
-TRANSIENT_STREAM_ERRORS = frozenset((
-    "system-shutdown", "connection-timeout", "internal-server-error", "reset",
-    "remote-connection-failed", "resource-constraint", "undefined-condition"))
 BARRIER_FLUSH = 0.2  # seconds after a batch before a barrier confirms it
 CLOSE_WAIT = 1.0  # seconds the reading task gets to stop when the session ends
 CLOSE_READ = 2.0  # seconds the server gets to close its stream after ours (RFC 6120 §4.4)
 
-UpstreamState = Literal["up", "down", "gone"]
-_ORPHAN_DONE = "the server confirmed everything a finished session sent"
 
+class _Stop(Exception):
+    """The core said the server is gone (reconnect), finished, or given up."""
 
-class GiveUp(Exception):
-    def __init__(self, reason: str, error: bytes) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.error = error
+    def __init__(self, command: ServerLost | Finished | GiveUp) -> None:
+        super().__init__(type(command).__name__)
+        self.command = command
 
 
 class UpstreamSide:
@@ -71,42 +65,63 @@ class UpstreamSide:
         self._username = username
         self._password = password  # kept in memory only, to log in again after an outage
         self.log = log
-        self.clock = clock
-        self.state: UpstreamState = "up"
-        self.down_since: float | None = None
-        up = config.upstream
-        self.outbox = Outbox(domain=up.domain, max_buffer=up.max_buffer,
-                             barrier_every=up.barrier_every,
-                             new_id=lambda: session.core.new_id("barrier"), connected=True)
-        rc = config.reconnect
-        self.backoff = Backoff(rc.first_delay_max, rc.base, rc.cap, rng or random.Random())
+        up, rc = config.upstream, config.reconnect
+        self.edge = ServerEdge(ServerPolicy(
+            domain=up.domain, max_buffer=up.max_buffer, barrier_every=up.barrier_every,
+            ping_idle=up.ping_idle, ping_timeout=up.ping_timeout,
+            first_delay_max=rc.first_delay_max, base=rc.base, cap=rc.cap,
+            max_outage=rc.max_outage), new_id=lambda: session.core.new_id("barrier"),
+            rng=rng, clock=clock)
+        self.outbox = self.edge.outbox
         self.room = asyncio.Event()  # set while the outbox can take more client stanzas
         self.room.set()
-        self._probe = False  # a liveness ping is unanswered
-        self._sm_inbound = 0  # stanzas from the server since our <enable/> (XEP-0198)
         self._flush: asyncio.TimerHandle | None = None
         # The TLS session to offer when reconnecting; taken once the server has spoken on a
         # connection (a TLS 1.3 ticket arrives after the handshake).
         self._tls_session: ssl.SSLSession | None = None
         self._tls_fresh = True
-        # The session ended while the server still owed confirmations: this side lives on,
-        # reconnecting if need be, until the server confirmed everything or max_outage.
-        self.orphaned = False
         self.finished = asyncio.Event()  # set once this side is gone for good
         self.finished_callback: Callable[[], None] | None = None
-        self._enable_sm(link)
+        self._run_commands(self.edge.connected(link.features))
         self._task = asyncio.create_task(self._run())
+
+    @property
+    def state(self) -> ServerState:
+        return self.edge.state
+
+    @property
+    def orphaned(self) -> bool:
+        return self.edge.finishing
+
+    # Carrying out the core's commands -----------------------------------------------------------
+
+    def _run_commands(self, commands: Sequence[ServerCommand]) -> None:
+        """Do what the core asked; the end of the connection (lost, finished, given up)
+        stops the reading loop (raised as _Stop)."""
+        for c in commands:
+            if isinstance(c, ToServer):
+                self.link.stream.send(c.element)
+            elif isinstance(c, Confirmed):
+                # The server handled these: they leave the ledger as delivered.
+                self.session.c2s_left(c.left - self.session.ledger.c2s.left, "delivered")
+                self._update_room()
+            elif isinstance(c, ToClient):
+                self.session.proxy_to_client(c.element)
+            elif isinstance(c, Log):
+                getattr(self.log, c.level)(c.event, **c.fields)
+            elif isinstance(c, ServerLost | Finished | GiveUp):
+                raise _Stop(c)
 
     # Writing ------------------------------------------------------------------------------------
 
     def send(self, el: Element) -> Element | None:
         """A stanza for the server (from the client or a feature). Returns an answer for the
         client when the proxy answers itself (a ping to the server while it is away)."""
-        if self.state != "up" and self._is_server_ping(el):
-            return st.iq_result(el)
+        outcome = self.edge.submit(el)
+        if not isinstance(outcome, list):
+            return outcome
         self.session.c2s_taken(el)
-        for out in self.outbox.submit(el):
-            self.link.stream.send(out)
+        self._run_commands(outcome)
         self._update_room()
         if self.state == "up" and self.outbox.unbarriered and self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(BARRIER_FLUSH,
@@ -119,42 +134,9 @@ class UpstreamSide:
             self.link.stream.send(el)
             self.outbox.note_direct()
 
-    def _enable_sm(self, link: UpstreamLink) -> None:
-        """Real stream management upstream when the server offers it: its acks then confirm
-        what it handled, and no barrier pings are needed."""
-        if link.features.find(ns.qname(ns.SM, "sm")) is not None:
-            self._sm_inbound = 0
-            link.stream.send(self.outbox.sm_enable())
-
-    def _sm_nonza(self, el: Element) -> None:
-        local = etree.QName(el).localname
-        if local == "a":
-            h = parse_h(el)
-            if h is not None:
-                self.outbox.on_sm_ack(h)
-                self._confirmed()
-        elif local == "r":
-            self.link.stream.send(st.element("a", {"h": str(self._sm_inbound)},
-                                             namespace=ns.SM))
-        elif local == "enabled":
-            self.log.info("upstream_sm_enabled")
-        elif local == "failed":
-            self.log.info("upstream_sm_refused")
-            self.link.stream.send(self.outbox.sm_failed())
-
-    def _is_server_ping(self, el: Element) -> bool:
-        return (el.tag == st.IQ and el.get("type") == "get" and el.find(_PING) is not None
-                and el.get("to") in (None, "", self.config.upstream.domain))
-
     def _flush_barrier(self) -> None:
         self._flush = None
-        if self.state == "up" and self.outbox.unbarriered:
-            self.link.stream.send(self.outbox.barrier())
-
-    def _confirmed(self) -> None:
-        """The server confirmed some of the outbox: it leaves the ledger as delivered."""
-        self.session.c2s_left(self.outbox.left - self.session.ledger.c2s.left, "delivered")
-        self._update_room()
+        self._run_commands(self.edge.barrier_due())
 
     def flush_now(self) -> None:
         """A barrier for whatever is unconfirmed, now (an ending or stopping session)."""
@@ -176,32 +158,41 @@ class UpstreamSide:
         if self.state == "up":
             await self.link.stream.drain()
 
+    def orphan(self) -> None:
+        """The session ended with stanzas the server has not confirmed: keep working for
+        them (the credentials are still in memory) until confirmed, or bounce them after
+        ``max_outage``. Whatever the server sends meanwhile is settled by the session."""
+        commands = self.edge.finish()
+        if self.state == "up":
+            self._run_commands(commands)
+        else:
+            self._run_commands([c for c in commands if isinstance(c, Log)])
+
     # Reading and liveness -----------------------------------------------------------------------
 
     async def _run(self) -> None:
         try:
             while True:
-                reason, error = await self._pump()
-                if reason == _ORPHAN_DONE:
+                stop = await self._pump()
+                if isinstance(stop, Finished):
                     await self._close_reading(CLOSE_READ)
-                    self.state = "gone"
+                    self.edge.state = "gone"
                     self.log.info("upstream_finished", reason="the server confirmed everything")
                     return
-                if error is not None:
-                    raise GiveUp(reason, error)
-                self._went_down(reason)
+                if isinstance(stop, GiveUp):
+                    raise _Stop(stop)
+                self._went_down(stop.reason)
                 await self._reconnect()
-        except GiveUp as give_up:
-            self.state = "gone"
-            await self._give_up(give_up)
+        except _Stop as stop:
+            assert isinstance(stop.command, GiveUp)
+            await self._give_up(stop.command)
         except asyncio.CancelledError:
             raise
         except Exception:
             self.log.exception("upstream_failed")
-            self.state = "gone"
+            self._return_unconfirmed("internal error")  # the core is "gone" from here on
             await self.session.end("internal error", client_error=codec.stream_error(
                 "internal-server-error"), upstream_dead=True)
-            self._bounce_held("internal error")
         finally:
             if self.state == "gone":
                 self._set_finished()
@@ -211,95 +202,65 @@ class UpstreamSide:
         if self.finished_callback is not None:
             self.finished_callback()
 
-    def orphan(self) -> None:
-        """The session ended with stanzas the server has not confirmed: keep working for
-        them (the credentials are still in memory) until confirmed, or bounce them after
-        ``max_outage``. Whatever the server sends meanwhile is settled by the session."""
-        self.orphaned = True
-        self.log.info("upstream_finishing", unconfirmed=self.outbox.size, state=self.state)
-        if self.state == "up":
-            self.flush_now()
-
-    async def _pump(self) -> tuple[str, bytes | None]:
-        """Relay from the server until it goes away. Returns why, and a stream error for
-        the client when the end is final (no reconnect)."""
-        up = self.config.upstream
+    async def _pump(self) -> ServerLost | Finished | GiveUp:
+        """Relay from the server until it goes away or the core says stop."""
         stream = self.link.stream
+        edge = self.edge
         while True:
             try:
-                event = await stream.next_event(up.ping_timeout if self._probe else up.ping_idle)
-            except TimeoutError:
-                if self._probe:
-                    return f"no answer to a ping within {up.ping_timeout}s", None
-                self._probe = True
-                stream.send(self.outbox.barrier())  # a liveness ping that also confirms
-                continue
-            except ConnectionLost as exc:
-                return f"connection lost ({exc})", None
-            self._probe = False  # anything at all from the server: it is alive
-            if self._tls_fresh:
-                self._tls_fresh = False
-                self._tls_session = tls_session(stream) or self._tls_session
-            if isinstance(event, codec.StanzaReceived):
-                el = event.element
-                if el.tag == _STREAM_ERROR:
-                    condition = st.error_condition(el) or "undefined-condition"
-                    if condition in TRANSIENT_STREAM_ERRORS:
-                        return f"stream error: {condition}", None
-                    return f"stream error: {condition}", codec.serialize(el)
-                if etree.QName(el).namespace == ns.SM:
-                    self._sm_nonza(el)
-                    if self.orphaned and not self.outbox.size:
-                        return _ORPHAN_DONE, None
+                try:
+                    event = await stream.next_event(edge.read_timeout())
+                except TimeoutError:
+                    self._run_commands(edge.silence())
                     continue
-                if st.is_stanza(el):
-                    if self.outbox.sm:
-                        self._sm_inbound = counters.increment(self._sm_inbound)
-                    if self.outbox.on_reply(el):
-                        self._confirmed()
-                        if self.orphaned and not self.outbox.size:
-                            return _ORPHAN_DONE, None
-                        continue
-                    if self.orphaned:
-                        self.session.settle_from_server(el)
-                        continue
-                    self.session.from_server(el)
-                    await self.session.client_drain()
-            elif isinstance(event, codec.StreamClosed):
-                return "the server closed the stream", None
-            elif isinstance(event, codec.StreamViolation):
-                stream.send_bytes(codec.stream_error(event.condition, event.text))
-                return f"stream violation: {event.condition}", None
+                except ConnectionLost as exc:
+                    return ServerLost(f"connection lost ({exc})")
+                edge.heard()
+                if self._tls_fresh:
+                    self._tls_fresh = False
+                    self._tls_session = tls_session(stream) or self._tls_session
+                if isinstance(event, codec.StanzaReceived):
+                    el = event.element
+                    if el.tag == _STREAM_ERROR:
+                        self._run_commands(edge.stream_error(el))
+                    elif etree.QName(el).namespace == ns.SM:
+                        self._run_commands(edge.server_nonza(el))
+                    elif st.is_stanza(el):
+                        absorbed = edge.server_stanza(el)
+                        if absorbed is not None:
+                            self._run_commands(absorbed)
+                        elif edge.finishing:
+                            self.session.settle_from_server(el)
+                        else:
+                            self.session.from_server(el)
+                            await self.session.client_drain()
+                elif isinstance(event, codec.StreamClosed):
+                    return ServerLost("the server closed the stream")
+                elif isinstance(event, codec.StreamViolation):
+                    error, lost = edge.stream_violation(event)
+                    stream.send_bytes(error)
+                    return lost
+            except _Stop as stop:
+                return stop.command
 
     def _went_down(self, reason: str) -> None:
-        self.state = "down"
-        self.down_since = self.clock()
-        self._probe = False
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
         self.link.stream.abort()
-        for reply in self.outbox.connection_lost():
-            self.session.proxy_to_client(reply)
+        self._run_commands(self.edge.lost(reason))
         self._update_room()
-        self.log.warning("upstream_down", reason=reason, buffered=self.outbox.size)
 
     # Reconnecting -------------------------------------------------------------------------------
 
     async def _reconnect(self) -> None:
-        rc = self.config.reconnect
-        self.backoff.reset()
+        edge = self.edge
         while True:
-            assert self.down_since is not None
-            delay = self.backoff.next_delay()
-            left = rc.max_outage - (self.clock() - self.down_since)
-            if delay >= left:
-                await asyncio.sleep(max(0.0, left))
-                raise GiveUp(f"the server was unreachable for {rc.max_outage:g}s",
-                             codec.stream_error("remote-connection-failed",
-                                                "the legacy server has been unreachable for "
-                                                "too long"))
-            self.log.info("upstream_reconnect_wait", attempt=self.backoff.attempts,
+            delay = edge.next_attempt()
+            if isinstance(delay, GiveUp):
+                await asyncio.sleep(edge.outage_left())
+                raise _Stop(delay)
+            self.log.info("upstream_reconnect_wait", attempt=edge.backoff.attempts,
                           delay=round(delay, 3))
             await asyncio.sleep(delay)
             try:
@@ -308,13 +269,11 @@ class UpstreamSide:
                     max_stanza_bytes=self.config.limits.max_stanza_bytes,
                     resume_tls=self._tls_session)
             except UpstreamUnavailable as exc:
-                self.log.info("upstream_reconnect_failed", attempt=self.backoff.attempts,
+                self.log.info("upstream_reconnect_failed", attempt=edge.backoff.attempts,
                               detail=str(exc))
                 continue
             except UpstreamAuthFailed as exc:
-                raise GiveUp(f"the server refused the credentials ({exc.condition})",
-                             codec.stream_error("not-authorized",
-                                                "the legacy server refused the login")) from exc
+                raise _Stop(edge.login_refused(exc.condition)) from exc
             await self._restore(link)
             return
 
@@ -324,58 +283,48 @@ class UpstreamSide:
             full = await link.bind(resource, self.config.upstream.connect_timeout)
         except (UpstreamBindFailed, UpstreamUnavailable) as exc:
             await link.stream.close()
-            raise GiveUp(f"the server refused to bind {resource!r} again ({exc})",
-                         codec.stream_error("conflict", "the legacy server would not bind "
-                                                        "this resource again")) from exc
-        if full != self.session.jid:
+            raise _Stop(self.edge.bind_refused(resource, str(exc))) from exc
+        refused = self.edge.bound_check(full, self.session.jid)
+        if refused is not None:
             await link.stream.close()
-            # Never silently change the client's JID.
-            raise GiveUp(f"the server bound {full} instead of {self.session.jid}",
-                         codec.stream_error("conflict", "the legacy server bound another "
-                                                        "resource after reconnecting"))
-        outage = self.clock() - (self.down_since or self.clock())
+            raise _Stop(refused)
         self.link = link
         self._tls_fresh = True
-        self.state = "up"
-        self.down_since = None
-        self._enable_sm(link)
+        outage = self.edge.restored()
+        self._run_commands(self.edge.connected(link.features))
         # A finishing session's client is gone: nothing of its state is restored (its
         # contacts must not see it come back online), only what it sent is replayed.
-        restore = (self.session.core.upstream_restored() if not self.orphaned
+        restore = (self.session.core.upstream_restored() if not self.edge.finishing
                    else Outputs())
         for el in restore.to_upstream:  # presence, rooms, roster catch-up
             link.stream.send(el)
             self.outbox.note_direct()
         for el in restore.to_client:
             self.session.to_client(el)
-        replay = self.outbox.reconnected()
+        replay = self.edge.replay()
         for el in replay:
             link.stream.send(el)
         self._update_room()
         self.log.info("upstream_restored", outage_seconds=round(outage, 3),
                       restore_stanzas=len(restore.to_upstream),
-                      replayed=max(0, len(replay) - 1), attempts=self.backoff.attempts,
+                      replayed=max(0, len(replay) - 1), attempts=self.edge.backoff.attempts,
                       tls_resumed=tls_session_reused(link.stream))
 
     async def _give_up(self, give_up: GiveUp) -> None:
         """The session cannot be restored: whatever the client sent that the server never
         confirmed comes back to its sender as errors (stored for the account's next login
         when the client is gone), then the client's stream ends saying why."""
-        self._bounce_held(give_up.reason)
+        self._return_unconfirmed(give_up.reason)
         self.room.set()
         self.log.warning("upstream_gave_up", reason=give_up.reason, orphaned=self.orphaned)
         await self.session.end(f"upstream gave up: {give_up.reason}",
                                client_error=give_up.error, upstream_dead=True)
 
-    def _bounce_held(self, reason: str) -> None:
-        bounced = discarded = 0
-        for el in self.outbox.drain():
-            if (not el.get("id", "").startswith(OWN_ID_PREFIX)  # not the proxy's own
-                    and st.kind(el) in ("message", "iq")
-                    and el.get("type") not in ("error", "result")
-                    and self.session.bounce_to_sender(st.error_reply(
-                        el, "remote-server-timeout", error_type="wait",
-                        text="the legacy server could not be reached"))):
+    def _return_unconfirmed(self, reason: str) -> None:
+        errors, discarded = self.edge.give_up()
+        bounced = 0
+        for error in errors:
+            if self.session.bounce_to_sender(error):
                 bounced += 1
             else:
                 discarded += 1
@@ -425,5 +374,5 @@ class UpstreamSide:
             await self._close_reading(timeout)
         else:
             self.link.stream.abort()
-        self.state = "gone"
+        self.edge.state = "gone"
         self._set_finished()
