@@ -129,6 +129,15 @@ class SmRegister:
     inbound: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RulesMatched:
+    """From the rules feature: the rules a stanza matched and the log events they asked for
+    (the shell adds the stanza's context and writes them, and the inspection log)."""
+
+    names: tuple[str, ...]
+    events: tuple[Mapping[str, Any], ...] = ()
+
+
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
-           | JournalPut | JournalCut | SmRegister)
+           | JournalPut | JournalCut | SmRegister | RulesMatched)

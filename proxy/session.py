@@ -15,11 +15,14 @@ import itertools
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 
 from .xmpp.jid import Jid
 from .xmpp.stanza import Element
+
+if TYPE_CHECKING:
+    from .commands import Command
 
 
 # Stanzas the proxy sends itself carry ids with this prefix; their replies are its own.
@@ -28,14 +31,17 @@ OWN_ID_PREFIX = "xf-"
 
 @dataclass
 class Outputs:
-    """What one input produced, in order, per direction."""
+    """What one input produced, in order, per direction, and any other commands for the
+    shell (``proxy/commands.py``: what the rules matched and asked to log, ...)."""
 
     to_client: list[Element] = field(default_factory=list)
     to_upstream: list[Element] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
 
     def extend(self, other: Outputs) -> None:
         self.to_client.extend(other.to_client)
         self.to_upstream.extend(other.to_upstream)
+        self.commands.extend(other.commands)
 
 
 class Feature:
@@ -84,10 +90,6 @@ class SessionCore:
         self._jid_text = str(jid)
         self._ids = itertools.count(1)
         self.features: list[Feature] = [factory.create(self) for factory in factories]
-        # Per stanza, for the inspection log: the rules that matched and the events they
-        # asked for (set by the rules feature, read and reset by the shell).
-        self.matched: Sequence[str] = ()
-        self.rule_events: Sequence[dict[str, Any]] = ()
 
     def new_id(self, purpose: str) -> str:
         """An id for a stanza the proxy itself sends (unique within the session)."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..commands import RulesMatched
 from ..rules import RuleError, RuleSet
 from ..session import Feature, Outputs, SessionCore
 from ..xmpp.stanza import Element
@@ -60,13 +61,13 @@ class RulesFeature(Feature):
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         outcome = self.factory.ruleset.apply("c2s", el)
         if outcome.matched:
-            session.matched, session.rule_events = outcome.matched, outcome.log_events
+            out.commands.append(RulesMatched(tuple(outcome.matched), tuple(outcome.log_events)))
             out.to_client.extend(outcome.replies)  # an error answers the client itself
         return outcome.stanza
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         outcome = self.factory.ruleset.apply("s2c", el)
         if outcome.matched:
-            session.matched, session.rule_events = outcome.matched, outcome.log_events
+            out.commands.append(RulesMatched(tuple(outcome.matched), tuple(outcome.log_events)))
             out.to_upstream.extend(outcome.replies)  # back to the sender, via the server
         return outcome.stanza

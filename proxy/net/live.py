@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..client_edge import ClientEdge, EdgePolicy, ensure_origin_id
 from ..commands import (AbortClient, AckWhenDurable, CancelTimer, ClientLeaves, CloseClient,
-                        Command, EndSession, JournalCut, JournalPut, Log, SmRegister,
-                        StartTimer, StoreOffline, StorePending, ToClient, ToServerDirect)
+                        Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
+                        SmRegister, StartTimer, StoreOffline, StorePending, ToClient,
+                        ToServerDirect)
 from ..config import Config
 from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
@@ -260,22 +261,26 @@ class LiveSession:
         """What the rules asked to log, and the inspection log and transcript: the stanza
         that came in (forwarded or kept) and every stanza the features made of their own."""
         core = self.core
-        for event in core.rule_events:
-            # The stanza's context first; a rule's own fields of the same name win.
-            self.log.info(event.get("event", "rule"), **{
-                "direction": direction, "from": el.get("from"), "to": el.get("to"),
-                "conn": self.conn_id, **{k: v for k, v in event.items() if k != "event"}})
+        matched: tuple[str, ...] = ()
+        for command in out.commands:
+            if isinstance(command, RulesMatched):
+                matched = command.names
+                for event in command.events:
+                    # The stanza's context first; a rule's own fields of the same name win.
+                    self.log.info(event.get("event", "rule"), **{
+                        "direction": direction, "from": el.get("from"), "to": el.get("to"),
+                        "conn": self.conn_id,
+                        **{k: v for k, v in event.items() if k != "event"}})
         if self.inspector is not None:
             forwarded = any(x is el for x in onward)
             self.inspector.stanza(direction, el, started=started, conn=self.conn_id,
                                   session=core.id, account=str(core.account),
-                                  forwarded=forwarded, matched=core.matched,
+                                  forwarded=forwarded, matched=matched,
                                   transcript=self.transcript)
             for made, way in ((out.to_client, "s2c"), (out.to_upstream, "c2s")):
                 for extra in made:
                     if extra is not el:
                         self.inspect_own(way, extra, started)
-        core.matched, core.rule_events = (), ()
 
     def inspect_own(self, direction: str, el: Element, started: float | None = None) -> None:
         """A stanza the proxy made itself (an answer, a push, a bounce) for the inspection
