@@ -28,6 +28,7 @@ from ..xmpp.jid import InvalidJid, Jid
 from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, violation
 from ..journal import Journal
 from .live import LiveSession, SessionStore
+from .ports import FinishingSession, RegisteredSession
 from .upstream import UpstreamBindFailed, UpstreamUnavailable
 from ..xmpp.stanza import Element
 
@@ -62,7 +63,7 @@ class Hub:
         self.by_jid: dict[str, LiveSession] = {}
         self.by_sm_id: dict[tuple[str, str], LiveSession] = {}
         # Ended sessions whose upstream side still waits for the server's confirmations.
-        self.finishing_sessions: set[LiveSession] = set()
+        self.finishing_sessions: set[FinishingSession] = set()
         # (account, sm id) -> (last inbound h, expiry) of sessions that ended.
         self.tombstones: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
 
@@ -71,10 +72,12 @@ class Hub:
     def new_sm_id(self) -> str:
         return secrets.token_urlsafe(18)
 
-    def sm_registered(self, session: LiveSession, sm_id: str | None, inbound: int) -> None:
+    def sm_registered(self, session: RegisteredSession, sm_id: str | None,
+                      inbound: int) -> None:
         """A session's stream management became resumable under ``sm_id``, or ended (None,
         with its last count for a late ``<resume/>``)."""
         if sm_id is not None:
+            assert isinstance(session, LiveSession)  # the hub registers only its own
             session.sm_key = (str(session.core.account), sm_id)
             self.by_sm_id[session.sm_key] = session
             return
@@ -85,14 +88,15 @@ class Hub:
             while len(self.tombstones) > MAX_TOMBSTONES:
                 self.tombstones.popitem(last=False)
 
-    def finishing(self, session: LiveSession) -> None:
+    def finishing(self, session: FinishingSession) -> None:
         self.finishing_sessions.add(session)
+
         def done() -> None:
             self.finishing_sessions.discard(session)
             session.log_ledger()
-        session.upstream.finished_callback = done
+        session.when_upstream_finished(done)
 
-    def session_ended(self, session: LiveSession) -> None:
+    def session_ended(self, session: RegisteredSession) -> None:
         if self.by_jid.get(session.jid) is session:
             del self.by_jid[session.jid]
 

@@ -17,7 +17,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..client_edge import ClientEdge, EdgePolicy, ensure_origin_id
 from ..commands import (AbortClient, AckWhenDurable, CancelTimer, ClientLeaves, CloseClient,
@@ -33,14 +33,13 @@ from ..session import Outputs, SessionCore
 from ..xmpp import codec
 from ..xmpp import stanza as st
 from .upstream import UpstreamLink
+from .ports import SessionRegistry
 from .upstream_side import UpstreamSide
 from .xmlstream import ConnectionLost, XmlStream
 from ..xmpp.stanza import Element
 
 __all__ = ["ClientLeft", "LiveSession", "SessionStore", "ensure_origin_id"]
 
-if TYPE_CHECKING:
-    from .hub import Hub
 
 
 
@@ -81,7 +80,7 @@ class ClientLeft(Exception):
 
 
 class LiveSession:
-    def __init__(self, hub: Hub, core: SessionCore, link: UpstreamLink, config: Config,
+    def __init__(self, hub: SessionRegistry, core: SessionCore, link: UpstreamLink, config: Config,
                  store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
                  journal: Journal | None = None,
@@ -463,6 +462,9 @@ class LiveSession:
         else:
             await upstream.close(dead=not upstream_up)
         self.log_ledger()
+
+    def when_upstream_finished(self, callback: Callable[[], None]) -> None:
+        self.upstream.finished_callback = callback
 
     def log_ledger(self) -> None:
         """The session's final account: how everything it took on left (once)."""

@@ -19,7 +19,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lxml import etree
 
@@ -32,11 +32,9 @@ from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
                        UpstreamUnavailable, connect_upstream, tls_session, tls_session_reused)
+from .ports import SessionForUpstream
 from .xmlstream import ConnectionLost
 from ..xmpp.stanza import Element
-
-if TYPE_CHECKING:
-    from .live import LiveSession
 
 
 _STREAM_ERROR = ns.qname(ns.STREAM, "error")
@@ -54,7 +52,7 @@ class _Stop(Exception):
 
 
 class UpstreamSide:
-    def __init__(self, session: LiveSession, link: UpstreamLink, *, config: Config,
+    def __init__(self, session: SessionForUpstream, link: UpstreamLink, *, config: Config,
                  tls_context: ssl.SSLContext | None, username: str, password: str,
                  log: Any, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -1,0 +1,79 @@
+"""The narrow interfaces between the shell's parts, so none imports another in a circle:
+the hub makes sessions (``live``), a session makes its upstream side (``upstream_side``), and
+each knows the one above it only through these protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from ..ledger import Exit, Ledger
+from ..session import SessionCore
+from ..xmpp.stanza import Element
+
+
+class RegisteredSession(Protocol):
+    """What the registry keeps of a session."""
+
+    core: SessionCore
+    sm_key: tuple[str, str] | None
+
+    @property
+    def jid(self) -> str: ...
+
+
+class SessionRegistry(Protocol):
+    """What a session needs of the hub."""
+
+    def new_sm_id(self) -> str: ...
+
+    def sm_registered(self, session: RegisteredSession, sm_id: str | None,
+                      inbound: int) -> None: ...
+
+    def session_ended(self, session: RegisteredSession) -> None: ...
+
+    def finishing(self, session: FinishingSession) -> None: ...
+
+
+class FinishingSession(RegisteredSession, Protocol):
+    """An ended session whose upstream side still waits for the server."""
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    def log_ledger(self) -> None: ...
+
+    def when_upstream_finished(self, callback: Callable[[], None]) -> None: ...
+
+    async def finish(self, deadline: float) -> None: ...
+
+
+class SessionForUpstream(Protocol):
+    """What the upstream side needs of its session."""
+
+    core: SessionCore
+
+    @property
+    def jid(self) -> str: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    def c2s_taken(self, el: Element) -> None: ...
+
+    def c2s_left(self, count: int, exit: Exit) -> None: ...
+
+    def proxy_to_client(self, el: Element) -> None: ...
+
+    def to_client(self, el: Element) -> None: ...
+
+    def from_server(self, el: Element) -> None: ...
+
+    def settle_from_server(self, el: Element) -> None: ...
+
+    def bounce_to_sender(self, error: Element) -> bool: ...
+
+    async def client_drain(self) -> None: ...
+
+    async def end(self, reason: str, *, client_error: bytes | None = None,
+                  upstream_dead: bool = False) -> None: ...
