@@ -182,7 +182,7 @@ class ScriptedServer:
                                  f"{[c.jid for c in self.binds]}") from None
         return conn
 
-    async def wait_idle_connections(self, count: int, timeout: float = 1.0) -> None:
+    async def wait_open_connections(self, count: int, timeout: float = 1.0) -> None:
         """Until exactly ``count`` connections are open."""
         await self._changes.until(
             lambda: sum(not c.closed for c in self.conns) == count, timeout,
