@@ -37,7 +37,7 @@ from tests.peers.rawclient import RawClient, StreamClosed
 from tests.peers.util import LOCALHOST, free_port
 
 from .scripted_server import ScriptedServer
-from .xmlpeer import (NS_CLIENT, NS_SM, NS_STREAM, Element, criteria, describe, kind,
+from .xmlpeer import (NS_CLIENT, NS_SM, NS_STREAM, Changes, Element, criteria, describe, kind,
                       matches, q, tostring)
 
 DOMAIN = "localhost"
@@ -61,9 +61,11 @@ class LogLines:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.changes = Changes()
 
     def write(self, text: str) -> int:
         self.lines.extend(line for line in text.splitlines() if line)
+        self.changes.notify()
         return len(text)
 
     def flush(self) -> None:
@@ -290,7 +292,8 @@ class Harness:
             print("--- server received ---", self.server.transcript(), sep="\n")
 
     async def _close(self) -> None:
-        self.server.silent = False  # so it answers the proxy's stream closes
+        for conn in self.server.conns:
+            conn.dead = False  # so it answers the proxy's stream closes
         if self.proxy is not None:
             with contextlib.suppress(Exception):
                 await self.proxy.stop()
@@ -346,6 +349,13 @@ class Harness:
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The proxy's log events so far (for diagnostics and messages)."""
         return self.log.events(name)
+
+    async def logged(self, name: str, timeout: float = 1.0) -> dict[str, Any]:
+        """The first log event called ``name``, waiting for it. Only for what the wire
+        cannot show (a timer that fired while no peer was connected)."""
+        found: list[dict[str, Any]] = await self.log.changes.until(
+            lambda: self.log.events(name) or None, timeout, f"log event {name!r}")
+        return found[0]
 
 
 Case = Callable[[Harness], Awaitable[None]]

@@ -7,9 +7,9 @@ it receives, per connection and in one list in arrival order, and can push stanz
 bound resource. No stream management: a legacy server.
 
 Faults, for outage cases: ``cut()`` aborts every connection (and by default refuses new
-ones), ``refuse()`` closes the listener, ``blackhole()`` goes silent (reads and drops
-everything, answers nothing, accepts but never speaks), ``come_back()`` undoes them all on
-the same port.
+ones), ``refuse()`` closes the listener, ``blackhole()`` makes every open connection a dead
+path (what it reads is dropped, nothing is answered or pushed, it never closes by itself) and
+refuses new ones; ``come_back()`` listens again on the same port.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ class ServerConn:
     jid: str | None = None  # the full JID bound on it
     received: list[Element] = field(default_factory=list)  # stanzas, in order
     closed: bool = False
+    dead: bool = False  # blackholed: reads are dropped, nothing is written
 
     def send(self, data: str | bytes) -> None:
-        if not self.closed and not self.writer.is_closing():
+        if not self.closed and not self.dead and not self.writer.is_closing():
             self.writer.write(data.encode() if isinstance(data, str) else data)
 
     def abort(self) -> None:
@@ -67,7 +68,6 @@ class ScriptedServer:
         self.log: list[Received] = []  # every stanza from every connection, in order
         self.binds: list[ServerConn] = []  # connections as they bound, in order
         self.answer_pings = True
-        self.silent = False
         self._server: asyncio.Server | None = None
         self._changes = Changes()
         self._claimed: set[int] = set()  # log positions already returned by expect_stanza
@@ -112,12 +112,14 @@ class ScriptedServer:
     async def refuse(self) -> None:
         await self._stop_listening()
 
-    def blackhole(self) -> None:
-        """Silence: everything read is dropped, nothing is answered or pushed."""
-        self.silent = True
+    async def blackhole(self) -> None:
+        """The path to the server dies silently: open connections drop what they read and
+        never answer (no FIN, no RST); new connections are refused."""
+        await self._stop_listening()
+        for conn in self.conns:
+            conn.dead = True
 
     async def come_back(self) -> None:
-        self.silent = False
         await self._listen()
 
     # Talking to a bound resource ------------------------------------------------------------
@@ -130,8 +132,7 @@ class ScriptedServer:
 
     def push(self, to: str, stanza: str) -> None:
         """Write raw stanza XML to the connection bound as ``to`` (a full JID)."""
-        if not self.silent:
-            self.connection_of(to).send(stanza)
+        self.connection_of(to).send(stanza)
 
     def push_message(self, to: str, body: str, *, frm: str = "bob@localhost/desk",
                      id: str | None = None, type: str = "chat") -> str:
@@ -217,7 +218,7 @@ class ScriptedServer:
                 data = await reader.read(65536)
                 if not data:
                     break
-                if self.silent:
+                if conn.dead:
                     continue
                 for el in xml.feed(data) if xml.opened is not None else self._open(conn, xml,
                                                                                     data):
