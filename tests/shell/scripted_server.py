@@ -68,6 +68,9 @@ class ScriptedServer:
         self.log: list[Received] = []  # every stanza from every connection, in order
         self.binds: list[ServerConn] = []  # connections as they bound, in order
         self.answer_pings = True
+        # Raw stanzas written on a connection when the proxy closes its stream, before the
+        # server's own </stream:stream> (RFC 6120 §4.4 lets the server finish first).
+        self.before_close: list[str] = []
         self._server: asyncio.Server | None = None
         self._changes = Changes()
         self._claimed: set[int] = set()  # log positions already returned by expect_stanza
@@ -185,9 +188,13 @@ class ScriptedServer:
 
     async def wait_open_connections(self, count: int, timeout: float = 1.0) -> None:
         """Until exactly ``count`` connections are open."""
-        await self._changes.until(
-            lambda: sum(not c.closed for c in self.conns) == count, timeout,
-            f"{count} open connections")
+        try:
+            await self._changes.until(
+                lambda: sum(not c.closed for c in self.conns) == count, timeout,
+                f"{count} open connections")
+        except TimeoutError as exc:
+            raise AssertionError(f"server: {exc}; open: "
+                                 f"{[c.jid for c in self.conns if not c.closed]}") from None
 
     def messages(self, *, conn: ServerConn | None = None, **kw: Any) -> list[Element]:
         """Every message received (on ``conn`` only, if given) that matches."""
@@ -224,6 +231,8 @@ class ScriptedServer:
                                                                                     data):
                     self._handle(conn, xml, el)
                 if xml.closed:
+                    for stanza in self.before_close:
+                        conn.send(stanza.replace("{to}", conn.jid or ""))
                     conn.send("</stream:stream>")
                     break
         except (ConnectionError, OSError, etree.XMLSyntaxError):
