@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,6 @@ FAST: dict[str, Any] = {
     "reconnect": {"first_delay_max": 0, "base": 0.01, "cap": 0.05, "max_outage": 5},
     "stream_management": {"resume_timeout": 5, "ack_timeout": 5},
     "limits": {"negotiation_timeout": 3},
-    "store": {"path": ":memory:"},
     "log": {"format": "json", "level": "debug"},
 }
 
@@ -254,6 +255,7 @@ class Harness:
         self.clients: list[Client] = []
         self.proxy: Proxy | None = None
         self.port = 0
+        self.workdir = Path(tempfile.mkdtemp(prefix="xf-shell-"))  # the store lives here
 
     async def __aenter__(self) -> Harness:
         try:
@@ -264,15 +266,16 @@ class Harness:
             raise
         return self
 
-    async def _start_proxy(self) -> None:
+    async def _start_proxy(self, port: int | None = None) -> None:
         for _attempt in range(3):  # a free port can be taken between the look and the bind
-            self.port = free_port()
+            self.port = port or free_port()
             data = merge_config(merge_config(FAST, {
                 "listen": [{"host": LOCALHOST, "port": self.port}],
                 "tls": {"cert": str(self.cert), "key": str(self.key)},
                 "upstream": {"port": self.server.port},
+                "store": {"path": str(self.workdir / "store.sqlite3")},
             }), self.overrides)
-            config = parse_config(data, Path("."))
+            config = parse_config(data, self.workdir)
             setup_logging(config.log, stream=self.log)  # type: ignore[arg-type]
             proxy = Proxy(config)
             try:
@@ -283,6 +286,13 @@ class Harness:
             self.proxy = proxy
             return
         raise RuntimeError("no free port for the proxy")
+
+    async def restart_proxy(self) -> None:
+        """A graceful stop (what SIGTERM does), then a new proxy on the same port and store."""
+        assert self.proxy is not None
+        proxy, self.proxy = self.proxy, None
+        await proxy.stop()
+        await self._start_proxy(self.port)
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         await self._close()
@@ -302,6 +312,7 @@ class Harness:
             with contextlib.suppress(Exception):
                 client.raw.abort()
         await self.server.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # Clients --------------------------------------------------------------------------------
 

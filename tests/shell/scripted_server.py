@@ -71,6 +71,7 @@ class ScriptedServer:
         # Raw stanzas written on a connection when the proxy closes its stream, before the
         # server's own </stream:stream> (RFC 6120 §4.4 lets the server finish first).
         self.before_close: list[str] = []
+        self.bind_as: str | None = None  # bind this resource whatever is asked (a conflict)
         self._server: asyncio.Server | None = None
         self._changes = Changes()
         self._claimed: set[int] = set()  # log positions already returned by expect_stanza
@@ -295,7 +296,8 @@ class ScriptedServer:
             return  # a reply, or for another entity: recorded only
         bind = el.find(q(NS_BIND, "bind"))
         if bind is not None and typ == "set":
-            resource = bind.findtext(q(NS_BIND, "resource")) or f"srv{next(self._ids)}"
+            resource = (self.bind_as or bind.findtext(q(NS_BIND, "resource"))
+                        or f"srv{next(self._ids)}")
             conn.jid = f"{conn.user}@{self.domain}/{resource}"
             conn.send(f"<iq type='result' id='{iq_id}'><bind xmlns='{NS_BIND}'>"
                       f"<jid>{escape(conn.jid)}</jid></bind></iq>")
