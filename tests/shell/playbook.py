@@ -246,10 +246,10 @@ class Harness:
     everything is closed on the way out, also after a failure."""
 
     def __init__(self, cert: Path, key: Path, *, accounts: dict[str, str] | None = None,
-                 **config: Any) -> None:
+                 server_sm: bool = False, **config: Any) -> None:
         self.cert, self.key = cert, key
         self.server = ScriptedServer(accounts or {"alice": PASSWORD, "bob": PASSWORD},
-                                     domain=DOMAIN)
+                                     domain=DOMAIN, sm=server_sm)
         self.overrides = config
         self.log = LogLines()
         self.clients: list[Client] = []
@@ -373,14 +373,17 @@ Case = Callable[[Harness], Awaitable[None]]
 
 
 def playbook(*, timeout: float = 8.0, accounts: dict[str, str] | None = None,
+             server_sm: bool = False,
              **config: Any) -> Callable[[Case], Callable[[tuple[Path, Path]], None]]:
     """Turn ``async def test_x(h: Harness)`` into a plain pytest test (no pytest-asyncio):
-    its own event loop, a Harness configured with ``config`` laid over FAST, and a bound
-    on the whole case. Put pytest marks above this decorator."""
+    its own event loop, a Harness configured with ``config`` laid over FAST (``server_sm``:
+    the scripted server offers XEP-0198), and a bound on the whole case. Put pytest marks
+    above this decorator."""
     def decorate(case: Case) -> Callable[[tuple[Path, Path]], None]:
         def test(shell_certs: tuple[Path, Path]) -> None:
             async def main() -> None:
-                async with Harness(*shell_certs, accounts=accounts, **config) as h:
+                async with Harness(*shell_certs, accounts=accounts, server_sm=server_sm,
+                                   **config) as h:
                     await case(h)
             asyncio.run(asyncio.wait_for(main(), timeout))
         test.__name__, test.__qualname__ = case.__name__, case.__qualname__

@@ -4,7 +4,8 @@ Plain TCP (the proxy's ``upstream.tls: none``), SASL PLAIN against a dict of acc
 resource binding (the requested resource, or a generated one), RFC 3921 ``<session/>``
 answered, iq pings answered (the proxy's barriers), an empty roster. It records every stanza
 it receives, per connection and in one list in arrival order, and can push stanzas to a
-bound resource. No stream management: a legacy server.
+bound resource. No stream management (a legacy server) unless made with ``sm=True``: then
+it offers XEP-0198, answers ``<r/>`` with its count (``sm_acks``) and counts what it sends.
 
 Faults, for outage cases: ``cut()`` aborts every connection (and by default refuses new
 ones), ``refuse()`` closes the listener, ``blackhole()`` makes every open connection a dead
@@ -24,7 +25,8 @@ from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from .xmlpeer import (NS_BIND, NS_CLIENT, NS_PING, NS_ROSTER, NS_SASL, NS_SESSION, NS_STREAM,
+from .xmlpeer import (NS_BIND, NS_CLIENT, NS_PING, NS_ROSTER, NS_SASL, NS_SESSION, NS_SM,
+                      NS_STREAM,
                       Changes, Element, StreamReader, criteria, describe, is_ping, kind,
                       matches, q, tostring)
 
@@ -42,10 +44,16 @@ class ServerConn:
     received: list[Element] = field(default_factory=list)  # stanzas, in order
     closed: bool = False
     dead: bool = False  # blackholed: reads are dropped, nothing is written
+    sm: bool = False  # the proxy enabled XEP-0198 on this stream
+    h_in: int = 0  # stanzas received since <enable/>
+    h_out: int = 0  # stanzas sent since <enabled/>
+    nonzas: list[Element] = field(default_factory=list)  # SM elements received, in order
 
-    def send(self, data: str | bytes) -> None:
+    def send(self, data: str) -> None:
         if not self.closed and not self.dead and not self.writer.is_closing():
-            self.writer.write(data.encode() if isinstance(data, str) else data)
+            if self.sm and data.startswith(("<message", "<presence", "<iq")):
+                self.h_out += 1
+            self.writer.write(data.encode())
 
     def abort(self) -> None:
         self.closed = True
@@ -60,9 +68,11 @@ class Received:
 
 class ScriptedServer:
     def __init__(self, accounts: dict[str, str] | None = None, *,
-                 domain: str = "localhost") -> None:
+                 domain: str = "localhost", sm: bool = False) -> None:
         self.accounts = dict(accounts or {"alice": "secret", "bob": "secret"})
         self.domain = domain
+        self.sm = sm
+        self.sm_acks = True  # answer the proxy's <r/> (with sm)
         self.port = 0
         self.conns: list[ServerConn] = []
         self.log: list[Received] = []  # every stanza from every connection, in order
@@ -255,8 +265,9 @@ class ScriptedServer:
                 conn.send(f"<stream:features><mechanisms xmlns='{NS_SASL}'>"
                           "<mechanism>PLAIN</mechanism></mechanisms></stream:features>")
             else:
+                sm = f"<sm xmlns='{NS_SM}'/>" if self.sm else ""
                 conn.send(f"<stream:features><bind xmlns='{NS_BIND}'/>"
-                          f"<session xmlns='{NS_SESSION}'><optional/></session>"
+                          f"<session xmlns='{NS_SESSION}'><optional/></session>{sm}"
                           "</stream:features>")
         return elements
 
@@ -265,12 +276,39 @@ class ScriptedServer:
             self._auth(conn, xml, el)
             return
         if kind(el) is None:
-            return  # no nonzas on a legacy server's stream
+            if self.sm and etree.QName(el).namespace == NS_SM:
+                self._sm(conn, el)
+            return  # no other nonzas on a legacy server's stream
+        if conn.sm:
+            conn.h_in += 1
         conn.received.append(el)
         self.log.append(Received(conn, el))
         if kind(el) == "iq":
             self._iq(conn, el)
         self._changes.notify()
+
+    def _sm(self, conn: ServerConn, el: Element) -> None:
+        conn.nonzas.append(el)
+        local = etree.QName(el).localname
+        if local == "enable":
+            conn.sm, conn.h_in, conn.h_out = True, 0, 0
+            conn.send(f"<enabled xmlns='{NS_SM}'/>")
+        elif local == "r" and self.sm_acks:
+            conn.send(f"<a xmlns='{NS_SM}' h='{conn.h_in}'/>")
+        self._changes.notify()
+
+    async def expect_nonza(self, local: str, *, conn: ServerConn, after: int = 0,
+                           timeout: float = 1.0) -> Element:
+        """An SM element ``local`` received on ``conn`` at position ``after`` or later."""
+        def find() -> Element | None:
+            return next((el for el in conn.nonzas[after:]
+                         if etree.QName(el).localname == local), None)
+        try:
+            found: Element = await self._changes.until(find, timeout, f"<{local}/>")
+        except TimeoutError as exc:
+            raise AssertionError(f"server: {exc}; nonzas: "
+                                 f"{[tostring(e) for e in conn.nonzas]}") from None
+        return found
 
     def _auth(self, conn: ServerConn, xml: StreamReader, el: Element) -> None:
         if el.tag != q(NS_SASL, "auth") or el.get("mechanism") != "PLAIN":

@@ -65,6 +65,30 @@ async def test_outage_holds_then_restores_and_replays_in_order(h: Harness) -> No
     assert not alice.closed
 
 
+@playbook(server_sm=True)
+async def test_outage_with_server_acks_replays_only_what_was_not_acked(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    conn = await h.server.expect_bind("phone")
+    alice.message("bob@localhost", "0")
+    await h.server.expect_nonza("r", conn=conn)  # answered with <a h/> at once
+    marker = h.server.push_message(alice.jid, "marker", frm=BOB)
+    await alice.expect(kind="message", id=marker)  # so the proxy has read that <a/>
+    h.server.sm_acks = False
+    alice.message("bob@localhost", "1")  # handled by the server, never acknowledged
+    await h.server.expect_stanza(kind="message", body="1")
+    await h.server.cut()
+    alice.message("bob@localhost", "2")
+    assert await alice.request_ack() == 3
+    h.server.sm_acks = True
+    await h.server.come_back()
+
+    again = await h.server.expect_bind("phone", after=1)
+    await h.server.expect_stanza(kind="message", body="2")
+    # "0" was acknowledged by the server: not sent again; "1" was not: replayed, in order.
+    assert bodies_on(h.server, again.index) == ["1", "2"]
+    assert h.server.bodies() == ["0", "1", "1", "2"]
+
+
 @playbook(upstream={"ping_idle": 0.2, "ping_timeout": 0.2})
 async def test_blackholed_server_is_noticed_by_ping_and_replayed(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
