@@ -43,6 +43,8 @@ async def test_outage_holds_then_restores_and_replays_in_order(h: Harness) -> No
     ping = alice.iq(f"<ping xmlns='{NS_PING}'/>", to="localhost")
     pong = await alice.expect(kind="iq", id=ping)
     assert pong.get("type") == "result"
+    # Another request waits for the server (held like the messages, answered after).
+    asked = alice.iq("<query xmlns='jabber:iq:version'/>", to="localhost")
 
     await h.server.come_back()
     alice.message("bob@localhost", "4")  # new traffic, maybe during the restore
@@ -58,6 +60,10 @@ async def test_outage_holds_then_restores_and_replays_in_order(h: Harness) -> No
     assert bodies_on(h.server, conn.index) == ["1", "2", "3", "4"]
     assert h.server.bodies(to="bob@localhost") == ["0", "1", "2", "3", "4"]
     assert all(m.get("from") == alice.jid for m in h.server.messages())
+
+    answer = await alice.expect(kind="iq", id=asked)  # the server's own answer
+    assert answer.get("type") == "error" and answer.find(
+        f"{q(NS_CLIENT, 'error')}/{q(NS_STANZAS, 'service-unavailable')}") is not None
 
     # The client never noticed: same stream, relay both ways goes on.
     h.server.push_message(alice.jid, "back", frm=BOB)
