@@ -24,7 +24,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -372,6 +372,27 @@ class Harness:
 Case = Callable[[Harness], Awaitable[None]]
 
 
+def run_bounded(coro: Coroutine[Any, Any, None], timeout: float) -> None:
+    """``asyncio.run`` with a bound on the case and on the clean-up after it: a task the
+    proxy left behind that swallows its cancellation must not hang the test run."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        try:
+            for _round in range(10):
+                left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                if not left:
+                    break
+                for task in left:
+                    task.cancel()
+                loop.run_until_complete(asyncio.wait(left, timeout=0.2))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+
 def playbook(*, timeout: float = 8.0, accounts: dict[str, str] | None = None,
              server_sm: bool = False,
              **config: Any) -> Callable[[Case], Callable[[tuple[Path, Path]], None]]:
@@ -385,7 +406,7 @@ def playbook(*, timeout: float = 8.0, accounts: dict[str, str] | None = None,
                 async with Harness(*shell_certs, accounts=accounts, server_sm=server_sm,
                                    **config) as h:
                     await case(h)
-            asyncio.run(asyncio.wait_for(main(), timeout))
+            run_bounded(main(), timeout)
         test.__name__, test.__qualname__ = case.__name__, case.__qualname__
         test.__doc__, test.__module__ = case.__doc__, case.__module__
         return test

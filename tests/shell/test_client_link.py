@@ -66,7 +66,7 @@ async def test_dead_client_link_hibernates_then_ends(h: Harness) -> None:
         relay.blackhole()
         h.server.push_message(alice.jid, "1", frm=BOB, id="kept")  # then an unanswered <r/>
         # ack_timeout, then max: the session ends and logs out of the server.
-        await h.server.wait_open_connections(0, timeout=2.0)
+        await h.server.wait_open_connections(0, timeout=1.6)
 
     # ... and the message was stored, not lost.
     again = await h.client("alice", resource="laptop")

@@ -300,3 +300,24 @@ async def test_graceful_restart_while_server_down_keeps_held_messages(h: Harness
     # Sent upstream on the account's next login (or else bounced to it).
     await h.server.expect_stanza(kind="message", id="held", timeout=0.6,
                                  where=lambda el: el in conn.received)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a client whose link drops during an outage cannot resume until the server is back: "
+    "SASL on the new connection is checked only by logging in upstream, so it gets "
+    "temporary-auth-failure, although the hibernating session holds the account's "
+    "credentials in memory; if the outage outlasts max the session ends (see the "
+    "hibernation-expiry case)"))
+@playbook()
+async def test_resume_during_an_outage(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.cut()
+    alice.message("bob@localhost", "1")
+    assert await alice.request_ack() == 1
+    alice.cut()
+    again, resumed = await h.resume(alice)
+    assert resumed.tag == q(NS_SM, "resumed")
+    await h.server.come_back()
+    await h.server.expect_stanza(kind="message", body="1")
+    h.server.push_message(again.jid, "welcome back", frm=BOB)
+    await again.expect_message("welcome back")
