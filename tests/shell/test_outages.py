@@ -321,3 +321,24 @@ async def test_resume_during_an_outage(h: Harness) -> None:
     await h.server.expect_stanza(kind="message", body="1")
     h.server.push_message(again.jid, "welcome back", frm=BOB)
     await again.expect_message("welcome back")
+
+
+@playbook()
+async def test_outage_while_hibernating_is_restored_before_the_resume(h: Harness) -> None:
+    alice = await h.client("alice", sm=True, auto_ack=False)
+    alice.presence(show="dnd")
+    h.server.push_message(alice.jid, "1", frm=BOB)
+    await alice.expect_message("1")
+    alice.cut()  # hibernating with "1" unacknowledged
+    await h.server.cut()
+    await h.server.come_back()
+    conn = await h.server.expect_bind("phone", after=1)  # restored with nobody connected
+    await h.server.expect_stanza(kind="presence", where=lambda el: el in conn.received)
+    h.server.push_message(alice.jid, "2", frm=BOB)
+
+    again, resumed = await h.resume(alice, h=0)
+    assert resumed.tag == q(NS_SM, "resumed")
+    await again.expect_message("1")
+    await again.expect_message("2")
+    assert [body for body in (m.findtext(q(NS_CLIENT, "body")) for m in again.received)
+            if body] == ["1", "2"]

@@ -79,6 +79,27 @@ async def test_cut_connection_hibernates_and_resume_resends_unacked(h: Harness) 
 
 
 @playbook()
+async def test_resume_is_refused_for_another_account_and_for_a_bad_h(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    h.server.push_message(alice.jid, "1", frm=BOB)
+    await alice.expect_message("1")
+    # Another user's session id is simply unknown under their own account.
+    bob = await h.login("bob")
+    bob.raw.send(f"<resume xmlns='{NS_SM}' previd='{alice.sm_id}' h='0'/>")
+    failed = await bob.expect(tag=q(NS_SM, "failed"))
+    assert failed.find(q(NS_STANZAS, "item-not-found")) is not None
+    # An h beyond what was sent ends the new stream, saying how many were sent.
+    again = await h.login("alice")
+    again.raw.send(f"<resume xmlns='{NS_SM}' previd='{alice.sm_id}' h='5'/>")
+    error = await again.expect_stream_error("undefined-condition")
+    too_high = error.find(q(NS_SM, "handled-count-too-high"))
+    assert too_high is not None and too_high.get("send-count") == "1"
+    # The session itself is untouched.
+    h.server.push_message(alice.jid, "2", frm=BOB)
+    await alice.expect_message("2")
+
+
+@playbook()
 async def test_resume_while_the_old_connection_is_open_evicts_it(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
     _again, resumed = await h.resume(alice)
@@ -130,17 +151,26 @@ async def test_takeover_by_binding_the_same_resource(h: Harness) -> None:
 async def test_resumption_timeout_stores_unacked_messages(h: Harness) -> None:
     alice = await h.client("alice", sm=True, max=1, auto_ack=False)
     assert alice.sm_max == 1
+    alice.message("bob@localhost", "sent")
     h.server.push_message(alice.jid, "1", frm=BOB, id="keep")
     await alice.expect_message("1")
     alice.cut()
+    # A request for the absent client: it must not hang when the session ends.
+    h.server.push(alice.jid, f"<iq type='get' id='q1' from='{BOB}' to='{alice.jid}'>"
+                             "<query xmlns='jabber:iq:version'/></iq>")
     # stream_management.resume_timeout and the client's max are whole seconds: at least 1.
     conn = h.server.connection_of(alice.jid)
     await h.server.wait_open_connections(0, timeout=2.5)  # the session ended upstream too
     assert conn.closed
+    answer = await h.server.expect_stanza(kind="iq", id="q1")
+    assert answer.get("type") == "error" and answer.get("to") == BOB
+    assert answer.find(f"{q('jabber:client', 'error')}/{q(NS_STANZAS, 'service-unavailable')}")\
+        is not None
 
     late, failed = await h.resume(alice, h=0)
     assert failed.tag == q(NS_SM, "failed")
     assert failed.find(q(NS_STANZAS, "item-not-found")) is not None
+    assert failed.get("h") == "1"  # what the ended session had handled of alice's
     # The message was stored: it follows the account's next initial presence.
     late.jid = await late.raw.bind("laptop")
     late.presence()
