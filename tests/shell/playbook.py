@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+import structlog
 from lxml import etree
 
 from proxy.config import parse_config
@@ -143,11 +144,10 @@ class Client:
 
     async def request_ack(self, timeout: float = 1.0) -> int:
         """``<r/>``; returns the ``h`` of the proxy's answer."""
-        before = len(self.acks)
+        self.backlog = [el for el in self.backlog if el.tag != q(NS_SM, "a")]  # stale ones
         self.raw.send(f"<r xmlns='{NS_SM}'/>")
-        await self.expect(tag=q(NS_SM, "a"), timeout=timeout,
-                          where=lambda el: len(self.acks) > before)
-        return self.acks[-1]
+        answer = await self.expect(tag=q(NS_SM, "a"), timeout=timeout)
+        return int(answer.get("h", "-1"))
 
     async def close(self) -> None:
         """A clean close: ``</stream:stream>``, the proxy's close awaited, TCP closed."""
@@ -256,6 +256,7 @@ class Harness:
         self.proxy: Proxy | None = None
         self.port = 0
         self.workdir = Path(tempfile.mkdtemp(prefix="xf-shell-"))  # the store lives here
+        self._logging: dict[str, Any] | None = None
 
     async def __aenter__(self) -> Harness:
         try:
@@ -276,6 +277,8 @@ class Harness:
                 "store": {"path": str(self.workdir / "store.sqlite3")},
             }), self.overrides)
             config = parse_config(data, self.workdir)
+            if self._logging is None:
+                self._logging = structlog.get_config()  # put back when the case ends
             setup_logging(config.log, stream=self.log)  # type: ignore[arg-type]
             proxy = Proxy(config)
             try:
@@ -313,6 +316,8 @@ class Harness:
                 client.raw.abort()
         await self.server.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._logging is not None:
+            structlog.configure(**self._logging)
 
     # Clients --------------------------------------------------------------------------------
 
