@@ -198,6 +198,23 @@ async def test_clean_close_while_server_down_still_delivers(h: Harness) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "issue 10: a clean close while the server's link is dead but not yet noticed: the "
+    "session ends, UpstreamSide.close closes the upstream stream without waiting for the "
+    "barrier that would confirm the client's last stanzas, so they are lost instead of "
+    "replayed once the server is reached again"))
+@playbook(upstream={"ping_idle": 0.2, "ping_timeout": 0.2})
+async def test_clean_close_on_a_silently_dead_link_still_delivers(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.blackhole()
+    alice.message("bob@localhost", "last words")
+    assert await alice.request_ack() == 1
+    await alice.close()
+    await h.server.come_back()
+    # A dead link is noticed within ping_idle + ping_timeout; then a reconnect replays.
+    await h.server.expect_stanza(kind="message", body="last words", timeout=1.5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
     "issue 10: when hibernation expires while the server is down the session ends and its "
     "outbox is dropped: the held, acknowledged messages are never delivered nor bounced"))
 @playbook(timeout=10.0)

@@ -45,6 +45,26 @@ async def test_sm_enable_and_ack_counting(h: Harness) -> None:
     await alice.expect_closed()
 
 
+@playbook(stream_management={"debug_counter_start": 2 ** 32 - 2})
+async def test_counters_wrap_at_2_to_the_32(h: Harness) -> None:
+    alice = await h.client("alice", sm=True, auto_ack=False)
+    alice.handled = 2 ** 32 - 2  # both counters start there (a testing-only option)
+    for n in range(3):
+        alice.message("bob@localhost", str(n))
+    assert await alice.request_ack() == 1  # 2^32 - 2 + 3, mod 2^32
+    for n in range(3):
+        h.server.push_message(alice.jid, f"s{n}", frm=BOB)
+    await alice.expect_message("s2")
+    assert alice.handled == 1
+    alice.ack()  # acknowledges all three across the wrap
+    alice.cut()
+    h.server.push_message(alice.jid, "after", frm=BOB)
+    again, resumed = await h.resume(alice, auto_ack=False)
+    assert resumed.tag == q(NS_SM, "resumed") and resumed.get("h") == "1"
+    await again.expect_message("after")
+    assert bodies(again.received) == ["after"]  # nothing acknowledged came again
+
+
 @playbook()
 async def test_cut_connection_hibernates_and_resume_resends_unacked(h: Harness) -> None:
     alice = await h.client("alice", sm=True, auto_ack=False)
