@@ -40,8 +40,8 @@ from tests.peers.rawclient import RawClient, StreamClosed
 from tests.peers.util import LOCALHOST, free_port
 
 from .scripted_server import ScriptedServer
-from .xmlpeer import (NS_CLIENT, NS_SM, NS_STREAM, Changes, Element, criteria, describe, kind,
-                      matches, q, tostring)
+from .xmlpeer import (NS_CLIENT, NS_SM, NS_STREAM, Changes, Element, criteria, describe,
+                      is_ping, kind, matches, q, tostring)
 
 DOMAIN = "localhost"
 PASSWORD = "secret"
@@ -72,6 +72,15 @@ class LogLines:
 
     def flush(self) -> None:
         pass
+
+    async def confirmed(self, client: Client) -> None:
+        """Until the proxy has read the server's answer to a barrier covering what
+        ``client`` sent so far: the server answers the barrier ping, then pushes a marker
+        behind it on the same stream; the client getting the marker means the answer was
+        read (the proxy reads one stream in order)."""
+        await self.server.expect_stanza(kind="iq", pings=True, where=is_ping)
+        marker = self.server.push_message(client.jid, "marker", frm="bob@localhost/desk")
+        await client.expect(kind="message", id=marker)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -361,6 +370,15 @@ class Harness:
             client.jid, client.sm, client.sm_id = old.jid, True, old.sm_id
             client.handled, client.sent = handled, int(answer.get("h", "0"))
         return client, answer
+
+    async def confirmed(self, client: Client) -> None:
+        """Until the proxy has read the server's answer to a barrier covering what
+        ``client`` sent so far: the server answers the barrier ping, then pushes a marker
+        behind it on the same stream; the client getting the marker means the answer was
+        read (the proxy reads one stream in order)."""
+        await self.server.expect_stanza(kind="iq", pings=True, where=is_ping)
+        marker = self.server.push_message(client.jid, "marker", frm="bob@localhost/desk")
+        await client.expect(kind="message", id=marker)
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The proxy's log events so far (for diagnostics and messages)."""

@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from .playbook import Client, Harness, playbook
+from .playbook import Harness, playbook
 from .scripted_server import ScriptedServer
-from .xmlpeer import NS_CLIENT, NS_DELAY, NS_PING, NS_SM, NS_STANZAS, is_ping, kind, q
+from .xmlpeer import NS_CLIENT, NS_DELAY, NS_PING, NS_SM, NS_STANZAS, kind, q
 
 BOB = "bob@localhost/desk"
-
-
-async def confirmed(h: Harness, client: Client) -> None:
-    """Until the proxy has read the server's answer to a barrier covering everything the
-    client sent so far: the server answers the barrier ping, then pushes a marker behind
-    it on the same stream; the client getting the marker means the answer was read."""
-    await h.server.expect_stanza(kind="iq", pings=True, where=is_ping)
-    marker = h.server.push_message(client.jid, "marker", frm=BOB)
-    await client.expect(kind="message", id=marker)
 
 
 def bodies_on(server: ScriptedServer, conn_index: int) -> list[str]:
@@ -32,7 +23,7 @@ async def test_outage_holds_then_restores_and_replays_in_order(h: Harness) -> No
     alice.presence(show="chat")
     alice.message("bob@localhost", "0")
     await h.server.expect_stanza(kind="message", body="0")
-    await confirmed(h, alice)
+    await h.confirmed(alice)
 
     await h.server.cut()  # crash: connections aborted, new ones refused
     for n in ("1", "2", "3"):
@@ -118,7 +109,7 @@ async def test_confirmed_but_unanswered_iq_gets_an_error_on_outage(h: Harness) -
     # never comes before the crash.
     asked = alice.iq("<query xmlns='jabber:iq:version'/>", to=BOB)
     await h.server.expect_stanza(kind="iq", id=asked)
-    await confirmed(h, alice)
+    await h.confirmed(alice)
     await h.server.cut()
     error = await alice.expect(kind="iq", id=asked)
     assert error.get("type") == "error"
@@ -132,31 +123,6 @@ async def test_confirmed_but_unanswered_iq_gets_an_error_on_outage(h: Harness) -
     alice.message("bob@localhost", "after")
     await h.server.expect_stanza(kind="message", body="after")
     assert len([r for r in h.server.log if r.stanza.get("id") == asked]) == 1
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy.stop() (or any session end) while a session is reconnecting: the upstream task's "
-    "cancellation is swallowed by asyncio.wait_for around open_connection in "
-    "connect_upstream (Python 3.11 returns the finished attempt instead of raising "
-    "CancelledError), UpstreamSide._reconnect goes on, UpstreamSide.close waits "
-    "2 x CLOSE_WAIT, and the orphaned task logs in, binds and restores presence for the "
-    "ended session when the server returns. Timing-dependent, but reproduced in every run "
-    "here; asyncio.timeout instead of wait_for there removes it"))
-@playbook()
-async def test_stop_during_reconnect_leaves_no_upstream_behind(h: Harness) -> None:
-    alice = await h.client("alice", sm=True)
-    asked = alice.iq("<query xmlns='jabber:iq:version'/>", to=BOB)
-    await h.server.expect_stanza(kind="iq", id=asked)
-    await confirmed(h, alice)
-    await h.server.cut()
-    await alice.expect(kind="iq", id=asked)  # the outage was noticed: reconnecting now
-    assert h.proxy is not None
-    await h.proxy.stop()
-    binds = len(h.server.binds)
-    await h.server.come_back()
-    # A stopped proxy logs nobody in again.
-    with pytest.raises(AssertionError, match="timed out"):
-        await h.server.expect_bind(after=binds, timeout=0.3)
 
 
 @playbook(reconnect={"max_outage": 0.3})
@@ -177,79 +143,6 @@ async def test_give_up_after_max_outage_bounces_unconfirmed(h: Harness) -> None:
     await alice.expect_stream_error("remote-connection-failed")
     await alice.expect_closed()
     assert not h.server.messages()
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: a clean close while the server is down ends the session and drops its "
-    "outbox: the held, already acknowledged messages are never delivered nor bounced"))
-@playbook()
-async def test_clean_close_while_server_down_still_delivers(h: Harness) -> None:
-    alice = await h.client("alice", sm=True)
-    await h.server.cut()
-    alice.message("bob@localhost", "1")
-    alice.message("bob@localhost", "2")
-    assert await alice.request_ack() == 2  # the proxy took responsibility for both
-    await alice.close()
-
-    await h.server.come_back()  # well within max_outage; a reconnect takes milliseconds
-    await h.server.expect_stanza(kind="message", body="1", timeout=0.6)
-    await h.server.expect_stanza(kind="message", body="2")
-    assert h.server.bodies() == ["1", "2"]
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: a clean close while the server's link is dead but not yet noticed: the "
-    "session ends, UpstreamSide.close closes the upstream stream without waiting for the "
-    "barrier that would confirm the client's last stanzas, so they are lost instead of "
-    "replayed once the server is reached again"))
-@playbook(upstream={"ping_idle": 0.2, "ping_timeout": 0.2})
-async def test_clean_close_on_a_silently_dead_link_still_delivers(h: Harness) -> None:
-    alice = await h.client("alice", sm=True)
-    await h.server.blackhole()
-    alice.message("bob@localhost", "last words")
-    assert await alice.request_ack() == 1
-    await alice.close()
-    await h.server.come_back()
-    # A dead link is noticed within ping_idle + ping_timeout; then a reconnect replays.
-    await h.server.expect_stanza(kind="message", body="last words", timeout=1.5)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: when hibernation expires while the server is down the session ends and its "
-    "outbox is dropped: the held, acknowledged messages are never delivered nor bounced"))
-@playbook(timeout=10.0)
-async def test_hibernation_expiring_while_server_down_still_delivers(h: Harness) -> None:
-    alice = await h.client("alice", sm=True, max=1)
-    await h.server.cut()
-    alice.message("bob@localhost", "1")
-    assert await alice.request_ack() == 1
-    alice.cut()
-    # Only the log can show the timer: no peer is connected to the proxy meanwhile.
-    await h.logged("session_ended", timeout=2.5)
-
-    await h.server.come_back()  # well within max_outage; a reconnect takes milliseconds
-    await h.server.expect_stanza(kind="message", body="1", timeout=0.6)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "give-up while the client hibernates: the remote-server-timeout bounces of its "
-    "unconfirmed messages are queued for the absent client, then the session ends and "
-    "LiveSession._dispose drops every type='error' message: the sender never learns"))
-@playbook(reconnect={"max_outage": 0.3})
-async def test_give_up_while_hibernating_keeps_the_bounces(h: Harness) -> None:
-    alice = await h.client("alice", sm=True)
-    await h.server.cut()
-    sent = alice.message("bob@localhost", "1")
-    assert await alice.request_ack() == 1
-    alice.cut()
-    await h.logged("upstream_gave_up", timeout=1.5)
-
-    await h.server.come_back()
-    again = await h.client("alice", resource="laptop")
-    again.presence()  # stored messages follow the initial presence
-    back = await again.expect(kind="message", id=sent, type="error", timeout=0.6)
-    assert back.find(f"{q(NS_CLIENT, 'error')}/{q(NS_STANZAS, 'remote-server-timeout')}") \
-        is not None
 
 
 @playbook(upstream={"max_buffer": 3})
@@ -297,47 +190,6 @@ async def test_graceful_restart_stores_a_hibernating_clients_queue(h: Harness) -
     again.presence()
     stored = await again.expect(kind="message", id="before-restart")
     assert stored.find(q(NS_DELAY, "delay")) is not None
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: a graceful stop (SIGTERM) while the server is down drops every session's "
-    "outbox: held messages the proxy acknowledged are not persisted, so after the restart "
-    "they are neither sent at the account's next login nor bounced"))
-@playbook()
-async def test_graceful_restart_while_server_down_keeps_held_messages(h: Harness) -> None:
-    alice = await h.client("alice", sm=True)
-    await h.server.cut()
-    alice.message("bob@localhost", "held", id="held")
-    assert await alice.request_ack() == 1
-    await h.restart_proxy()
-    await h.server.come_back()
-
-    again = await h.client("alice", resource="laptop")
-    conn = h.server.connection_of(again.jid)
-    # Sent upstream on the account's next login (or else bounced to it).
-    await h.server.expect_stanza(kind="message", id="held", timeout=0.6,
-                                 where=lambda el: el in conn.received)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "a client whose link drops during an outage cannot resume until the server is back: "
-    "SASL on the new connection is checked only by logging in upstream, so it gets "
-    "temporary-auth-failure, although the hibernating session holds the account's "
-    "credentials in memory; if the outage outlasts max the session ends (see the "
-    "hibernation-expiry case)"))
-@playbook()
-async def test_resume_during_an_outage(h: Harness) -> None:
-    alice = await h.client("alice", sm=True)
-    await h.server.cut()
-    alice.message("bob@localhost", "1")
-    assert await alice.request_ack() == 1
-    alice.cut()
-    again, resumed = await h.resume(alice)
-    assert resumed.tag == q(NS_SM, "resumed")
-    await h.server.come_back()
-    await h.server.expect_stanza(kind="message", body="1")
-    h.server.push_message(again.jid, "welcome back", frm=BOB)
-    await again.expect_message("welcome back")
 
 
 @playbook()
