@@ -211,3 +211,31 @@ async def test_resumption_timeout_bounces_unacked_messages(h: Harness) -> None:
     assert bounce.find(f"{q('jabber:client', 'error')}/{q(NS_STANZAS, 'recipient-unavailable')}")\
         is not None
     await h.server.wait_open_connections(0)
+
+
+@playbook()
+async def test_takeover_of_a_hibernating_session(h: Harness) -> None:
+    old = await h.client("alice", resource="phone", sm=True, auto_ack=False)
+    old.cut()
+    h.server.push_message(old.jid, "while away", frm=BOB)
+    new = await h.client("alice", resource="phone", sm=True)  # binds instead of resuming
+    away = await new.expect_message("while away")
+    assert away.find(q(NS_DELAY, "delay")) is not None
+    assert len(h.server.binds) == 1
+    # The old stream-management id is gone with the takeover.
+    _late, failed = await h.resume(old, h=0)
+    assert failed.tag == q(NS_SM, "failed")
+
+
+@playbook()
+async def test_cut_without_resumption_ends_the_session_and_stores(h: Harness) -> None:
+    alice = await h.client("alice", sm=True, resume=False, auto_ack=False)
+    assert alice.sm_id is None  # no resumption offered when not asked for
+    h.server.push_message(alice.jid, "unacked", frm=BOB, id="u1")
+    await alice.expect_message("unacked")
+    alice.cut()
+    await h.server.wait_open_connections(0)  # ended at once: no hibernation
+    again = await h.client("alice", resource="laptop")
+    again.presence()
+    stored = await again.expect(kind="message", id="u1")
+    assert stored.find(q(NS_DELAY, "delay")) is not None
