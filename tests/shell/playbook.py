@@ -13,7 +13,24 @@ so the cases survive a refactor of the shell's insides.
         h.server.push_message(alice.jid, "hi")
         await alice.expect(kind="message", body="hi")
 
-Every wait has a short timeout; the whole case is bounded too (``playbook(timeout=)``).
+Steps (every wait has a short timeout and fails with what was seen instead; the whole case
+is bounded too, ``playbook(timeout=)``):
+
+- harness ``h``: ``await h.client(user, resource=, sm=, max=, auto_ack=)`` logged in and
+  bound; ``await h.login(user)`` only authenticated; ``await h.resume(old, h=)`` returns
+  the new client and the ``<resumed/>`` or ``<failed/>``; ``await h.confirmed(client)``
+  until a barrier covering what it sent was answered; ``await h.restart_proxy()``;
+  ``await h.logged(event)`` only for what no peer can see.
+- client: ``message()``, ``presence()``, ``iq()``, ``send(raw)``, ``ack()``,
+  ``await request_ack()``, ``await expect(kind=, body=, id=, type=, tag=, error=, where=)``,
+  ``await expect_message(body)``, ``await expect_stream_error(condition)``,
+  ``await expect_closed()``, ``await close()`` (clean), ``cut()`` (network drop);
+  ``received``, ``handled``, ``sent``.
+- server (``h.server``, see scripted_server.py): ``push()``, ``push_message()``,
+  ``await expect_stanza(...)``, ``await expect_bind(resource, after=)``,
+  ``await expect_nonza()``, ``await wait_open_connections(n)``, ``messages()``,
+  ``bodies()``; faults ``await cut()``, ``await refuse()``, ``await blackhole()``,
+  ``await come_back()``; knobs ``answer_pings``, ``sm_acks``, ``bind_as``, ``before_close``.
 """
 
 from __future__ import annotations
