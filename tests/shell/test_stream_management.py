@@ -239,3 +239,21 @@ async def test_cut_without_resumption_ends_the_session_and_stores(h: Harness) ->
     again.presence()
     stored = await again.expect(kind="message", id="u1")
     assert stored.find(q(NS_DELAY, "delay")) is not None
+
+
+@playbook(timeout=10.0, stream_management={"on_timeout": "bounce"})
+async def test_resumption_timeout_with_the_server_down_stores_instead_of_bouncing(
+        h: Harness) -> None:
+    alice = await h.client("alice", sm=True, max=1, auto_ack=False)
+    h.server.push_message(alice.jid, "1", frm=BOB, id="no-way-back")
+    await alice.expect_message("1")
+    alice.cut()
+    await h.server.cut()  # a bounce could not leave now
+    # Only the log can show the timer: no peer is connected to the proxy meanwhile.
+    await h.logged("session_ended", timeout=2.5)
+    await h.server.come_back()
+    again = await h.client("alice", resource="laptop")
+    again.presence()
+    stored = await again.expect(kind="message", id="no-way-back")
+    assert stored.find(q(NS_DELAY, "delay")) is not None
+    assert not h.server.messages(type="error")
