@@ -1,0 +1,195 @@
+"""Known losses and leaks, each a strict xfail that names the bug: it flips (and fails as
+XPASS) once the behaviour is right, so the marker must then go.
+
+Most are issue 10's "nothing acknowledged is ever lost"; each case asserts the correct
+outcome, bounded by what a fixed proxy would need with the harness's fast timings.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.peers.faultrelay import FaultRelay
+from tests.peers.util import LOCALHOST
+
+from .playbook import Harness, playbook
+from .xmlpeer import NS_CLIENT, NS_DELAY, NS_SM, NS_STANZAS, q
+
+BOB = "bob@localhost/desk"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "proxy.stop() (or any session end) while a session is reconnecting: the upstream task's "
+    "cancellation is swallowed by asyncio.wait_for around open_connection in "
+    "connect_upstream (Python 3.11 returns the finished attempt instead of raising "
+    "CancelledError), UpstreamSide._reconnect goes on, UpstreamSide.close waits "
+    "2 x CLOSE_WAIT, and the orphaned task logs in, binds and restores presence for the "
+    "ended session when the server returns. Timing-dependent, but reproduced in every run "
+    "here; asyncio.timeout instead of wait_for there removes it"))
+@playbook()
+async def test_stop_during_reconnect_leaves_no_upstream_behind(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    asked = alice.iq("<query xmlns='jabber:iq:version'/>", to=BOB)
+    await h.server.expect_stanza(kind="iq", id=asked)
+    await h.confirmed(alice)
+    await h.server.cut()
+    await alice.expect(kind="iq", id=asked)  # the outage was noticed: reconnecting now
+    assert h.proxy is not None
+    await h.proxy.stop()
+    binds = len(h.server.binds)
+    await h.server.come_back()
+    # A stopped proxy logs nobody in again.
+    with pytest.raises(AssertionError, match="timed out"):
+        await h.server.expect_bind(after=binds, timeout=0.3)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 10: a clean close while the server is down ends the session and drops its "
+    "outbox: the held, already acknowledged messages are never delivered nor bounced"))
+@playbook()
+async def test_clean_close_while_server_down_still_delivers(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.cut()
+    alice.message("bob@localhost", "1")
+    alice.message("bob@localhost", "2")
+    assert await alice.request_ack() == 2  # the proxy took responsibility for both
+    await alice.close()
+
+    await h.server.come_back()  # well within max_outage; a reconnect takes milliseconds
+    await h.server.expect_stanza(kind="message", body="1", timeout=0.6)
+    await h.server.expect_stanza(kind="message", body="2")
+    assert h.server.bodies() == ["1", "2"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 10: a clean close while the server's link is dead but not yet noticed: the "
+    "session ends, UpstreamSide.close closes the upstream stream without waiting for the "
+    "barrier that would confirm the client's last stanzas, so they are lost instead of "
+    "replayed once the server is reached again"))
+@playbook(upstream={"ping_idle": 0.2, "ping_timeout": 0.2})
+async def test_clean_close_on_a_silently_dead_link_still_delivers(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.blackhole()
+    alice.message("bob@localhost", "last words")
+    assert await alice.request_ack() == 1
+    await alice.close()
+    await h.server.come_back()
+    # A dead link is noticed within ping_idle + ping_timeout; then a reconnect replays.
+    await h.server.expect_stanza(kind="message", body="last words", timeout=1.5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 10: when hibernation expires while the server is down the session ends and its "
+    "outbox is dropped: the held, acknowledged messages are never delivered nor bounced"))
+@playbook(timeout=10.0)
+async def test_hibernation_expiring_while_server_down_still_delivers(h: Harness) -> None:
+    alice = await h.client("alice", sm=True, max=1)
+    await h.server.cut()
+    alice.message("bob@localhost", "1")
+    assert await alice.request_ack() == 1
+    alice.cut()
+    # Only the log can show the timer: no peer is connected to the proxy meanwhile.
+    await h.logged("session_ended", timeout=2.5)
+
+    await h.server.come_back()  # well within max_outage; a reconnect takes milliseconds
+    await h.server.expect_stanza(kind="message", body="1", timeout=0.6)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "give-up while the client hibernates: the remote-server-timeout bounces of its "
+    "unconfirmed messages are queued for the absent client, then the session ends and "
+    "LiveSession._dispose drops every type='error' message: the sender never learns"))
+@playbook(reconnect={"max_outage": 0.3})
+async def test_give_up_while_hibernating_keeps_the_bounces(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.cut()
+    sent = alice.message("bob@localhost", "1")
+    assert await alice.request_ack() == 1
+    alice.cut()
+    await h.logged("upstream_gave_up", timeout=1.5)
+
+    await h.server.come_back()
+    again = await h.client("alice", resource="laptop")
+    again.presence()  # stored messages follow the initial presence
+    back = await again.expect(kind="message", id=sent, type="error", timeout=0.6)
+    assert back.find(f"{q(NS_CLIENT, 'error')}/{q(NS_STANZAS, 'remote-server-timeout')}") \
+        is not None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 10: a graceful stop (SIGTERM) while the server is down drops every session's "
+    "outbox: held messages the proxy acknowledged are not persisted, so after the restart "
+    "they are neither sent at the account's next login nor bounced"))
+@playbook()
+async def test_graceful_restart_while_server_down_keeps_held_messages(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.cut()
+    alice.message("bob@localhost", "held", id="held")
+    assert await alice.request_ack() == 1
+    await h.restart_proxy()
+    await h.server.come_back()
+
+    again = await h.client("alice", resource="laptop")
+    conn = h.server.connection_of(again.jid)
+    # Sent upstream on the account's next login (or else bounced to it).
+    await h.server.expect_stanza(kind="message", id="held", timeout=0.6,
+                                 where=lambda el: el in conn.received)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a client whose link drops during an outage cannot resume until the server is back: "
+    "SASL on the new connection is checked only by logging in upstream, so it gets "
+    "temporary-auth-failure, although the hibernating session holds the account's "
+    "credentials in memory; if the outage outlasts max the session ends (see the "
+    "hibernation-expiry case)"))
+@playbook()
+async def test_resume_during_an_outage(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.cut()
+    alice.message("bob@localhost", "1")
+    assert await alice.request_ack() == 1
+    alice.cut()
+    again, resumed = await h.resume(alice)
+    assert resumed.tag == q(NS_SM, "resumed")
+    await h.server.come_back()
+    await h.server.expect_stanza(kind="message", body="1")
+    h.server.push_message(again.jid, "welcome back", frm=BOB)
+    await again.expect_message("welcome back")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 10: a client link that dies silently (no FIN, no RST): after ack_timeout the "
+    "proxy closes the TLS stream politely and waits up to 30 s for a close_notify that "
+    "never comes, so the session neither hibernates nor ends within max: its upstream "
+    "stays logged in and its queue is neither stored nor bounced meanwhile"))
+@playbook(timeout=10.0, stream_management={"ack_timeout": 0.2})
+async def test_dead_client_link_hibernates_then_ends(h: Harness) -> None:
+    with FaultRelay(LOCALHOST, h.port) as relay:
+        alice = await h.client("alice", sm=True, max=1, port=relay.port)
+        relay.blackhole()
+        h.server.push_message(alice.jid, "1", frm=BOB, id="kept")  # then an unanswered <r/>
+        # ack_timeout, then max: the session ends and logs out of the server.
+        await h.server.wait_open_connections(0, timeout=1.6)
+
+    # ... and the message was stored, not lost.
+    again = await h.client("alice", resource="laptop")
+    again.presence()
+    stored = await again.expect_message("1", timeout=1.0)
+    assert stored.find(q(NS_DELAY, "delay")) is not None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 10: when a session ends the proxy closes its upstream stream and waits for the "
+    "server's close (XmlStream.close(wait_for_peer=...)), but discards every stanza the "
+    "server still sends before it: a message the server already handed over is lost"))
+@playbook()
+async def test_stanza_the_server_sends_while_closing_is_not_lost(h: Harness) -> None:
+    h.server.before_close.append(
+        f"<message from='{BOB}' to='{{to}}' type='chat' id='late'><body>late</body></message>")
+    alice = await h.client("alice", sm=True)
+    await alice.close()  # the session ends: the proxy closes its upstream stream
+    await h.server.wait_open_connections(0)
+
+    again = await h.client("alice", resource="laptop")
+    again.presence()  # stored messages follow the initial presence
+    await again.expect(kind="message", id="late", timeout=0.6)
