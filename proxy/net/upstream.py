@@ -156,10 +156,13 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     _RESUME_SESSION.set(resume_tls)
     timeout = config.connect_timeout
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            config.host, config.port,
-            ssl=tls_context if config.tls == "direct" else None,
-            server_hostname=config.domain if config.tls == "direct" else None), timeout)
+        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
+        # races with a finished connect, and an ended session would go on logging in.
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                config.host, config.port,
+                ssl=tls_context if config.tls == "direct" else None,
+                server_hostname=config.domain if config.tls == "direct" else None)
     except (TimeoutError, OSError, ssl.SSLError) as exc:
         raise UpstreamUnavailable(f"cannot connect to {config.host}:{config.port}: "
                                   f"{exc or type(exc).__name__}") from exc

@@ -1,5 +1,6 @@
-"""Known losses and leaks, each a strict xfail that names the bug: it flips (and fails as
-XPASS) once the behaviour is right, so the marker must then go.
+"""Losses and leaks found by the in-process harness: each case asserts the right behaviour.
+They were strict xfails naming the bug until the ledger work (issue 10) fixed them; the one
+still marked is a known gap.
 
 Most are issue 10's "nothing acknowledged is ever lost"; each case asserts the correct
 outcome, bounded by what a fixed proxy would need with the harness's fast timings.
@@ -18,14 +19,6 @@ from .xmlpeer import NS_CLIENT, NS_DELAY, NS_SM, NS_STANZAS, q
 BOB = "bob@localhost/desk"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy.stop() (or any session end) while a session is reconnecting: the upstream task's "
-    "cancellation is swallowed by asyncio.wait_for around open_connection in "
-    "connect_upstream (Python 3.11 returns the finished attempt instead of raising "
-    "CancelledError), UpstreamSide._reconnect goes on, UpstreamSide.close waits "
-    "2 x CLOSE_WAIT, and the orphaned task logs in, binds and restores presence for the "
-    "ended session when the server returns. Timing-dependent, but reproduced in every run "
-    "here; asyncio.timeout instead of wait_for there removes it"))
 @playbook()
 async def test_stop_during_reconnect_leaves_no_upstream_behind(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
@@ -43,9 +36,6 @@ async def test_stop_during_reconnect_leaves_no_upstream_behind(h: Harness) -> No
         await h.server.expect_bind(after=binds, timeout=0.3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: a clean close while the server is down ends the session and drops its "
-    "outbox: the held, already acknowledged messages are never delivered nor bounced"))
 @playbook()
 async def test_clean_close_while_server_down_still_delivers(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
@@ -61,11 +51,6 @@ async def test_clean_close_while_server_down_still_delivers(h: Harness) -> None:
     assert h.server.bodies() == ["1", "2"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: a clean close while the server's link is dead but not yet noticed: the "
-    "session ends, UpstreamSide.close closes the upstream stream without waiting for the "
-    "barrier that would confirm the client's last stanzas, so they are lost instead of "
-    "replayed once the server is reached again"))
 @playbook(upstream={"ping_idle": 0.2, "ping_timeout": 0.2})
 async def test_clean_close_on_a_silently_dead_link_still_delivers(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
@@ -78,9 +63,6 @@ async def test_clean_close_on_a_silently_dead_link_still_delivers(h: Harness) ->
     await h.server.expect_stanza(kind="message", body="last words", timeout=1.5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: when hibernation expires while the server is down the session ends and its "
-    "outbox is dropped: the held, acknowledged messages are never delivered nor bounced"))
 @playbook(timeout=10.0)
 async def test_hibernation_expiring_while_server_down_still_delivers(h: Harness) -> None:
     alice = await h.client("alice", sm=True, max=1)
@@ -95,10 +77,6 @@ async def test_hibernation_expiring_while_server_down_still_delivers(h: Harness)
     await h.server.expect_stanza(kind="message", body="1", timeout=0.6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "give-up while the client hibernates: the remote-server-timeout bounces of its "
-    "unconfirmed messages are queued for the absent client, then the session ends and "
-    "LiveSession._dispose drops every type='error' message: the sender never learns"))
 @playbook(reconnect={"max_outage": 0.3})
 async def test_give_up_while_hibernating_keeps_the_bounces(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
@@ -116,10 +94,6 @@ async def test_give_up_while_hibernating_keeps_the_bounces(h: Harness) -> None:
         is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: a graceful stop (SIGTERM) while the server is down drops every session's "
-    "outbox: held messages the proxy acknowledged are not persisted, so after the restart "
-    "they are neither sent at the account's next login nor bounced"))
 @playbook()
 async def test_graceful_restart_while_server_down_keeps_held_messages(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
@@ -157,11 +131,6 @@ async def test_resume_during_an_outage(h: Harness) -> None:
     await again.expect_message("welcome back")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: a client link that dies silently (no FIN, no RST): after ack_timeout the "
-    "proxy closes the TLS stream politely and waits up to 30 s for a close_notify that "
-    "never comes, so the session neither hibernates nor ends within max: its upstream "
-    "stays logged in and its queue is neither stored nor bounced meanwhile"))
 @playbook(timeout=10.0, stream_management={"ack_timeout": 0.2})
 async def test_dead_client_link_hibernates_then_ends(h: Harness) -> None:
     with FaultRelay(LOCALHOST, h.port) as relay:
@@ -178,10 +147,6 @@ async def test_dead_client_link_hibernates_then_ends(h: Harness) -> None:
     assert stored.find(q(NS_DELAY, "delay")) is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 10: when a session ends the proxy closes its upstream stream and waits for the "
-    "server's close (XmlStream.close(wait_for_peer=...)), but discards every stanza the "
-    "server still sends before it: a message the server already handed over is lost"))
 @playbook()
 async def test_stanza_the_server_sends_while_closing_is_not_lost(h: Harness) -> None:
     h.server.before_close.append(
