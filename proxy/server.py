@@ -166,7 +166,8 @@ class Proxy:
                 negotiation = ClientNegotiation(stream, listener, self.config, self.server_tls,
                                                 self.upstream_tls, log,
                                                 throttle=self.login_throttle,
-                                                own_stream_ids=self.own_stream_ids)
+                                                own_stream_ids=self.own_stream_ids,
+                                                vouch=self.hub.vouch)
                 async with asyncio.timeout(self.config.limits.negotiation_timeout):
                     auth = await negotiation.run()
                     session, first, resumed = await self.hub.establish(negotiation, auth, log)
@@ -184,8 +185,8 @@ class Proxy:
             finally:
                 # The upstream login that checked the password is kept only by a new
                 # session; a resumed or taken-over session has its own.
-                if auth is not None and (session is None
-                                         or session.upstream.link is not auth.upstream):
+                if auth is not None and auth.upstream is not None and (
+                        session is None or session.upstream.link is not auth.upstream):
                     await auth.upstream.stream.close()
             log = log.bind(jid=session.jid)
             reason = await session.serve_client(stream, first, resumed=resumed,

@@ -14,6 +14,7 @@ import binascii
 import secrets
 import ssl
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
@@ -58,7 +59,9 @@ class AuthenticatedClient:
 
     stream: XmlStream
     account: Jid
-    upstream: UpstreamLink
+    # None when the server was unreachable and a live session of the account vouched for
+    # the password: such a client can resume or take over, not bind anew.
+    upstream: UpstreamLink | None
     password: str = field(repr=False)  # kept to log in again after an upstream outage
 
 
@@ -68,8 +71,12 @@ class ClientNegotiation:
     def __init__(self, stream: XmlStream, listener: Listener, config: Config,
                  server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext | None,
                  log: Any, *, throttle: LoginThrottle | None = None,
-                 own_stream_ids: OwnStreamIds | None = None) -> None:
+                 own_stream_ids: OwnStreamIds | None = None,
+                 vouch: Callable[[str, str], bool] | None = None) -> None:
         self.stream = stream
+        # While the server is unreachable: does a live session of this account hold this
+        # password (so a client whose link dropped can still resume)?
+        self.vouch = vouch
         self.listener = listener
         self.config = config
         self.domain = config.upstream.domain
@@ -144,7 +151,7 @@ class ClientNegotiation:
         await self._open_stream(mechanisms)
         await self._authenticate()
         self.stream.restart()
-        assert self.upstream is not None and self.account is not None
+        assert self.account is not None
         return AuthenticatedClient(self.stream, self.account, self.upstream, self._password)
 
     async def open_bound_stream(self, features: list[Element]) -> None:
@@ -244,6 +251,12 @@ class ClientNegotiation:
                            upstream_port=self.config.upstream.port)
             return "temporary-auth-failure"
         except UpstreamUnavailable as exc:
+            if self.vouch is not None and self.vouch(str(account), password):
+                # The server checked this password when the live session logged in.
+                self.account, self._password = account, password
+                self.log.info("auth_ok", account=str(account), upstream_mechanism=None,
+                              checked="against a live session (the server is unreachable)")
+                return None
             self.log.warning("auth_failed", reason="upstream-unavailable", account=str(account),
                              detail=str(exc))
             return "temporary-auth-failure"

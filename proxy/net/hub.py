@@ -96,6 +96,12 @@ class Hub:
             session.log_ledger()
         session.when_upstream_finished(done)
 
+    def vouch(self, account: str, password: str) -> bool:
+        """Whether a live session of ``account`` logged in with ``password`` (checked then by
+        the server): lets a client resume while the server is unreachable."""
+        return any(str(s.core.account) == account and s.upstream.password_is(password)
+                   for s in self.by_jid.values() if s.state != "ended")
+
     def session_ended(self, session: RegisteredSession) -> None:
         if self.by_jid.get(session.jid) is session:
             del self.by_jid[session.jid]
@@ -176,6 +182,12 @@ class Hub:
             stream.send(bind_refused(el, refusal))
             log.warning("session_refused", condition=refusal.condition, limit=refusal.limit,
                         resource=resource)
+            return None
+        if auth.upstream is None:  # logged in against a live session: the server is away
+            stream.send(st.error_reply(el, "remote-server-timeout", error_type="wait",
+                                       text="the legacy server is unreachable; resume or "
+                                            "try again later"))
+            log.info("bind_failed", reason="the server is unreachable", resource=resource)
             return None
         try:
             full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)

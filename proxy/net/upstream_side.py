@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import random
 import ssl
 import time
@@ -82,6 +83,9 @@ class UpstreamSide:
         self.finished_callback: Callable[[], None] | None = None
         self._run_commands(self.edge.connected(link.features))
         self._task = asyncio.create_task(self._run())
+
+    def password_is(self, password: str) -> bool:
+        return hmac.compare_digest(self._password.encode(), password.encode())
 
     @property
     def state(self) -> ServerState:

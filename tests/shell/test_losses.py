@@ -1,6 +1,5 @@
 """Losses and leaks found by the in-process harness: each case asserts the right behaviour.
-They were strict xfails naming the bug until the ledger work (issue 10) fixed them; the one
-still marked is a known gap.
+They were strict xfails naming the bug until the ledger work (issue 10) fixed them.
 
 Most are issue 10's "nothing acknowledged is ever lost"; each case asserts the correct
 outcome, bounded by what a fixed proxy would need with the harness's fast timings.
@@ -11,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.peers.faultrelay import FaultRelay
+from tests.peers.rawclient import RawAuthError, RawProtocolError
 from tests.peers.util import LOCALHOST
 
 from .playbook import Harness, playbook
@@ -110,12 +110,6 @@ async def test_graceful_restart_while_server_down_keeps_held_messages(h: Harness
                                  where=lambda el: el in conn.received)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a client whose link drops during an outage cannot resume until the server is back: "
-    "SASL on the new connection is checked only by logging in upstream, so it gets "
-    "temporary-auth-failure, although the hibernating session holds the account's "
-    "credentials in memory; if the outage outlasts max the session ends (see the "
-    "hibernation-expiry case)"))
 @playbook()
 async def test_resume_during_an_outage(h: Harness) -> None:
     alice = await h.client("alice", sm=True)
@@ -158,3 +152,28 @@ async def test_stanza_the_server_sends_while_closing_is_not_lost(h: Harness) -> 
     again = await h.client("alice", resource="laptop")
     again.presence()  # stored messages follow the initial presence
     await again.expect(kind="message", id="late", timeout=0.6)
+
+
+@playbook()
+async def test_during_an_outage_only_the_live_sessions_password_logs_in(h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    await h.server.cut()
+    try:
+        await h.login("alice", password="not-the-password")
+        raise AssertionError("a wrong password logged in while the server was away")
+    except RawAuthError as exc:
+        assert exc.condition == "temporary-auth-failure"
+    try:
+        await h.login("carol")  # no live session vouches for carol
+        raise AssertionError("an unknown account logged in while the server was away")
+    except RawAuthError as exc:
+        assert exc.condition == "temporary-auth-failure"
+    # The right password logs in, but a new resource cannot be bound without the server.
+    other = await h.login("alice")
+    try:
+        await other.raw.bind("tablet", timeout=2.0)
+        raise AssertionError("bound a resource while the server was away")
+    except RawProtocolError as exc:
+        assert "remote-server-timeout" in str(exc)
+    alice.message("bob@localhost", "still here")
+    assert await alice.request_ack() == 1
