@@ -1,5 +1,5 @@
 """Command line: ``xmpp-front run -c FILE``, ``xmpp-front check -c FILE``,
-and ``xmpp-front rules test [PATH...]``."""
+``xmpp-front rules test [PATH...]`` and ``xmpp-front --version``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, TextIO, cast
 from .config import Config, ConfigError, LogConfig, load_config
 from .logsetup import get_logger, setup_logging
 from .preflight import Finding, errors, preflight
+from .version import package_version
 
 EXIT_INVALID_CONFIG = 2
 
@@ -82,6 +83,8 @@ def _run(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="xmpp-front", description="A modern face for a legacy XMPP server.")
+    parser.add_argument("--version", action="version",
+                        version=f"xmpp-front {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
