@@ -169,3 +169,23 @@ def test_the_rule_packs_are_installed_with_the_package(built: Path, tmp_path: Pa
     # And a folder given on the command line.
     done = front("rules", "test", str(built / "proxy" / "rulepacks"), cwd=tmp_path, env=env)
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == lines[-1]
+
+
+def test_the_readme_check_command_works_on_a_fresh_clone(tmp_path: Path) -> None:
+    """README "Running it": make-cert.sh, then check, in a copy of examples/ (a fresh
+    clone has no certificate there)."""
+    readme = (REPO / "README.md").read_text()
+    make, check = "bash examples/make-cert.sh", "xmpp-front check -c examples/legacy-prosody.yaml"
+    assert make in readme and check in readme and readme.index(make) < readme.index(check)
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    for name in ("legacy-prosody.yaml", "make-cert.sh"):
+        shutil.copy(REPO / "examples" / name, examples / name)
+    made = subprocess.run(["bash", "examples/make-cert.sh"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert (examples / "key.pem").stat().st_mode & 0o077 == 0
+    done = front("check", "-c", str(examples / "legacy-prosody.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{examples / 'legacy-prosody.yaml'}: OK\n"
+    assert "invalid configuration" not in done.stderr
