@@ -29,17 +29,17 @@ class _Stdout:
         sys.stdout.flush()
 
 
-def _load(path: str, *, probe: bool) -> tuple[Config | None, list[Finding]]:
+def _load(path: str, *, bind_ports: bool) -> tuple[Config | None, list[Finding]]:
     """The configuration (None if it does not load) and every finding about it."""
     try:
         config = load_config(path)
     except ConfigError as exc:
         return None, [Finding.parse(str(exc))]
-    return config, preflight(config, probe=probe)
+    return config, preflight(config, bind_ports=bind_ports)
 
 
 def _check(path: str) -> int:
-    _config, findings = _load(path, probe=True)
+    _config, findings = _load(path, bind_ports=True)
     for finding in findings:
         kind = "warning" if finding.warning else "invalid configuration"
         print(f"xmpp-front: {kind}: {finding}", file=sys.stderr)
@@ -57,7 +57,7 @@ def _refuse(log: Any, path: str, problems: list[Finding]) -> int:
 
 
 def _run(path: str) -> int:
-    config, findings = _load(path, probe=True)
+    config, findings = _load(path, bind_ports=False)  # run binds them for real
     setup_logging(config.log if config is not None else LogConfig(), stream=cast(TextIO, _Stdout()))
     log = get_logger()
     if config is None or errors(findings):

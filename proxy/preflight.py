@@ -47,26 +47,33 @@ class Finding:
         return f"{self.key}: {self.message}"
 
     @classmethod
-    def parse(cls, line: str, *, warning: bool = False) -> Finding:
-        """A ``key: message`` line from an older check as a finding."""
-        key, sep, message = line.partition(": ")
-        return cls(key, message) if sep else cls("config", line, warning=warning)
+    def parse(cls, text: str) -> Finding:
+        """A ``key: message`` error from the loader or an older check (a YAML parser's
+        message spans lines: it is folded into one)."""
+        key, sep, message = _one_line(text).partition(": ")
+        return cls(key, message) if sep else cls("config", key)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _error(key: str, message: str) -> Finding:
-    return Finding(key, message)
+    return Finding(key, _one_line(message))
 
 
 def _warning(key: str, message: str, event: str = "config_warning") -> Finding:
-    return Finding(key, message, warning=True, event=event)
+    return Finding(key, _one_line(message), warning=True, event=event)
 
 
-def preflight(config: Config, *, probe: bool = True,
+def preflight(config: Config, *, probe: bool = True, bind_ports: bool = True,
               resolve_listen: ListenResolver | None = None,
               bind: Binder | None = None) -> list[Finding]:
     """Every problem found in ``config``, errors and warnings, in the order of the file.
-    ``probe``: also try a TCP connection to the upstream (a warning if it fails) and a bind
-    of each listener (a warning: the port may be this very proxy's, already running)."""
+    ``probe``: also try a TCP connection to the upstream (a warning if it fails) and, with
+    ``bind_ports``, a bind of each listener's port (a warning: the port may be this very
+    proxy's, already running; ``run`` binds them for real instead). Neither is tried when
+    there are errors."""
     findings: list[Finding] = []
     findings += check_listeners(config, resolve_listen or resolve_listen_host)
     findings += check_tls(config)
@@ -75,8 +82,9 @@ def preflight(config: Config, *, probe: bool = True,
     findings += check_capture_dir(config)
     findings += check_rules(config)
     findings += cross_checks(config)
-    if probe and not any(not f.warning for f in findings):
-        findings += bind_listeners(config, bind or try_bind)
+    if probe and not errors(findings):
+        if bind_ports:
+            findings += bind_listeners(config, bind or try_bind)
         findings += probe_upstream(config)
     return findings
 
@@ -383,11 +391,11 @@ def check_capture_dir(config: Config) -> list[Finding]:
     if not existing.is_dir():
         return [_error(key, f"{existing} is not a folder")]
     problem = _writable_folder(existing)
-    if problem is not None:
-        verb = "write transcripts in" if existing == folder else "create"
-        return [_error(key, f"cannot {verb} {folder if existing != folder else existing} "
-                            f"({existing}: {problem})")]
-    return []
+    if problem is None:
+        return []
+    if existing == folder:
+        return [_error(key, f"cannot write transcripts in {folder}: {problem}")]
+    return [_error(key, f"cannot create {folder}: {existing} is not writable ({problem})")]
 
 
 def check_rules(config: Config) -> list[Finding]:

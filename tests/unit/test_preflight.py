@@ -410,6 +410,29 @@ def test_finding_parse_keeps_key_and_message() -> None:
     assert str(Finding("a.b", "c")) == "a.b: c"
 
 
+def test_run_folds_a_multi_line_yaml_error_into_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream: [\n")
+    assert main(["run", "-c", str(path)]) == EXIT_INVALID_CONFIG
+    out = capsys.readouterr()
+    (line,) = out.err.splitlines()
+    assert line.startswith(f"xmpp-front: invalid configuration: {path}: not valid YAML: ")
+    (event,) = [json.loads(x) for x in out.out.splitlines()]
+    assert event["key"] == str(path)
+
+
+def test_run_does_not_probe_the_listen_ports(tmp_path: Path, pki: dict[str, Path]) -> None:
+    tried: list[str] = []
+    config = make_config(tmp_path, pki, listen=[{"host": "127.0.0.1", "port": 5299}])
+    preflight(config, probe=True, bind_ports=False, resolve_listen=no_dns,
+              bind=lambda listener, address: tried.append(address) or "taken")
+    assert tried == []
+    preflight(config, probe=True, resolve_listen=no_dns,
+              bind=lambda listener, address: tried.append(address) or "taken")
+    assert tried == ["127.0.0.1"]
+
+
 def test_listener_binding_probe_reports_a_taken_port(tmp_path: Path,
                                                      pki: dict[str, Path]) -> None:
     from proxy.preflight import try_bind
