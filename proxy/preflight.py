@@ -237,7 +237,7 @@ def check_tls(config: Config) -> list[Finding]:
                                         "readable)"))
     if problems:
         return problems
-    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    probe = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # as the server makes it
     try:
         probe.load_verify_locations(cafile=str(cert_path))
     except ssl.SSLError as exc:
@@ -254,6 +254,47 @@ def check_tls(config: Config) -> list[Finding]:
                                     "the server's own)")]
         return [_error(key_key, f"{key_path} cannot be loaded with tls.cert: "
                                 f"{_ssl_reason(exc)}")]
+    return check_certificate_use(config, probe)
+
+
+# What a client verifying the certificate for upstream.domain would refuse it for
+# (OpenSSL's X509_V_ERR_* codes); anything else (a private CA, a self-signed certificate)
+# is between the operator and the clients.
+_CLIENT_REFUSALS = {9: "is not valid yet", 10: "has expired", 62: "does not name"}
+
+
+def check_certificate_use(config: Config, server: ssl.SSLContext) -> list[Finding]:
+    """A TLS handshake in memory, as a client connecting for ``upstream.domain`` that
+    trusts this very certificate: warnings for an expired certificate or one that does not
+    name the domain (clients will refuse it)."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(cafile=str(config.path(config.tls.cert)))
+    client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is trusted
+    domain = config.upstream.domain
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname=domain)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    try:
+        for _ in range(8):  # a handshake takes two or three flights each way
+            done = True
+            for side in (c, s):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    done = False
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+            if done:
+                break
+    except ssl.SSLCertVerificationError as exc:
+        what = _CLIENT_REFUSALS.get(exc.verify_code)
+        if what is None:
+            return []
+        text = (f"does not name upstream.domain {domain!r}" if exc.verify_code == 62 else what)
+        return [_warning("tls.cert", (
+            f"{config.path(config.tls.cert)} {text}: clients verifying it will refuse it"))]
+    except ssl.SSLError:
+        return []  # not this check's business: the proxy loaded the pair
     return []
 
 

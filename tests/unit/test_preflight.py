@@ -22,18 +22,25 @@ from tests.peers.certs import make_cert
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two unrelated self-signed pairs, an encrypted key and a DER certificate."""
+    """Two unrelated self-signed pairs for localhost, one for another name, an encrypted
+    key, a DER certificate and an expired certificate of the first key."""
     a_cert, a_key = make_cert(tmp_path_factory.mktemp("a"))
     b_cert, b_key = make_cert(tmp_path_factory.mktemp("b"))
+    c_cert, c_key = make_cert(tmp_path_factory.mktemp("c"), "other.example")
     other = tmp_path_factory.mktemp("other")
-    encrypted = other / "encrypted.key"
-    der = other / "cert.der"
+    encrypted, der = other / "encrypted.key", other / "cert.der"
+    csr, expired = other / "a.csr", other / "expired.crt"
     for cmd in (["openssl", "pkey", "-in", str(a_key), "-aes256", "-passout", "pass:secret",
                  "-out", str(encrypted)],
-                ["openssl", "x509", "-in", str(a_cert), "-outform", "der", "-out", str(der)]):
+                ["openssl", "x509", "-in", str(a_cert), "-outform", "der", "-out", str(der)],
+                ["openssl", "req", "-new", "-key", str(a_key), "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=DNS:localhost", "-out", str(csr)],
+                ["openssl", "x509", "-req", "-in", str(csr), "-signkey", str(a_key),
+                 "-days", "-1", "-copy_extensions", "copy", "-out", str(expired)]):
         subprocess.run(cmd, check=True, capture_output=True, timeout=30)
     return {"cert": a_cert, "key": a_key, "other_cert": b_cert, "other_key": b_key,
-            "encrypted_key": encrypted, "der": der}
+            "named_cert": c_cert, "named_key": c_key, "encrypted_key": encrypted,
+            "der": der, "expired_cert": expired}
 
 
 def no_dns(host: str, port: int) -> list[str]:
@@ -143,6 +150,25 @@ def test_an_unreadable_key_is_named(tmp_path: Path, pki: dict[str, Path]) -> Non
     key.chmod(0)
     found = only_error(make_config(tmp_path, pki, tls={"key": str(key)}))
     assert found.key == "tls.key" and "cannot read" in found.message
+
+
+def test_a_certificate_for_another_name_is_a_warning(tmp_path: Path,
+                                                     pki: dict[str, Path]) -> None:
+    config = make_config(tmp_path, pki, tls={"cert": str(pki["named_cert"]),
+                                             "key": str(pki["named_key"])})
+    (found,) = findings(config)
+    assert (found.key, found.warning) == ("tls.cert", True)
+    assert "does not name upstream.domain 'localhost'" in found.message
+    named = make_config(tmp_path, pki, tls={"cert": str(pki["named_cert"]),
+                                            "key": str(pki["named_key"])},
+                        upstream={"domain": "other.example"})
+    assert findings(named) == []
+
+
+def test_an_expired_certificate_is_a_warning(tmp_path: Path, pki: dict[str, Path]) -> None:
+    (found,) = findings(make_config(tmp_path, pki, tls={"cert": str(pki["expired_cert"])}))
+    assert (found.key, found.warning) == ("tls.cert", True)
+    assert "has expired" in found.message
 
 
 # ------------------------------------------------------------------------- upstream CA
