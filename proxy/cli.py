@@ -1,51 +1,101 @@
-"""Command line: ``xmpp-front run -c FILE`` and ``xmpp-front check -c FILE``."""
+"""Command line: ``xmpp-front run -c FILE``, ``xmpp-front check -c FILE``,
+``xmpp-front rules test [PATH...]`` and ``xmpp-front --version``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
+import ssl
 import sys
+from typing import Any, TextIO, cast
 
-from .config import ConfigError, check_files, load_config
-from .logsetup import setup_logging
-from .loopcheck import upstream_loop_problems
+from .config import Config, ConfigError, LogConfig, load_config
+from .logsetup import get_logger, setup_logging
+from .preflight import Finding, errors, preflight
+from .version import package_version
 
 EXIT_INVALID_CONFIG = 2
 
 
-def _load(path: str):  # type: ignore[no-untyped-def]
+class _Stdout:
+    """Writes to whatever ``sys.stdout`` is at the time (the log must not hold on to a
+    stream that was swapped, as a test's capture is)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def _load(path: str, *, bind_ports: bool) -> tuple[Config | None, list[Finding]]:
+    """The configuration (None if it does not load) and every finding about it."""
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(f"xmpp-front: invalid configuration: {exc}", file=sys.stderr)
-        return None
-    problems = check_files(config) + upstream_loop_problems(config)
-    if config.rules:
-        from .rules_cli import check_rule_files
+        return None, [Finding.parse(str(exc))]
+    return config, preflight(config, bind_ports=bind_ports)
 
-        missing = [p for p in config.rules if not config.path(p).is_file()]
-        problems += [f"rules: no such file: {config.path(p)}" for p in missing]
-        if not missing:
-            problems += [f"rules: {p}" for p in check_rule_files(
-                [config.path(p) for p in config.rules])]
+
+def _check(path: str) -> int:
+    _config, findings = _load(path, bind_ports=True)
+    for finding in findings:
+        kind = "warning" if finding.warning else "invalid configuration"
+        print(f"xmpp-front: {kind}: {finding}", file=sys.stderr)
+    if errors(findings):
+        return EXIT_INVALID_CONFIG
+    print(f"{path}: OK")
+    return 0
+
+
+def _refuse(log: Any, path: str, problems: list[Finding]) -> int:
     for problem in problems:
         print(f"xmpp-front: invalid configuration: {problem}", file=sys.stderr)
-    return None if problems else config
+        log.error(problem.event, key=problem.key, problem=problem.message, config=path)
+    return EXIT_INVALID_CONFIG
+
+
+def _run(path: str) -> int:
+    config, findings = _load(path, bind_ports=False)  # run binds them for real
+    setup_logging(config.log if config is not None else LogConfig(), stream=cast(TextIO, _Stdout()))
+    log = get_logger()
+    if config is None or errors(findings):
+        return _refuse(log, path, errors(findings))
+    for warning in findings:
+        log.warning(warning.event, key=warning.key, problem=warning.message, config=path)
+    from .server import serve  # imported late: `check` needs no network code
+
+    try:
+        asyncio.run(serve(config))
+    except ssl.SSLError as exc:  # what the preflight did not foresee, still one line
+        return _refuse(log, path, [Finding("tls", f"cannot load: {exc}")])
+    except sqlite3.Error as exc:
+        return _refuse(log, path, [Finding("store.path", f"{config.path(config.store.path)}: "
+                                                         f"{exc}")])
+    except OSError as exc:  # e.g. the listen port is taken
+        print(f"xmpp-front: cannot start: {exc}", file=sys.stderr)
+        log.error("cannot_start", error=str(exc), config=path)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="xmpp-front", description="A modern face for a legacy XMPP server.")
+    parser.add_argument("--version", action="version",
+                        version=f"xmpp-front {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
-    check = commands.add_parser("check", help="validate a configuration and exit")
+    check = commands.add_parser(
+        "check", help="validate a configuration (files, names, folders, settings) and exit")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     rules = commands.add_parser("rules", help="rule files")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     rules_test = rules_commands.add_parser(
         "test", help="run the test vectors of rule files (default: the shipped packs)")
-    rules_test.add_argument("paths", nargs="*", help="rule files")
+    rules_test.add_argument("paths", nargs="*", help="rule files or folders of them")
     args = parser.parse_args(argv)
 
     if args.command == "rules":
@@ -53,21 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return rules_test_main(args.paths)
 
-    config = _load(args.config)
-    if config is None:
-        return EXIT_INVALID_CONFIG
     if args.command == "check":
-        print(f"{args.config}: OK")
-        return 0
-    setup_logging(config.log)
-    from .server import serve  # imported late: `check` needs no network code
-
-    try:
-        asyncio.run(serve(config))
-    except OSError as exc:  # e.g. the listen port is taken
-        print(f"xmpp-front: cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return _check(args.config)
+    return _run(args.config)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ reaches them (they start after binding).
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -42,6 +43,20 @@ def redact(el: Element, names: Sequence[str]) -> Element:
     return masked
 
 
+def make_private_dirs(folder: Path) -> None:
+    """``mkdir -p`` where each folder created is owner-only (0700); existing ones are left
+    as they are."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # created meanwhile by someone else
+
+
 class Transcript:
     """One session's XML console file, bounded in size."""
 
@@ -62,7 +77,9 @@ class Transcript:
         if self.written + len(entry) > self.max_bytes:
             entry = f"<!-- {stamp} transcript truncated at {self.max_bytes} bytes -->\n".encode()
             self.full = True
-        with open(self.path, "ab") as f:
+        # Owner-only (0600): a transcript holds what the users wrote.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as f:
             f.write(entry)
         self.written += len(entry)
 
@@ -78,7 +95,7 @@ class Inspector:
         self.capture_max_bytes = config.capture_max_bytes
         self.log = log
         if capture_dir is not None:
-            capture_dir.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(capture_dir)
 
     @classmethod
     def from_config(cls, config: LogConfig, capture_dir: Path | None,

@@ -1,4 +1,5 @@
-"""``xmpp-front rules test [PATH...]`` and the rule-file checks behind ``xmpp-front check``.
+"""``xmpp-front rules test [PATH...]`` (rule files or folders of them) and the rule-file
+checks behind ``xmpp-front check``.
 
 A rule file in the mapping form may carry test vectors next to its rules::
 
@@ -40,14 +41,40 @@ _HEADER = (b"<stream:stream xmlns='jabber:client' "
 _XML_NS = "http://www.w3.org/XML/1998/namespace"
 
 
+# The shipped packs, installed with the package (the repository's rules/ links to them).
+PACKS_DIR = Path(__file__).resolve().parent / "rulepacks"
+RULE_SUFFIXES = (".yaml", ".yml")
+
+
 def default_rule_paths() -> list[Path]:
-    """``rules/*.yaml`` of the current folder, else the packs shipped next to the package."""
-    for folder in (Path("rules"), Path(__file__).resolve().parent.parent / "rules"):
+    """``rules/*.yaml`` of the current folder, else the packs installed with the package."""
+    for folder in (Path("rules"), PACKS_DIR):
         if folder.is_dir():
-            found = sorted(folder.glob("*.yaml"))
+            found = rule_files_in(folder)
             if found:
                 return found
     return []
+
+
+def rule_files_in(folder: Path) -> list[Path]:
+    """The rule files directly in ``folder`` (``*.yaml``, ``*.yml``), sorted by name."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in RULE_SUFFIXES and not p.is_dir())
+
+
+def expand_rule_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files as given, folders as the rule files in them; and the folders that hold none."""
+    files: list[Path] = []
+    empty: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = rule_files_in(path)
+            files += found
+            if not found:
+                empty.append(f"{path}: no rule files (*.yaml, *.yml) in this folder")
+        else:
+            files.append(path)
+    return files, empty
 
 
 def parse_stanza(xml: str) -> Element:
@@ -198,15 +225,22 @@ def run_file_vectors(path: str | Path) -> list[VectorResult]:
 
 
 def rules_test_main(paths: list[str], out: TextIO | None = None) -> int:
-    """``xmpp-front rules test [PATH...]``: run the vectors of the given rule files (all of
-    ``rules/*.yaml`` when none). 0: all pass; 1: a vector failed; 2: a file did not load."""
+    """``xmpp-front rules test [PATH...]``: run the vectors of the given rule files and of
+    the rule files in the given folders (the shipped packs when none: see
+    :func:`default_rule_paths`). 0: all pass; 1: a vector failed; 2: a file did not load or
+    a folder held no rule file."""
     out = out or sys.stdout
-    files: Sequence[str | Path] = paths or default_rule_paths()
-    if not files:
-        print("no rule files found (looked for rules/*.yaml)", file=out)
-        return EXIT_LOAD_ERROR
+    if paths:
+        files, empty = expand_rule_paths(paths)
+    else:
+        files, empty = default_rule_paths(), []
+        if not files:
+            print(f"no rule files found (looked for rules/*.yaml and {PACKS_DIR})", file=out)
+            return EXIT_LOAD_ERROR
+    for problem in empty:
+        print(f"ERROR {problem}", file=out)
     passed = failed = 0
-    load_error = False
+    load_error = bool(empty)
     for path in files:
         try:
             results = run_file_vectors(path)
@@ -266,10 +300,12 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_LOAD_ERROR",
     "EXIT_OK",
+    "PACKS_DIR",
     "VectorResult",
     "canonical_lines",
     "check_rule_files",
     "default_rule_paths",
+    "expand_rule_paths",
     "parse_stanza",
     "rules_test_main",
     "run_file_vectors",

@@ -26,6 +26,7 @@ the last transactions, which only costs clients a full roster download.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -101,6 +102,20 @@ class StoreError(Exception):
     pass
 
 
+def create_private(path: str) -> None:
+    """Create the database file owner-only (0600) if it does not exist yet: it holds
+    messages and rosters. SQLite gives the ``-wal`` and ``-shm`` files it creates beside it
+    the database file's permissions. An existing file keeps the permissions it has; any
+    other problem is left for SQLite to report."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    os.close(fd)
+
+
 def _new_epoch() -> str:
     return secrets.token_hex(6)
 
@@ -110,6 +125,7 @@ class Store:
 
     def __init__(self, path: str, *, new_epoch: Callable[[], str] = _new_epoch) -> None:
         self.path = path
+        create_private(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._depth = 0
         try:

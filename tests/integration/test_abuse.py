@@ -253,7 +253,12 @@ def test_the_proxy_as_its_own_upstream_is_refused_at_the_first_nested_connection
     with FaultRelay(LOCALHOST, proxy.port) as relay:
         proxy.config["upstream"]["port"] = relay.port
         proxy.config_path.write_text(yaml.safe_dump(proxy.config))
+        # Closed while the proxy starts, so its start-up reachability probe is not counted
+        # below (it is logged instead).
+        relay.refuse()
         with proxy:
+            proxy.wait_event("upstream_unreachable")
+            relay.pass_through()
             outcome = run(try_login(proxy, user(jid), password), timeout=30)
             assert outcome == "temporary-auth-failure"
             proxy.wait_event("loop_refused")

@@ -63,9 +63,10 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
                                    f"tls.key: no such file: {tmp_path / 'my.key'}"]
 
 
-def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "cert.pem").write_text("x")
-    (tmp_path / "key.pem").write_text("x")
+def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  tls_pair: tuple[Path, Path]) -> None:
+    (tmp_path / "cert.pem").write_bytes(tls_pair[0].read_bytes())
+    (tmp_path / "key.pem").write_bytes(tls_pair[1].read_bytes())
     good = tmp_path / "good.yaml"
     good.write_text("upstream: {port: 15222}\n")
     assert main(["check", "-c", str(good)]) == 0

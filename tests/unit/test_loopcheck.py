@@ -84,9 +84,9 @@ def test_is_local_address_on_this_machine() -> None:
     assert not is_local_address("not-an-ip")
 
 
-def write_config(tmp_path: Path, data: dict[str, object]) -> Path:
-    for name in ("cert.pem", "key.pem"):
-        (tmp_path / name).write_text("x")
+def write_config(tmp_path: Path, data: dict[str, object], tls_pair: tuple[Path, Path]) -> Path:
+    for name, real in zip(("cert.pem", "key.pem"), tls_pair, strict=True):
+        (tmp_path / name).write_bytes(real.read_bytes())
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -94,19 +94,21 @@ def write_config(tmp_path: Path, data: dict[str, object]) -> Path:
 
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_check_and_run_refuse_a_self_upstream_with_exit_2(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str,
+        tls_pair: tuple[Path, Path]) -> None:
     path = write_config(tmp_path, {"listen": [{"host": "127.0.0.1", "port": 5222}],
-                                   "upstream": {"host": "127.0.0.1", "port": 5222}})
+                                   "upstream": {"host": "127.0.0.1", "port": 5222}}, tls_pair)
     assert main([command, "-c", str(path)]) == EXIT_INVALID_CONFIG
-    err = capsys.readouterr().err
-    assert "invalid configuration: upstream.host/upstream.port" in err
-    assert "listen[0]" in err
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "invalid configuration: upstream.host/upstream.port" in line
+    assert "listen[0]" in line
 
 
-def test_check_accepts_a_distinct_upstream(tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_accepts_a_distinct_upstream(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           tls_pair: tuple[Path, Path]) -> None:
     path = write_config(tmp_path, {"listen": [{"host": "127.0.0.1", "port": 5222}],
-                                   "upstream": {"host": "127.0.0.1", "port": 15222}})
+                                   "upstream": {"host": "127.0.0.1", "port": 15222}},
+                        tls_pair)
     assert main(["check", "-c", str(path)]) == 0
 
 

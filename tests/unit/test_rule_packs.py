@@ -1,5 +1,5 @@
-"""The shipped rule packs (rules/*.yaml): every test vector is a test, the packs load together,
-and ``xmpp-front rules test`` reports and exits as documented."""
+"""The shipped rule packs (proxy/rulepacks/*.yaml, linked from rules/): every test vector is a
+test, the packs load together, and ``xmpp-front rules test`` reports and exits as documented."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from proxy.rules import RuleSet, read_rule_file
 from proxy.rules_cli import (
     check_rule_files,
+    PACKS_DIR,
     default_rule_paths,
     parse_stanza,
     rules_test_main,
@@ -21,6 +22,7 @@ from proxy.rules_cli import (
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKS = sorted((ROOT / "rules").glob("*.yaml"))
+INSTALLED = sorted((ROOT / "proxy" / "rulepacks").glob("*.yaml"))
 
 
 def _vectors() -> list[Any]:
@@ -76,7 +78,7 @@ def test_all_packs_load_together_and_check_clean() -> None:
 def test_rules_test_main_runs_the_shipped_packs_by_default(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(ROOT)
-    assert [p.resolve() for p in default_rule_paths()] == PACKS
+    assert [p.resolve() for p in default_rule_paths()] == [p.resolve() for p in PACKS]
     assert rules_test_main([]) == 0
     lines = capsys.readouterr().out.splitlines()
     total = sum(len(read_rule_file(p).vectors) for p in PACKS)
@@ -160,3 +162,57 @@ def test_check_rule_files_reports_each_file_and_duplicates_across_files(tmp_path
     assert check_rule_files([a, c]) == [f"{c}: rule 'c': unknown action 'explode' (known: "
                                         "drop, error, set_attr, remove_attr, remove, add, "
                                         "replace, redirect, log, stop)"]
+
+
+def test_the_repository_rules_folder_is_the_packaged_packs() -> None:
+    """rules/ (for the README, configurations and habits) and the package data are one set
+    of files: each rules/*.yaml is a link to the pack installed with the package."""
+    assert PACKS_DIR == ROOT / "proxy" / "rulepacks"
+    assert [p.name for p in PACKS] == [p.name for p in INSTALLED] and PACKS
+    for pack, installed in zip(PACKS, INSTALLED, strict=True):
+        assert pack.resolve() == installed.resolve(), f"{pack} is not a link to {installed}"
+
+
+def test_without_a_rules_folder_here_the_installed_packs_are_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert default_rule_paths() == INSTALLED
+    assert rules_test_main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"PASS {INSTALLED[0]}: " in "\n".join(lines)
+    total = sum(len(read_rule_file(p).vectors) for p in INSTALLED)
+    assert lines[-1] == f"{total} passed, 0 failed"
+
+
+def test_rules_test_takes_folders(tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert rules_test_main([str(ROOT / "rules")], out) == 0
+    total = sum(len(read_rule_file(p).vectors) for p in PACKS)
+    assert out.getvalue().splitlines()[-1] == f"{total} passed, 0 failed"
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "b-failing.yml").write_text(FAILING_PACK, encoding="utf-8")
+    (mine / "a-good.yaml").write_text(FAILING_PACK.split("  - name: fails")[0],
+                                      encoding="utf-8")
+    (mine / "notes.txt").write_text("not a rule file", encoding="utf-8")
+    (mine / "sub.yaml").mkdir()  # a folder is not a rule file, whatever its name
+    out = io.StringIO()
+    assert rules_test_main([str(mine)], out) == 1
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == [f"PASS {mine / 'a-good.yaml'}: passes",
+                         f"PASS {mine / 'b-failing.yml'}: passes",
+                         f"FAIL {mine / 'b-failing.yml'}: fails"]
+    assert lines[-1] == "2 passed, 1 failed"
+
+
+def test_rules_test_on_an_empty_folder_or_a_missing_path_exits_2(tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert rules_test_main([str(tmp_path)], out) == 2
+    assert out.getvalue().splitlines()[0] == (
+        f"ERROR {tmp_path}: no rule files (*.yaml, *.yml) in this folder")
+    out = io.StringIO()
+    assert rules_test_main([str(tmp_path / "missing.yaml")], out) == 2
+    assert out.getvalue().splitlines()[0].startswith(
+        f"ERROR {tmp_path / 'missing.yaml'}: cannot read")
