@@ -14,7 +14,8 @@ Modes (they apply to current and new connections):
 - refuse(): close the listening socket, so new connections get ECONNREFUSED
   (established ones are left alone; the next pass_through/delay/blackhole re-listens
   on the same port).
-Action: reset() aborts all current connections with a TCP RST on both sides.
+Actions: reset() aborts all current connections with a TCP RST on both sides;
+blackhole_existing() blackholes the current connections for good while new ones pass.
 
 If the target refuses while the relay accepts (server down, relay up), the accepted
 connection is closed at once: what a proxy sees as "connected, then EOF".
@@ -65,6 +66,7 @@ class _Conn:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    blackholed: bool = False  # this connection only, whatever the relay's mode
 
     def reset(self) -> None:
         _rst_abort(self.client)
@@ -148,6 +150,15 @@ class FaultRelay:
 
     def blackhole(self) -> None:
         self._set_mode(Mode.BLACKHOLE, 0.0)
+
+    def blackhole_existing(self) -> None:
+        """Blackhole the connections open now, for good; new ones pass through (a path
+        that died under a connection the server never saw end)."""
+        self._call(self._blackhole_existing())
+
+    async def _blackhole_existing(self) -> None:
+        for conn in self._conns:
+            conn.blackholed = True
 
     def stall(self) -> None:
         self._set_mode(Mode.STALL, 0.0)
@@ -302,7 +313,7 @@ class FaultRelay:
                 except (ConnectionError, OSError):
                     conn.reset()  # pass a reset on as a reset
                     return
-                if self._mode is Mode.BLACKHOLE:
+                if self._mode is Mode.BLACKHOLE or conn.blackholed:
                     if not data:
                         return  # a blackhole swallows the FIN as well
                     continue
@@ -325,7 +336,7 @@ class FaultRelay:
                         else:
                             writer.close()
                     return
-                if self._mode is Mode.BLACKHOLE:
+                if self._mode is Mode.BLACKHOLE or conn.blackholed:
                     continue
                 try:
                     writer.write(data)
