@@ -138,6 +138,14 @@ class RulesMatched:
     events: tuple[Mapping[str, Any], ...] = ()
 
 
-Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Another session (by its id) is owed output because this one changed state they
+    share (the roster cache): the shell soon asks that session's features for it."""
+
+    session_id: str
+
+
+Command = (CatchUp | ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
            | JournalPut | JournalCut | SmRegister | RulesMatched)

@@ -28,7 +28,7 @@ from .net.hub import Hub
 from .net.live import LiveSession
 from .net.upstream import client_tls_context
 from .net.xmlstream import ConnectionLost, XmlStream
-from .session import FeatureFactory, SessionCore
+from .session import FeatureFactory
 from .store import Store
 from .xmpp import codec
 
@@ -64,8 +64,7 @@ class Proxy:
         self.login_throttle = LoginThrottle(config.abuse)
         self.own_stream_ids = OwnStreamIds()
         self.store = Store(str(config.path(config.store.path)))
-        self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes,
-                                    notify=self._roster_catch_up)
+        self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes)
         # Client edge first, server edge last: rules see what the client sent and what it
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
@@ -94,15 +93,6 @@ class Proxy:
         return recover(self.store, now=time.time(),
                        stored_ttl=self.config.stream_management.stored_ttl,
                        domain=self.config.upstream.domain, log=self.log)
-
-    def _roster_catch_up(self, core: SessionCore) -> None:
-        """Another session changed the shared roster cache: this session's client is owed
-        pushes. Called from inside that other session's processing, so only scheduled."""
-        def push() -> None:
-            session = self.hub.by_jid.get(str(core.jid))
-            if session is not None and session.core is core and session.state != "ended":
-                session.write(self.roster.catch_up(core))
-        asyncio.get_running_loop().call_soon(push)
 
     async def start(self) -> None:
         self.recover()  # before any client can log in and want what it holds

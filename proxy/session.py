@@ -68,6 +68,9 @@ class Feature:
     def upstream_restored(self, session: SessionCore, out: Outputs) -> None:
         """The upstream session was re-established after an outage (resend state here)."""
 
+    def catch_up(self, session: SessionCore, out: Outputs) -> None:
+        """Another session asked this one to catch up (a ``CatchUp`` command)."""
+
     def closed(self, session: SessionCore) -> None:
         """The session ended for good."""
 
@@ -128,6 +131,12 @@ class SessionCore:
         out = Outputs()
         for feature in self.features:
             feature.upstream_restored(self, out)
+        return out
+
+    def catch_up(self) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.catch_up(self, out)
         return out
 
     def closed(self) -> None:

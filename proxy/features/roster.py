@@ -24,12 +24,13 @@ In short:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from lxml import etree
 
+from ..commands import CatchUp
 from ..session import Feature, Outputs, SessionCore
 from ..store import DEFAULT_MAX_CHANGES, RosterItem, RosterVersion, Store, same_item
 from ..xmpp import ns
@@ -160,20 +161,18 @@ class RosterFactory:
     """Made once at start-up; shared by all sessions (several resources of one account share
     one cache).
 
-    ``notify(session)``, if given, is called (synchronously, from inside another session's
-    call) when a session's client has fallen behind the cache because another session changed
-    it; the shell should then soon write ``catch_up(session)`` to that session. Without it, a
-    session catches up at its next stanza either way.
+    When a session changes the cache so that another session's client falls behind, the
+    changing session's output carries a ``CatchUp`` command for that other session; the shell
+    then soon asks it for its pushes (``Feature.catch_up``). Without that, a session catches
+    up at its next stanza either way.
     """
 
     def __init__(self, store: Store, *, max_changes: int = DEFAULT_MAX_CHANGES,
-                 notify: Callable[[SessionCore], None] | None = None,
                  journal_limit: int = DEFAULT_JOURNAL_LIMIT) -> None:
         if max_changes < 0:
             raise ValueError("max_changes must be >= 0")
         self.store = store
         self.max_changes = max_changes
-        self.notify = notify
         self.journal_limit = journal_limit
         self._accounts: dict[str, _Account] = {}
 
@@ -192,15 +191,6 @@ class RosterFactory:
         acct.sessions[session.id] = feature
         return feature
 
-    def catch_up(self, session: SessionCore) -> Outputs:
-        """The pushes a session's client is owed (after ``notify``); empty if none."""
-        out = Outputs()
-        acct = self._accounts.get(str(session.account))
-        feature = acct.sessions.get(session.id) if acct else None
-        if feature is not None:
-            feature.sync(session, out)
-        return out
-
     def account_fresh(self, account: str) -> bool:
         """For tests and metrics: whether gets of ``account`` are answered from the cache."""
         acct = self._accounts.get(account)
@@ -216,12 +206,11 @@ class RosterFactory:
         acct.trim_journal()
 
     def _changed(self, acct: _Account, by: RosterFeature) -> None:
-        """The cache moved on: tell the shell which other sessions' clients are behind."""
-        if self.notify is None:
-            return
+        """The cache moved on: the other sessions whose clients are behind are woken by the
+        changing session's output (``CatchUp``)."""
         for feature in list(acct.sessions.values()):
-            if feature is not by and feature.behind():
-                self.notify(feature.session)
+            if feature is not by and feature.behind() and feature.session_id not in by.wake:
+                by.wake.append(feature.session_id)
 
 
 # ---------------------------------------------------------------------- the feature
@@ -248,6 +237,7 @@ class RosterFeature(Feature):
         self._own_push_ids: set[str] = set()  # pushes of ours to the client: swallow replies
         self._swallow_subscribe: set[str] = set()  # approved on our behalf by another session
         self.cursor = 0  # the last journal event this session's upstream has delivered
+        self.wake: list[str] = []  # other sessions this one's changes left behind
 
     # -------------------------------------------------------------- Feature hooks
 
@@ -258,13 +248,23 @@ class RosterFeature(Feature):
         self._ensure_interest(session, out)
         result = self._from_client(session, el, out)
         self.sync(session, out)
+        self._wake_others(out)
         return result
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         result = self._from_upstream(session, el, out)
         self._ensure_interest(session, out)
         self.sync(session, out)
+        self._wake_others(out)
         return result
+
+    def catch_up(self, session: SessionCore, out: Outputs) -> None:
+        self.sync(session, out)
+
+    def _wake_others(self, out: Outputs) -> None:
+        if self.wake:
+            out.commands.extend(CatchUp(session_id) for session_id in self.wake)
+            self.wake.clear()
 
     def upstream_restored(self, session: SessionCore, out: Outputs) -> None:
         # Pushes may have been missed while the link was down: whoever fetches next diffs.
@@ -285,6 +285,7 @@ class RosterFeature(Feature):
                 self._apply_push(parsed)
         self.cursor = self._acct.next_event - 1
         self._send_fetch(session, out)
+        self._wake_others(out)
 
     def closed(self, session: SessionCore) -> None:
         self._factory._release(self._acct, self)

@@ -96,6 +96,14 @@ class Hub:
             session.log_ledger()
         session.when_upstream_finished(done)
 
+    def wake(self, session_id: str) -> None:
+        """A session's change left another one behind: it catches up soon (not inside the
+        first one's processing)."""
+        for session in self.by_jid.values():
+            if session.core.id == session_id:
+                asyncio.get_running_loop().call_soon(session.catch_up)
+                return
+
     def vouch(self, account: str, password: str) -> bool:
         """Whether a live session of ``account`` logged in with ``password`` (checked then by
         the server): lets a client resume while the server is unreachable."""

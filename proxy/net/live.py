@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..client_edge import ClientEdge, EdgePolicy, ensure_origin_id
-from ..commands import (AbortClient, AckWhenDurable, CancelTimer, ClientLeaves, CloseClient,
+from ..commands import (AbortClient, AckWhenDurable, CancelTimer, CatchUp, ClientLeaves,
+                        CloseClient,
                         Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
                         SmRegister, StartTimer, StoreOffline, StorePending, ToClient,
                         ToServerDirect)
@@ -238,6 +239,14 @@ class LiveSession:
             self.to_upstream(el)
         for el in out.to_client:
             self.to_client(el)
+        for command in out.commands:
+            if isinstance(command, CatchUp):
+                self.hub.wake(command.session_id)
+
+    def catch_up(self) -> None:
+        """Another session left this one's client behind (shared roster cache)."""
+        if self.state != "ended":
+            self.write(self.core.catch_up())
 
     def from_server(self, el: Element) -> None:
         """A stanza from the legacy server (the upstream side's reading task)."""

@@ -34,6 +34,8 @@ class SessionRegistry(Protocol):
 
     def finishing(self, session: FinishingSession) -> None: ...
 
+    def wake(self, session_id: str) -> None: ...
+
 
 class FinishingSession(RegisteredSession, Protocol):
     """An ended session whose upstream side still waits for the server."""

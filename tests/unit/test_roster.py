@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from proxy.commands import CatchUp
 from proxy.features.roster import RosterFactory
 from proxy.session import Outputs, SessionCore
 from proxy.store import Store
@@ -452,22 +453,23 @@ def test_cache_is_not_fresh_once_the_last_session_left() -> None:
     assert out.to_client == [] and len(roster_gets(out)) == 1
 
 
-def test_notify_and_catch_up_for_changes_made_by_another_session() -> None:
-    woken: list[str] = []
-    factory = RosterFactory(new_store(), notify=lambda s: woken.append(str(s.jid)))
+def test_a_change_by_another_session_wakes_it_to_catch_up() -> None:
+    factory = RosterFactory(new_store())
     server = Server(ROMEO, NURSE)
     a, b = Client(factory), Client(factory, GARDEN)
     a.login(server)
     b.login(server)
     # a pre-approval on a's client changes nurse's item; b's client is owed a push
-    assert a.send("<presence type='subscribed' to='nurse@example.com'/>").to_upstream == []
-    assert woken == [GARDEN]
-    (push,) = factory.catch_up(b.core).to_client
+    out = a.send("<presence type='subscribed' to='nurse@example.com'/>")
+    assert out.to_upstream == []
+    woken = [c.session_id for c in out.commands if isinstance(c, CatchUp)]
+    assert woken == [b.core.id]
+    (push,) = b.core.catch_up().to_client
     assert item_of(push)[0] == "nurse@example.com" and item_of(push)[4] == "true"
-    assert factory.catch_up(b.core).to_client == []
+    assert b.core.catch_up().to_client == []
 
 
-def test_catch_up_happens_at_the_next_stanza_without_notify() -> None:
+def test_catch_up_happens_at_the_next_stanza_without_waking() -> None:
     factory, server = factory_with()
     a, b = Client(factory), Client(factory, GARDEN)
     a.login(server)
