@@ -9,6 +9,7 @@ simply not found and nothing leaks.
 from __future__ import annotations
 
 import asyncio
+import copy
 import secrets
 import ssl
 import time
@@ -29,11 +30,12 @@ from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFail
 from ..journal import Journal
 from .live import LiveSession, SessionStore
 from .ports import FinishingSession, RegisteredSession
-from .upstream import UpstreamBindFailed, UpstreamUnavailable
+from .upstream import UpstreamBindFailed, UpstreamLink, UpstreamUnavailable
 from ..xmpp.stanza import Element
 
 
 _BIND = ns.qname(ns.BIND, "bind")
+_CAPS = ns.qname(ns.CAPS, "c")
 _SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")
 MAX_TOMBSTONES = 10000  # ended SM ids remembered, so a late <resume/> learns the final h
 XEP_0205_ERRORS = "urn:xmpp:errors"
@@ -120,7 +122,7 @@ class Hub:
 
     # After SASL ---------------------------------------------------------------------------------
 
-    def _post_auth_features(self) -> list[Element]:
+    def _post_auth_features(self, upstream: UpstreamLink | None) -> list[Element]:
         bind = st.element("bind", namespace=ns.BIND)
         session = st.element("session", namespace=ns.SESSION)
         st.sub(session, "optional")
@@ -129,6 +131,11 @@ class Hub:
             extra = getattr(factory, "stream_features", None)
             if extra is not None:
                 features.extend(extra())
+        if upstream is not None:
+            # The server's entity capabilities (XEP-0115): the proxy does not change its
+            # disco#info, so the hash stays true and clients keep the shortcut.
+            features.extend(copy.deepcopy(el) for el in upstream.features
+                            if el.tag == _CAPS)
         return features
 
     async def establish(self, negotiation: ClientNegotiation, auth: AuthenticatedClient,
@@ -136,7 +143,7 @@ class Hub:
         """Bind, take over or resume; returns the session, what to write to the client
         first, and whether it was a resumption. Raises NegotiationFailed when the client
         breaks the rules."""
-        await negotiation.open_bound_stream(self._post_auth_features())
+        await negotiation.open_bound_stream(self._post_auth_features(auth.upstream))
         stream = auth.stream
         while True:
             el = await negotiation.next_element()

@@ -17,6 +17,7 @@ SM: Final = "urn:xmpp:sm:3"
 CSI: Final = "urn:xmpp:csi:0"
 PING: Final = "urn:xmpp:ping"
 DISCO_INFO: Final = "http://jabber.org/protocol/disco#info"
+CAPS: Final = "http://jabber.org/protocol/caps"  # XEP-0115 entity capabilities
 DELAY: Final = "urn:xmpp:delay"
 SID: Final = "urn:xmpp:sid:0"  # XEP-0359 unique and stable stanza ids
 MUC: Final = "http://jabber.org/protocol/muc"

@@ -82,6 +82,7 @@ class ScriptedServer:
         # server's own </stream:stream> (RFC 6120 §4.4 lets the server finish first).
         self.before_close: list[str] = []
         self.bind_as: str | None = None  # bind this resource whatever is asked (a conflict)
+        self.extra_features = ""  # raw XML added to the post-authentication features
         self._server: asyncio.Server | None = None
         self._changes = Changes()
         self._claimed: set[int] = set()  # log positions already returned by expect_stanza
@@ -268,7 +269,7 @@ class ScriptedServer:
                 sm = f"<sm xmlns='{NS_SM}'/>" if self.sm else ""
                 conn.send(f"<stream:features><bind xmlns='{NS_BIND}'/>"
                           f"<session xmlns='{NS_SESSION}'><optional/></session>{sm}"
-                          "</stream:features>")
+                          f"{self.extra_features}</stream:features>")
         return elements
 
     def _handle(self, conn: ServerConn, xml: StreamReader, el: Element) -> None:

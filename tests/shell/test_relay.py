@@ -53,3 +53,20 @@ async def test_server_stream_management_acks_replace_barriers(h: Harness) -> Non
     h.server.push(alice.jid, "<r xmlns='urn:xmpp:sm:3'/>")
     a = await h.server.expect_nonza("a", conn=conn, after=before)
     assert a.get("h") == str(conn.h_out)
+
+
+@playbook()
+async def test_the_servers_entity_caps_reach_the_client_unchanged(h: Harness) -> None:
+    caps = ("<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' "
+            "node='https://legacy.example/server' ver='QgayPKawpkPSDYmwT/WM94uAlu0='/>")
+    h.server.extra_features = caps
+    alice = await h.login("alice")
+    features = alice.raw.features
+    assert features is not None
+    (c,) = features.findall("{http://jabber.org/protocol/caps}c")
+    assert (c.get("hash"), c.get("node"), c.get("ver")) == (
+        "sha-1", "https://legacy.example/server", "QgayPKawpkPSDYmwT/WM94uAlu0=")
+    h.server.extra_features = ""
+    bob = await h.login("bob")
+    assert bob.raw.features is not None
+    assert bob.raw.features.find("{http://jabber.org/protocol/caps}c") is None
