@@ -117,6 +117,14 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class CsiConfig:
+    # XEP-0352 toward clients: while one says it is inactive, presence updates and chat
+    # states wait (latest per sender) until it is active again or this many are held.
+    enabled: bool = True
+    max_held: int = 100
+
+
+@dataclass(frozen=True)
 class DurabilityConfig:
     # journal: every ledger change is committed to the store before the client is acked,
     # so a crash loses nothing acknowledged. memory: faster, a crash loses the ledgers.
@@ -148,6 +156,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     roster: RosterConfig = field(default_factory=RosterConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
+    csi: CsiConfig = field(default_factory=CsiConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
@@ -200,6 +209,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("log", "capture_max_bytes"): (lambda v: v >= 1024, "at least 1024 bytes"),
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
+    ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),

@@ -14,6 +14,7 @@ from typing import Any
 
 from .abuse import ConnectionLimiter, LoginThrottle, Refusal
 from .config import Config, Listener
+from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.legacy_session import LegacySessionFactory
 from .features.presence_memory import PresenceMemoryFactory
@@ -72,6 +73,8 @@ class Proxy:
         factories: list[FeatureFactory] = [self.rules, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster]
+        if config.csi.enabled:  # at the client's edge: it holds what the client would get
+            factories.insert(0, ClientStateFactory(config.csi.max_held))
         capture = config.log.capture_dir
         inspector = Inspector.from_config(config.log, config.path(capture) if capture else None,
                                           self.log)

@@ -71,6 +71,14 @@ class Feature:
     def catch_up(self, session: SessionCore, out: Outputs) -> None:
         """Another session asked this one to catch up (a ``CatchUp`` command)."""
 
+    def client_nonza(self, session: SessionCore, el: Element, out: Outputs) -> bool:
+        """A top-level element from the client that is not a stanza (e.g. XEP-0352's
+        ``<inactive/>``); True when this feature handled it."""
+        return False
+
+    def client_attached(self, session: SessionCore, out: Outputs) -> None:
+        """A client connection became the session's (login, resumption, takeover)."""
+
     def closed(self, session: SessionCore) -> None:
         """The session ended for good."""
 
@@ -137,6 +145,20 @@ class SessionCore:
         out = Outputs()
         for feature in self.features:
             feature.catch_up(self, out)
+        return out
+
+    def client_nonza(self, el: Element) -> Outputs | None:
+        """A nonza a feature handles, or None (the stream's own, e.g. XEP-0198's)."""
+        out = Outputs()
+        for feature in self.features:
+            if feature.client_nonza(self, el, out):
+                return out
+        return None
+
+    def client_attached(self) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.client_attached(self, out)
         return out
 
     def closed(self) -> None:

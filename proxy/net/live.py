@@ -350,6 +350,7 @@ class LiveSession:
         for el in first or ():
             stream.send(el)
         self.execute(self.edge.attach(resumed=resumed))
+        self.write(self.core.client_attached())  # a stream starts active (CSI)
         try:
             await self._pump_client(stream)
             reason = "?"  # unreachable: the pump only ends by raising
@@ -393,7 +394,11 @@ class LiveSession:
                     if self.upstream.congested:
                         await self.upstream.drain()
                 else:
-                    self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
+                    handled = self.core.client_nonza(el)  # a feature's (CSI) or the edge's
+                    if handled is not None:
+                        self.write(handled)
+                    else:
+                        self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
                 self.execute(edge.request_ack())
             else:
                 leaves = edge.stream_event(event)

@@ -1,0 +1,53 @@
+"""What waits while a client is inactive (XEP-0352), decided without sockets."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from proxy.features.csi import ClientState, hold_key
+from proxy.session import Outputs, SessionCore
+from proxy.xmpp.jid import Jid
+
+
+def el(xml: str) -> etree._Element:
+    return etree.fromstring(xml.replace("<message", "<message xmlns='jabber:client'", 1)
+                            .replace("<presence", "<presence xmlns='jabber:client'", 1)
+                            .replace("<iq", "<iq xmlns='jabber:client'", 1))
+
+
+def test_what_is_urgent_and_what_waits() -> None:
+    assert hold_key(el("<presence from='a@x/r'/>")) == ("presence", "a@x/r")
+    assert hold_key(el("<presence from='a@x/r' type='unavailable'/>")) == ("presence", "a@x/r")
+    for typ in ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "error", "probe"):
+        assert hold_key(el(f"<presence from='a@x' type='{typ}'/>")) is None
+    assert hold_key(el("<message from='a@x/r'><body>hi</body></message>")) is None
+    assert hold_key(el("<message from='a@x/r'><composing xmlns="
+                       "'http://jabber.org/protocol/chatstates'/></message>")) == \
+        ("chatstate", "a@x/r")
+    # A chat state beside a body is a message a user must see.
+    assert hold_key(el("<message from='a@x/r'><body>hi</body><active xmlns="
+                       "'http://jabber.org/protocol/chatstates'/></message>")) is None
+    assert hold_key(el("<message from='a@x'><event xmlns="
+                       "'http://jabber.org/protocol/pubsub#event'/></message>")) == ("", "")
+    assert hold_key(el("<message from='a@x' type='error'><event xmlns="
+                       "'http://jabber.org/protocol/pubsub#event'/></message>")) is None
+    assert hold_key(el("<iq type='get' id='1'/>")) is None
+    assert hold_key(el("<message from='a@x'/>")) is None  # empty: nothing to judge by
+
+
+def test_latest_per_sender_in_order_and_the_end_discards() -> None:
+    core = SessionCore(Jid.parse("me@x/phone"))
+    csi = ClientState(max_held=10)
+    csi.client_nonza(core, el("<inactive xmlns='urn:xmpp:csi:0'/>"), Outputs())
+    out = Outputs()
+    for xml in ("<presence from='a@x/1'/>", "<presence from='b@x/1'/>",
+                "<presence from='a@x/1'><show>away</show></presence>"):
+        assert csi.from_upstream(core, el(xml), out) is None
+    assert out.to_client == [] and [p.get("from") for p in csi.held] == ["b@x/1", "a@x/1"]
+    assert csi.discarded == 1  # the superseded presence
+    urgent = el("<message from='c@x/1'><body>now</body></message>")
+    assert csi.from_upstream(core, urgent, out) is urgent
+    assert [p.get("from") for p in out.to_client] == ["b@x/1", "a@x/1"]
+    csi.from_upstream(core, el("<presence from='d@x/1'/>"), Outputs())
+    csi.closed(core)
+    assert csi.discarded == 2 and csi.held == []
