@@ -136,12 +136,15 @@ class ClientEdge:
         self._offline_delivered = True
         return True
 
-    def deliver_stored(self, stored: list[bytes], *, upstream_up: bool) -> list[Command]:
+    def deliver_stored(self, stored: list[Element], *, upstream_up: bool,
+                       dropped: int = 0) -> list[Command]:
+        """Stored stanzas for the client (already past the features' ``from_store``;
+        ``dropped`` of them were copies it had)."""
         out: list[Command] = []
-        for data in stored:
-            out += self.for_client(parse_stored(data), upstream_up=upstream_up, own=True)
-        if stored:
-            out.append(Log("stored_delivered", {"count": len(stored)}))
+        for el in stored:
+            out += self.for_client(el, upstream_up=upstream_up, own=True)
+        if stored or dropped:
+            out.append(Log("stored_delivered", {"count": len(stored), "duplicates": dropped}))
             out += self.request_ack()
         return out
 

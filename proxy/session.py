@@ -79,6 +79,11 @@ class Feature:
     def client_attached(self, session: SessionCore, out: Outputs) -> None:
         """A client connection became the session's (login, resumption, takeover)."""
 
+    def from_store(self, session: SessionCore, el: Element) -> Element | None:
+        """A stanza kept for the account, about to be delivered after initial presence;
+        None to drop it (e.g. a copy the client already has)."""
+        return el
+
     def closed(self, session: SessionCore) -> None:
         """The session ended for good."""
 
@@ -154,6 +159,14 @@ class SessionCore:
             if feature.client_nonza(self, el, out):
                 return out
         return None
+
+    def from_store(self, el: Element) -> Element | None:
+        result: Element | None = el
+        for feature in reversed(self.features):
+            result = feature.from_store(self, result)
+            if result is None:
+                return None
+        return result
 
     def client_attached(self) -> Outputs:
         out = Outputs()

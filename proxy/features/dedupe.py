@@ -23,16 +23,23 @@ class Dedupe(Feature):
         self.window = window
         self.max_entries = max_entries
         self.clock = clock
-        self.seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
 
     @staticmethod
-    def key(el: Element) -> tuple[str, str] | None:
+    def key(el: Element) -> tuple[str, str, str] | None:
+        # The sender is part of the key: nobody can suppress another's message by reusing
+        # its id or origin-id.
         origin = el.find(_ORIGIN_ID)
         if origin is not None and origin.get("id"):
-            return ("origin-id", origin.get("id", ""))
+            return ("origin-id", el.get("from", ""), origin.get("id", ""))
         if el.get("id"):
-            return (el.get("from", ""), el.get("id", ""))
+            return ("id", el.get("from", ""), el.get("id", ""))
         return None
+
+    def from_store(self, session: SessionCore, el: Element) -> Element | None:
+        # Stored copies count too: the server may hold its own copy of the same message
+        # (its offline storage after a replay) and deliver it right after ours.
+        return self.from_upstream(session, el, Outputs())
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         if el.tag != st.MESSAGE or el.get("type") == "error":

@@ -28,7 +28,7 @@ from ..commands import (AbortClient, AckWhenDurable, CancelTimer, CatchUp, Clien
 from ..config import Config
 from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
-from ..journal import Journal
+from ..journal import Journal, parse_stored
 from ..ledger import Exit, Ledger
 from ..session import Outputs, SessionCore
 from ..xmpp import codec
@@ -411,8 +411,11 @@ class LiveSession:
         self.write(out)
         self._after_pipeline("c2s", el, started, out, out.to_upstream)
         if self.edge.stored_ready(el) and self.store is not None:
-            stored = self.store.offline.offline_take(self._account, time.time())
-            self.execute(self.edge.deliver_stored(stored, upstream_up=self._upstream_up()))
+            stored = [self.core.from_store(parse_stored(data)) for data in
+                      self.store.offline.offline_take(self._account, time.time())]
+            kept = [x for x in stored if x is not None]
+            self.execute(self.edge.deliver_stored(kept, upstream_up=self._upstream_up(),
+                                                  dropped=len(stored) - len(kept)))
 
     # Resumption and takeover --------------------------------------------------------------------
 

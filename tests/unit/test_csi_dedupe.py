@@ -51,3 +51,23 @@ def test_latest_per_sender_in_order_and_the_end_discards() -> None:
     csi.from_upstream(core, el("<presence from='d@x/1'/>"), Outputs())
     csi.closed(core)
     assert csi.discarded == 2 and csi.held == []
+
+
+def test_dedupe_counts_stored_copies_and_keys_by_sender() -> None:
+    from proxy.features.dedupe import Dedupe
+
+    core = SessionCore(Jid.parse("me@x/phone"))
+    dedupe = Dedupe(window=60, max_entries=100, clock=lambda: 0.0)
+    stored = el("<message from='a@x/1' id='m1'><body>hi</body></message>")
+    assert dedupe.from_store(core, stored) is stored
+    again = el("<message from='a@x/1' id='m1'><body>hi</body></message>")
+    assert dedupe.from_upstream(core, again, Outputs()) is None  # the server's own copy
+    spoof = el("<message from='evil@x/1' id='m1'><body>hi</body></message>")
+    assert dedupe.from_upstream(core, spoof, Outputs()) is spoof  # another sender's id
+    origin = ("<message from='{f}' id='{i}'><body>x</body>"
+              "<origin-id xmlns='urn:xmpp:sid:0' id='o1'/></message>")
+    first = el(origin.format(f="a@x/1", i="p1"))
+    assert dedupe.from_upstream(core, first, Outputs()) is first
+    assert dedupe.from_upstream(core, el(origin.format(f="a@x/1", i="p2")), Outputs()) is None
+    other = el(origin.format(f="b@x/1", i="p3"))
+    assert dedupe.from_upstream(core, other, Outputs()) is other
