@@ -204,6 +204,10 @@ class Hub:
                                             "try again later"))
             log.info("bind_failed", reason="the server is unreachable", resource=resource)
             return None
+        # An ended session of this very resource may still be finishing upstream: its
+        # stream would conflict with the new bind, so it hands what it owes over first.
+        owed = await self._hand_over(str(auth.account.with_resource(resource))) \
+            if resource else []
         try:
             full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
         except UpstreamBindFailed as exc:
@@ -234,7 +238,14 @@ class Hub:
         self.by_jid[str(jid)] = session
         log.info("bound", jid=str(jid))
         session.replay_pending()  # before anything the client sends now
+        session.replay(owed, "handed over by the finishing session of this resource")
         return session, [self._bind_result(el, jid)]
+
+    async def _hand_over(self, full_jid: str) -> list[Element]:
+        for finishing in list(self.finishing_sessions):
+            if finishing.jid == full_jid:
+                return await finishing.hand_over()
+        return []
 
     def _sessions_of(self, account: Jid) -> int:
         # A scan, not a counter kept in step with every end and takeover; one per bind.

@@ -480,6 +480,24 @@ class LiveSession:
             await upstream.close(dead=not upstream_up)
         self.log_ledger()
 
+    async def hand_over(self) -> list[Element]:
+        """A new session binds this ended session's resource while it still waits for the
+        server: what it owes goes to the new one (replayed first there), and its upstream
+        stream closes, so the two never conflict at the server."""
+        held = self.upstream.outbox.drain()
+        self.c2s_left(len(held), "stored")
+        self.log.info("handed_over", stanzas=len(held))
+        await self.upstream.close(dead=self.upstream.state != "up")
+        return held
+
+    def replay(self, held: list[Element], why: str) -> None:
+        """Client stanzas another session of this resource owed the server: sent first."""
+        for el in held:
+            el.set("from", self.jid)
+            self.to_upstream(el)
+        if held:
+            self.log.info("owed_replayed", count=len(held), why=why)
+
     def when_upstream_finished(self, callback: Callable[[], None]) -> None:
         self.upstream.finished_callback = callback
 

@@ -49,6 +49,8 @@ class FinishingSession(RegisteredSession, Protocol):
 
     async def finish(self, deadline: float) -> None: ...
 
+    async def hand_over(self) -> list[Element]: ...
+
 
 class SessionForUpstream(Protocol):
     """What the upstream side needs of its session."""

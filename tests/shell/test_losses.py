@@ -177,3 +177,25 @@ async def test_during_an_outage_only_the_live_sessions_password_logs_in(h: Harne
         assert "remote-server-timeout" in str(exc)
     alice.message("bob@localhost", "still here")
     assert await alice.request_ack() == 1
+
+
+@playbook()
+async def test_a_new_session_of_the_resource_takes_over_what_a_finishing_one_owes(
+        h: Harness) -> None:
+    alice = await h.client("alice", sm=True)
+    h.server.answer_pings = False  # the server takes it but confirms nothing
+    alice.message("bob@localhost", "owed")
+    assert await alice.request_ack() == 1
+    await alice.close()  # the session ends; its upstream side is still finishing
+    await h.logged("upstream_finishing")
+    h.server.answer_pings = True
+    again = await h.client("alice", resource="phone")  # the same resource, at once
+    again.message("bob@localhost", "new")
+    # What the old session owed goes first, on the new connection, then the new message;
+    # the two upstream streams never held the resource at once (no conflict, no kick).
+    new_conn = await h.server.expect_bind("phone", after=1)
+    owed = await h.server.expect_stanza(kind="message", body="owed",
+                                        where=lambda el: el in new_conn.received)
+    fresh = await h.server.expect_stanza(kind="message", body="new")
+    assert new_conn.received.index(owed) < new_conn.received.index(fresh)
+    assert not again.closed
