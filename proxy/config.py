@@ -55,6 +55,9 @@ class ReconnectConfig:
     base: float = 1.0  # then full jitter in [0, min(cap, base * 2^n)]
     cap: float = 60.0
     max_outage: float = 300.0  # give up (errors to the client) after this long down
+    # After a restore, contacts' "unavailable" waits this long for them to come back
+    # (no flap to offline while the server restores everyone); null: first_delay_max + 5.
+    settle_presence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("reconnect", "base"): (lambda v: v > 0, "a positive number of seconds"),
     ("reconnect", "cap"): (lambda v: v > 0, "a positive number of seconds"),
     ("reconnect", "max_outage"): (lambda v: v > 0, "a positive number of seconds"),
+    ("reconnect", "settle_presence"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
     ("limits", "max_stanza_bytes"): (lambda v: 1024 <= v <= 64 * 1024 * 1024,
                                      "between 1024 and 67108864 bytes"),
     ("limits", "tls_read_buffer"): (lambda v: 4096 <= v <= 1048576,

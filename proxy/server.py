@@ -16,6 +16,7 @@ from .abuse import ConnectionLimiter, LoginThrottle, Refusal
 from .config import Config, Listener
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
+from .features.presence_settle import PresenceSettlingFactory
 from .features.legacy_session import LegacySessionFactory
 from .features.presence_memory import PresenceMemoryFactory
 from .features.roster import RosterFactory
@@ -73,6 +74,10 @@ class Proxy:
         factories: list[FeatureFactory] = [self.rules, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster]
+        rc = config.reconnect
+        settle = (rc.settle_presence if rc.settle_presence is not None
+                  else rc.first_delay_max + 5.0)
+        factories.insert(0, PresenceSettlingFactory(settle))
         if config.csi.enabled:  # at the client's edge: it holds what the client would get
             factories.insert(0, ClientStateFactory(config.csi.max_held))
         capture = config.log.capture_dir

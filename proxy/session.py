@@ -79,6 +79,9 @@ class Feature:
     def client_attached(self, session: SessionCore, out: Outputs) -> None:
         """A client connection became the session's (login, resumption, takeover)."""
 
+    def timer_fired(self, session: SessionCore, name: str, out: Outputs) -> None:
+        """A timer this feature started (a ``StartTimer`` in ``Outputs.commands``) fired."""
+
     def from_store(self, session: SessionCore, el: Element) -> Element | None:
         """A stanza kept for the account, about to be delivered after initial presence;
         None to drop it (e.g. a copy the client already has)."""
@@ -159,6 +162,12 @@ class SessionCore:
             if feature.client_nonza(self, el, out):
                 return out
         return None
+
+    def timer_fired(self, name: str) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.timer_fired(self, name, out)
+        return out
 
     def from_store(self, el: Element) -> Element | None:
         result: Element | None = el

@@ -217,6 +217,10 @@ class LiveSession:
 
     def _timer_fired(self, name: str) -> None:
         self._timers.pop(name, None)
+        if name.startswith(_FEATURE_TIMER):
+            if self.state != "ended":
+                self.write(self.core.timer_fired(name[len(_FEATURE_TIMER):]))
+            return
         self.execute(self.edge.timer_fired(name))
 
     # Writing ------------------------------------------------------------------------------------
@@ -242,6 +246,8 @@ class LiveSession:
         for command in out.commands:
             if isinstance(command, CatchUp):
                 self.hub.wake(command.session_id)
+            elif isinstance(command, StartTimer):  # a feature's, told when it fires
+                self._start_timer(_FEATURE_TIMER + command.name, command.seconds)
 
     def catch_up(self) -> None:
         """Another session left this one's client behind (shared roster cache)."""
@@ -539,6 +545,9 @@ class LiveSession:
             await _wait_until(lambda: self.upstream.state != "up"
                               or not self.upstream.outbox.size, deadline)
         await self.end("proxy stopping", client_error=error, stopping=True, deadline=deadline)
+
+
+_FEATURE_TIMER = "feature:"  # the features' timers, apart from the client edge's
 
 
 async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:

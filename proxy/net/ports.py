@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..ledger import Exit, Ledger
-from ..session import SessionCore
+from ..session import Outputs, SessionCore
 from ..xmpp.stanza import Element
 
 
@@ -70,6 +70,8 @@ class SessionForUpstream(Protocol):
     def proxy_to_client(self, el: Element) -> None: ...
 
     def to_client(self, el: Element) -> None: ...
+
+    def write(self, out: Outputs) -> None: ...
 
     def from_server(self, el: Element) -> None: ...
 

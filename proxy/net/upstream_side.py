@@ -301,8 +301,7 @@ class UpstreamSide:
         for el in restore.to_upstream:  # presence, rooms, roster catch-up
             link.stream.send(el)
             self.outbox.note_direct()
-        for el in restore.to_client:
-            self.session.to_client(el)
+        self.session.write(Outputs(to_client=restore.to_client, commands=restore.commands))
         replay = self.edge.replay()
         for el in replay:
             link.stream.send(el)

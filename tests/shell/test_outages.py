@@ -211,3 +211,28 @@ async def test_outage_while_hibernating_is_restored_before_the_resume(h: Harness
     await again.expect_message("2")
     assert [body for body in (m.findtext(q(NS_CLIENT, "body")) for m in again.received)
             if body] == ["1", "2"]
+
+
+@playbook(reconnect={"settle_presence": 0.6})
+async def test_contacts_do_not_flap_offline_while_the_server_restores_everyone(
+        h: Harness) -> None:
+    alice = await h.client("alice")
+    alice.presence()
+    await h.server.expect_stanza(kind="presence")
+    await h.server.cut()
+    await h.server.come_back()
+    conn = await h.server.expect_bind("phone", after=1)
+    # The restarted server answers its probes: carol's session is not restored yet...
+    h.server.push(alice.jid, f"<presence from='carol@localhost/pc' to='{alice.jid}' "
+                             "type='unavailable'/>")
+    h.server.push(alice.jid, f"<presence from='dave@localhost/pc' to='{alice.jid}' "
+                             "type='unavailable'/>")
+    # ...and a moment later she is back; dave is not.
+    h.server.push(alice.jid, f"<presence from='carol@localhost/pc' to='{alice.jid}'/>")
+    back = await alice.expect(kind="presence", from_="carol@localhost/pc")
+    assert back.get("type") is None
+    gone = await alice.expect(kind="presence", from_="dave@localhost/pc", timeout=2)
+    assert gone.get("type") == "unavailable"  # after the window: dave really is offline
+    carol = [el for el in alice.received if el.get("from") == "carol@localhost/pc"]
+    assert [el.get("type") for el in carol] == [None]  # never shown offline
+    del conn
