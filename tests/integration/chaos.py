@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import random
 import socket
 import time
@@ -63,6 +65,9 @@ class SoakConfig:
     sink_every: tuple[float, float] = (8.0, 20.0)  # the non-reader's cuts
     ack_timeout: float = 10.0  # the proxy's: a connected non-reader is dead after this
     resume_max: int = 120
+    short_lived: int = 1  # of the talkers, how many ask for a short hibernation (max=2 s),
+    short_max: int = 2  # and stay away up to `short_away` at times, so their session ends
+    short_away: tuple[float, float] = (2.5, 4.5)  # and their next login is a fresh one
     log_level: str = "info"
     verbose: bool = False
 
@@ -86,7 +91,9 @@ class ChaosPeer(SmPeer):
         self.name = name
         self.xml: list[str] = []  # the stanza of each label in ``sent`` (for resending)
         self.acked_before: list[str] = []  # labels acked on earlier SM streams
-        self.body_stream: list[tuple[str, int, bool]] = []  # (body, stream no, delayed)
+        # (body, SM stream no, <delay stamp/> or None, position on that stream: our handled)
+        self.body_stream: list[tuple[str, int, str | None, int]] = []
+        self.client_acked: dict[int, int] = {}  # SM stream no -> the last h we reported
         self.streams = 1  # SM streams so far (a fresh login starts a new one)
         self.fresh_logins = 0
         self.resumes = 0
@@ -121,6 +128,8 @@ class ChaosPeer(SmPeer):
                    f"<ping xmlns='{PING}'/></iq>", ping_id)
 
     def _handle(self, el: etree._Element) -> None:
+        if el.tag == f"{{{SM}}}r":
+            self.client_acked[self.streams] = self.handled  # the <a h/> SmPeer answers
         if el.tag == f"{{{CLIENT}}}iq" and el.get("id") in self.pings \
                 and el.get("type") in ("result", "error"):
             sent_at = self.pings.pop(el.get("id"))
@@ -128,8 +137,9 @@ class ChaosPeer(SmPeer):
         if el.tag == f"{{{CLIENT}}}message" and el.get("type") != "error":
             body = el.findtext(f"{{{CLIENT}}}body")
             if body is not None:
-                delayed = el.find(f"{{{DELAY}}}delay") is not None
-                self.body_stream.append((body, self.streams, delayed))
+                delay = el.find(f"{{{DELAY}}}delay")
+                stamp = None if delay is None else delay.get("stamp", "")
+                self.body_stream.append((body, self.streams, stamp, self.handled + 1))
                 self.first_seen.setdefault(body, time.monotonic())
         super()._handle(el)
 
@@ -193,6 +203,7 @@ class ChaosPeer(SmPeer):
             await raw.login_plain(user, password, timeout=timeout)
             raw.send(f"<resume xmlns='{SM}' previd={quoteattr(self.sm_id or '')}"
                      f" h='{self.handled}'/>")
+            self.client_acked[self.streams] = self.handled
             while True:
                 el = await raw.read_element(timeout)
                 if el.tag in (f"{{{SM}}}resumed", f"{{{SM}}}failed"):
@@ -251,11 +262,17 @@ class SoakResult:
     delivered: int = 0
     delivered_after_relogin: int = 0
     duplicated: dict[str, int] = field(default_factory=dict)
+    duplicated_at: Counter[str] = field(default_factory=Counter)  # per recipient
     lost: list[str] = field(default_factory=list)
     lost_unacked: int = 0
     bounced: int = 0
     bounced_acked_and_delivered: list[str] = field(default_factory=list)
-    out_of_order: list[str] = field(default_factory=list)
+    out_of_order: list[str] = field(default_factory=list)  # not explained below
+    # came late from the legacy server's own offline store (a restore race, see the report)
+    out_of_order_offline: list[str] = field(default_factory=list)
+    duplicated_unacked: dict[str, int] = field(default_factory=dict)  # never acked by client
+    duplicated_acked: dict[str, int] = field(default_factory=dict)  # a copy after an ack: bug
+    out_of_order_at: Counter[str] = field(default_factory=Counter)  # per recipient
     faults: Counter[str] = field(default_factory=Counter)
     resumes: int = 0
     failed_resumes: int = 0
@@ -289,8 +306,11 @@ class SoakResult:
             f" to the non-reader: {self.sink_bodies})",
             f"  lost(acked)={len(self.lost)} lost(unacked)={self.lost_unacked}"
             f" duplicated={sum(n - 1 for n in self.duplicated.values())}"
-            f" ({len(self.duplicated)} messages) bounced={self.bounced}"
-            f" out-of-order={len(self.out_of_order)}",
+            f" ({len(self.duplicated)} messages: {len(self.duplicated_acked)} after the"
+            f" client's ack, {len(self.duplicated_unacked)} never acked by it)"
+            f" bounced={self.bounced}",
+            f"  out-of-order={len(self.out_of_order)} (plus {len(self.out_of_order_offline)}"
+            " that came late from the server's offline store)",
             f"faults: {dict(sorted(self.faults.items()))}; resumes={self.resumes}"
             f" failed-resumes={self.failed_resumes} logins refused while the server was down:"
             f" {self.auth_retries}",
@@ -311,9 +331,14 @@ class SoakResult:
         if self.lost:
             lines.append(f"LOST (acked): {self.lost_detail[:20]}")
         if self.duplicated:
-            lines.append(f"DUPLICATED: {dict(list(self.duplicated.items())[:20])}")
+            lines.append(f"DUPLICATED (per recipient: {dict(self.duplicated_at)}):"
+                         f" after an ack: {dict(list(self.duplicated_acked.items())[:10])}"
+                         f" never acked: {dict(list(self.duplicated_unacked.items())[:10])}")
         if self.out_of_order:
-            lines.append(f"OUT OF ORDER: {self.out_of_order[:20]}")
+            lines.append(f"OUT OF ORDER (per recipient: {dict(self.out_of_order_at)}):"
+                         f" {self.out_of_order[:20]}")
+        if self.out_of_order_offline:
+            lines.append(f"LATE FROM THE SERVER'S OFFLINE STORE: {self.out_of_order_offline[:8]}")
         if self.bounced_acked_and_delivered:
             lines.append(f"BOUNCED AND DELIVERED: {self.bounced_acked_and_delivered[:20]}")
         lines += [f"note: {n}" for n in self.notes]
@@ -337,6 +362,7 @@ class Soak:
         self.fault_instants: list[float] = []  # monotonic times of kills and resets
         self.down_windows: list[tuple[float, float]] = []  # server process down
         self.rss: list[int] = []
+        self.rss_trace: list[tuple[float, int]] = []
         self.background: set[asyncio.Task[None]] = set()
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.auth_retries = 0  # logins refused (temporary-auth-failure) while the server was down
@@ -374,6 +400,12 @@ class Soak:
         if self.server is not None:
             self.server.stop()
 
+    def short(self, name: str) -> bool:
+        return name in [f"c{i}" for i in range(min(self.cfg.short_lived, self.cfg.clients))]
+
+    def resume_max(self, name: str) -> int:
+        return self.cfg.short_max if self.short(name) else self.cfg.resume_max
+
     def jid(self, name: str) -> str:
         return f"{self.accounts[name][0]}@localhost/{name}"
 
@@ -385,7 +417,7 @@ class Soak:
         peer = ChaosPeer(raw, name)
         peer.streams = 0
         peer._new_stream([])
-        await peer._enable(10, self.cfg.resume_max)
+        await peer._enable(10, self.resume_max(name))
         if name == "sink":
             # never reads: shrink its receive buffer so it fills soon
             sock = raw.writer.get_extra_info("socket")
@@ -409,7 +441,7 @@ class Soak:
             if peer.connected:
                 return "already connected"
             return await peer.resume(self.proxy.host, self.proxy.port, user, password,
-                                     peer.name, timeout=10, resume_max=self.cfg.resume_max)
+                                     peer.name, timeout=10, resume_max=self.resume_max(peer.name))
 
     # -- actors ---------------------------------------------------------------------------
 
@@ -447,6 +479,8 @@ class Soak:
             peer.cut()
             self.faults["client_cut"] += 1
             away = rng.uniform(*self.cfg.away)
+            if self.short(peer.name) and rng.random() < 0.4:
+                away = rng.uniform(*self.cfg.short_away)
             self.background.add(asyncio.create_task(self.come_back(peer, away)))
 
     async def come_back(self, peer: ChaosPeer, after: float = 0.0) -> None:
@@ -516,6 +550,7 @@ class Soak:
             kib = rss_kib(pid)
             if kib is not None:
                 self.rss.append(kib)
+                self.rss_trace.append((round(time.monotonic() - self.t0, 2), kib))
             await asyncio.sleep(0.25)
 
     # -- the run --------------------------------------------------------------------------
@@ -622,6 +657,7 @@ class Soak:
         res.unacked = res.sent - res.acked
         res.delivered = sum(1 for label in self.meta if got[label])
         res.duplicated = {label: n for label, n in got.items() if n > 1}
+        res.duplicated_at = Counter(self.meta[label].to for label in res.duplicated)
         res.bounced = len(bounced & set(self.meta))
         res.bounced_acked_and_delivered = sorted(bounced & {k for k in got if got[k]})
         res.lost = sorted(label for label in acked if not got[label] and label not in bounced)
@@ -633,19 +669,40 @@ class Soak:
                     if -1 < m.sent_at - f < 5]
             res.lost_detail.append(f"{label}->{m.to} t={m.sent_at - self.t0:.2f}s"
                                    f" after-fault={near}")
-        # order per sender at each recipient
+        # order per sender at each recipient, first copies only (later ones are duplicates)
         for peer in self.peers.values():
             last: dict[str, int] = {}
-            for body in peer.bodies:
-                if body not in self.meta:
+            seen: set[str] = set()
+            for body, _stream, stamp, _pos in peer.body_stream:
+                if body not in self.meta or body in seen:
                     continue
+                seen.add(body)
                 m = self.meta[body]
                 if m.n < last.get(m.sender, -1):
-                    res.out_of_order.append(f"{body} at {peer.name} after "
-                                            f"{m.sender}.{last[m.sender]}")
+                    # Prosody's offline store stamps whole seconds, the proxy microseconds.
+                    via_server = stamp is not None and "." not in stamp
+                    where = res.out_of_order_offline if via_server else res.out_of_order
+                    where.append(f"{body} at {peer.name} after {m.sender}.{last[m.sender]}"
+                                 f" (delay {stamp})")
+                    if not via_server:
+                        res.out_of_order_at[peer.name] += 1
                 last[m.sender] = max(last.get(m.sender, -1), m.n)
-            res.delivered_after_relogin += sum(1 for body, stream, _ in peer.body_stream
+            res.delivered_after_relogin += sum(1 for body, stream, _, _ in peer.body_stream
                                                if stream > 1 and body in self.meta)
+            # duplicates: "unacked" when every earlier copy came on an SM stream the client
+            # left without acknowledging it, and the next copy on a later stream (a fresh
+            # login: XEP-0198 redelivers what was never acknowledged); otherwise a bug
+            copies: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)
+            for body, stream, _stamp, pos in peer.body_stream:
+                if body in self.meta:
+                    copies[body].append((stream, pos))
+            for body, where_ in copies.items():
+                if len(where_) < 2:
+                    continue
+                unacked = all(pos > peer.client_acked.get(stream, 0) and nxt[0] > stream
+                              for (stream, pos), nxt in itertools.pairwise(where_))
+                (res.duplicated_unacked if unacked else res.duplicated_acked)[body] = \
+                    len(where_)
         res.sink_bodies = sum(1 for b in self.peers["sink"].bodies if b in self.meta)
         res.faults = Counter(self.faults)
         res.faults["client_cut"] += 0
@@ -678,6 +735,28 @@ class Soak:
         assert self.proxy is not None
         res.proxy_events = Counter(str(e.get("event")) for e in self.proxy.events()
                                    if e.get("event") in INTERESTING)
+
+    def dump(self, path: Path) -> None:
+        """Every book as JSON (times relative to the start), to look into a failure."""
+        rel = lambda t: round(t - self.t0, 3)  # noqa: E731
+        data = {
+            "seed": self.cfg.seed,
+            "faults": [rel(t) for t in self.fault_instants],
+            "down": [(rel(a), rel(b)) for a, b in self.down_windows],
+            "rss": self.rss_trace,
+            "meta": {k: [m.sender, m.to, m.n, rel(m.sent_at)] for k, m in self.meta.items()},
+            "peers": {
+                name: {
+                    "bodies": [list(x) for x in p.body_stream],
+                    "client_acked": p.client_acked,
+                    "first_seen": {b: rel(t) for b, t in p.first_seen.items()},
+                    "acked": p.acked_all,
+                    "errors": [e.get("id") for e in p.errors],
+                    "resumes": p.resumes, "failed_resumes": p.failed_resumes,
+                    "streams": p.streams,
+                } for name, p in self.peers.items()},
+        }
+        path.write_text(json.dumps(data))
 
     def _latencies(self) -> list[float]:
         return [t - self.meta[b].sent_at for p in self.peers.values() if p.name != "sink"

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.chaos import Soak, SoakConfig, SoakResult, run_soak
+from tests.integration.proxyproc import ProxyProcess
+from tests.peers.prosody import LegacyProsody
+from tests.peers.smpeer import SmPeer
+from tests.peers.util import run
 
 pytestmark = pytest.mark.integration
 
@@ -45,12 +50,17 @@ def test_every_acknowledged_message_was_delivered_or_bounced(soak) -> None:
     assert r.bounced_acked_and_delivered == [], r.summary()
 
 
-def test_no_message_was_delivered_twice(soak) -> None:
+def test_no_message_came_again_after_the_client_acknowledged_it(soak) -> None:
+    """A copy the client received but never acknowledged before its session ended comes
+    again at its next login (XEP-0198 cannot tell): those are counted, not failed."""
     r, _ = soak
-    assert r.duplicated == {}, r.summary()
+    assert r.duplicated_acked == {}, r.summary()
 
 
 def test_messages_arrive_in_order_per_sender(soak) -> None:
+    """Except those the legacy server itself kept offline while the recipient's session was
+    being restored (counted in the summary: the race is Prosody's bind-then-presence window,
+    see the soak's report)."""
     r, _ = soak
     assert r.out_of_order == [], r.summary()
 
@@ -82,3 +92,81 @@ def test_every_session_ledger_settled_through_named_exits(soak) -> None:
             exits = sum(counts[name] for name in ("delivered", "stored", "bounced", "discarded"))
             assert counts["held"] == 0 and counts["entered"] == exits, (lane, event)
     assert not engine.proxy.events("connection_failed")
+
+
+# -- found by the soak ------------------------------------------------------------------------
+#
+# The long soak's non-reader piled up more stored messages than stream_management.max_queue;
+# from then on every login of its account ended at once. Pinned down here, smallest form.
+
+BACKLOG_BUG = (
+    "bug found by the chaos soak: at the initial presence of a new session, _deliver_stored "
+    "(proxy/net/live.py) puts every stored message into its SM queue at once; more than "
+    "stream_management.max_queue of them overflow it (sm_queue_overflow), the session ends "
+    "at once ('stream management queue overflow') and they are stored again (undelivered): "
+    "at every login, so the account never keeps a session and gets its backlog again each time")
+
+
+@pytest.fixture(scope="module")
+def backlog(tmp_path_factory: pytest.TempPathFactory,
+            certs: tuple[Path, Path]) -> dict[str, Any]:
+    """alice's session ends with 8 stored messages (max_queue 5); she logs in again with a
+    diligent client that reads and acknowledges everything."""
+    tmp = tmp_path_factory.mktemp("backlog")
+    server = LegacyProsody(tmp / "prosody")
+    server.start()
+    proxy = ProxyProcess(tmp / "proxy", server, *certs,
+                         store={"path": str(tmp / "front.sqlite3")},
+                         stream_management={"max_queue": 5})
+    outcome: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        bob = await SmPeer.login(proxy.host, proxy.port, "bob", "bob-pw", "pc")
+        alice = await SmPeer.login(proxy.host, proxy.port, "alice", "alice-pw", "phone",
+                                   resume_max=1)
+        alice.abort()  # away: her session hibernates for 1 s, then ends
+        for n in range(8):
+            bob.message("alice@localhost/phone", f"s{n}")
+        await bob.wait_acked(9)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not proxy.events("undelivered") and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        outcome["stored"] = sum(e["stored"] for e in proxy.events("undelivered"))
+        ended_before = len(proxy.events("session_ended"))
+        undelivered_before = len(proxy.events("undelivered"))
+        again = await SmPeer.login(proxy.host, proxy.port, "alice", "alice-pw", "tablet")
+        await asyncio.sleep(1.5)
+        again.request_ack()
+        await asyncio.sleep(0.5)
+        outcome["bodies"] = list(again.bodies)
+        outcome["closed"] = again.closed
+        outcome["ended_after_login"] = [
+            e.get("reason") for e in proxy.events("session_ended")[ended_before:]]
+        outcome["overflows"] = len(proxy.events("sm_queue_overflow"))
+        outcome["stored_again"] = [
+            e["stored"] for e in proxy.events("undelivered")[undelivered_before:]]
+        again.abort()
+        bob.abort()
+
+    try:
+        proxy.start()
+        server.register("alice", "alice-pw")
+        server.register("bob", "bob-pw")
+        run(scenario(), 40)
+    finally:
+        proxy.stop()
+        server.stop()
+    print("backlog:", outcome)
+    return outcome
+
+
+def test_a_stored_backlog_reaches_the_next_login_in_order(backlog: dict[str, Any]) -> None:
+    assert backlog["stored"] == 8, backlog
+    assert backlog["bodies"] == [f"s{n}" for n in range(8)], backlog
+
+
+@pytest.mark.xfail(strict=True, reason=BACKLOG_BUG)
+def test_a_stored_backlog_larger_than_max_queue_does_not_end_the_new_session(
+        backlog: dict[str, Any]) -> None:
+    assert backlog["ended_after_login"] == [] and not backlog["closed"], backlog
