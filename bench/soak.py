@@ -35,13 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=10.0, help="messages/s per client")
     ap.add_argument("--settle", type=float, default=40.0,
                     help="the most the quiet phase may take")
+    ap.add_argument("--max-queue", type=int, default=None,
+                    help="the proxy's stream_management.max_queue (default: its default)")
+    ap.add_argument("--to-sink", type=float, default=0.2,
+                    help="share of messages sent to the client that never reads")
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     print(f"seed {seed}", flush=True)
     cfg = SoakConfig(seconds=args.seconds, clients=args.clients, seed=seed, rate=args.rate,
-                     settle=args.settle, verbose=args.verbose)
+                     settle=args.settle, verbose=args.verbose, max_queue=args.max_queue,
+                     to_sink=args.to_sink)
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="xmpp-front-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     log = (lambda msg: print(f"  {msg}", flush=True)) if args.verbose else None

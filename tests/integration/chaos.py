@@ -65,6 +65,7 @@ class SoakConfig:
     sink_every: tuple[float, float] = (8.0, 20.0)  # the non-reader's cuts
     ack_timeout: float = 10.0  # the proxy's: a connected non-reader is dead after this
     resume_max: int = 120
+    max_queue: int | None = None  # the proxy's stream_management.max_queue (None: default)
     short_lived: int = 1  # of the talkers, how many ask for a short hibernation (max=2 s),
     short_max: int = 2  # and stay away up to `short_away` at times, so their session ends
     short_away: tuple[float, float] = (2.5, 4.5)  # and their next login is a fresh one
@@ -379,7 +380,9 @@ class Soak:
             self.workdir / "proxy", self.server, *self.certs, upstream_port=self.relay.port,
             reconnect=FAST_RECONNECT,
             store={"path": str(self.workdir / "front.sqlite3")},
-            stream_management={"ack_timeout": self.cfg.ack_timeout, "max_resume_timeout": 600},
+            stream_management={"ack_timeout": self.cfg.ack_timeout, "max_resume_timeout": 600,
+                               **({"max_queue": self.cfg.max_queue} if self.cfg.max_queue
+                                  else {})},
             abuse={"max_connections_per_address": 0},
             log={"format": "json", "level": self.cfg.log_level})
         self.proxy.start()
