@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"work directory kept: {workdir}")
     print(result.summary())
-    bad = (result.lost or result.duplicated_acked or result.out_of_order
+    bad = (result.lost or result.misrouted or result.duplicated_acked or result.out_of_order
            or result.canary_over_1s_clear)
     return 1 if bad else 0
 

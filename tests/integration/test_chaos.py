@@ -47,12 +47,15 @@ def test_every_acknowledged_message_was_delivered_or_bounced(soak) -> None:
     r, _ = soak
     assert r.unacked == 0, r.summary()  # the quiet phase got every message acknowledged
     assert r.lost == [], r.summary()
+    assert r.misrouted == [], r.summary()
     assert r.bounced_acked_and_delivered == [], r.summary()
 
 
 def test_no_message_came_again_after_the_client_acknowledged_it(soak) -> None:
     """A copy the client received but never acknowledged before its session ended comes
-    again at its next login (XEP-0198 cannot tell): those are counted, not failed."""
+    again at its next login (XEP-0198 cannot tell): those are counted, not failed. So are
+    (rare: one in about 10,000 in the long soak) a copy from the proxy's store plus one from
+    the server's offline store: that bug is pinned down below (DEDUPE_BUG, strict xfail)."""
     r, _ = soak
     assert r.duplicated_acked == {}, r.summary()
 
