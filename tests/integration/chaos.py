@@ -93,8 +93,12 @@ class ChaosPeer(SmPeer):
         self.xml: list[str] = []  # the stanza of each label in ``sent`` (for resending)
         self.acked_before: list[str] = []  # labels acked on earlier SM streams
         # (body, SM stream no, <delay stamp/> or None, position on that stream: our handled)
-        self.body_stream: list[tuple[str, int, str | None, int]] = []
+        # ... and whether it came on the first connection of a fresh login (not a resume)
+        self.body_stream: list[tuple[str, int, str | None, int, bool]] = []
+        self.fresh_conn = True
         self.client_acked: dict[int, int] = {}  # SM stream no -> the last h we reported
+        self.ack_log: list[tuple[int, float, int]] = []  # (stream, when, h) of each we sent
+        self.cut_at: dict[int, float] = {}  # SM stream no -> when we last cut it
         self.streams = 1  # SM streams so far (a fresh login starts a new one)
         self.fresh_logins = 0
         self.resumes = 0
@@ -131,6 +135,7 @@ class ChaosPeer(SmPeer):
     def _handle(self, el: etree._Element) -> None:
         if el.tag == f"{{{SM}}}r":
             self.client_acked[self.streams] = self.handled  # the <a h/> SmPeer answers
+            self.ack_log.append((self.streams, time.monotonic(), self.handled))
         if el.tag == f"{{{CLIENT}}}iq" and el.get("id") in self.pings \
                 and el.get("type") in ("result", "error"):
             sent_at = self.pings.pop(el.get("id"))
@@ -140,7 +145,8 @@ class ChaosPeer(SmPeer):
             if body is not None:
                 delay = el.find(f"{{{DELAY}}}delay")
                 stamp = None if delay is None else delay.get("stamp", "")
-                self.body_stream.append((body, self.streams, stamp, self.handled + 1))
+                self.body_stream.append((body, self.streams, stamp, self.handled + 1,
+                                         self.fresh_conn))
                 self.first_seen.setdefault(body, time.monotonic())
         super()._handle(el)
 
@@ -149,6 +155,7 @@ class ChaosPeer(SmPeer):
     def cut(self) -> None:
         """The network drops (an abort: no stream close)."""
         self.connected = False
+        self.cut_at[self.streams] = time.monotonic()
         self.abort()
 
     async def _enable(self, timeout: float, resume_max: int) -> None:
@@ -190,6 +197,7 @@ class ChaosPeer(SmPeer):
             raw.abort()
             raise
         self.fresh_logins += 1
+        self.fresh_conn = True
         self.connected = True
         if self.reading:
             self._reader = asyncio.create_task(self._read())
@@ -205,6 +213,7 @@ class ChaosPeer(SmPeer):
             raw.send(f"<resume xmlns='{SM}' previd={quoteattr(self.sm_id or '')}"
                      f" h='{self.handled}'/>")
             self.client_acked[self.streams] = self.handled
+            self.ack_log.append((self.streams, time.monotonic(), self.handled))
             while True:
                 el = await raw.read_element(timeout)
                 if el.tag in (f"{{{SM}}}resumed", f"{{{SM}}}failed"):
@@ -231,6 +240,7 @@ class ChaosPeer(SmPeer):
         for xml in self.xml[self.acked_h:]:
             raw.send(xml)  # the same stanzas, in order: the counter goes on from h
         self.resumes += 1
+        self.fresh_conn = False
         self.connected = True
         if self.reading:
             self._reader = asyncio.create_task(self._read())
@@ -241,6 +251,7 @@ class ChaosPeer(SmPeer):
             await super()._read()
         finally:
             self.connected = False
+            self.cut_at.setdefault(self.streams, time.monotonic())
 
 
 @dataclass
@@ -272,7 +283,10 @@ class SoakResult:
     out_of_order: list[str] = field(default_factory=list)  # not explained below
     # came late from the legacy server's own offline store (a restore race, see the report)
     out_of_order_offline: list[str] = field(default_factory=list)
-    duplicated_unacked: dict[str, int] = field(default_factory=dict)  # never acked by client
+    # came late from the proxy's store at a fresh login (also delivered at the presence)
+    out_of_order_store: list[str] = field(default_factory=list)
+    # the client's ack of the earlier copy never left, or left just before a cut
+    duplicated_unacked: dict[str, int] = field(default_factory=dict)
     duplicated_acked: dict[str, int] = field(default_factory=dict)  # a copy after an ack: bug
     # one copy from the proxy's store and one from the server's offline store (a known bug)
     duplicated_store_and_offline: dict[str, int] = field(default_factory=dict)
@@ -281,6 +295,7 @@ class SoakResult:
     resumes: int = 0
     failed_resumes: int = 0
     auth_retries: int = 0
+    closed_by_proxy: int = 0
     rss_baseline_kib: int = 0
     rss_peak_kib: int = 0
     rss_final_kib: int = 0
@@ -313,13 +328,15 @@ class SoakResult:
             f" ({len(self.duplicated)} messages: {len(self.duplicated_store_and_offline)} from"
             " the proxy's store and the server's offline store,"
             f" {len(self.duplicated_acked)} other after the client's ack,"
-            f" {len(self.duplicated_unacked)} never acked by it)"
+            f" {len(self.duplicated_unacked)} not surely acked by it before a cut)"
             f" bounced={self.bounced} misrouted={len(self.misrouted)}",
-            f"  out-of-order={len(self.out_of_order)} (plus {len(self.out_of_order_offline)}"
-            " that came late from the server's offline store)",
+            f"  out-of-order={len(self.out_of_order)} (plus overtaken between a bind and its"
+            f" initial presence: {len(self.out_of_order_offline)} from the server's offline"
+            " store, at a login or an upstream restore;"
+            f" {len(self.out_of_order_store)} from the proxy's store, at a fresh login)",
             f"faults: {dict(sorted(self.faults.items()))}; resumes={self.resumes}"
             f" failed-resumes={self.failed_resumes} logins refused while the server was down:"
-            f" {self.auth_retries}",
+            f" {self.auth_retries}; streams closed by the proxy: {self.closed_by_proxy}",
             f"proxy RSS: baseline={mib(self.rss_baseline_kib)} peak={mib(self.rss_peak_kib)}"
             f" final={mib(self.rss_final_kib)}",
             f"canary: pings={self.canary_pings} unanswered={self.canary_unanswered}"
@@ -341,10 +358,12 @@ class SoakResult:
             lines.append(f"DUPLICATED (per recipient: {dict(self.duplicated_at)}):"
                          f" store+offline: {both}"
                          f" other after an ack: {dict(list(self.duplicated_acked.items())[:10])}"
-                         f" never acked: {dict(list(self.duplicated_unacked.items())[:10])}")
+                         f" not surely acked: {dict(list(self.duplicated_unacked.items())[:10])}")
         if self.out_of_order:
             lines.append(f"OUT OF ORDER (per recipient: {dict(self.out_of_order_at)}):"
                          f" {self.out_of_order[:20]}")
+        if self.out_of_order_store:
+            lines.append(f"LATE FROM THE PROXY'S STORE: {self.out_of_order_store[:8]}")
         if self.out_of_order_offline:
             lines.append(f"LATE FROM THE SERVER'S OFFLINE STORE: {self.out_of_order_offline[:8]}")
         if self.bounced_acked_and_delivered:
@@ -372,6 +391,8 @@ class Soak:
         self.rss: list[int] = []
         self.rss_trace: list[tuple[float, int]] = []
         self.background: set[asyncio.Task[None]] = set()
+        self.away: set[str] = set()  # cut by us, coming back later
+        self.closed_by_proxy = 0  # talkers found disconnected without a cut of ours
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.auth_retries = 0  # logins refused (temporary-auth-failure) while the server was down
         self.stop = asyncio.Event()
@@ -487,6 +508,7 @@ class Soak:
             if not peer.connected:
                 continue
             peer.cut()
+            self.away.add(peer.name)
             self.faults["client_cut"] += 1
             away = rng.uniform(*self.cfg.away)
             if self.short(peer.name) and rng.random() < 0.4:
@@ -494,16 +516,20 @@ class Soak:
             self.background.add(asyncio.create_task(self.come_back(peer, away)))
 
     async def come_back(self, peer: ChaosPeer, after: float = 0.0) -> None:
-        await asyncio.sleep(after)
-        for _attempt in range(10):
-            try:
-                how = await asyncio.wait_for(self.reconnect(peer), 20)
-                self.log(f"{peer.name}: {how}")
-                return
-            except Exception as exc:
-                self.auth_retries += "temporary-auth-failure" in repr(exc)
-                self.log(f"{peer.name}: reconnect failed: {exc!r}")
-                await asyncio.sleep(0.5)
+        self.away.add(peer.name)
+        try:
+            await asyncio.sleep(after)
+            for _attempt in range(10):
+                try:
+                    how = await asyncio.wait_for(self.reconnect(peer), 20)
+                    self.log(f"{peer.name}: {how}")
+                    return
+                except Exception as exc:  # a chaos actor retries
+                    self.auth_retries += "temporary-auth-failure" in repr(exc)
+                    self.log(f"{peer.name}: reconnect failed: {exc!r}")
+                    await asyncio.sleep(0.5)
+        finally:
+            self.away.discard(peer.name)
 
     async def faulter(self) -> None:
         rng = self.rng("faults")
@@ -530,6 +556,20 @@ class Soak:
                 await asyncio.sleep(down)
                 await asyncio.to_thread(self.server.start)
                 self.down_windows.append((now, time.monotonic()))
+
+    async def keeper(self) -> None:
+        """A talker whose stream the proxy closed (not a cut of ours) comes back too."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 1.0)
+            if self.stop.is_set():
+                return
+            for peer in self.peers.values():
+                if peer.reading and not peer.connected and not self.locks[peer.name].locked() \
+                        and peer.name not in self.away:
+                    self.closed_by_proxy += 1
+                    self.log(f"{peer.name}: found disconnected, reconnecting")
+                    self.background.add(asyncio.create_task(self.come_back(peer)))
 
     async def sink(self) -> None:
         """The non-reader now and then drops its connection and resumes, still never reading
@@ -577,7 +617,8 @@ class Soak:
         sampler = asyncio.create_task(self.sampler())
         talkers = [n for n in self.peers if n not in ("canary", "sink")]
         actors = [asyncio.create_task(self.sender(n)) for n in talkers]
-        actors += [asyncio.create_task(a()) for a in (self.cutter, self.faulter, self.sink)]
+        actors += [asyncio.create_task(a())
+                   for a in (self.cutter, self.faulter, self.sink, self.keeper)]
         canary = asyncio.create_task(self.canary())
         await asyncio.sleep(cfg.seconds)
         self.stop.set()
@@ -689,28 +730,32 @@ class Soak:
         for peer in self.peers.values():
             last: dict[str, int] = {}
             seen: set[str] = set()
-            for body, _stream, stamp, _pos in peer.body_stream:
+            for body, _stream, stamp, _pos, fresh in peer.body_stream:
                 if body not in self.meta or body in seen:
                     continue
                 seen.add(body)
                 m = self.meta[body]
                 if m.n < last.get(m.sender, -1):
-                    # Prosody's offline store stamps whole seconds, the proxy microseconds.
+                    # Prosody's offline store stamps whole seconds, the proxy microseconds;
+                    # both deliver at the initial presence, so a message routed to the full
+                    # JID between bind and presence overtakes them.
                     via_server = stamp is not None and "." not in stamp
-                    where = res.out_of_order_offline if via_server else res.out_of_order
+                    via_store = stamp is not None and "." in stamp and fresh
+                    where = (res.out_of_order_offline if via_server else
+                             res.out_of_order_store if via_store else res.out_of_order)
                     where.append(f"{body} at {peer.name} after {m.sender}.{last[m.sender]}"
                                  f" (delay {stamp})")
-                    if not via_server:
+                    if not (via_server or via_store):
                         res.out_of_order_at[peer.name] += 1
                 last[m.sender] = max(last.get(m.sender, -1), m.n)
-            res.delivered_after_relogin += sum(1 for body, stream, _, _ in peer.body_stream
+            res.delivered_after_relogin += sum(1 for body, stream, *_ in peer.body_stream
                                                if stream > 1 and body in self.meta)
-            # duplicates: "unacked" when every earlier copy came on an SM stream the client
-            # left without acknowledging it, and the next copy on a later stream (a fresh
-            # login: XEP-0198 redelivers what was never acknowledged); otherwise a bug
+            # duplicates: "unacked" when the client had not surely acknowledged each earlier
+            # copy before that SM stream was cut, and the next copy came on a later stream (a
+            # fresh login: XEP-0198 redelivers what it never saw acknowledged); else a bug
             copies: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)
             stamps: defaultdict[str, set[str]] = defaultdict(set)
-            for body, stream, stamp, pos in peer.body_stream:
+            for body, stream, stamp, pos, _fresh in peer.body_stream:
                 if body in self.meta and self.meta[body].to == peer.name:
                     copies[body].append((stream, pos))
                     stamps[body].add("none" if stamp is None else
@@ -723,7 +768,7 @@ class Soak:
                     # the dedupe bug test_chaos.py pins down (DEDUPE_BUG)
                     res.duplicated_store_and_offline[body] = len(where_)
                     continue
-                unacked = all(pos > peer.client_acked.get(stream, 0) and nxt[0] > stream
+                unacked = all(nxt[0] > stream and not self.surely_acked(peer, stream, pos)
                               for (stream, pos), nxt in itertools.pairwise(where_))
                 (res.duplicated_unacked if unacked else res.duplicated_acked)[body] = \
                     len(where_)
@@ -733,6 +778,7 @@ class Soak:
         res.resumes = sum(p.resumes for p in self.peers.values())
         res.failed_resumes = sum(p.failed_resumes for p in self.peers.values())
         res.auth_retries = self.auth_retries
+        res.closed_by_proxy = self.closed_by_proxy
         res.rss_peak_kib = max(self.rss, default=0)
         # the canary
         canary = self.peers["canary"]
@@ -759,6 +805,14 @@ class Soak:
         assert self.proxy is not None
         res.proxy_events = Counter(str(e.get("event")) for e in self.proxy.events()
                                    if e.get("event") in INTERESTING)
+
+    @staticmethod
+    def surely_acked(peer: ChaosPeer, stream: int, pos: int) -> bool:
+        """Whether our ack of the ``pos``-th stanza on ``stream`` left at least 0.3 s before
+        that stream's last connection was cut (so the proxy had it, on loopback); an ack
+        sent just before a cut may never arrive, and XEP-0198 then redelivers."""
+        end = peer.cut_at.get(stream, float("inf"))
+        return any(st == stream and h >= pos and t < end - 0.3 for st, t, h in peer.ack_log)
 
     def dump(self, path: Path) -> None:
         """Every book as JSON (times relative to the start), to look into a failure."""
