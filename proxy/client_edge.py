@@ -19,8 +19,9 @@ from typing import Literal
 from lxml import etree
 
 from .commands import (AbortClient, AckWhenDurable, CancelTimer, ClientLeaves, CloseClient,
-                       Command, EndSession, JournalCut, JournalPut, Log, SmRegister,
-                       StartTimer, StoreOffline, StorePending, ToClient, ToServerDirect)
+                       Command, EndSession, JournalCut, JournalPut, Log, MoreStored,
+                       SmRegister, StartTimer, StoreOffline, StorePending, ToClient,
+                       ToServerDirect)
 from .features.stream_management import (HandledCountTooHigh, StreamManagement, Unacked,
                                          delay_stamp, failed, parse_h, sm_element)
 from .journal import parse_stored, replayable, storable
@@ -72,6 +73,7 @@ class ClientEdge:
         self.attached = False  # a client connection is there to write to
         self._ack_timed_out = False
         self._offline_delivered = False
+        self._stored_backlog = False  # stored messages wait for room in the SM queue
 
     # Stanzas for the client ---------------------------------------------------------------------
 
@@ -136,16 +138,26 @@ class ClientEdge:
         self._offline_delivered = True
         return True
 
+    def stored_room(self) -> int | None:
+        """How many stored stanzas may go out now: with stream management, what half the
+        queue has room for (acks make room for the rest); without, all of them."""
+        if self.sm is None:
+            return None
+        return max(1, self.policy.max_queue // 2 - len(self.sm.unacked))
+
     def deliver_stored(self, stored: list[Element], *, upstream_up: bool,
-                       dropped: int = 0) -> list[Command]:
+                       dropped: int = 0, more: bool = False) -> list[Command]:
         """Stored stanzas for the client (already past the features' ``from_store``;
-        ``dropped`` of them were copies it had)."""
+        ``dropped`` of them were copies it had; ``more``: the store holds further ones,
+        sent when acks have made room)."""
+        self._stored_backlog = more
         out: list[Command] = []
         for el in stored:
             out += self.for_client(el, upstream_up=upstream_up, own=True)
         if stored or dropped:
-            out.append(Log("stored_delivered", {"count": len(stored), "duplicates": dropped}))
-            out += self.request_ack()
+            out.append(Log("stored_delivered", {"count": len(stored), "duplicates": dropped,
+                                                "more": more}))
+            out += self.request_ack(always=more)
         return out
 
     # What the client sends ----------------------------------------------------------------------
@@ -175,7 +187,11 @@ class ClientEdge:
                         ClientLeaves("client acknowledged more than was sent",
                                      codec.stream_error("undefined-condition", str(exc),
                                                         app_condition=exc.app_condition()))]
-            return [*self._s2c_left(acked, "delivered"), CancelTimer(ACK_TIMER)]
+            out = [*self._s2c_left(acked, "delivered"), CancelTimer(ACK_TIMER)]
+            if self._stored_backlog and len(sm.unacked) < self.policy.max_queue // 2:
+                self._stored_backlog = False
+                out.append(MoreStored())
+            return out
         if tag == _SM_ENABLE:
             if sm is not None:
                 return [ToClient(failed("unexpected-request", text="already enabled"))]

@@ -146,6 +146,11 @@ class CatchUp:
     session_id: str
 
 
-Command = (CatchUp | ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
+@dataclass(frozen=True, slots=True)
+class MoreStored:
+    """The client acknowledged enough: the next part of its stored backlog can go out."""
+
+
+Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
-           | JournalPut | JournalCut | SmRegister | RulesMatched)
+           | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | MoreStored)

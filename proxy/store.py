@@ -466,14 +466,18 @@ class OfflineArea:
             c.execute("INSERT INTO offline_messages (account, stanza, expires_at)"
                       " VALUES (?, ?, ?)", (account, stanza, expires_at))
 
-    def offline_take(self, account: str, now: float) -> list[bytes]:
-        """The account's unexpired messages, oldest first; they leave the store (expired
-        ones of every account are purged on the way)."""
+    def offline_take(self, account: str, now: float,
+                     limit: int | None = None) -> list[bytes]:
+        """The account's unexpired messages, oldest first (at most ``limit``); they leave
+        the store (expired ones of every account are purged on the way)."""
         with self._store.transaction() as c:
             c.execute("DELETE FROM offline_messages WHERE expires_at <= ?", (now,))
             rows = c.execute("SELECT id, stanza FROM offline_messages WHERE account = ?"
-                             " ORDER BY id", (account,)).fetchall()
-            c.execute("DELETE FROM offline_messages WHERE account = ?", (account,))
+                             " ORDER BY id LIMIT ?", (account, -1 if limit is None else limit)
+                             ).fetchall()
+            if rows:
+                c.execute("DELETE FROM offline_messages WHERE account = ? AND id <= ?",
+                          (account, rows[-1][0]))
         return [bytes(row[1]) for row in rows]
 
     def count(self, account: str) -> int:

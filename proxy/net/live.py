@@ -23,8 +23,8 @@ from ..client_edge import ClientEdge, EdgePolicy, ensure_origin_id
 from ..commands import (AbortClient, AckWhenDurable, CancelTimer, CatchUp, ClientLeaves,
                         CloseClient,
                         Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
-                        SmRegister, StartTimer, StoreOffline, StorePending, ToClient,
-                        ToServerDirect)
+                        MoreStored, SmRegister, StartTimer, StoreOffline, StorePending,
+                        ToClient, ToServerDirect)
 from ..config import Config
 from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
@@ -48,7 +48,8 @@ __all__ = ["ClientLeft", "LiveSession", "SessionStore", "ensure_origin_id"]
 class OfflineStore(Protocol):
     def offline_put(self, account: str, stanza: bytes, expires_at: float) -> None: ...
 
-    def offline_take(self, account: str, now: float) -> list[bytes]: ...
+    def offline_take(self, account: str, now: float,
+                     limit: int | None = None) -> list[bytes]: ...
 
 
 class PendingStore(Protocol):
@@ -182,6 +183,8 @@ class LiveSession:
                 self.hub.sm_registered(self, c.sm_id, c.inbound)
             elif isinstance(c, ClientLeaves):
                 raise ClientLeft(c.reason, error=c.error, end_session=True)
+            elif isinstance(c, MoreStored):
+                self._deliver_stored()
         return running
 
     def _close_client(self, c: CloseClient) -> list[Awaitable[Any]]:
@@ -416,12 +419,21 @@ class LiveSession:
         out = self.core.from_client(el)
         self.write(out)
         self._after_pipeline("c2s", el, started, out, out.to_upstream)
-        if self.edge.stored_ready(el) and self.store is not None:
-            stored = [self.core.from_store(parse_stored(data)) for data in
-                      self.store.offline.offline_take(self._account, time.time())]
-            kept = [x for x in stored if x is not None]
-            self.execute(self.edge.deliver_stored(kept, upstream_up=self._upstream_up(),
-                                                  dropped=len(stored) - len(kept)))
+        if self.edge.stored_ready(el):
+            self._deliver_stored()
+
+    def _deliver_stored(self) -> None:
+        """The next stored messages for the client, as many as its stream management queue
+        has room for (the rest follow its acks: a backlog never overflows the queue)."""
+        if self.store is None:
+            return
+        room = self.edge.stored_room()
+        taken = self.store.offline.offline_take(self._account, time.time(), limit=room)
+        stored = [self.core.from_store(parse_stored(data)) for data in taken]
+        kept = [x for x in stored if x is not None]
+        self.execute(self.edge.deliver_stored(kept, upstream_up=self._upstream_up(),
+                                              dropped=len(stored) - len(kept),
+                                              more=room is not None and len(taken) == room))
 
     # Resumption and takeover --------------------------------------------------------------------
 
