@@ -104,9 +104,15 @@ class Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      listener: Listener) -> None:
-        stream = XmlStream(reader, writer, max_stanza_bytes=self.config.limits.max_stanza_bytes)
+        limits = self.config.limits
+        stream = XmlStream(reader, writer, max_stanza_bytes=limits.max_stanza_bytes,
+                           max_depth=limits.max_depth, track_trailing=not listener.direct_tls,
+                           output_soft=limits.output_soft_bytes,
+                           output_hard=limits.output_hard_bytes,
+                           error_header=codec.stream_header(from_=self.config.upstream.domain))
         conn_id = secrets.token_hex(4)
         log = self.log.bind(conn=conn_id, peer=stream.peer)
+        stream.log = log
         log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
                  **stream.tls_info)
         self.clients.add(stream)
@@ -161,7 +167,7 @@ class Proxy:
         await self.hub.stop()
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
         for stream in list(self.clients):
-            stream.send_bytes(shutdown + codec.STREAM_CLOSE)
+            stream.send_bytes(stream.framed(shutdown) + codec.STREAM_CLOSE)
             stream.closing = True
         await asyncio.sleep(0.2)  # let those writes go out before tearing down
         for task in list(self.connections):

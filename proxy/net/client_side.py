@@ -28,7 +28,7 @@ from .upstream import (
     UpstreamUnavailable,
     connect_upstream,
 )
-from .xmlstream import XmlStream, features_element
+from .xmlstream import PlaintextInjection, XmlStream, features_element
 from ..xmpp.stanza import Element
 
 
@@ -97,11 +97,10 @@ class ClientNegotiation:
         """Wait for the client's header, answer with ours and the given features."""
         event = await self.stream.next_event()
         if isinstance(event, codec.StreamViolation):
-            self.stream.send_bytes(codec.stream_header(from_=self.domain))
-            raise violation(event.condition, event.text)
+            raise violation(event.condition, event.text)  # close() sends our header first
         if not isinstance(event, codec.StreamOpened):
             raise NegotiationFailed("expected a stream header")
-        self.stream.send_bytes(codec.stream_header(
+        self.stream.send_header(codec.stream_header(
             from_=self.domain, stream_id=secrets.token_urlsafe(12),
             to=event.attrs.get("from")))
         to = event.attrs.get("to", "")
@@ -118,8 +117,18 @@ class ClientNegotiation:
             if el.tag != ns.qname(ns.TLS, "starttls"):
                 raise violation("policy-violation", "STARTTLS is required first")
             self.stream.send(st.element("proceed", namespace=ns.TLS))
-            await self.stream.drain()
-            await self.stream.start_tls(self.server_tls)
+            try:
+                await self.stream.start_tls(self.server_tls)
+            except PlaintextInjection as exc:
+                # CVE-2011-0411 class: whatever followed <starttls/> was sent in the clear
+                # (by the client or by someone on the path) and RFC 6120 §5.4.3.3 forbids
+                # using it. not-authorized (§4.9.3.12): it is an attempt to act in the
+                # negotiation before the stream is secured; TLS is not started, so the
+                # error goes out in the clear, and the connection is closed.
+                self.log.warning("starttls_injection", side="client", bytes=exc.buffered
+                                 + exc.parsed, elements=exc.events)
+                raise violation("not-authorized",
+                                "data sent after <starttls/> before the TLS handshake") from None
             self.log.info("tls_established", **self.stream.tls_info)
 
         mechanisms = st.element("mechanisms", namespace=ns.SASL)

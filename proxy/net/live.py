@@ -284,8 +284,10 @@ class LiveSession:
                                  error=codec.stream_error(event.condition, event.text),
                                  end_session=True)
             else:
+                # Not reached: the codec reports a header inside the stream as a
+                # violation (unsupported-stanza-type); kept so no event is ever ignored.
                 raise ClientLeft("client sent a second stream header", end_session=True,
-                                 error=codec.stream_error("not-well-formed",
+                                 error=codec.stream_error("unsupported-stanza-type",
                                                           "unexpected stream header"))
 
     def _from_client(self, el: Element) -> None:

@@ -18,7 +18,7 @@ from lxml import etree
 from ..config import UpstreamConfig
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
-from .xmlstream import ConnectionLost, UnexpectedEvent, XmlStream
+from .xmlstream import ConnectionLost, PlaintextInjection, UnexpectedEvent, XmlStream
 from ..xmpp.stanza import Element
 
 
@@ -155,7 +155,10 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     except (TimeoutError, OSError, ssl.SSLError) as exc:
         raise UpstreamUnavailable(f"cannot connect to {config.host}:{config.port}: "
                                   f"{exc or type(exc).__name__}") from exc
-    stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes)
+    # The server relays what other users send: its stanzas may nest as deep as the parser
+    # allows, so one odd message from someone else cannot cut this user's link.
+    stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes,
+                       max_depth=codec.MAX_DEPTH_LIMIT, track_trailing=config.tls == "starttls")
     try:
         return await _negotiate(stream, config, tls_context, username, password, timeout)
     except UpstreamError:
@@ -168,7 +171,7 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
 
 async def _open(stream: XmlStream, domain: str, timeout: float) -> Element:
     """Send our header and return the server's stream features."""
-    stream.send_bytes(codec.stream_header(to=domain))
+    stream.send_header(codec.stream_header(to=domain))
     event = await stream.next_event(timeout)
     if not isinstance(event, codec.StreamOpened):
         raise UpstreamUnavailable(f"the server did not open a stream: {event}")
@@ -192,7 +195,11 @@ async def _negotiate(stream: XmlStream, config: UpstreamConfig,
         if answer.tag != ns.qname(ns.TLS, "proceed"):
             raise UpstreamUnavailable("the server refused STARTTLS")
         assert tls_context is not None
-        await stream.start_tls(tls_context, server_hostname=config.domain, timeout=timeout)
+        try:
+            await stream.start_tls(tls_context, server_hostname=config.domain, timeout=timeout)
+        except PlaintextInjection as exc:
+            # RFC 6120 §5.4.3.3, the initiating side: nothing after <proceed/> may be used.
+            raise UpstreamUnavailable(f"starttls_injection: {exc}") from None
         features = await _open(stream, config.domain, timeout)
 
     offered = [m.text or "" for m in features.iterfind(
