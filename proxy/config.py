@@ -70,7 +70,8 @@ class Limits:
     # from it until they drain: a client that never reads cannot make the proxy answer and
     # buffer without end. One read's worth of answers may go over it.
     output_soft_bytes: int = 262144
-    # Bytes queued for a client at which it is cut off with policy-violation.
+    # Bytes queued for a client above which, if they do not shrink within a second, it is
+    # cut off with policy-violation (a burst to a client that reads is let through).
     output_hard_bytes: int = 4194304
 
 

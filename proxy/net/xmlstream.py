@@ -20,7 +20,11 @@ from ..xmpp.stanza import Element
 
 READ_CHUNK = 65536
 CLOSE_DRAIN_TIMEOUT = 5.0  # seconds a closing stream waits for its last bytes to leave
-OVERFLOW_GRACE = 2.0  # seconds a stream over its hard output limit has before it is cut
+# Over the hard output limit a stream is checked this often; it is cut when its buffer has
+# not shrunk since the last check (the peer reads nothing), not merely for being large: a
+# resumed session's resend or a big roster may pass the limit for a client that reads.
+OVERFLOW_CHECK = 1.0
+OVERFLOW_GRACE = 2.0  # seconds the policy-violation gets to go out before the cut
 
 
 class ConnectionLost(Exception):
@@ -71,6 +75,7 @@ class XmlStream:
         self.header_sent = False  # our header for the current stream (since the restart)
         self.error_header = error_header or codec.stream_header()
         self.log = log
+        self._overflow_check: asyncio.TimerHandle | None = None
         self._fit_write_buffer()
 
     def _fit_write_buffer(self) -> None:
@@ -189,13 +194,31 @@ class XmlStream:
         # Nothing for a peer that is gone: asyncio would only log a warning per write.
         if not self.dead and not self.writer.is_closing():
             self.writer.write(data)
-            if self.output_hard is not None and not self.overflowed and \
-                    self._transport_buffered() > self.output_hard:
-                self._overflow()
+            if self.output_hard is not None and self._overflow_check is None and \
+                    not self.overflowed and self._transport_buffered() > self.output_hard:
+                self._watch_overflow(self._transport_buffered())
+
+    def _watch_overflow(self, last: int) -> None:
+        self._overflow_check = asyncio.get_running_loop().call_later(
+            OVERFLOW_CHECK, self._check_overflow, last)
+
+    def _check_overflow(self, last: int) -> None:
+        self._overflow_check = None
+        if self.dead or self.overflowed or self.writer.is_closing():
+            return
+        now = self._transport_buffered()
+        assert self.output_hard is not None
+        if now <= self.output_hard:
+            return
+        if now >= last:
+            self._overflow()
+        else:
+            self._watch_overflow(now)  # it reads, slowly: look again
 
     def _overflow(self) -> None:
-        """Past the hard limit: a policy-violation goes behind what is queued, the stream is
-        closed, and the connection is cut if the peer still reads nothing."""
+        """Past the hard limit without reading: a policy-violation goes behind what is
+        queued, the stream is closed, and the connection is cut if the peer still reads
+        nothing."""
         self.overflowed = True
         self.closing = True
         pending = self._transport_buffered()
@@ -280,6 +303,9 @@ class XmlStream:
     def abort(self) -> None:
         self.flush()
         self.closing = True
+        if self._overflow_check is not None:
+            self._overflow_check.cancel()
+            self._overflow_check = None
         with contextlib.suppress(Exception):
             self.writer.close()
 

@@ -245,6 +245,25 @@ def test_past_the_hard_limit_the_stream_is_cut_with_policy_violation() -> None:
     run(scenario())
 
 
+def test_a_slow_reader_over_the_hard_limit_is_not_cut() -> None:
+    """A burst over the hard limit (a resume's resend, a big roster) for a client that
+    reads, if slowly, must get through."""
+    async def scenario() -> None:
+        log = Log()
+        async with pair(output_soft=65536, output_hard=262144, log=log) as (
+                stream, reader, _writer):
+            burst = ANSWER * 4000  # ~15 MB in one write
+            stream.send_bytes(burst)
+            stream.flush()
+            got = 0
+            while got < len(burst):
+                got += len(await asyncio.wait_for(reader.read(256 * 1024), 5))
+                await asyncio.sleep(0.05)  # ~5 MB/s: slow, but reading
+            assert not stream.overflowed
+            assert "output_overflow" not in log.names()
+    run(scenario(), 60)
+
+
 def test_limits_off_by_default() -> None:
     async def scenario() -> None:
         async with pair() as (stream, _reader, _writer):
