@@ -311,10 +311,14 @@ class XmlStreamParser:
                 tag = el.tag
                 # lxml accepts undeclared prefixes (as "a:b" names): namespace
                 # well-formedness is checked here, on element and attribute names.
-                if (tag[0] != "{" and ":" in tag) or (el.attrib and any(
-                        key[0] != "{" and ":" in key for key in el.attrib.keys())):
+                # A "}" in a namespace name (never valid in a URI) makes lxml's Clark
+                # notation ambiguous, and lxml itself raises on such names later.
+                if (tag[0] != "{" and ":" in tag) or tag.count("}") > 1 or (el.attrib and any(
+                        (key[0] != "{" and ":" in key) or key.count("}") > 1
+                        for key in el.attrib.keys())):
                     self._depth = depth
-                    return self._fail(events, "not-well-formed", "undeclared namespace prefix")
+                    return self._fail(events, "not-well-formed",
+                                      "undeclared namespace prefix or invalid namespace name")
                 if depth == 1:
                     self._depth = depth
                     self._unfinished_bytes = 0
@@ -359,7 +363,7 @@ class XmlStreamParser:
         if docinfo.doctype or docinfo.internalDTD is not None:
             return self._fail(events, "restricted-xml", "DTDs are not allowed")
         if el.tag != _STREAM_TAG:
-            if etree.QName(el).localname == "stream":
+            if el.tag.rpartition("}")[2] == "stream":
                 return self._fail(events, "invalid-namespace",
                                   "the stream element must be in " + ns.STREAM)
             return self._fail(events, "not-well-formed", "expected <stream:stream>")

@@ -823,3 +823,13 @@ def test_trailing_bytes_reset_when_the_next_element_completes() -> None:
     assert parser.trailing_bytes == len(b"<presence")
     parser.feed(b"/>")
     assert parser.trailing_bytes == 0
+
+
+@pytest.mark.parametrize("data", [
+    # Found by the fuzzer: lxml's Clark name of this tag cannot be parsed back.
+    HEADER.replace(b"xmlns:stream='", b"xmlns:stream='}"),
+    HEADER + b"<message xmlns='urn:a}b'/>",
+    HEADER + b"<message xmlns:p='urn:a}b' p:x='1'/>",
+], ids=["header", "element", "attribute"])
+def test_a_brace_in_a_namespace_name_is_not_well_formed(data: bytes) -> None:
+    assert only_violation(parse(data)).condition == "not-well-formed"
