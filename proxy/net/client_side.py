@@ -207,7 +207,7 @@ class ClientNegotiation:
         try:
             self.upstream = await connect_upstream(
                 self.config.upstream, self.upstream_tls, authcid, password,
-                max_stanza_bytes=self.config.limits.max_stanza_bytes)
+                max_stanza_bytes=self.config.limits.max_stanza_bytes, log=self.log)
         except UpstreamAuthFailed as exc:
             self.log.info("auth_failed", reason=exc.condition, account=str(account))
             return exc.condition

@@ -12,6 +12,7 @@ import contextvars
 import ssl
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from lxml import etree
 
@@ -138,7 +139,8 @@ class UpstreamLink:
 
 async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext | None,
                            username: str, password: str, *, max_stanza_bytes: int,
-                           resume_tls: ssl.SSLSession | None = None) -> UpstreamLink:
+                           resume_tls: ssl.SSLSession | None = None,
+                           log: Any = None) -> UpstreamLink:
     """Open and authenticate a stream to the legacy server as ``username``.
 
     ``resume_tls``: a TLS session of an earlier connection, offered for resumption.
@@ -160,7 +162,7 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes,
                        max_depth=codec.MAX_DEPTH_LIMIT, track_trailing=config.tls == "starttls")
     try:
-        return await _negotiate(stream, config, tls_context, username, password, timeout)
+        return await _negotiate(stream, config, tls_context, username, password, timeout, log)
     except UpstreamError:
         stream.abort()
         raise
@@ -185,7 +187,7 @@ async def _open(stream: XmlStream, domain: str, timeout: float) -> Element:
 
 async def _negotiate(stream: XmlStream, config: UpstreamConfig,
                      tls_context: ssl.SSLContext | None, username: str, password: str,
-                     timeout: float) -> UpstreamLink:
+                     timeout: float, log: Any = None) -> UpstreamLink:
     features = await _open(stream, config.domain, timeout)
     if config.tls == "starttls":
         if features.find(ns.qname(ns.TLS, "starttls")) is None:
@@ -199,6 +201,9 @@ async def _negotiate(stream: XmlStream, config: UpstreamConfig,
             await stream.start_tls(tls_context, server_hostname=config.domain, timeout=timeout)
         except PlaintextInjection as exc:
             # RFC 6120 §5.4.3.3, the initiating side: nothing after <proceed/> may be used.
+            if log is not None:
+                log.warning("starttls_injection", side="upstream", bytes=exc.buffered
+                            + exc.parsed, elements=exc.events)
             raise UpstreamUnavailable(f"starttls_injection: {exc}") from None
         features = await _open(stream, config.domain, timeout)
 

@@ -206,6 +206,9 @@ def test_plaintext_after_proceed_from_the_server_fails_the_login_cleanly(
         failed = proxy.wait_event("auth_failed")
         assert failed["reason"] == "upstream-unavailable"
         assert "starttls_injection" in failed["detail"]
+        injection = proxy.wait_event("starttls_injection")
+        assert injection["side"] == "upstream"
+        assert injection["bytes"] + injection["elements"] > 0
         assert proxy.running
     assert b"auth" not in b"".join(served)
 
