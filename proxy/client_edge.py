@@ -221,8 +221,11 @@ class ClientEdge:
         if isinstance(event, codec.StreamViolation):
             return ClientLeaves(f"client stream violation: {event.condition}",
                                 codec.stream_error(event.condition, event.text))
+        # Not reached in practice: the codec reports a header inside the stream as a
+        # violation; kept so no event is ever ignored.
         return ClientLeaves("client sent a second stream header",
-                            codec.stream_error("not-well-formed", "unexpected stream header"))
+                            codec.stream_error("unsupported-stanza-type",
+                                               "unexpected stream header"))
 
     # The connection -----------------------------------------------------------------------------
 

@@ -67,6 +67,15 @@ class Limits:
     # Decrypted bytes asyncio reads per TLS call, per connection. Python's default (256 KiB,
     # allocated for every TLS connection) would dominate the memory of an idle session.
     tls_read_buffer: int = 16896
+    # Element nesting inside a stanza (the stanza is depth 1); deeper is policy-violation.
+    max_depth: int = 128
+    # Bytes queued for a client (ours + the transport's) above which nothing more is read
+    # from it until they drain: a client that never reads cannot make the proxy answer and
+    # buffer without end. One read's worth of answers may go over it.
+    output_soft_bytes: int = 262144
+    # Bytes queued for a client above which, if they do not shrink within a second, it is
+    # cut off with policy-violation (a burst to a client that reads is let through).
+    output_hard_bytes: int = 4194304
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,11 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("limits", "tls_read_buffer"): (lambda v: 4096 <= v <= 1048576,
                                     "between 4096 and 1048576 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("limits", "max_depth"): (lambda v: 1 <= v <= 250, "between 1 and 250"),
+    ("limits", "output_soft_bytes"): (lambda v: 16384 <= v <= 1 << 30,
+                                      "between 16384 and 1073741824 bytes"),
+    ("limits", "output_hard_bytes"): (lambda v: 16384 <= v <= 1 << 30,
+                                      "between 16384 and 1073741824 bytes"),
     ("stream_management", "resume_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("stream_management", "max_resume_timeout"): (lambda v: v > 0,
                                                   "a positive number of seconds"),
@@ -288,6 +302,9 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> Config:
     config: Config = _build(Config, data, "")
     if not config.listen:
         raise ConfigError("listen: at least one listener is required")
+    if config.limits.output_soft_bytes > config.limits.output_hard_bytes:
+        raise ConfigError("limits.output_soft_bytes: must not be above output_hard_bytes "
+                          f"({config.limits.output_hard_bytes})")
     return dataclasses.replace(config, base_dir=base_dir)
 
 

@@ -126,9 +126,15 @@ class Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      listener: Listener) -> None:
-        stream = XmlStream(reader, writer, max_stanza_bytes=self.config.limits.max_stanza_bytes)
+        limits = self.config.limits
+        stream = XmlStream(reader, writer, max_stanza_bytes=limits.max_stanza_bytes,
+                           max_depth=limits.max_depth, track_trailing=not listener.direct_tls,
+                           output_soft=limits.output_soft_bytes,
+                           output_hard=limits.output_hard_bytes,
+                           error_header=codec.stream_header(from_=self.config.upstream.domain))
         conn_id = secrets.token_hex(4)
         log = self.log.bind(conn=conn_id, peer=stream.peer)
+        stream.log = log
         peername = writer.get_extra_info("peername")
         address = str(peername[0]) if peername else "?"
         refusal = self.connection_limiter.admit(address)
@@ -145,8 +151,8 @@ class Proxy:
         XML (RFC 6120 §4.9.1.1), then the error and the close."""
         log.warning("connection_refused", condition=refusal.condition, limit=refusal.limit,
                     connections=self.connection_limiter.total)
-        stream.send_bytes(codec.stream_header(from_=self.config.upstream.domain,
-                                              stream_id=secrets.token_urlsafe(12)))
+        stream.send_header(codec.stream_header(from_=self.config.upstream.domain,
+                                               stream_id=secrets.token_urlsafe(12)))
         with contextlib.suppress(ConnectionLost, OSError, ssl.SSLError):
             await asyncio.wait_for(stream.close(codec.stream_error(
                 refusal.condition, refusal.text)), 5)
@@ -212,7 +218,7 @@ class Proxy:
         self.log.info("sessions_settled", **totals)
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
         for stream in list(self.clients):
-            stream.send_bytes(shutdown + codec.STREAM_CLOSE)
+            stream.send_bytes(stream.framed(shutdown) + codec.STREAM_CLOSE)
             stream.closing = True
         await asyncio.sleep(0.2)  # let those writes go out before tearing down
         for task in list(self.connections):

@@ -33,7 +33,7 @@ from .upstream import (
     UpstreamUnavailable,
     connect_upstream,
 )
-from .xmlstream import XmlStream, features_element
+from .xmlstream import PlaintextInjection, XmlStream, features_element
 from ..xmpp.stanza import Element
 
 
@@ -118,15 +118,14 @@ class ClientNegotiation:
         """Wait for the client's header, answer with ours and the given features."""
         event = await self.stream.next_event()
         if isinstance(event, codec.StreamViolation):
-            self.stream.send_bytes(codec.stream_header(from_=self.domain))
-            raise violation(event.condition, event.text)
+            raise violation(event.condition, event.text)  # close() sends our header first
         if not isinstance(event, codec.StreamOpened):
             raise NegotiationFailed("expected a stream header")
         stream_id = secrets.token_urlsafe(12)
         if self.own_stream_ids is not None and self.account is None:
             self.own_stream_ids.issued(stream_id)
             self._issued_ids.append(stream_id)
-        self.stream.send_bytes(codec.stream_header(
+        self.stream.send_header(codec.stream_header(
             from_=self.domain, stream_id=stream_id, to=event.attrs.get("from")))
         to = event.attrs.get("to", "")
         if to.lower() != self.domain:
@@ -142,8 +141,18 @@ class ClientNegotiation:
             if el.tag != ns.qname(ns.TLS, "starttls"):
                 raise violation("policy-violation", "STARTTLS is required first")
             self.stream.send(st.element("proceed", namespace=ns.TLS))
-            await self.stream.drain()
-            await self.stream.start_tls(self.server_tls)
+            try:
+                await self.stream.start_tls(self.server_tls)
+            except PlaintextInjection as exc:
+                # CVE-2011-0411 class: whatever followed <starttls/> was sent in the clear
+                # (by the client or by someone on the path) and RFC 6120 §5.4.3.3 forbids
+                # using it. not-authorized (§4.9.3.12): it is an attempt to act in the
+                # negotiation before the stream is secured; TLS is not started, so the
+                # error goes out in the clear, and the connection is closed.
+                self.log.warning("starttls_injection", side="client", bytes=exc.buffered
+                                 + exc.parsed, elements=exc.events)
+                raise violation("not-authorized",
+                                "data sent after <starttls/> before the TLS handshake") from None
             self.log.info("tls_established", **self.stream.tls_info)
 
         mechanisms = st.element("mechanisms", namespace=ns.SASL)
@@ -234,7 +243,7 @@ class ClientNegotiation:
         try:
             self.upstream = await connect_upstream(
                 self.config.upstream, self.upstream_tls, authcid, password,
-                max_stanza_bytes=self.config.limits.max_stanza_bytes,
+                max_stanza_bytes=self.config.limits.max_stanza_bytes, log=self.log,
                 own_stream_ids=(self.own_stream_ids if self.own_stream_ids is not None
                                 else frozenset()))
         except UpstreamAuthFailed as exc:

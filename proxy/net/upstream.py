@@ -13,13 +13,14 @@ import ssl
 import uuid
 from collections.abc import Container
 from dataclasses import dataclass
+from typing import Any
 
 from lxml import etree
 
 from ..config import UpstreamConfig
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
-from .xmlstream import ConnectionLost, UnexpectedEvent, XmlStream
+from .xmlstream import ConnectionLost, PlaintextInjection, UnexpectedEvent, XmlStream
 from ..xmpp.stanza import Element
 
 
@@ -144,7 +145,8 @@ class UpstreamLink:
 async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext | None,
                            username: str, password: str, *, max_stanza_bytes: int,
                            resume_tls: ssl.SSLSession | None = None,
-                           own_stream_ids: Container[str] = frozenset()) -> UpstreamLink:
+                           own_stream_ids: Container[str] = frozenset(),
+                           log: Any = None) -> UpstreamLink:
     """Open and authenticate a stream to the legacy server as ``username``.
 
     ``resume_tls``: a TLS session of an earlier connection, offered for resumption.
@@ -166,10 +168,13 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     except (TimeoutError, OSError, ssl.SSLError) as exc:
         raise UpstreamUnavailable(f"cannot connect to {config.host}:{config.port}: "
                                   f"{exc or type(exc).__name__}") from exc
-    stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes)
+    # The server relays what other users send: its stanzas may nest as deep as the parser
+    # allows, so one odd message from someone else cannot cut this user's link.
+    stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes,
+                       max_depth=codec.MAX_DEPTH_LIMIT, track_trailing=config.tls == "starttls")
     try:
         return await _negotiate(stream, config, tls_context, username, password, timeout,
-                                own_stream_ids)
+                                own_stream_ids, log)
     except UpstreamError:
         stream.abort()
         raise
@@ -181,7 +186,7 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
 async def _open(stream: XmlStream, domain: str, timeout: float,
                 own_stream_ids: Container[str] = frozenset()) -> Element:
     """Send our header and return the server's stream features."""
-    stream.send_bytes(codec.stream_header(to=domain))
+    stream.send_header(codec.stream_header(to=domain))
     event = await stream.next_event(timeout)
     if not isinstance(event, codec.StreamOpened):
         raise UpstreamUnavailable(f"the server did not open a stream: {event}")
@@ -198,7 +203,8 @@ async def _open(stream: XmlStream, domain: str, timeout: float,
 
 async def _negotiate(stream: XmlStream, config: UpstreamConfig,
                      tls_context: ssl.SSLContext | None, username: str, password: str,
-                     timeout: float, own_stream_ids: Container[str]) -> UpstreamLink:
+                     timeout: float, own_stream_ids: Container[str],
+                     log: Any = None) -> UpstreamLink:
     features = await _open(stream, config.domain, timeout, own_stream_ids)
     if config.tls == "starttls":
         if features.find(ns.qname(ns.TLS, "starttls")) is None:
@@ -208,7 +214,14 @@ async def _negotiate(stream: XmlStream, config: UpstreamConfig,
         if answer.tag != ns.qname(ns.TLS, "proceed"):
             raise UpstreamUnavailable("the server refused STARTTLS")
         assert tls_context is not None
-        await stream.start_tls(tls_context, server_hostname=config.domain, timeout=timeout)
+        try:
+            await stream.start_tls(tls_context, server_hostname=config.domain, timeout=timeout)
+        except PlaintextInjection as exc:
+            # RFC 6120 §5.4.3.3, the initiating side: nothing after <proceed/> may be used.
+            if log is not None:
+                log.warning("starttls_injection", side="upstream", bytes=exc.buffered
+                            + exc.parsed, elements=exc.events)
+            raise UpstreamUnavailable(f"starttls_injection: {exc}") from None
         features = await _open(stream, config.domain, timeout)
 
     offered = [m.text or "" for m in features.iterfind(

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from typing import Any
 
 from lxml import etree
 
@@ -22,24 +23,80 @@ READ_CHUNK = 65536
 # asyncio's own TLS shutdown timeout (30 s) then surfaces as an error in the reader. After
 # this long the transport is dropped instead.
 CLOSE_GRACE = 2.0
+CLOSE_DRAIN_TIMEOUT = 5.0  # seconds a closing stream waits for its last bytes to leave
+# Over the hard output limit a stream is checked this often; it is cut when its buffer has
+# not shrunk since the last check (the peer reads nothing), not merely for being large: a
+# resumed session's resend or a big roster may pass the limit for a client that reads.
+OVERFLOW_CHECK = 1.0
+OVERFLOW_GRACE = 2.0  # seconds the policy-violation gets to go out before the cut
 
 
 class ConnectionLost(Exception):
     """The TCP connection ended (EOF, reset or timeout) without a clean stream close."""
 
 
+class PlaintextInjection(Exception):
+    """Bytes arrived after ``<starttls/>`` (or ``<proceed/>``) and before the TLS handshake:
+    they were sent in the clear and must never be taken as if they came over TLS."""
+
+    def __init__(self, *, buffered: int, parsed: int, events: int) -> None:
+        super().__init__(f"{buffered + parsed} plaintext bytes and {events} elements "
+                         "after the STARTTLS boundary")
+        self.buffered = buffered  # unread bytes in the socket reader
+        self.parsed = parsed  # bytes the parser had after the boundary element
+        self.events = events  # complete elements after it, not yet handled
+
+
 class XmlStream:
-    """One side of a connection: parse what the peer sends, serialize what we send."""
+    """One side of a connection: parse what the peer sends, serialize what we send.
+
+    ``track_trailing``: the connection is still plaintext and will be upgraded with
+    STARTTLS, so the parser must know exactly what follows the boundary element.
+    ``output_soft``/``output_hard``: bytes waiting to go to the peer (ours and the
+    transport's) above which reading from it stops, and at which it is cut off.
+    ``error_header``: our stream header, sent before a stream error when we have not sent
+    one yet (RFC 6120 §4.9.1.2).
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 max_stanza_bytes: int = codec.DEFAULT_MAX_STANZA_BYTES) -> None:
+                 max_stanza_bytes: int = codec.DEFAULT_MAX_STANZA_BYTES,
+                 max_depth: int = codec.DEFAULT_MAX_DEPTH, track_trailing: bool = False,
+                 output_soft: int | None = None, output_hard: int | None = None,
+                 error_header: bytes | None = None, log: Any = None) -> None:
         self.reader = reader
         self.writer = writer
-        self.parser = codec.XmlStreamParser(max_stanza_bytes=max_stanza_bytes)
+        self.parser = codec.XmlStreamParser(max_stanza_bytes=max_stanza_bytes,
+                                            max_depth=max_depth,
+                                            track_trailing=track_trailing)
         self._events: deque[codec.StreamEvent] = deque()
         self.closing = False
         self.dead = False  # the connection ended under us (EOF, reset)
+        self.overflowed = False  # cut off past output_hard
         self._pending_out: list[bytes] = []
+        self._pending_size = 0
+        self.output_soft = output_soft
+        self.output_hard = output_hard
+        self.header_sent = False  # our header for the current stream (since the restart)
+        self.error_header = error_header or codec.stream_header()
+        self.log = log
+        self._overflow_check: asyncio.TimerHandle | None = None
+        self._fit_write_buffer()
+
+    def _fit_write_buffer(self) -> None:
+        """The transport must pause (so that a drain waits) before output_soft is passed."""
+        if self.output_soft is None:
+            return
+        with contextlib.suppress(Exception):
+            transport = self.writer.transport
+            low, high = transport.get_write_buffer_limits()
+            if high > self.output_soft:
+                transport.set_write_buffer_limits(high=self.output_soft,
+                                                  low=min(low, self.output_soft // 4))
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes written but not yet handed to the kernel: ours and the transport's."""
+        return self._pending_size + self._transport_buffered()
 
     @property
     def peer(self) -> str:
@@ -57,8 +114,12 @@ class XmlStream:
     async def next_event(self, timeout: float | None = None) -> codec.StreamEvent:
         """The next stream event; ConnectionLost on EOF or a socket error, TimeoutError when
         nothing arrives within ``timeout``."""
+        if self.output_soft is not None and self.output_bytes > self.output_soft:
+            await self._output_room()
         while not self._events:
             deadline = None
+            if self.overflowed:
+                raise ConnectionLost("output overflow")
             try:
                 if timeout is None:
                     data = await self.reader.read(READ_CHUNK)
@@ -89,8 +150,41 @@ class XmlStream:
             return event.element
         raise UnexpectedEvent(event)
 
+    def _transport_buffered(self) -> int:
+        try:
+            return int(self.writer.transport.get_write_buffer_size())
+        except Exception:
+            return 0
+
+    async def _output_room(self) -> None:
+        """Back-pressure on a peer that does not read: while more than ``output_soft``
+        bytes wait for it, nothing more is read from it (and so nothing more answered)."""
+        soft = self.output_soft
+        assert soft is not None
+        if self.log is not None:
+            self.log.debug("output_backpressure", pending=self.output_bytes, soft=soft)
+        while self.output_bytes > soft and not (self.dead or self.overflowed
+                                                or self.writer.is_closing()):
+            self.flush()
+            try:
+                await self.writer.drain()
+            except (OSError, ssl.SSLError):
+                return  # the read that follows reports the loss
+            if self.output_bytes > soft:
+                await asyncio.sleep(0.05)  # drain returns at once if the transport never paused
+
     def send(self, el: Element) -> None:
         self.send_bytes(codec.serialize(el))
+
+    def send_header(self, header: bytes) -> None:
+        """Our stream header for the current stream (initial or after a restart)."""
+        self.header_sent = True
+        self.send_bytes(header)
+
+    def framed(self, error: bytes) -> bytes:
+        """A stream error as it must go out: after our header if we have not sent one, or
+        the peer gets an unbound ``stream:`` prefix outside any document."""
+        return error if self.header_sent else self.error_header + error
 
     def send_bytes(self, data: bytes) -> None:
         """Queue ``data``; everything queued in one turn of the event loop goes out as one
@@ -98,15 +192,54 @@ class XmlStream:
         if not self._pending_out:
             asyncio.get_running_loop().call_soon(self.flush)
         self._pending_out.append(data)
+        self._pending_size += len(data)
 
     def flush(self) -> None:
         if not self._pending_out:
             return
         data = b"".join(self._pending_out)
         self._pending_out.clear()
+        self._pending_size = 0
         # Nothing for a peer that is gone: asyncio would only log a warning per write.
         if not self.dead and not self.writer.is_closing():
             self.writer.write(data)
+            if self.output_hard is not None and self._overflow_check is None and \
+                    not self.overflowed and self._transport_buffered() > self.output_hard:
+                self._watch_overflow(self._transport_buffered())
+
+    def _watch_overflow(self, last: int) -> None:
+        self._overflow_check = asyncio.get_running_loop().call_later(
+            OVERFLOW_CHECK, self._check_overflow, last)
+
+    def _check_overflow(self, last: int) -> None:
+        self._overflow_check = None
+        if self.dead or self.overflowed or self.writer.is_closing():
+            return
+        now = self._transport_buffered()
+        assert self.output_hard is not None
+        if now <= self.output_hard:
+            return
+        if now >= last:
+            self._overflow()
+        else:
+            self._watch_overflow(now)  # it reads, slowly: look again
+
+    def _overflow(self) -> None:
+        """Past the hard limit without reading: a policy-violation goes behind what is
+        queued, the stream is closed, and the connection is cut if the peer still reads
+        nothing."""
+        self.overflowed = True
+        self.closing = True
+        pending = self._transport_buffered()
+        if self.log is not None:
+            self.log.warning("output_overflow", pending=pending, hard=self.output_hard)
+        self.writer.write(self.framed(codec.stream_error(
+            "policy-violation", "the client does not read what it is sent"))
+            + codec.STREAM_CLOSE)
+        transport = self.writer.transport
+        with contextlib.suppress(Exception):
+            transport.close()  # stops reading; the buffer still goes out if it can
+        asyncio.get_running_loop().call_later(OVERFLOW_GRACE, transport.abort)
 
     @property
     def congested(self) -> bool:
@@ -123,12 +256,37 @@ class XmlStream:
         """Stream restart (after TLS or SASL): a fresh parser for the new header."""
         self.parser.reset()
         self._events.clear()
+        self.header_sent = False
+
+    def _plaintext_after_boundary(self) -> PlaintextInjection | None:
+        # asyncio's StreamReader has no peek: its buffer is the only place to look.
+        buffer: bytearray | None = getattr(self.reader, "_buffer", None)
+        buffered = len(bytes(buffer).strip()) if buffer else 0
+        if buffer and not buffered:
+            buffer.clear()  # only whitespace: dropping it is safe
+        parsed, events = self.parser.trailing_bytes, len(self._events)
+        if buffered or parsed or events:
+            return PlaintextInjection(buffered=buffered, parsed=parsed, events=events)
+        return None
 
     async def start_tls(self, context: ssl.SSLContext, *, server_hostname: str | None = None,
                         timeout: float = 10.0) -> None:
+        """Upgrade to TLS. RFC 6120 §5.4.3.3: nothing received in the clear may be used
+        once TLS is on; anything already received past the ``<starttls/>``/``<proceed/>``
+        element (read, parsed or queued) raises PlaintextInjection and TLS is not started.
+        """
+        async with asyncio.timeout(timeout):
+            await self.drain()
+        # From here to the handshake nothing yields to the event loop (our drain left the
+        # transport unpaused), so no byte can slip in between the check and the switch.
+        injected = self._plaintext_after_boundary()
+        if injected is not None:
+            raise injected
         await asyncio.wait_for(
             self.writer.start_tls(context, server_hostname=server_hostname), timeout)
+        self.parser.track_trailing = False  # only one STARTTLS per connection
         self.restart()
+        self._fit_write_buffer()
 
     async def close(self, error: bytes | None = None, *, wait_for_peer: float = 0.0) -> None:
         """Close the stream: an optional stream error, then ``</stream:stream>``.
@@ -139,8 +297,11 @@ class XmlStream:
         if self.closing:
             return
         self.closing = True
-        self.send_bytes((error or b"") + codec.STREAM_CLOSE)
-        await self.drain()
+        self.send_bytes((self.framed(error) if error else b"") + codec.STREAM_CLOSE)
+        # A peer that reads nothing must not keep this task (and the buffer) forever.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_DRAIN_TIMEOUT):
+                await self.drain()
         if wait_for_peer > 0:
             with contextlib.suppress(ConnectionLost, asyncio.TimeoutError, UnexpectedEvent):
                 async with asyncio.timeout(wait_for_peer):
@@ -156,9 +317,13 @@ class XmlStream:
         politely, but never for longer than CLOSE_GRACE.
         """
         self.closing = True
+        if self._overflow_check is not None:
+            self._overflow_check.cancel()
+            self._overflow_check = None
         transport = self.writer.transport
         if hard:
             self._pending_out.clear()
+            self._pending_size = 0
             self.dead = True
             with contextlib.suppress(Exception):
                 transport.abort()

@@ -7,7 +7,9 @@ parser's copy is released at once, so memory stays bounded by the largest stanza
 RFC 6120 §11 restricts the XML allowed on a stream. Before lxml sees a byte, a small scanner
 rejects comments, processing instructions, DTDs and entity references beyond the five
 predefined ones: lxml would otherwise stall silently on an undefined entity, and nothing must
-ever be expanded.
+ever be expanded. The same scanner refuses any encoding but UTF-8 (§11.6): a byte order mark
+of UTF-16 or UTF-32, UTF-16 bytes, or a declaration naming another encoding. lxml is told the
+input is UTF-8 whatever it says, so it can never switch to an encoding the scanner cannot read.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from .stanza import Element
 
 
 DEFAULT_MAX_STANZA_BYTES = 256 * 1024
+# Element nesting allowed inside a stanza (the stanza itself is depth 1). Real stanzas stay
+# far below it; libxml2 refuses 256 levels on its own (counting the stream element), with a
+# not-well-formed error that names a parser option, so the limit must stay under that.
+DEFAULT_MAX_DEPTH = 128
+MAX_DEPTH_LIMIT = 250
 # Input is fed to lxml in slices, so the stanza size limit is enforced within this margin.
 _SLICE_BYTES = 8192
 
@@ -34,6 +41,10 @@ _LONGEST_REFERENCE = 12  # "&#x10FFFF;" and the predefined names fit; anything l
 _REFERENCE_NAME = re.compile(rb"#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z_:][-\w.:]*")
 _XML_DECL = re.compile(rb"<\?xml\s")
 _MAX_XML_DECL = 1024
+_DECL_ENCODING = re.compile(rb"""\sencoding\s*=\s*(?:'([^']*)'|"([^"]*)")""")
+_UTF8_BOM = b"\xef\xbb\xbf"
+# libxml2's code for bytes that are not valid in the input's encoding (UTF-8 here).
+_ERR_INVALID_ENCODING = 81
 _STREAM_TAG = ns.qname(ns.STREAM, "stream")
 
 
@@ -78,6 +89,7 @@ class _RestrictedXmlScanner:
         self._pending = b""  # an incomplete token carried over from the last chunk
         self._in_cdata = False
         self._in_prolog = True  # only an XML declaration may look like a PI, and only first
+        self._sniffed = False  # the first bytes were checked for a non-UTF-8 encoding
 
     def scan(self, data: bytes) -> tuple[StreamViolation, int] | None:
         """None if ``data`` is clean so far; else the violation and how many bytes of
@@ -90,9 +102,22 @@ class _RestrictedXmlScanner:
             return StreamViolation(condition, text), max(0, at - carried)
 
         i, end = 0, len(buf)
+        if not self._sniffed:
+            # RFC 6120 §11.6: UTF-8 only. No UTF-8 document starts with 0xFE, 0xFF or NUL,
+            # and a NUL second byte is UTF-16 (or UTF-32) without a byte order mark.
+            if buf[:1] in (b"\x00", b"\xfe", b"\xff") or (end >= 2 and buf[1] == 0):
+                return bad("unsupported-encoding", "only UTF-8 streams are supported", 0)
+            if end < 2 or (end < len(_UTF8_BOM) and _UTF8_BOM.startswith(buf)):
+                self._pending = buf  # too little to tell, or a UTF-8 BOM cut short
+                return None
+            self._sniffed = True
         if self._in_prolog:
-            stripped = buf.lstrip()
+            # A UTF-8 byte order mark is redundant but harmless: lxml skips it too.
+            start = len(_UTF8_BOM) if buf.startswith(_UTF8_BOM) else 0
+            stripped = buf[start:].lstrip()
             if not stripped:
+                if start:
+                    self._pending = buf
                 return None
             if len(stripped) < 6 and b"<?xml ".startswith(stripped[:5]):
                 self._pending = buf
@@ -104,6 +129,13 @@ class _RestrictedXmlScanner:
                         return bad("not-well-formed", "an overlong XML declaration", 0)
                     self._pending = buf
                     return None
+                declared = _DECL_ENCODING.search(buf, 0, close)
+                if declared is not None:
+                    name = declared.group(1) or declared.group(2) or b""
+                    if name.lower() != b"utf-8":
+                        return bad("unsupported-encoding",
+                                   "only UTF-8 streams are supported, not "
+                                   + name[:40].decode("ascii", "replace"), 0)
                 i = close + 2
             self._in_prolog = False
         while i < end:
@@ -151,20 +183,31 @@ class XmlStreamParser:
     """One direction of an XML stream, as events. Call :meth:`reset` on a stream restart.
 
     ``expected_ns`` is the content namespace the header must declare as default.
+    ``max_depth`` bounds element nesting inside a stanza (the stanza itself is depth 1).
+    With ``track_trailing`` the parser knows exactly how many bytes came after the last
+    complete top-level element (:attr:`trailing_bytes`); that costs a feed per ``>``, so it
+    is meant for the few bytes before STARTTLS, where anything after ``<starttls/>`` or
+    ``<proceed/>`` must be refused (RFC 6120 §5.4.3.3).
     After a :class:`StreamViolation` or :class:`StreamClosed` the parser takes no more input.
     """
 
     def __init__(self, *, max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
-                 expected_ns: str = ns.CLIENT) -> None:
+                 expected_ns: str = ns.CLIENT, max_depth: int = DEFAULT_MAX_DEPTH,
+                 track_trailing: bool = False) -> None:
+        if not 1 <= max_depth <= MAX_DEPTH_LIMIT:
+            raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_LIMIT}")
         self.max_stanza_bytes = max_stanza_bytes
         self.expected_ns = expected_ns
+        self.max_depth = max_depth
+        self.track_trailing = track_trailing
         self._slice = max(1, min(_SLICE_BYTES, max_stanza_bytes))
         self.reset()
 
     def reset(self) -> None:
+        # encoding="utf-8" overrides whatever the document declares (RFC 6120 §11.6).
         self._parser = etree.XMLPullParser(
             events=("start", "end"), resolve_entities=False, no_network=True,
-            load_dtd=False, huge_tree=False, remove_comments=False)
+            load_dtd=False, huge_tree=False, remove_comments=False, encoding="utf-8")
         self._scanner = _RestrictedXmlScanner()
         self._root: Element | None = None
         self._depth = 0
@@ -172,11 +215,19 @@ class XmlStreamParser:
         # and the stream header alike.
         self._unfinished_bytes = 0
         self._tag_closed = True  # the last non-blank byte fed was ">"
+        self._boundaries = 0  # top-level elements completed (and headers opened)
+        self._trailing = 0  # non-blank bytes fed after the last boundary (track_trailing)
         self._done = False
 
     @property
     def closed(self) -> bool:
         return self._done
+
+    @property
+    def trailing_bytes(self) -> int:
+        """Non-whitespace bytes fed after the last complete top-level element or header.
+        Exact only with ``track_trailing``."""
+        return self._trailing
 
     def feed(self, data: bytes) -> list[StreamEvent]:
         events: list[StreamEvent] = []
@@ -198,10 +249,30 @@ class XmlStreamParser:
         if found is not None:
             violation, clean = found
             # What came before the bad markup is still delivered, as if fed separately.
-            if clean and not self._parse(data[:clean], events):
+            if clean and not self._parse_slice(data[:clean], events):
                 return False
             return self._fail(events, violation.condition, violation.text)
-        return self._parse(data, events)
+        return self._parse_slice(data, events)
+
+    def _parse_slice(self, data: bytes, events: list[StreamEvent]) -> bool:
+        if not self.track_trailing:
+            return self._parse(data, events)
+        # lxml reports an element's end as soon as it has the end tag's ">": fed in pieces
+        # that each end at a ">", a piece that completes an element has nothing after it.
+        start = 0
+        while start < len(data):
+            stop = data.find(b">", start)
+            stop = len(data) if stop < 0 else stop + 1
+            piece = data[start:stop]
+            start = stop
+            before = self._boundaries
+            if not self._parse(piece, events):
+                return False
+            if self._boundaries != before:
+                self._trailing = 0
+            else:
+                self._trailing += len(piece.strip())
+        return True
 
     def _parse(self, data: bytes, events: list[StreamEvent]) -> bool:
         blank = data.rstrip()
@@ -216,6 +287,9 @@ class XmlStreamParser:
             # Events lxml produced before the error still count (a stanza, a clean close).
             if not self._drain(events):
                 return False
+            if exc.code == _ERR_INVALID_ENCODING:
+                # RFC 6120 §4.9.3.22: bytes that break the rules of UTF-8.
+                return self._fail(events, "unsupported-encoding", "invalid UTF-8")
             return self._fail(events, "not-well-formed", exc.msg or "malformed XML")
         if not self._drain(events):
             return False
@@ -230,22 +304,40 @@ class XmlStreamParser:
         # the common case allows.
         depth = self._depth
         root = self._root
+        deepest = self.max_depth + 1  # the stream element is depth 1
         for action, el in self._parser.read_events():
             if action == "start":
                 depth += 1
                 tag = el.tag
                 # lxml accepts undeclared prefixes (as "a:b" names): namespace
                 # well-formedness is checked here, on element and attribute names.
-                if (tag[0] != "{" and ":" in tag) or (el.attrib and any(
-                        key[0] != "{" and ":" in key for key in el.attrib.keys())):
+                # A "}" in a namespace name (never valid in a URI) makes lxml's Clark
+                # notation ambiguous, and lxml itself raises on such names later.
+                if (tag[0] != "{" and ":" in tag) or tag.count("}") > 1 or (el.attrib and any(
+                        (key[0] != "{" and ":" in key) or key.count("}") > 1
+                        for key in el.attrib.keys())):
                     self._depth = depth
-                    return self._fail(events, "not-well-formed", "undeclared namespace prefix")
+                    return self._fail(events, "not-well-formed",
+                                      "undeclared namespace prefix or invalid namespace name")
                 if depth == 1:
                     self._depth = depth
                     self._unfinished_bytes = 0
+                    self._boundaries += 1
                     if not self._on_stream_open(el, events):
                         return False
                     root = self._root
+                elif depth == 2 and tag == _STREAM_TAG:
+                    # A header where a stanza belongs: only a restart (after TLS or SASL,
+                    # with a fresh parser) may open a stream. As an element it is a
+                    # first-level child no server supports (RFC 6120 §4.9.3.24).
+                    self._depth = depth
+                    return self._fail(events, "unsupported-stanza-type",
+                                      "a stream header inside the stream (no restart "
+                                      "is due here)")
+                elif depth > deepest:
+                    self._depth = depth
+                    return self._fail(events, "policy-violation",
+                                      f"elements nested deeper than {self.max_depth}")
                 continue
             depth -= 1
             if depth == 1:
@@ -257,6 +349,7 @@ class XmlStreamParser:
                 root.remove(el)
                 root.text = None  # whitespace keepalives between stanzas
                 self._unfinished_bytes = 0
+                self._boundaries += 1
             elif depth == 0:
                 self._depth = depth
                 events.append(StreamClosed())
@@ -270,7 +363,7 @@ class XmlStreamParser:
         if docinfo.doctype or docinfo.internalDTD is not None:
             return self._fail(events, "restricted-xml", "DTDs are not allowed")
         if el.tag != _STREAM_TAG:
-            if etree.QName(el).localname == "stream":
+            if el.tag.rpartition("}")[2] == "stream":
                 return self._fail(events, "invalid-namespace",
                                   "the stream element must be in " + ns.STREAM)
             return self._fail(events, "not-well-formed", "expected <stream:stream>")

@@ -643,3 +643,193 @@ def test_violation_condition_can_be_written_as_a_stream_error() -> None:
     (err,) = stanzas(parse(HEADER + stream_error(violation.condition, violation.text)))
     assert err[0].tag == ns.qname(ns.STREAMS_ERRORS, "restricted-xml")
     assert err[1].text == violation.text
+
+
+# ---------------------------------------------------------------- encodings (RFC 6120 §11.6)
+
+ENCODING_CASES = {
+    "declared-latin-1": b"<?xml version='1.0' encoding='ISO-8859-1'?>" + OPEN_TAG,
+    "declared-utf-16-in-ascii": b'<?xml version="1.0" encoding="UTF-16"?>' + OPEN_TAG,
+    "declared-ascii": b"<?xml version='1.0' encoding='US-ASCII'?>" + OPEN_TAG,
+    "utf-16-le-with-bom": "\ufeff<?xml version='1.0'?><stream:stream>".encode("utf-16-le"),
+    "utf-16-be-with-bom": "\ufeff<stream:stream>".encode("utf-16-be"),
+    "utf-16-le-without-bom": (XML_DECL + OPEN_TAG).decode().encode("utf-16-le"),
+    "utf-16-be-without-bom": (OPEN_TAG).decode().encode("utf-16-be"),
+    "utf-32-le-with-bom": "\ufeff<stream:stream>".encode("utf-32-le"),
+    "utf-32-be-with-bom": "\ufeff<stream:stream>".encode("utf-32-be"),
+    "utf-16-with-whitespace-first": " <stream:stream>".encode("utf-16-le"),
+}
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("data", list(ENCODING_CASES.values()), ids=list(ENCODING_CASES))
+def test_other_encodings_are_unsupported(data: bytes, chunk: int | None) -> None:
+    parser = XmlStreamParser()
+    events = feed(parser, data + b"<message><body>x</body></message>", chunk)
+    assert only_violation(events).condition == "unsupported-encoding"
+    assert not any(isinstance(e, StreamOpened) for e in events)
+    assert parser.closed
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_utf_16_stream_cannot_smuggle_comments_or_pis(chunk: int | None) -> None:
+    # Encoded as UTF-16 the markup is invisible to a byte scanner looking for "<!" and "<?".
+    text = "<?xml version='1.0' encoding='UTF-16'?>" + OPEN_TAG.decode() + (
+        "<!-- hidden --><?pi x?><message><body>x</body></message>")
+    for data in (text.encode("utf-16"), text.encode("utf-16-le"), text.encode("utf-16-be")):
+        events = feed(XmlStreamParser(), data, chunk)
+        assert only_violation(events).condition == "unsupported-encoding"
+        assert stanzas(events) == []
+
+
+def test_encoding_declared_on_a_restart_is_checked_again() -> None:
+    parser = XmlStreamParser()
+    assert [type(e) for e in parser.feed(HEADER)] == [StreamOpened]
+    parser.reset()
+    events = parser.feed(b"<?xml version='1.0' encoding='ISO-8859-1'?>" + OPEN_TAG
+                         + "<message><body>caf\u00e9</body></message>".encode("latin-1"))
+    assert only_violation(events).condition == "unsupported-encoding"
+    assert stanzas(events) == []
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_utf_8_declared_in_any_case_and_a_utf_8_bom_are_accepted(chunk: int | None) -> None:
+    for prefix in (b"<?xml version='1.0' encoding='utf-8'?>",
+                   b'<?xml version="1.0" encoding = "UTF-8" ?>',
+                   b"\xef\xbb\xbf", b"\xef\xbb\xbf" + XML_DECL):
+        events = parse(prefix + OPEN_TAG + "<presence><status>caf\u00e9</status></presence>"
+                       .encode(), chunk)
+        assert [type(e) for e in events] == [StreamOpened, StanzaReceived], prefix
+        assert stanzas(events)[0].findtext(ns.qname(ns.CLIENT, "status")) == "caf\u00e9"
+
+
+INVALID_UTF8 = {
+    "lone-continuation": b"\x80",
+    "overlong-nul": b"\xc0\x80",
+    "surrogate": b"\xed\xa0\x80",
+    "beyond-unicode": b"\xf4\x90\x80\x80",
+    "truncated-sequence": b"\xe2\x82",
+    "ff-byte": b"\xff",
+    "latin-1-text": "caf\u00e9 ".encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("bad", list(INVALID_UTF8.values()), ids=list(INVALID_UTF8))
+def test_invalid_utf_8_is_unsupported_encoding(bad: bytes, chunk: int | None) -> None:
+    # RFC 6120 §4.9.3.22: "...or has otherwise improperly encoded the stream (e.g., by
+    # violating the rules of the [UTF-8] encoding)".
+    events = parse(HEADER + b"<presence/><message><body>a" + bad + b"b</body></message>",
+                   chunk)
+    assert only_violation(events).condition == "unsupported-encoding"
+    assert len(stanzas(events)) == 1  # the presence before it still counts
+
+
+def test_invalid_utf_8_in_an_attribute_is_unsupported_encoding() -> None:
+    events = parse(HEADER + b"<message to='caf\xe9'/>")
+    assert only_violation(events).condition == "unsupported-encoding"
+
+
+def test_valid_multibyte_utf_8_split_anywhere_is_fine() -> None:
+    text = "\u00e9\u4e2d\U0001f600"
+    data = HEADER + f"<message><body>{text}</body></message>".encode()
+    for chunk in (1, 2, 3):
+        (msg,) = stanzas(parse(data, chunk))
+        assert msg.findtext(ns.qname(ns.CLIENT, "body")) == text
+
+
+# ---------------------------------------------------------------- nesting depth
+
+def nested(depth: int) -> bytes:
+    """A message whose innermost element is at ``depth`` (the message itself is 1)."""
+    inner = depth - 1
+    return b"<message>" + b"<x>" * inner + b"</x>" * inner + b"</message>"
+
+
+@pytest.mark.parametrize("limit", [1, 5, 128, 250])
+def test_depth_at_the_limit_passes_and_one_more_is_a_policy_violation(limit: int) -> None:
+    (msg,) = stanzas(parse(HEADER + nested(limit), max_depth=limit))
+    assert len(list(msg.iter())) == limit
+    events = parse(HEADER + nested(limit + 1), max_depth=limit)
+    violation = only_violation(events)
+    assert violation.condition == "policy-violation"
+    assert str(limit) in violation.text
+
+
+def test_default_depth_limit_is_128() -> None:
+    assert len(stanzas(parse(HEADER + nested(128)))) == 1
+    assert only_violation(parse(HEADER + nested(129))).condition == "policy-violation"
+
+
+@pytest.mark.parametrize("chunk", [None, 4096])
+def test_very_deep_nesting_is_a_policy_violation_not_a_parser_error(chunk: int | None) -> None:
+    events = parse(HEADER + b"<message>" + b"<x>" * 100_000, chunk)
+    violation = only_violation(events)
+    assert violation.condition == "policy-violation"
+    assert "XML_PARSE_HUGE" not in violation.text
+
+
+def test_depth_limit_outside_its_range_is_refused() -> None:
+    for bad in (0, 251):
+        with pytest.raises(ValueError):
+            XmlStreamParser(max_depth=bad)
+
+
+# ---------------------------------------------------------------- a header mid-stream
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_stream_header_inside_the_stream_is_refused(chunk: int | None) -> None:
+    parser = XmlStreamParser()
+    events = feed(parser, HEADER + b"<presence/>" + OPEN_TAG + b"<message><body>x</body>"
+                  b"</message>", chunk)
+    assert only_violation(events).condition == "unsupported-stanza-type"
+    assert len(stanzas(events)) == 1  # the presence only: nothing after the second header
+    assert parser.closed
+
+
+# ---------------------------------------------------------------- trailing bytes (STARTTLS)
+
+STARTTLS = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("after", [
+    b"", b" ", b"\r\n\t ",
+])
+def test_nothing_after_the_last_element_leaves_no_trailing_bytes(
+        after: bytes, chunk: int | None) -> None:
+    parser = XmlStreamParser(track_trailing=True)
+    events = feed(parser, HEADER + STARTTLS + after, chunk)
+    assert [type(e) for e in events] == [StreamOpened, StanzaReceived]
+    assert parser.trailing_bytes == 0
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+@pytest.mark.parametrize("after", [
+    OPEN_TAG, HEADER, b"<", b"<auth", b"<a x='>'", b"<a x='>", b"x", b"<a>", b"<a><b/>",
+    b"<![CDATA[", b"&amp;", b"</stream:stream",
+])
+def test_bytes_after_the_last_element_are_counted(after: bytes, chunk: int | None) -> None:
+    parser = XmlStreamParser(track_trailing=True)
+    events = feed(parser, HEADER + STARTTLS + after, chunk)
+    assert stanzas(events)[0].tag == "{urn:ietf:params:xml:ns:xmpp-tls}starttls"
+    violation = any(isinstance(e, StreamViolation) for e in events)
+    assert violation or parser.trailing_bytes > 0
+
+
+def test_trailing_bytes_reset_when_the_next_element_completes() -> None:
+    parser = XmlStreamParser(track_trailing=True)
+    parser.feed(HEADER + b"<presence")
+    assert parser.trailing_bytes == len(b"<presence")
+    parser.feed(b"/>")
+    assert parser.trailing_bytes == 0
+
+
+@pytest.mark.parametrize("data", [
+    # Found by the fuzzer: lxml's Clark name of this tag cannot be parsed back.
+    HEADER.replace(b"xmlns:stream='", b"xmlns:stream='}"),
+    HEADER + b"<message xmlns='urn:a}b'/>",
+    HEADER + b"<message xmlns:p='urn:a}b' p:x='1'/>",
+], ids=["header", "element", "attribute"])
+def test_a_brace_in_a_namespace_name_is_not_well_formed(data: bytes) -> None:
+    assert only_violation(parse(data)).condition == "not-well-formed"

@@ -17,6 +17,9 @@ def test_empty_config_gives_the_documented_defaults() -> None:
         ("127.0.0.1", 5222, False)]
     assert config.upstream.tls == "starttls" and config.upstream.verify is True
     assert config.limits.max_stanza_bytes == 262144
+    assert config.limits.max_depth == 128
+    assert (config.limits.output_soft_bytes, config.limits.output_hard_bytes) == (
+        262144, 4194304)
     assert (config.log.format, config.log.level) == ("json", "info")
 
 
@@ -45,6 +48,12 @@ log: {format: json, level: info}
     ({"listen": []}, "listen: at least one listener"),
     ({"limits": {"max_stanza_bytes": 10}}, "limits.max_stanza_bytes: must be between"),
     ({"limits": {"max_stanza_bytes": True}}, "limits.max_stanza_bytes: must be an integer"),
+    ({"limits": {"max_depth": 0}}, "limits.max_depth: must be between 1 and 250"),
+    ({"limits": {"max_depth": 251}}, "limits.max_depth: must be between 1 and 250"),
+    ({"limits": {"output_soft_bytes": 1000}}, "limits.output_soft_bytes: must be between"),
+    ({"limits": {"output_hard_bytes": 1000}}, "limits.output_hard_bytes: must be between"),
+    ({"limits": {"output_soft_bytes": 65537, "output_hard_bytes": 65536}},
+     "limits.output_soft_bytes: must not be above output_hard_bytes"),
     ({"log": {"format": "xml"}}, "log.format: must be one of"),
     ({"nonsense": 1}, "nonsense: unknown option"),
     ([1, 2], "must be a YAML mapping"),
