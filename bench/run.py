@@ -176,7 +176,8 @@ class Bench:
                                                                   run))
                 try:
                     vias[(variant, sm)].append(await load.throughput(
-                        self.ep(proxy_label(variant, sm), proxy.port, watch=proxy), accounts,
+                        self.ep(proxy_label(variant, sm).removeprefix("via "), proxy.port,
+                                watch=proxy), accounts,
                         sm=sm, sample=proxy.journal_stats if proxy.stats_path else None,
                         **kw))
                 finally:
@@ -193,17 +194,28 @@ class Bench:
             ratio = mps / direct_mps
             vs = f"{ratio:.1%} of direct"
             memory = vias.get((MEMORY, sm))
-            vs_memory = None
+            vs_memory = paired = None
+            cpu_us = _cpu_per_message(results)
+            cpu_vs = ""
             if memory and variant != MEMORY:
                 vs_memory = mps / _median([r.messages_per_s for r in memory])
+                # run k of this setup against run k of memory: measured a few seconds apart,
+                # so the drift of a shared machine cancels more than in the medians
+                paired = [r.messages_per_s / m.messages_per_s
+                          for r, m in zip(results, memory, strict=True)]
                 vs += f"; {vs_memory:.1%} of memory"
+                if len(paired) > 1:
+                    vs += f" (paired runs {min(paired):.0%}–{max(paired):.0%})"
+                cpu_vs = f" ({cpu_us / _cpu_per_message(memory) - 1:+.0%} vs memory)"
             vs += _spread(results)
             self.row("throughput", label, "messages/s", round(mps), vs=vs, ratio=ratio,
-                     ratio_memory=vs_memory, runs=[round(r.messages_per_s) for r in results])
+                     ratio_memory=vs_memory, paired_ratio_memory=paired,
+                     runs=[round(r.messages_per_s) for r in results])
             self.row("throughput", label, "proxy CPU", _pct(_median_of(results, None)),
                      "of one core",
-                     vs=f"Prosody CPU {_pct(_median_of(results, 'prosody'))}; harness "
-                        f"{_pct(_median_of(results, 'harness'))}")
+                     vs=f"{cpu_us:.1f} µs per message{cpu_vs}; Prosody CPU "
+                        f"{_pct(_median_of(results, 'prosody'))}; harness "
+                        f"{_pct(_median_of(results, 'harness'))}", cpu_us_per_message=cpu_us)
             if variant[0] == "journal" and all(r.sampled for r in results):
                 self._journal_row("throughput", label, results)
             # With SM the senders' <r/> round trips are in the JSON only: at full speed they
@@ -258,7 +270,8 @@ class Bench:
                 proxy = await self.started(self._durability_proxy("latency", variant, sm, run))
                 try:
                     vias[(variant, sm)].append(await load.latency(
-                        self.ep(proxy_label(variant, sm), proxy.port), accounts, sm=sm, **kw))
+                        self.ep(proxy_label(variant, sm).removeprefix("via "), proxy.port),
+                        accounts, sm=sm, **kw))
                 finally:
                     await self.stopped(proxy)
         rate = f"at {o.rate:g} msg/s"
@@ -637,6 +650,13 @@ def _median_of(results: list[load.ThroughputResult], process: str | None) -> flo
     shares = [r.cpu_share if process is None else r.cpu.get(process) for r in results]
     known = [s for s in shares if s is not None]
     return _median(known) if known else None
+
+
+def _cpu_per_message(results: list[load.ThroughputResult]) -> float:
+    """The proxy's CPU time per message relayed, in µs (median over the runs): less
+    sensitive than messages/s to what else the machine is doing."""
+    return _median([r.cpu_share / r.messages_per_s * 1e6 for r in results
+                    if r.cpu_share and r.messages_per_s])
 
 
 def _range(values: list[float], digits: int = 0) -> str:
