@@ -375,6 +375,61 @@ class Bench:
         self.details["capacity"] = {k: v.as_dict() for k, v in results.items()}
         self.details["capacity"]["proxy_stanzas_per_s"] = stanzas
         self.details["capacity"]["proxy_stanzas_per_cpu_second"] = per_core
+        if o.durability:
+            await self._capacity_durability(accounts, kw)
+
+    async def _capacity_durability(self, accounts: list[tuple[str, str]],
+                                   kw: dict[str, Any]) -> None:
+        """The proxy alone (fast upstream, 100% of a core) in each durability variant: here
+        the journal's CPU cost is the throughput it costs, with nothing else to hide it."""
+        o = self.opts
+        upstream = await self.started(procs.fast_upstream(self.workdir / "capacity-durability"))
+        vias: dict[tuple[Variant, bool], list[load.ThroughputResult]] = {
+            key: [] for key in self._proxy_runs()}
+        try:
+            for run in range(o.repeat):
+                for variant, sm in vias:
+                    mode, fsync = variant
+                    overrides: dict[str, Any] = {}
+                    if mode is not None:
+                        overrides["durability"] = {"mode": mode, "fsync": fsync or "normal"}
+                    name = (f"proxy-capacity-{variant_tag(variant)}{'-sm' if sm else ''}-"
+                            f"{run + 1}")
+                    proxy = await self.started(self.proxy_before_fast(
+                        name, upstream, stats=True, **overrides))
+                    try:
+                        vias[(variant, sm)].append(await load.throughput(
+                            self.ep(proxy_label(variant, sm).removeprefix("via "),
+                                    proxy.port, watch=proxy,
+                                    also={upstream.name: upstream.pid}),
+                            accounts, sm=sm, sample=proxy.journal_stats, **kw))
+                    finally:
+                        await self.stopped(proxy)
+        finally:
+            await self.stopped(upstream)
+        details: dict[str, Any] = {}
+        for (variant, sm), results in vias.items():
+            label = proxy_label(variant, sm).replace("via proxy", "proxy, fast upstream")
+            mps = _median([r.messages_per_s for r in results])
+            per_core = _median([2 * r.messages_per_s / r.cpu_share for r in results
+                                if r.cpu_share])
+            vs = f"proxy CPU {_pct(_median_of(results, None))}"
+            memory = vias.get((MEMORY, sm))
+            paired = None
+            if memory and variant != MEMORY:
+                paired = [r.messages_per_s / m.messages_per_s
+                          for r, m in zip(results, memory, strict=True)]
+                vs += f"; {mps / _median([m.messages_per_s for m in memory]):.1%} of memory"
+                if len(paired) > 1:
+                    vs += f" (paired runs {min(paired):.0%}–{max(paired):.0%})"
+            self.row("capacity", label, "messages/s", round(mps), vs=vs + _spread(results),
+                     paired_ratio_memory=paired, runs=[round(r.messages_per_s) for r in results])
+            self.row("capacity", label, "stanzas per CPU-second", round(per_core),
+                     vs=f"{1e6 / per_core * 2:.1f} µs of proxy CPU per message")
+            if variant[0] == "journal" and all(r.sampled for r in results):
+                self._journal_row("capacity", label, results)
+            details[label] = [r.as_dict() for r in results]
+        self.details["capacity"]["durability"] = details
 
     def _profiler(self, proxy: procs.Child, tag: str) -> Callable[[float], object] | None:
         """With --profile: a callback that starts py-spy on ``proxy`` for the measured

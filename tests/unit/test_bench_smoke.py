@@ -107,13 +107,15 @@ def test_one_case_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--only", "capacity", "--pairs", "1", "--seconds",
-         "0.3", "--warmup", "0.2", "--window", "200", "--json", str(out)],
+         "0.3", "--warmup", "0.2", "--window", "200", "--durability", "journal",
+         "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {(r["setup"], r["figure"]): r["value"] for r in data["rows"]}
     assert rows[("direct fast upstream", "messages/s")] > 0
     assert rows[("proxy (TLS client leg)", "stanzas relayed/s")] > 0
+    assert rows[("proxy, fast upstream, journal", "journal commits/s")] > 0
     assert "== capacity" in proc.stderr and "| capacity" in proc.stdout
     assert data["machine"]["nproc"] >= 1
 
