@@ -270,7 +270,9 @@ async def collect_latencies(reader: asyncio.StreamReader, latencies: list[tuple[
     """For messages with ``id='L<perf_counter_ns at send>'``: append (send, receive - send),
     in nanoseconds. ``sm_writer``: stream management is on; each ``<r/>`` read is answered
     there with ``<a h/>``, h the messages received so far (errs low, never high)."""
-    pattern = re.compile(rb"<message\s[^>]*\sid=['\"]" + re.escape(prefix) + rb"(\d+)['\"]")
+    # id may be the first attribute (Prosody's attribute order changes from run to run)
+    pattern = re.compile(rb"<message\s(?:[^>]*\s)?id=['\"]" + re.escape(prefix)
+                         + rb"(\d+)['\"]")
     pending = tail = b""
     handled = 0
     while True:

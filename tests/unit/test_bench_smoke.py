@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench import byterelay, fastupstream, load, procs
-from bench.client import BenchClient, login
+from bench.client import BenchClient, collect_latencies, login
 from bench.profile import format_hot_spots, hot_spots
 from bench.rules50 import write_fifty_rules
 from bench.run import format_table, parse_args, proxy_label
@@ -79,6 +79,20 @@ def test_byte_relay_carries_a_session_and_counting_works() -> None:
             server.close()
 
     run(scenario(), timeout=30)
+
+
+def test_latency_ids_are_read_wherever_the_id_attribute_is() -> None:
+    """Prosody's attribute order changes from run to run: id may come first."""
+    async def scenario() -> list[int]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"<message id='L5' to='a'><body/></message>"
+                         b"<message to='b' type='chat' id=\"L7\"><body/></message>")
+        reader.feed_eof()
+        samples: list[tuple[int, int]] = []
+        await collect_latencies(reader, samples)
+        return [sent for sent, _ in samples]
+
+    assert run(scenario(), timeout=5) == [5, 7]
 
 
 def test_fifty_rules_compile(tmp_path: Path) -> None:
