@@ -261,17 +261,33 @@ async def count_messages(reader: asyncio.StreamReader, counter: list[int]) -> No
         carry = chunk[-keep:]
 
 
+_SM_R = re.compile(rb"<r[\s/]")
+
+
 async def collect_latencies(reader: asyncio.StreamReader, latencies: list[tuple[int, int]],
-                            prefix: bytes = b"L") -> None:
+                            prefix: bytes = b"L",
+                            sm_writer: asyncio.StreamWriter | None = None) -> None:
     """For messages with ``id='L<perf_counter_ns at send>'``: append (send, receive - send),
-    in nanoseconds."""
-    pattern = re.compile(rb"<message\s[^>]*\sid=['\"]" + re.escape(prefix) + rb"(\d+)['\"]")
-    pending = b""
+    in nanoseconds. ``sm_writer``: stream management is on; each ``<r/>`` read is answered
+    there with ``<a h/>``, h the messages received so far (errs low, never high)."""
+    # id may be the first attribute (Prosody's attribute order changes from run to run)
+    pattern = re.compile(rb"<message\s(?:[^>]*\s)?id=['\"]" + re.escape(prefix)
+                         + rb"(\d+)['\"]")
+    pending = tail = b""
+    handled = 0
     while True:
         data = await reader.read(1 << 16)
         now = time.perf_counter_ns()
         if not data:
             return
+        if sm_writer is not None:
+            # The tail (shorter than </message>) catches what a read boundary splits; an
+            # <r/> in it is answered twice at most, which is harmless.
+            joined = tail + data
+            handled += joined.count(MESSAGE_END)
+            if _SM_R.search(joined) is not None:
+                sm_writer.write(f"<a xmlns='{NS_SM}' h='{handled % 2**32}'/>".encode())
+            tail = joined[-(len(MESSAGE_END) - 1):]
         pending += data
         end = pending.rfind(MESSAGE_END)
         if end < 0:

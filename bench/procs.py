@@ -6,6 +6,7 @@ PID (SIGTERM, then SIGKILL). Also: RSS and CPU time of a process from /proc.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,11 +34,24 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time used so far by the process (its threads included)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+def cpu_seconds(pid: int, process: int | None = None) -> float:
+    """User + system CPU time used so far by the process (its threads included); with
+    ``process``, ``pid`` is one of its threads and only that thread's time counts."""
+    where = f"/proc/{process}/task/{pid}/stat" if process is not None else f"/proc/{pid}/stat"
+    stat = Path(where).read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def write_bytes(pid: int) -> int | None:
+    """Bytes the process caused to be written to storage (/proc/PID/io), if readable."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 class Child:
@@ -52,6 +66,7 @@ class Child:
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed = False  # it did not stop on SIGTERM within the timeout
+        self.env: dict[str, str] = {}  # added to the environment it starts with
 
     @property
     def pid(self) -> int:
@@ -67,7 +82,7 @@ class Child:
             self.proc = subprocess.Popen(
                 self.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         _live.append(self)
         try:
             wait_port_sync(self.host, self.port, timeout, alive=lambda: self.running)
@@ -143,11 +158,13 @@ class Proxy(Child):
     """xmpp-front (``python -m proxy run``) with a STARTTLS listener, log level warning.
 
     ``upstream``: the ``upstream:`` section (host, port, domain, tls, ...); ``overrides``
-    are merged into the rest of the configuration.
+    are merged into the rest of the configuration. ``stats``: run it as
+    ``python -m bench.proxystats`` so that :meth:`journal_stats` can read its journal's
+    counters. The store is always a file in ``workdir`` (the journal needs one).
     """
 
     def __init__(self, workdir: Path, cert: Path, key: Path, upstream: dict[str, Any], *,
-                 name: str = "proxy", log_level: str = "warning",
+                 name: str = "proxy", log_level: str = "warning", stats: bool = False,
                  **overrides: Any) -> None:
         port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +181,51 @@ class Proxy(Child):
         }, overrides)
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
-        super().__init__(name, [sys.executable, "-m", "proxy", "run", "-c",
+        self.store_path = Path(self.config["store"]["path"])
+        module = "bench.proxystats" if stats else "proxy"
+        super().__init__(name, [sys.executable, "-m", module, "run", "-c",
                                 str(self.config_path)], port, workdir)
+        self.stats_path = workdir / f"{name}.stats.json" if stats else None
+        if self.stats_path is not None:
+            self.env["BENCH_STATS_FILE"] = str(self.stats_path)
+        self._stats_seq = 0
+
+    def journal_stats(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The journal's counters now (SIGUSR1, then the file it writes), with the writer
+        thread's CPU seconds, the process's bytes written to disk and the WAL file's size.
+        Only for a proxy started with ``stats=True``; ``{}`` if it did not answer."""
+        if self.stats_path is None or not self.running:
+            return {}
+        self._stats_seq += 1
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        stats: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                stats = json.loads(self.stats_path.read_text())
+            except (OSError, ValueError):
+                stats = {}
+            if stats.get("seq", 0) >= self._stats_seq:
+                break
+            time.sleep(0.002)
+        else:
+            return {}
+        self._stats_seq = stats["seq"]
+        cpu = 0.0
+        for tid in stats.get("tids") or ():
+            if tid is not None:
+                try:
+                    cpu += cpu_seconds(tid, self.pid)
+                except OSError:
+                    pass
+        out = {"commits": stats["commits"], "rows_written": stats["rows_written"],
+               "in_flight": stats.get("in_flight", 0), "journal_thread_cpu": cpu}
+        written = write_bytes(self.pid)
+        if written is not None:
+            out["disk_write_bytes"] = written
+        wal = Path(f"{self.store_path}-wal")
+        out["wal_bytes"] = wal.stat().st_size if wal.exists() else 0
+        return out
 
     def events(self, name: str) -> list[str]:
         """Raw JSON log lines of the events called ``name``."""

@@ -19,6 +19,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,54 +139,166 @@ class Bench:
 
     # -- cases --------------------------------------------------------------------------------
 
+    # The throughput and latency cases: direct, then the proxy in each durability variant
+    # (``--durability``) and with stream management off and/or on (``--sm``), ``--repeat``
+    # times, interleaved so that drift of a shared machine spreads over every variant.
+
+    def _proxy_runs(self) -> list[tuple[Variant, bool]]:
+        variants: list[Variant] = self.opts.durability or [DEFAULT_VARIANT]
+        return [(v, sm) for sm in self.opts.sm for v in variants]
+
+    def _durability_proxy(self, case: str, variant: Variant, sm: bool,
+                          run: int) -> procs.Proxy:
+        mode, fsync = variant
+        overrides: dict[str, Any] = {}
+        if mode is not None:
+            overrides["durability"] = {"mode": mode, "fsync": fsync or "normal"}
+        name = f"proxy-{case}"
+        if self.opts.durability or len(self.opts.sm) > 1 or self.opts.repeat > 1:
+            name += f"-{variant_tag(variant)}{'-sm' if sm else ''}-{run + 1}"
+        # stats: the journal's counters (bench/proxystats.py) when durability is compared
+        return self.proxy_before_prosody(name, stats=bool(self.opts.durability), **overrides)
+
     async def case_throughput(self) -> None:
         o = self.opts
         server = await self.prosody_server()
         accounts = await self.prosody_accounts(2 * o.pairs)
         kw = dict(seconds=o.seconds, warmup=o.warmup, window=o.window, batch=o.batch,
                   progress=self.progress)
-        direct = await load.throughput(self.ep("prosody", server.c2s_port), accounts, **kw)
-        proxy = await self.started(self.proxy_before_prosody("proxy-throughput"))
-        try:
-            via = await load.throughput(self.ep("proxy", proxy.port, watch=proxy), accounts,
-                                        **kw)
-        finally:
-            await self.stopped(proxy)
-        ratio = via.messages_per_s / direct.messages_per_s
-        self.row("throughput", "direct Prosody", "messages/s", round(direct.messages_per_s),
-                 vs=f"Prosody CPU {_pct(direct.cpu.get('prosody'))}")
-        self.row("throughput", "via proxy", "messages/s", round(via.messages_per_s),
-                 vs=f"{ratio:.1%} of direct", ratio=ratio)
-        self.row("throughput", "via proxy", "proxy CPU", _pct(via.cpu_share), "of one core",
-                 vs=f"Prosody CPU {_pct(via.cpu.get('prosody'))}; harness "
-                    f"{_pct(via.cpu.get('harness'))}")
-        self.details["throughput"] = {"direct": direct.as_dict(), "proxy": via.as_dict(),
-                                      "ratio": ratio, "pairs": o.pairs}
+        directs: list[load.ThroughputResult] = []
+        vias: dict[tuple[Variant, bool], list[load.ThroughputResult]] = {
+            key: [] for key in self._proxy_runs()}
+        for run in range(o.repeat):
+            directs.append(await load.throughput(self.ep("prosody", server.c2s_port),
+                                                 accounts, **kw))
+            for variant, sm in vias:
+                proxy = await self.started(self._durability_proxy("throughput", variant, sm,
+                                                                  run))
+                try:
+                    vias[(variant, sm)].append(await load.throughput(
+                        self.ep(proxy_label(variant, sm).removeprefix("via "), proxy.port,
+                                watch=proxy), accounts,
+                        sm=sm, sample=proxy.journal_stats if proxy.stats_path else None,
+                        **kw))
+                finally:
+                    await self.stopped(proxy)
+        direct_mps = _median([d.messages_per_s for d in directs])
+        self.row("throughput", "direct Prosody", "messages/s", round(direct_mps),
+                 vs=f"Prosody CPU {_pct(_median_of(directs, 'prosody'))}{_spread(directs)}",
+                 runs=[round(d.messages_per_s) for d in directs])
+        details: dict[str, Any] = {"direct": [d.as_dict() for d in directs], "proxy": {},
+                                   "pairs": o.pairs, "repeat": o.repeat}
+        for (variant, sm), results in vias.items():
+            label = proxy_label(variant, sm)
+            mps = _median([r.messages_per_s for r in results])
+            ratio = mps / direct_mps
+            vs = f"{ratio:.1%} of direct"
+            memory = vias.get((MEMORY, sm))
+            vs_memory = paired = None
+            cpu_us = _cpu_per_message(results)
+            cpu_vs = ""
+            if memory and variant != MEMORY:
+                vs_memory = mps / _median([r.messages_per_s for r in memory])
+                # run k of this setup against run k of memory: measured a few seconds apart,
+                # so the drift of a shared machine cancels more than in the medians
+                paired = [r.messages_per_s / m.messages_per_s
+                          for r, m in zip(results, memory, strict=True)]
+                vs += f"; {vs_memory:.1%} of memory"
+                if len(paired) > 1:
+                    vs += f" (paired runs {min(paired):.0%}–{max(paired):.0%})"
+                cpu_vs = f" ({cpu_us / _cpu_per_message(memory) - 1:+.0%} vs memory)"
+            vs += _spread(results)
+            self.row("throughput", label, "messages/s", round(mps), vs=vs, ratio=ratio,
+                     ratio_memory=vs_memory, paired_ratio_memory=paired,
+                     runs=[round(r.messages_per_s) for r in results])
+            self.row("throughput", label, "proxy CPU", _pct(_median_of(results, None)),
+                     "of one core",
+                     vs=f"{cpu_us:.1f} µs per message{cpu_vs}; Prosody CPU "
+                        f"{_pct(_median_of(results, 'prosody'))}; harness "
+                        f"{_pct(_median_of(results, 'harness'))}", cpu_us_per_message=cpu_us)
+            if variant[0] == "journal" and all(r.sampled for r in results):
+                self._journal_row("throughput", label, results)
+            # With SM the senders' <r/> round trips are in the JSON only: at full speed they
+            # measure the queue of up to --window messages ahead of each <r/>, not the
+            # journal (the latency case times them at a fixed rate).
+            details["proxy"][label] = [r.as_dict() for r in results]
+            if (variant, sm) == (DEFAULT_VARIANT, False):
+                details["ratio"] = ratio  # the figure the table had before --durability
+        self.details["throughput"] = details
+
+    def _journal_row(self, case: str, label: str, results: list[load.ThroughputResult]) -> None:
+        """Commits and rows per second over the window, what the writer thread and the disk
+        did (medians over the runs)."""
+        def per_s(key: str) -> float:
+            return _median([r.sampled.get(key, 0.0) / r.seconds for r in results])
+        commits, rows = per_s("commits"), per_s("rows_written")
+        stanzas = _median([r.messages_per_s for r in results])
+        thread = per_s("journal_thread_cpu")
+        disk = per_s("disk_write_bytes")
+        wal = _median([r.sampled.get("wal_bytes", 0.0) for r in results])
+        self.row(case, label, "journal commits/s", round(commits),
+                 vs=f"{rows:,.0f} rows/s ({rows / stanzas:.2f} per message); writer thread "
+                    f"CPU {_pct(thread)}; disk {disk / 2**20:.1f} MiB/s; WAL "
+                    f"{wal / 2**20:.1f} MiB", commits_per_s=commits, rows_per_s=rows,
+                 rows_per_message=rows / stanzas, writer_thread_cpu=thread,
+                 disk_write_bytes_per_s=disk, wal_bytes=wal)
+
+    def _ack_rows(self, case: str, label: str, runs: list[list[float]]) -> None:
+        every: list[float] = [ms for run in runs for ms in run]
+        if not every:
+            self.row(case, label, "<r/> to <a/> p50", "n/a", "ms", vs="no <a/> came")
+            return
+        p50s = [load.percentile(r, 50) for r in runs if r]
+        p99s = [load.percentile(r, 99) for r in runs if r]
+        self.row(case, label, "<r/> to <a/> p50", round(_median(p50s), 3), "ms",
+                 vs=f"{len(every)} acks{_range(p50s, 3)}")
+        self.row(case, label, "<r/> to <a/> p99", round(_median(p99s), 3), "ms",
+                 vs=f"max {max(every):.1f} ms{_range(p99s, 3)}")
 
     async def case_latency(self) -> None:
         o = self.opts
         server = await self.prosody_server()
         accounts = await self.prosody_accounts(2 * o.pairs)
         kw = dict(rate=o.rate, seconds=o.seconds, warmup=o.warmup, progress=self.progress)
-        direct = await load.latency(self.ep("prosody", server.c2s_port), accounts, **kw)
-        proxy = await self.started(self.proxy_before_prosody("proxy-latency"))
-        try:
-            via = await load.latency(self.ep("proxy", proxy.port), accounts, **kw)
-        finally:
-            await self.stopped(proxy)
+        directs: list[load.LatencyResult] = []
+        vias: dict[tuple[Variant, bool], list[load.LatencyResult]] = {
+            key: [] for key in self._proxy_runs()}
+        for run in range(o.repeat):
+            directs.append(await load.latency(self.ep("prosody", server.c2s_port), accounts,
+                                              **kw))
+            for variant, sm in vias:
+                proxy = await self.started(self._durability_proxy("latency", variant, sm, run))
+                try:
+                    vias[(variant, sm)].append(await load.latency(
+                        self.ep(proxy_label(variant, sm).removeprefix("via "), proxy.port),
+                        accounts, sm=sm, **kw))
+                finally:
+                    await self.stopped(proxy)
         rate = f"at {o.rate:g} msg/s"
-        for name, r in (("direct Prosody", direct), ("via proxy", via)):
-            vs_p50 = vs_p99 = ""
-            if r is via:
-                vs_p50 = f"+{via.p50_ms - direct.p50_ms:.2f} ms"
-                vs_p99 = f"+{via.p99_ms - direct.p99_ms:.2f} ms"
-            self.row("latency", name, f"p50 {rate}", round(r.p50_ms, 3), "ms", vs_p50)
-            self.row("latency", name, f"p99 {rate}", round(r.p99_ms, 3), "ms", vs_p99,
-                     samples=r.samples)
-        added = via.p99_ms - direct.p99_ms
-        self.details["latency"] = {"direct": direct.as_dict(), "proxy": via.as_dict(),
-                                   "added_p50_ms": via.p50_ms - direct.p50_ms,
-                                   "added_p99_ms": added}
+        d50 = _median([d.p50_ms for d in directs])
+        d99 = _median([d.p99_ms for d in directs])
+        self.row("latency", "direct Prosody", f"p50 {rate}", round(d50, 3), "ms",
+                 _range([d.p50_ms for d in directs], 3).lstrip("; "))
+        self.row("latency", "direct Prosody", f"p99 {rate}", round(d99, 3), "ms",
+                 _range([d.p99_ms for d in directs], 3).lstrip("; "),
+                 samples=sum(d.samples for d in directs))
+        details: dict[str, Any] = {"direct": [d.as_dict() for d in directs], "proxy": {}}
+        for (variant, sm), results in vias.items():
+            label = proxy_label(variant, sm)
+            p50 = _median([r.p50_ms for r in results])
+            p99 = _median([r.p99_ms for r in results])
+            self.row("latency", label, f"p50 {rate}", round(p50, 3), "ms",
+                     f"+{p50 - d50:.2f} ms{_range([r.p50_ms for r in results], 3)}")
+            self.row("latency", label, f"p99 {rate}", round(p99, 3), "ms",
+                     f"+{p99 - d99:.2f} ms{_range([r.p99_ms for r in results], 3)}",
+                     samples=sum(r.samples for r in results))
+            if sm:
+                self._ack_rows("latency", label, [r.ack_ms for r in results])
+            details["proxy"][label] = [r.as_dict() for r in results]
+            if (variant, sm) == (DEFAULT_VARIANT, False):
+                details["added_p50_ms"] = p50 - d50
+                details["added_p99_ms"] = p99 - d99
+        self.details["latency"] = details
 
     async def case_login(self) -> None:
         o = self.opts
@@ -262,6 +375,61 @@ class Bench:
         self.details["capacity"] = {k: v.as_dict() for k, v in results.items()}
         self.details["capacity"]["proxy_stanzas_per_s"] = stanzas
         self.details["capacity"]["proxy_stanzas_per_cpu_second"] = per_core
+        if o.durability:
+            await self._capacity_durability(accounts, kw)
+
+    async def _capacity_durability(self, accounts: list[tuple[str, str]],
+                                   kw: dict[str, Any]) -> None:
+        """The proxy alone (fast upstream, 100% of a core) in each durability variant: here
+        the journal's CPU cost is the throughput it costs, with nothing else to hide it."""
+        o = self.opts
+        upstream = await self.started(procs.fast_upstream(self.workdir / "capacity-durability"))
+        vias: dict[tuple[Variant, bool], list[load.ThroughputResult]] = {
+            key: [] for key in self._proxy_runs()}
+        try:
+            for run in range(o.repeat):
+                for variant, sm in vias:
+                    mode, fsync = variant
+                    overrides: dict[str, Any] = {}
+                    if mode is not None:
+                        overrides["durability"] = {"mode": mode, "fsync": fsync or "normal"}
+                    name = (f"proxy-capacity-{variant_tag(variant)}{'-sm' if sm else ''}-"
+                            f"{run + 1}")
+                    proxy = await self.started(self.proxy_before_fast(
+                        name, upstream, stats=True, **overrides))
+                    try:
+                        vias[(variant, sm)].append(await load.throughput(
+                            self.ep(proxy_label(variant, sm).removeprefix("via "),
+                                    proxy.port, watch=proxy,
+                                    also={upstream.name: upstream.pid}),
+                            accounts, sm=sm, sample=proxy.journal_stats, **kw))
+                    finally:
+                        await self.stopped(proxy)
+        finally:
+            await self.stopped(upstream)
+        details: dict[str, Any] = {}
+        for (variant, sm), results in vias.items():
+            label = proxy_label(variant, sm).replace("via proxy", "proxy, fast upstream")
+            mps = _median([r.messages_per_s for r in results])
+            per_core = _median([2 * r.messages_per_s / r.cpu_share for r in results
+                                if r.cpu_share])
+            vs = f"proxy CPU {_pct(_median_of(results, None))}"
+            memory = vias.get((MEMORY, sm))
+            paired = None
+            if memory and variant != MEMORY:
+                paired = [r.messages_per_s / m.messages_per_s
+                          for r, m in zip(results, memory, strict=True)]
+                vs += f"; {mps / _median([m.messages_per_s for m in memory]):.1%} of memory"
+                if len(paired) > 1:
+                    vs += f" (paired runs {min(paired):.0%}–{max(paired):.0%})"
+            self.row("capacity", label, "messages/s", round(mps), vs=vs + _spread(results),
+                     paired_ratio_memory=paired, runs=[round(r.messages_per_s) for r in results])
+            self.row("capacity", label, "stanzas per CPU-second", round(per_core),
+                     vs=f"{1e6 / per_core * 2:.1f} µs of proxy CPU per message")
+            if variant[0] == "journal" and all(r.sampled for r in results):
+                self._journal_row("capacity", label, results)
+            details[label] = [r.as_dict() for r in results]
+        self.details["capacity"]["durability"] = details
 
     def _profiler(self, proxy: procs.Child, tag: str) -> Callable[[float], object] | None:
         """With --profile: a callback that starts py-spy on ``proxy`` for the measured
@@ -528,6 +696,95 @@ def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{share:.0%}"
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _median_of(results: list[load.ThroughputResult], process: str | None) -> float | None:
+    """The median CPU share of ``process`` (None: the watched one) over the runs."""
+    shares = [r.cpu_share if process is None else r.cpu.get(process) for r in results]
+    known = [s for s in shares if s is not None]
+    return _median(known) if known else None
+
+
+def _cpu_per_message(results: list[load.ThroughputResult]) -> float:
+    """The proxy's CPU time per message relayed, in µs (median over the runs): less
+    sensitive than messages/s to what else the machine is doing."""
+    return _median([r.cpu_share / r.messages_per_s * 1e6 for r in results
+                    if r.cpu_share and r.messages_per_s])
+
+
+def _range(values: list[float], digits: int = 0) -> str:
+    """``; runs A–B`` for more than one run, else nothing."""
+    if len(values) < 2:
+        return ""
+    lo, hi = min(values), max(values)
+    if digits:
+        return f"; runs {lo:.{digits}f}–{hi:.{digits}f}"
+    return f"; runs {lo:,.0f}–{hi:,.0f}"
+
+
+def _spread(results: list[load.ThroughputResult]) -> str:
+    values = [r.messages_per_s for r in results]
+    if len(values) < 2:
+        return ""
+    mid = _median(values)
+    return f"{_range(values)} (±{(max(values) - min(values)) / 2 / mid:.1%})"
+
+
+# A durability variant of the proxy: (mode, fsync); (None, None) is the proxy's own default.
+Variant = tuple[str | None, str | None]
+DEFAULT_VARIANT: Variant = (None, None)
+MEMORY: Variant = ("memory", None)
+FSYNC = ("normal", "full", "off")
+
+
+def variant_tag(variant: Variant) -> str:
+    mode, fsync = variant
+    if mode is None:
+        return "default"
+    return mode if mode == "memory" or fsync in (None, "normal") else f"{mode}-{fsync}"
+
+
+def proxy_label(variant: Variant, sm: bool) -> str:
+    mode, fsync = variant
+    label = "via proxy"
+    if mode == "memory":
+        label += ", memory"
+    elif mode == "journal":
+        label += ", journal" + ("" if fsync in (None, "normal") else f" fsync={fsync}")
+    return label + (", SM" if sm else "")
+
+
+def _durability(text: str) -> list[Variant]:
+    """``journal,memory,journal:full``: durability modes, a journal's fsync after a colon."""
+    out: list[Variant] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        mode, _, fsync = item.partition(":")
+        if mode not in ("journal", "memory"):
+            raise argparse.ArgumentTypeError(f"unknown durability mode {mode!r} (journal, "
+                                             "memory; journal:full, journal:off)")
+        if fsync and (mode != "journal" or fsync not in FSYNC):
+            raise argparse.ArgumentTypeError(f"bad fsync in {item!r}: journal:normal, "
+                                             "journal:full or journal:off")
+        variant: Variant = (mode, (fsync or "normal") if mode == "journal" else None)
+        if variant not in out:
+            out.append(variant)
+    if not out:
+        raise argparse.ArgumentTypeError("no durability mode given")
+    return out
+
+
+def _sm(text: str) -> list[bool]:
+    values = {"off": False, "on": True}
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or any(n not in values for n in names):
+        raise argparse.ArgumentTypeError("--sm takes off, on or off,on")
+    return list(dict.fromkeys(values[n] for n in names))
+
+
 def _rules_wired(rules_file: Path) -> bool:
     """Whether the proxy's configuration takes ``rules: [paths]`` yet."""
     from proxy.config import ConfigError, parse_config
@@ -616,8 +873,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="xmpp-front benchmarks: each figure through the proxy and directly, "
                     "in the same run. Cases: " + ", ".join(CASES))
-    p.add_argument("--only", type=_cases, default=list(CASES),
+    p.add_argument("--only", "--cases", dest="only", type=_cases, default=list(CASES),
                    help="comma-separated cases to run (default: all)")
+    p.add_argument("--durability", type=_durability, metavar="MODE,...", default=None,
+                   help="throughput and latency through a proxy with each durability mode "
+                        "in the same run: journal, memory, journal:full, journal:off "
+                        "(default: the proxy's own default only)")
+    p.add_argument("--sm", type=_sm, default=[False], metavar="off|on|off,on",
+                   help="throughput and latency clients via the proxy enable stream "
+                        "management (Prosody has none, so direct clients never do) (off)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="throughput and latency: measure every setup N times, interleaved; "
+                        "medians, with the range of the runs (1)")
     p.add_argument("--pairs", type=int, default=4, help="client pairs for throughput (4)")
     p.add_argument("--seconds", type=float, default=5.0,
                    help="measured seconds per throughput/latency/login figure (5)")
@@ -647,7 +914,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: the proxy's own default, 10)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     opts = p.parse_args(argv)
-    for name in ("pairs", "loggers", "resumes", "restore_sessions", "window", "batch"):
+    for name in ("pairs", "loggers", "resumes", "restore_sessions", "window", "batch",
+                 "repeat"):
         if getattr(opts, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if opts.batch >= opts.window:
