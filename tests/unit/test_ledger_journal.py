@@ -168,3 +168,30 @@ def test_origin_id_is_the_message_id() -> None:
     error = message(3, type="error")
     ensure_origin_id(error)
     assert error.find(sid) is None
+
+
+def test_merged_batches_keep_the_furthest_cut_and_many_rows_fit_one_commit(
+        tmp_path: Path) -> None:
+    from proxy.journal import _Batch, _merge
+
+    first, second = _Batch(), _Batch()
+    first.puts[("s", "c2s")] += [(n, "a@x", b"<m/>", 1.0) for n in range(3)]
+    second.puts[("s", "c2s")] += [(n, "a@x", b"<m/>", 1.0) for n in range(3, 5)]
+    second.cuts[("s", "c2s")] = 4
+    first.cuts[("s", "c2s")] = 1
+    merged = _merge([first, second])
+    assert [p[0] for p in merged.puts[("s", "c2s")]] == [0, 1, 2, 3, 4]
+    assert merged.cuts == {("s", "c2s"): 4}
+
+    path = tmp_path / "many.sqlite3"
+    store = Store(str(path))
+    journal = Journal(str(path))
+    big = _Batch()
+    big.puts[("s", "s2c")] += [(n, "a@x", b"<m/>", 1.0) for n in range(1234)]
+    journal._write(big)
+    assert store.conn.execute("SELECT count(*) FROM ledger_journal").fetchone()[0] == 1234
+    journal._write(merged)
+    assert [r[0] for r in store.conn.execute(
+        "SELECT n FROM ledger_journal WHERE lane = 'c2s'").fetchall()] == [4]
+    asyncio.run(journal.close())
+    store.close()
