@@ -16,7 +16,6 @@ so a stanza that is confirmed within one turn costs nothing.
 from __future__ import annotations
 
 import asyncio
-import functools
 import queue
 import sqlite3
 import threading
@@ -46,11 +45,12 @@ class _Batch:
     puts: dict[Key, list[tuple[int, str, bytes, float]]] = field(
         default_factory=lambda: defaultdict(list))
     cuts: dict[Key, int] = field(default_factory=dict)
+    drops: set[str] = field(default_factory=set)  # sessions whose ledger is settled for good
     waiters: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.puts and not self.cuts
+        return not self.puts and not self.cuts and not self.drops
 
 
 class Journal:
@@ -86,6 +86,11 @@ class Journal:
         if self._batch.cuts.get(key, -1) < left:
             self._batch.cuts[key] = left
             self._schedule()
+
+    def drop(self, session: str) -> None:
+        """The session's ledger is empty and the session gone: forget it."""
+        self._batch.drops.add(session)
+        self._schedule()
 
     def when_durable(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the loop once everything journaled so far is committed."""
@@ -163,38 +168,42 @@ class Journal:
                 return
 
     def _write(self, batch: _Batch) -> None:
-        rows: list[tuple[str, str, int, str, bytes, float]] = []
+        """One transaction; a few rows however many stanzas: per lane, one row holding the
+        new stanzas (numbers first_n..last_n) and the furthest cut."""
+        rows: list[tuple[str, str, int, int, str, float, bytes]] = []
+        written = 0
         for (session, lane), puts in batch.puts.items():
             cut = batch.cuts.get((session, lane), -1)
-            rows.extend((session, lane, n, account, data, at)
-                        for n, account, data, at in puts if n >= cut)
+            # A lane's stanzas enter in order and a cut removes a prefix: what is left of
+            # this batch's puts is consecutive.
+            kept = [p for p in puts if p[0] >= cut]
+            if kept:
+                rows.append((session, lane, kept[0][0], kept[-1][0], kept[0][1], kept[0][3],
+                             b"\0".join(p[2] for p in kept)))
+                written += len(kept)
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
             if batch.cuts:
+                cuts = [(s, lane, left) for (s, lane), left in batch.cuts.items()]
+                c.executemany("INSERT INTO ledger_cuts (session, lane, left_n) VALUES (?, ?, ?)"
+                              " ON CONFLICT (session, lane) DO UPDATE SET"
+                              " left_n = max(left_n, excluded.left_n)", cuts)
                 c.executemany("DELETE FROM ledger_journal WHERE session = ? AND lane = ?"
-                              " AND n < ?", [(s, lane, left)
-                                             for (s, lane), left in batch.cuts.items()])
-            # Many rows per statement: sqlite3 releases and retakes the GIL for each step,
-            # and a statement per row makes the event loop wait for it tens of thousands of
-            # times a second.
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                part = rows[start:start + _ROWS_PER_INSERT]
-                c.execute(_insert_sql(len(part)), [v for row in part for v in row])
+                              " AND last_n < ?", cuts)
+            if rows:
+                c.executemany("INSERT OR REPLACE INTO ledger_journal (session, lane, first_n,"
+                              " last_n, account, queued_at, stanzas) VALUES"
+                              " (?, ?, ?, ?, ?, ?, ?)", rows)
+            if batch.drops:
+                gone = [(session,) for session in batch.drops]
+                c.executemany("DELETE FROM ledger_journal WHERE session = ?", gone)
+                c.executemany("DELETE FROM ledger_cuts WHERE session = ?", gone)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        self.rows_written += len(rows)
-
-
-_ROWS_PER_INSERT = 500  # 6 parameters a row: well under SQLite's 32766
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(rows: int) -> str:
-    return ("INSERT OR REPLACE INTO ledger_journal (session, lane, n, account, stanza,"
-            " queued_at) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * rows))
+        self.rows_written += written
 
 
 def _merge(batches: list[_Batch]) -> _Batch:
@@ -208,6 +217,7 @@ def _merge(batches: list[_Batch]) -> _Batch:
             merged.puts[key].extend(puts)
         for key, left in batch.cuts.items():
             merged.cuts[key] = max(left, merged.cuts.get(key, -1))
+        merged.drops |= batch.drops
     return merged
 
 
@@ -248,31 +258,42 @@ def recover(store: Any, *, now: float, stored_ttl: float, domain: str,
     stanzas for a client into the offline store (messages stamped with ``<delay/>``), client
     stanzas into the pending queue for the server; the rest is discarded, counted."""
     conn = store.conn
-    rows = conn.execute("SELECT session, lane, n, account, stanza, queued_at FROM ledger_journal"
-                        " ORDER BY account, queued_at, session, lane, n").fetchall()
+    cuts = {(session, lane): int(left) for session, lane, left in
+            conn.execute("SELECT session, lane, left_n FROM ledger_cuts").fetchall()}
+    rows = conn.execute("SELECT session, lane, first_n, account, queued_at, stanzas"
+                        " FROM ledger_journal ORDER BY account, queued_at, session, lane,"
+                        " first_n").fetchall()
     counts = {"sessions": len({r[0] for r in rows}), "stored": 0, "pending": 0,
               "discarded": 0}
-    if not rows:
+    if not rows and not cuts:
         return counts
     with store.transaction() as c:
-        for _session, lane, _n, account, data, queued_at in rows:
-            try:
-                el = parse_stored(bytes(data))
-            except etree.XMLSyntaxError:
-                counts["discarded"] += 1
-                continue
-            if lane == "s2c" and storable(el):
-                delay_stamp(el, float(queued_at), domain)
-                c.execute("INSERT INTO offline_messages (account, stanza, expires_at)"
-                          " VALUES (?, ?, ?)", (account, etree.tostring(el), now + stored_ttl))
-                counts["stored"] += 1
-            elif lane == "c2s" and replayable(el):
-                c.execute("INSERT INTO pending_outbound (account, stanza, expires_at)"
-                          " VALUES (?, ?, ?)", (account, bytes(data), now + stored_ttl))
-                counts["pending"] += 1
-            else:
-                counts["discarded"] += 1
+        for session, lane, first_n, account, queued_at, blob in rows:
+            left = cuts.get((session, lane), 0)
+            for offset, data in enumerate(bytes(blob).split(b"\0")):
+                if first_n + offset < left:
+                    continue  # it had left the ledger; only its row's deletion was pending
+                try:
+                    el = parse_stored(data)
+                except etree.XMLSyntaxError:
+                    counts["discarded"] += 1
+                    continue
+                if lane == "s2c" and storable(el):
+                    delay_stamp(el, float(queued_at), domain)
+                    c.execute("INSERT INTO offline_messages (account, stanza, expires_at)"
+                              " VALUES (?, ?, ?)", (account, etree.tostring(el),
+                                                    now + stored_ttl))
+                    counts["stored"] += 1
+                elif lane == "c2s" and replayable(el):
+                    c.execute("INSERT INTO pending_outbound (account, stanza, expires_at)"
+                              " VALUES (?, ?, ?)", (account, data, now + stored_ttl))
+                    counts["pending"] += 1
+                else:
+                    counts["discarded"] += 1
         c.execute("DELETE FROM ledger_journal")
+        c.execute("DELETE FROM ledger_cuts")
+    if not rows:
+        return counts
     if log is not None:
         log.info("journal_recovered", **counts)
     return counts

@@ -85,14 +85,21 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             expires_at REAL NOT NULL              -- wall-clock seconds; bounced after this
         );
         CREATE INDEX pending_by_account ON pending_outbound (account, id);
-        CREATE TABLE ledger_journal (             -- the live ledgers, for crash recovery
-            session   TEXT NOT NULL,
+        CREATE TABLE ledger_journal (             -- the live ledgers, for crash recovery:
+            session   TEXT NOT NULL,              -- one row per lane per commit
             lane      TEXT NOT NULL,              -- 'c2s' or 's2c'
-            n         INTEGER NOT NULL,           -- the stanza's number in its lane
+            first_n   INTEGER NOT NULL,           -- the stanzas' numbers in their lane:
+            last_n    INTEGER NOT NULL,           -- first_n .. last_n, consecutive
             account   TEXT NOT NULL,
-            stanza    BLOB NOT NULL,
-            queued_at REAL NOT NULL,              -- wall-clock seconds it was taken on
-            PRIMARY KEY (session, lane, n)
+            queued_at REAL NOT NULL,              -- wall-clock seconds (one event-loop turn)
+            stanzas   BLOB NOT NULL,              -- NUL-separated (XML never contains NUL)
+            PRIMARY KEY (session, lane, first_n)
+        ) WITHOUT ROWID;
+        CREATE TABLE ledger_cuts (                -- per lane: everything below has left
+            session   TEXT NOT NULL,
+            lane      TEXT NOT NULL,
+            left_n    INTEGER NOT NULL,
+            PRIMARY KEY (session, lane)
         ) WITHOUT ROWID;
     """),
 )

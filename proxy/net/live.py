@@ -524,6 +524,8 @@ class LiveSession:
         if not self._ledger_logged:
             self._ledger_logged = True
             self.log.info("ledger", **self.ledger.summary(), empty=self.ledger.empty)
+            if self.journal is not None and self.ledger.empty:
+                self.journal.drop(self.core.id)  # nothing of it is left to recover
 
     async def finish(self, deadline: float) -> None:
         """The proxy is stopping while this ended session still waits for the server's

@@ -77,6 +77,17 @@ def test_what_is_replayed_and_what_is_stored() -> None:
     assert not storable(st.element("iq", {"type": "result"}))
 
 
+def held_in_journal(store: Store) -> list[tuple[str, str, int]]:
+    """(session, lane, n) of every stanza the journal still holds (its rows less its cuts)."""
+    cuts = {(s, lane): left for s, lane, left in
+            store.conn.execute("SELECT session, lane, left_n FROM ledger_cuts")}
+    held: list[tuple[str, str, int]] = []
+    for s, lane, first, last in store.conn.execute(
+            "SELECT session, lane, first_n, last_n FROM ledger_journal ORDER BY lane, first_n"):
+        held += [(s, lane, n) for n in range(first, last + 1) if n >= cuts.get((s, lane), 0)]
+    return held
+
+
 async def _journal_round(path: Path) -> tuple[list[str], list[tuple[str, str, int]]]:
     store = Store(str(path))
     journal = Journal(str(path))
@@ -89,15 +100,19 @@ async def _journal_round(path: Path) -> tuple[list[str], list[tuple[str, str, in
     journal.cut("s1", "s2c", 1)  # delivered in the same turn: never reaches the disk
     await asyncio.sleep(0)  # the end of this turn hands the batch over
     await asyncio.wait_for(_durable(journal), 5)
-    rows = store.conn.execute("SELECT session, lane, n FROM ledger_journal ORDER BY lane, n"
-                              ).fetchall()
+    rows = held_in_journal(store)
+    assert store.conn.execute("SELECT count(*) FROM ledger_journal").fetchone()[0] == 1
     journal.cut("s1", "c2s", 2)
     await asyncio.wait_for(_durable(journal), 5)
-    rows_after = store.conn.execute("SELECT n FROM ledger_journal ORDER BY n").fetchall()
-    assert [r[0] for r in rows_after] == [2, 3]
+    assert [n for _, _, n in held_in_journal(store)] == [2, 3]
+    journal.cut("s1", "c2s", 4)
+    journal.drop("s1")  # the session ended with an empty ledger: nothing left of it
+    await asyncio.wait_for(_durable(journal), 5)
+    assert held_in_journal(store) == []
+    assert store.conn.execute("SELECT count(*) FROM ledger_cuts").fetchone()[0] == 0
     await journal.close()
     store.close()
-    return order, [(str(a), str(b), int(c)) for a, b, c in rows]
+    return order, rows
 
 
 async def _durable(journal: Journal) -> None:
@@ -127,17 +142,18 @@ def test_when_durable_with_nothing_pending_runs_at_once(tmp_path: Path) -> None:
 def test_recovery_settles_a_crashed_ledger(tmp_path: Path) -> None:
     path = tmp_path / "crash.sqlite3"
     store = Store(str(path))
-    rows = [
-        ("s1", "c2s", 0, message(1)),  # a client message the server never confirmed
-        ("s1", "c2s", 1, st.element("iq", {"type": "get", "id": "q"})),  # session-bound
-        ("s1", "s2c", 0, message(2, **{"from": "bob@localhost/pc"})),  # for the client
-        ("s1", "s2c", 1, st.element("presence", {"from": "bob@localhost/pc"})),
-    ]
+    c2s = [message(0),  # confirmed: the cut below says so, its row was not yet trimmed
+           message(1),  # a client message the server never confirmed
+           st.element("iq", {"type": "get", "id": "q"})]  # session-bound
+    s2c = [message(2, **{"from": "bob@localhost/pc"}),  # for the client
+           st.element("presence", {"from": "bob@localhost/pc"})]
     with store.transaction() as c:
-        c.executemany("INSERT INTO ledger_journal (session, lane, n, account, stanza, queued_at)"
-                      " VALUES (?, ?, ?, ?, ?, ?)",
-                      [(s, lane, n, "alice@localhost", etree.tostring(el), 1_000_000.0)
-                       for s, lane, n, el in rows])
+        c.executemany("INSERT INTO ledger_journal (session, lane, first_n, last_n, account,"
+                      " queued_at, stanzas) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      [(s, lane, 0, len(els) - 1, "alice@localhost", 1_000_000.0,
+                        b"\0".join(etree.tostring(el) for el in els))
+                       for s, lane, els in (("s1", "c2s", c2s), ("s1", "s2c", s2c))])
+        c.execute("INSERT INTO ledger_cuts (session, lane, left_n) VALUES ('s1', 'c2s', 1)")
     counts = recover(store, now=2_000_000.0, stored_ttl=60, domain="localhost")
     assert counts == {"sessions": 1, "stored": 1, "pending": 1, "discarded": 2}
     [(pending, expires)] = store.pending.take("alice@localhost")
@@ -147,6 +163,7 @@ def test_recovery_settles_a_crashed_ledger(tmp_path: Path) -> None:
     assert delivered.get("id") == "m2"
     assert delivered.find("{urn:xmpp:delay}delay").get("stamp").startswith("1970-01-12T13:46:40")
     assert store.conn.execute("SELECT count(*) FROM ledger_journal").fetchone()[0] == 0
+    assert store.conn.execute("SELECT count(*) FROM ledger_cuts").fetchone()[0] == 0
     assert recover(store, now=2_000_000.0, stored_ttl=60, domain="localhost")["sessions"] == 0
     store.close()
 
@@ -170,7 +187,7 @@ def test_origin_id_is_the_message_id() -> None:
     assert error.find(sid) is None
 
 
-def test_merged_batches_keep_the_furthest_cut_and_many_rows_fit_one_commit(
+def test_merged_batches_keep_the_furthest_cut_and_many_stanzas_fit_one_row(
         tmp_path: Path) -> None:
     from proxy.journal import _Batch, _merge
 
@@ -189,9 +206,9 @@ def test_merged_batches_keep_the_furthest_cut_and_many_rows_fit_one_commit(
     big = _Batch()
     big.puts[("s", "s2c")] += [(n, "a@x", b"<m/>", 1.0) for n in range(1234)]
     journal._write(big)
-    assert store.conn.execute("SELECT count(*) FROM ledger_journal").fetchone()[0] == 1234
+    assert store.conn.execute("SELECT count(*) FROM ledger_journal").fetchone()[0] == 1
+    assert len(held_in_journal(store)) == 1234
     journal._write(merged)
-    assert [r[0] for r in store.conn.execute(
-        "SELECT n FROM ledger_journal WHERE lane = 'c2s'").fetchall()] == [4]
+    assert [n for _, lane, n in held_in_journal(store) if lane == "c2s"] == [4]
     asyncio.run(journal.close())
     store.close()
