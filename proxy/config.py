@@ -129,6 +129,13 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # "host:port" for /metrics (Prometheus), /healthz and /readyz over plain HTTP; null: off.
+    # Keep it on loopback or a management network: it says who is logged in, in numbers.
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
 class CsiConfig:
     # XEP-0352 toward clients: while one says it is inactive, presence updates and chat
     # states wait (latest per sender) until it is active again or this many are held.
@@ -169,6 +176,7 @@ class Config:
     roster: RosterConfig = field(default_factory=RosterConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
@@ -227,11 +235,17 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("log", "capture_max_bytes"): (lambda v: v >= 1024, "at least 1024 bytes"),
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
+    ("metrics", "listen"): (lambda v: _host_port(v), "host:port, e.g. 127.0.0.1:9105"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
 }
+
+
+def _host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 <= int(port) <= 65535)
 
 
 def _type_name(tp: Any) -> str:

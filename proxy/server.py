@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import contextlib
 from asyncio import sslproto
 import functools
@@ -22,6 +23,7 @@ from .features.presence_memory import PresenceMemoryFactory
 from .features.roster import RosterFactory
 from .features.rules import RulesFactory
 from .inspection import Inspector
+from .metrics import MetricsServer, parse_listen, prometheus
 from .journal import Journal, recover
 from .logsetup import get_logger
 from .loopcheck import OwnStreamIds
@@ -94,6 +96,63 @@ class Proxy:
         self.hub = Hub(config, factories, store=self.store,
                        upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
                        journal=self.journal)
+        self.metrics: MetricsServer | None = None
+        if config.metrics.listen:
+            host, port = parse_listen(config.metrics.listen)
+            self.metrics = MetricsServer(host, port, gather=self.gather_metrics,
+                                         healthy=self.healthy,
+                                         upstream=(config.upstream.host, config.upstream.port),
+                                         log=self.log)
+
+    def healthy(self) -> bool:
+        return bool(self.servers) and all(s.is_serving() for s in self.servers)
+
+    def gather_metrics(self) -> list[str]:
+        """The Prometheus text of a scrape (see proxy/metrics.py)."""
+        hub = self.hub
+        states: Counter[str] = Counter()
+        upstream: Counter[str] = Counter()
+        held: Counter[str] = Counter()
+        ledger = Counter(hub.settled)
+        for session in hub.sessions:
+            states[session.state] += 1
+            upstream[session.upstream.state] += 1
+            for lane, counts in session.ledger.summary().items():
+                held[lane] += counts["held"]
+                for name, value in counts.items():
+                    if name != "held":
+                        ledger[(lane, name)] += value
+        states["finishing"] = len(hub.finishing_sessions)
+        lines = prometheus("xmpp_front_sessions", "gauge",
+                           "bound sessions by state (finishing: ended, upstream still owed)",
+                           [({"state": k}, states[k]) for k in
+                            ("active", "hibernating", "finishing")])
+        lines += prometheus("xmpp_front_upstream_links", "gauge",
+                            "live sessions' links to the legacy server by state",
+                            [({"state": k}, upstream[k]) for k in ("up", "down")])
+        lines += prometheus("xmpp_front_client_connections", "gauge",
+                            "client connections open (negotiating or bound)",
+                            [({}, len(self.clients))])
+        lines += prometheus("xmpp_front_ledger_stanzas_total", "counter",
+                            "stanzas taken on (entered) and how they left, per lane",
+                            [({"lane": lane, "exit": name}, ledger[(lane, name)])
+                             for lane in ("c2s", "s2c") for name in
+                             ("entered", "delivered", "stored", "bounced", "discarded")])
+        lines += prometheus("xmpp_front_ledger_held", "gauge",
+                            "stanzas live sessions are responsible for now, per lane",
+                            [({"lane": lane}, held[lane]) for lane in ("c2s", "s2c")])
+        conn = self.store.conn
+        lines += prometheus("xmpp_front_stored_messages", "gauge",
+                            "messages in the store waiting for their account's next login",
+                            [({}, conn.execute("SELECT count(*) FROM offline_messages")
+                              .fetchone()[0])])
+        lines += prometheus("xmpp_front_pending_outbound", "gauge",
+                            "client stanzas in the store waiting to be sent to the server",
+                            [({}, self.store.pending.count())])
+        if self.journal is not None:
+            lines += prometheus("xmpp_front_journal_commits_total", "counter",
+                                "journal transactions committed", [({}, self.journal.commits)])
+        return lines
 
     def recover(self) -> dict[str, int]:
         """Settle the ledgers an earlier run left in the journal (a crash, or anything a
@@ -104,6 +163,8 @@ class Proxy:
 
     async def start(self) -> None:
         self.recover()  # before any client can log in and want what it holds
+        if self.metrics is not None:
+            await self.metrics.start()
         for listener in self.config.listen:
             tls: dict[str, Any] = ({"ssl": self.server_tls, "ssl_handshake_timeout":
                                     self.config.limits.negotiation_timeout}
@@ -231,6 +292,8 @@ class Proxy:
         if self.journal is not None:
             await self.journal.close()
         self.recover()
+        if self.metrics is not None:
+            await self.metrics.stop()
         self.store.close()
         self.log.info("stopped")
 

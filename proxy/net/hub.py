@@ -13,7 +13,7 @@ import copy
 import secrets
 import ssl
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +66,8 @@ class Hub:
         self.by_sm_id: dict[tuple[str, str], LiveSession] = {}
         # Ended sessions whose upstream side still waits for the server's confirmations.
         self.finishing_sessions: set[FinishingSession] = set()
+        # How the stanzas of every session that is gone left its ledger (for /metrics).
+        self.settled: Counter[tuple[str, str]] = Counter()
         # (account, sm id) -> (last inbound h, expiry) of sessions that ended.
         self.tombstones: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
 
@@ -97,6 +99,12 @@ class Hub:
             self.finishing_sessions.discard(session)
             session.log_ledger()
         session.when_upstream_finished(done)
+
+    def ledger_settled(self, summary: dict[str, dict[str, int]]) -> None:
+        for lane, counts in summary.items():
+            for name, value in counts.items():
+                if name != "held":
+                    self.settled[(lane, name)] += value
 
     def wake(self, session_id: str) -> None:
         """A session's change left another one behind: it catches up soon (not inside the

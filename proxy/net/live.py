@@ -523,7 +523,9 @@ class LiveSession:
         """The session's final account: how everything it took on left (once)."""
         if not self._ledger_logged:
             self._ledger_logged = True
-            self.log.info("ledger", **self.ledger.summary(), empty=self.ledger.empty)
+            summary = self.ledger.summary()
+            self.log.info("ledger", **summary, empty=self.ledger.empty)
+            self.hub.ledger_settled(summary)
             if self.journal is not None and self.ledger.empty:
                 self.journal.drop(self.core.id)  # nothing of it is left to recover
 

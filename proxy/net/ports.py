@@ -36,6 +36,8 @@ class SessionRegistry(Protocol):
 
     def wake(self, session_id: str) -> None: ...
 
+    def ledger_settled(self, summary: dict[str, dict[str, int]]) -> None: ...
+
 
 class FinishingSession(RegisteredSession, Protocol):
     """An ended session whose upstream side still waits for the server."""
