@@ -24,6 +24,7 @@ from .features.roster import RosterFactory
 from .features.rules import RulesFactory
 from .inspection import Inspector
 from .metrics import MetricsServer, parse_listen, prometheus
+from .preflight import check_tls
 from .journal import Journal, recover
 from .logsetup import get_logger
 from .loopcheck import OwnStreamIds
@@ -103,6 +104,26 @@ class Proxy:
                                          healthy=self.healthy,
                                          upstream=(config.upstream.host, config.upstream.port),
                                          log=self.log)
+
+    def reload(self, why: str) -> None:
+        """SIGHUP: the rules, and the certificate and key clients see, read again from their
+        files (a renewal); new handshakes use the new pair, live sessions keep theirs. A bad
+        pair is refused and the old one stays in force."""
+        self.rules.reload(why)
+        problems = [f for f in check_tls(self.config) if not f.warning]
+        if problems:
+            self.log.error("tls_reload_refused", why=why,
+                           problems=[f"{f.key}: {f.message}" for f in problems])
+            return
+        cert, key = self.config.path(self.config.tls.cert), self.config.path(self.config.tls.key)
+        try:
+            # The live context, so direct-TLS listeners (which hold it) pick it up too.
+            self.server_tls.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            self.log.error("tls_reload_refused", why=why, problems=[str(exc)])
+            return
+        self.log.info("tls_reloaded", why=why, cert=str(cert),
+                      note="other settings are read at start: a change to them needs a restart")
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
@@ -309,7 +330,7 @@ async def _watch_rules(rules: RulesFactory) -> None:
 
 
 async def serve(config: Config, ready: Any = None) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the rules."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the rules and the TLS certificate."""
     proxy = Proxy(config)
     await proxy.start()
     stop = asyncio.Event()
@@ -318,7 +339,7 @@ async def serve(config: Config, ready: Any = None) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, proxy.rules.reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGHUP, proxy.reload, "SIGHUP")
     watcher = asyncio.create_task(_watch_rules(proxy.rules)) if config.rules else None
     if ready is not None:
         ready(proxy)
