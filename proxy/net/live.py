@@ -139,6 +139,8 @@ class LiveSession:
         """Do what the cores asked, in order; returns what is still running (a polite close,
         the end of the session) for callers that wait for it."""
         running: list[Awaitable[Any]] = []
+        if not commands:  # the common case on the relay path: nothing to do
+            return running
         for c in commands:
             if isinstance(c, ToClient):
                 if self.client is not None:
@@ -311,7 +313,9 @@ class LiveSession:
     # The ledger, for the upstream side ---------------------------------------------------------
 
     def c2s_taken(self, el: Element) -> None:
-        self.execute(self.edge.c2s_taken(el))
+        commands = self.edge.c2s_taken(el)
+        if commands:
+            self.execute(commands)
 
     def c2s_left(self, count: int, exit: Exit) -> None:
         self.execute(self.edge.c2s_left(count, exit))

@@ -313,9 +313,10 @@ class XmlStreamParser:
                 # well-formedness is checked here, on element and attribute names.
                 # A "}" in a namespace name (never valid in a URI) makes lxml's Clark
                 # notation ambiguous, and lxml itself raises on such names later.
-                if (tag[0] != "{" and ":" in tag) or tag.count("}") > 1 or (el.attrib and any(
+                keys = el.keys()  # cheaper than el.attrib, which builds a proxy object
+                if (tag[0] != "{" and ":" in tag) or tag.count("}") > 1 or (keys and any(
                         (key[0] != "{" and ":" in key) or key.count("}") > 1
-                        for key in el.attrib.keys())):
+                        for key in keys)):
                     self._depth = depth
                     return self._fail(events, "not-well-formed",
                                       "undeclared namespace prefix or invalid namespace name")
