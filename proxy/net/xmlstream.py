@@ -28,6 +28,7 @@ CLOSE_DRAIN_TIMEOUT = 5.0  # seconds a closing stream waits for its last bytes t
 # not shrunk since the last check (the peer reads nothing), not merely for being large: a
 # resumed session's resend or a big roster may pass the limit for a client that reads.
 OVERFLOW_CHECK = 1.0
+OUTPUT_CHECK_EVERY = 8  # events between two looks at a client's pending output
 OVERFLOW_GRACE = 2.0  # seconds the policy-violation gets to go out before the cut
 
 
@@ -73,6 +74,7 @@ class XmlStream:
         self.dead = False  # the connection ended under us (EOF, reset)
         self.overflowed = False  # cut off past output_hard
         self._pending_out: list[bytes] = []
+        self._since_output_check = 0
         self._pending_size = 0
         self.output_soft = output_soft
         self.output_hard = output_hard
@@ -114,8 +116,15 @@ class XmlStream:
     async def next_event(self, timeout: float | None = None) -> codec.StreamEvent:
         """The next stream event; ConnectionLost on EOF or a socket error, TimeoutError when
         nothing arrives within ``timeout``."""
-        if self.output_soft is not None and self.output_bytes > self.output_soft:
-            await self._output_room()
+        if self.output_soft is not None:
+            # Before each read, and every few events between: the answers to at most
+            # OUTPUT_CHECK_EVERY elements can pass the soft limit, and a batch of stanzas
+            # does not pay for a look at the transport per stanza.
+            self._since_output_check += 1
+            if not self._events or self._since_output_check >= OUTPUT_CHECK_EVERY:
+                self._since_output_check = 0
+                if self.output_bytes > self.output_soft:
+                    await self._output_room()
         while not self._events:
             deadline = None
             if self.overflowed:
