@@ -102,7 +102,11 @@ class ServerEdge:
         self.state: ServerState = "up"
         self.down_since: float | None = None
         self.probing = False  # a liveness ping is unanswered
-        self.sm_inbound = 0  # stanzas from the server since our <enable/> (XEP-0198)
+        self.sm_inbound = 0  # stanzas from the server since its <enabled/> (XEP-0198)
+        # The server counts what it sends after its <enabled/>; what it sent before (a
+        # message routed to the new resource while our <enable/> was on its way) it does
+        # not, so neither may we, or our <a h/> is too high (undefined-condition).
+        self.sm_counting = False
         # The session ended while the server still owed confirmations: keep going until it
         # confirmed everything, or max_outage.
         self.finishing = False
@@ -129,6 +133,7 @@ class ServerEdge:
     def connected(self, features: Element) -> list[ServerCommand]:
         """A new connection's post-login features: real stream management upstream when the
         server offers it (its acks confirm, no barrier pings needed)."""
+        self.sm_counting = False
         if features.find(ns.qname(ns.SM, "sm")) is None:
             return []
         self.sm_inbound = 0
@@ -173,15 +178,17 @@ class ServerEdge:
             out.append(ToServer(st.element("a", {"h": str(self.sm_inbound)},
                                             namespace=ns.SM)))
         elif local == "enabled":
+            self.sm_counting, self.sm_inbound = True, 0
             out.append(Log("upstream_sm_enabled"))
         elif local == "failed":
+            self.sm_counting = False
             out += [Log("upstream_sm_refused"), ToServer(self.outbox.sm_failed())]
         return out + self._finished_if_done()
 
     def server_stanza(self, el: Element) -> list[ServerCommand] | None:
         """A stanza from the server: None to relay it to the session, else what it meant to
         the proxy (a barrier reply, never for the client)."""
-        if self.outbox.sm:
+        if self.sm_counting:
             self.sm_inbound = counters.increment(self.sm_inbound)
         if not self.outbox.on_reply(el):
             return None

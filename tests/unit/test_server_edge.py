@@ -145,3 +145,16 @@ def test_a_restored_session_must_be_the_client_s() -> None:
     other = ServerEdge.bound_check("a@localhost/y", "a@localhost/x")
     assert other is not None and b"conflict" in other.error
     assert b"not-authorized" in ServerEdge.login_refused("not-authorized").error
+
+
+def test_the_servers_stanzas_count_only_after_its_enabled() -> None:
+    core, _ = edge()
+    features = st.element("features", namespace="http://etherx.jabber.org/streams")
+    st.sub(features, "sm", namespace=SM)
+    core.connected(features)
+    # A message the server routed to the new resource before it read our <enable/>.
+    assert core.server_stanza(message(1)) is None
+    core.server_nonza(st.element("enabled", namespace=SM))
+    core.server_stanza(message(2))
+    (answer,) = written(core.server_nonza(st.element("r", namespace=SM)))
+    assert answer.get("h") == "1"  # only what came after <enabled/>
