@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import ssl
 import sys
+from pathlib import Path
 from typing import Any, TextIO, cast
 
 from .config import Config, ConfigError, LogConfig, load_config
@@ -62,6 +63,9 @@ def _run(path: str) -> int:
     log = get_logger()
     if config is None or errors(findings):
         return _refuse(log, path, errors(findings))
+    # The first line an operator reads: what runs, from which file.
+    log.info("starting", version=package_version(), config=str(Path(path).resolve()),
+             durability=config.durability.mode)
     for warning in findings:
         log.warning(warning.event, key=warning.key, problem=warning.message, config=path)
     from .server import serve  # imported late: `check` needs no network code

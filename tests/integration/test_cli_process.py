@@ -116,6 +116,8 @@ def test_run_logs_an_unreachable_upstream_and_starts(
     text = log_path.read_text()
     assert proc.returncode == 0 and "Traceback" not in text
     events = [json.loads(line) for line in text.splitlines()]
+    assert events[0]["event"] == "starting", events[0]  # version and file first
+    events = events[1:]
     assert events[0]["event"] == "upstream_unreachable", events[0]
     assert events[0]["level"] == "warning" and events[0]["key"] == "upstream.host/upstream.port"
     assert any(e["event"] == "listening" for e in events)

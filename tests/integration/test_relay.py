@@ -341,3 +341,11 @@ def test_features_offer_only_what_the_proxy_supports(proxy, accounts) -> None:
     assert mechanisms == ["PLAIN"]  # never -PLUS: the proxy terminates TLS itself
     assert "{urn:ietf:params:xml:ns:xmpp-bind}bind" in tags
     assert not any("sasl2" in t or "bind2" in t or "mechanisms" in t for t in tags)
+
+
+def test_the_first_log_line_says_what_runs_and_from_which_file(proxy) -> None:
+    first = proxy.events()[0]
+    assert first["event"] == "starting"
+    assert first["config"] == str(proxy.config_path.resolve())
+    assert first["version"] and first["version"] != "unknown"
+    assert first["durability"] == "journal"

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 async def served_cert(proxy: ProxyProcess) -> bytes:
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+    _, writer = await asyncio.wait_for(asyncio.open_connection(
         proxy.host, proxy.direct_tls_port, ssl=context, server_hostname="localhost"), 10)
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     writer.close()
