@@ -349,13 +349,24 @@ class UpstreamSide:
                     event = await stream.next_event()
                     if isinstance(event, codec.StanzaReceived):
                         el = event.element
-                        if st.is_stanza(el) and not self.outbox.on_reply(el):
-                            self.session.settle_from_server(el)
+                        if etree.QName(el).namespace == ns.SM:
+                            self._confirmations(self.edge.server_nonza(el))
+                        elif st.is_stanza(el):
+                            absorbed = self.edge.server_stanza(el)
+                            if absorbed is None:
+                                self.session.settle_from_server(el)
+                            else:
+                                self._confirmations(absorbed)
                     elif not isinstance(event, codec.StreamOpened):
                         break
         except (TimeoutError, ConnectionLost):
             pass
         stream.abort()
+
+    def _confirmations(self, commands: Sequence[ServerCommand]) -> None:
+        """While our stream is closing: the server's confirmations still count (they leave
+        the ledger as delivered); nothing more may be written after our close."""
+        self._run_commands([c for c in commands if isinstance(c, Confirmed)])
 
     async def close(self, *, dead: bool, timeout: float = CLOSE_READ) -> None:
         if self._flush is not None:
