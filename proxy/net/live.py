@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ..client_edge import ClientEdge, EdgePolicy, ensure_origin_id
+from ..client_edge import ClientEdge, EdgePolicy
 from ..commands import (AbortClient, AckWhenDurable, CancelTimer, CatchUp, ClientLeaves,
                         CloseClient,
                         Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
@@ -39,7 +39,6 @@ from .upstream_side import UpstreamSide
 from .xmlstream import ConnectionLost, XmlStream
 from ..xmpp.stanza import Element
 
-__all__ = ["ClientLeft", "LiveSession", "SessionStore", "ensure_origin_id"]
 
 
 

@@ -169,7 +169,7 @@ def test_recovery_settles_a_crashed_ledger(tmp_path: Path) -> None:
 
 
 def test_origin_id_is_the_message_id() -> None:
-    from proxy.net.live import ensure_origin_id
+    from proxy.client_edge import ensure_origin_id
 
     sid = "{urn:xmpp:sid:0}origin-id"
     with_id = message(1)
