@@ -143,6 +143,26 @@ class CsiConfig:
     max_held: int = 100
 
 
+FeatureMode = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    # What the proxy provides for a server that lacks it. auto: only when the server's
+    # disco#info (its domain's and the account's, asked after each bind) does not list it;
+    # on: always (the proxy then handles the protocol itself and never passes it on, so
+    # nothing is doubled); off: never (the server's, if any, passes through).
+    carbons: FeatureMode = "auto"    # XEP-0280 message carbons
+    archive: FeatureMode = "auto"    # XEP-0313 message archive management
+    blocking: FeatureMode = "auto"   # XEP-0191 blocking command
+    push: FeatureMode = "auto"       # XEP-0357 push notifications
+
+
+def emulates(mode: FeatureMode, server_has: bool) -> bool:
+    """Whether the proxy provides a feature itself, by its mode and what the server has."""
+    return mode == "on" or (mode == "auto" and not server_has)
+
+
 @dataclass(frozen=True)
 class DurabilityConfig:
     # journal: every ledger change is committed to the store before the client is acked,
@@ -176,6 +196,7 @@ class Config:
     roster: RosterConfig = field(default_factory=RosterConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
@@ -268,6 +289,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         inner = [t for t in options if t is not type(None)]
         return _convert(value, inner[0], where)
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: must be {_type_name(tp)}, not {value!r}")
         return value

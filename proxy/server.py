@@ -33,6 +33,7 @@ from .net.hub import Hub
 from .net.live import LiveSession
 from .net.upstream import client_tls_context
 from .net.xmlstream import ConnectionLost, XmlStream
+from .features.disco import DiscoveryFactory
 from .session import FeatureFactory
 from .store import Store
 from .xmpp import codec
@@ -74,7 +75,8 @@ class Proxy:
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
-        factories: list[FeatureFactory] = [self.rules, LegacySessionFactory(),
+        factories: list[FeatureFactory] = [self.rules, DiscoveryFactory(config.upstream.domain),
+                                           LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster]
         rc = config.reconnect
