@@ -25,8 +25,8 @@ from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from .xmlpeer import (NS_BIND, NS_CLIENT, NS_DISCO_INFO, NS_PING, NS_ROSTER, NS_SASL, NS_SESSION, NS_SM,
-                      NS_STREAM,
+from .xmlpeer import (NS_BIND, NS_CLIENT, NS_DISCO_INFO, NS_PING, NS_ROSTER, NS_SASL,
+                      NS_SESSION, NS_SM, NS_STREAM,
                       Changes, Element, StreamReader, criteria, describe, is_ping, kind,
                       matches, q, tostring)
 
