@@ -69,7 +69,7 @@ class Proxy:
         self.connection_limiter = ConnectionLimiter(config.abuse)
         self.login_throttle = LoginThrottle(config.abuse)
         self.own_stream_ids = OwnStreamIds()
-        self.store = Store(str(config.path(config.store.path)))
+        self.store = Store(str(config.path(config.store.path)), log=self.log)
         self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes)
         # Client edge first, server edge last: rules see what the client sent and what it
         # will get; the roster cache sees the server's stanzas before anything else and the
