@@ -161,6 +161,68 @@ class MoreStored:
     """The client acknowledged enough: the next part of its stored backlog can go out."""
 
 
+# Client negotiation (``proxy/negotiation.py``) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendHeader:
+    """Answer the client's stream header with ours (a fresh stream id, ``to`` the client's
+    ``from``) and these stream features (None: the header only, an error follows)."""
+
+    to: str | None
+    features: tuple[Element, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Start TLS on the client's connection (``<proceed/>`` was just sent); the core hears
+    ``tls_started`` or ``tls_injection``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckLogin:
+    """Check these SASL PLAIN credentials by logging in upstream; the core hears the
+    outcome (``login_result``)."""
+
+    account: Any  # proxy.xmpp.jid.Jid
+    authcid: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait before carrying out the next command (a delayed answer to a failed login)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FailNegotiation:
+    """The negotiation is over: ``error`` (a stream error) to the client, then the close."""
+
+    reason: str
+    error: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """SASL succeeded: restart the stream; the client is ``account``."""
+
+    account: Any  # proxy.xmpp.jid.Jid
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An element after the post-authentication header: the hub's to handle."""
+
+    element: Element
+
+
+NegotiationCommand = (SendHeader | StartTls | CheckLogin | Pause | FailNegotiation
+                      | Authenticated | Received | ToClient | Log | StartTimer)
+
+
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
            | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored)

@@ -256,19 +256,20 @@ class Proxy:
                                                 throttle=self.login_throttle,
                                                 own_stream_ids=self.own_stream_ids,
                                                 vouch=self.hub.vouch)
-                async with asyncio.timeout(self.config.limits.negotiation_timeout):
-                    auth = await negotiation.run()
-                    session, first, resumed = await self.hub.establish(negotiation, auth, log)
+                try:
+                    async with asyncio.timeout(negotiation.start()):
+                        auth = await negotiation.run()
+                        session, first, resumed = await self.hub.establish(
+                            negotiation, auth, log)
+                except TimeoutError:
+                    raise negotiation.timed_out() from None
             except NegotiationFailed as exc:
                 log.info("closed", reason=exc.reason, phase="negotiation")
                 await stream.close(exc.error)
                 return
-            except (ConnectionLost, TimeoutError, ssl.SSLError, OSError) as exc:
-                timed_out = isinstance(exc, TimeoutError)
-                log.info("closed", phase="negotiation", reason="negotiation timeout"
-                         if timed_out else f"connection lost: {exc!r}")
-                await stream.close(codec.stream_error("connection-timeout") if timed_out
-                                   else None)
+            except (ConnectionLost, ssl.SSLError, OSError) as exc:
+                log.info("closed", phase="negotiation", reason=f"connection lost: {exc!r}")
+                await stream.close(None)
                 return
             finally:
                 # The upstream login that checked the password is kept only by a new
