@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,12 @@ class Listener:
     host: str = "127.0.0.1"
     port: int = 5222
     direct_tls: bool = False  # XEP-0368: TLS from the first byte instead of STARTTLS
+    # A PROXY protocol header (v1 or v2) is required first on each connection, before TLS:
+    # the listener is behind a load balancer, whose header names the client.
+    proxy_protocol: bool = False
+    # Networks (CIDR) the header is taken from; a connection from elsewhere is closed.
+    # Empty: from any peer (then only the balancer must be able to reach the listener).
+    proxy_protocol_from: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class ReconnectConfig:
 class Limits:
     max_stanza_bytes: int = 262144
     negotiation_timeout: float = 30.0  # seconds a client may take from connect to bound
+    proxy_header_timeout: float = 5.0  # seconds for a PROXY protocol header, where required
     # Decrypted bytes asyncio reads per TLS call, per connection. Python's default (256 KiB,
     # allocated for every TLS connection) would dominate the memory of an idle session.
     tls_read_buffer: int = 16896
@@ -192,6 +200,9 @@ class Config:
 # Checks beyond types: (section, key) -> (predicate, what it must be).
 _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("listen", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+    ("listen", "proxy_protocol_from"): (lambda v: _networks(v), "a list of networks "
+                                        "(CIDR), e.g. [10.0.0.0/8]"),
+    ("limits", "proxy_header_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "ping_idle"): (lambda v: v > 0, "a positive number of seconds"),
@@ -241,6 +252,15 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
 }
+
+
+def _networks(values: list[str]) -> bool:
+    try:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _host_port(value: str) -> bool:

@@ -29,6 +29,7 @@ from ..config import Config
 from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
 from ..journal import Journal, parse_stored
+from ..metrics import Counters
 from ..ledger import Exit, Ledger
 from ..session import Outputs, SessionCore
 from ..xmpp import codec
@@ -84,7 +85,7 @@ class LiveSession:
     def __init__(self, hub: SessionRegistry, core: SessionCore, link: UpstreamLink, config: Config,
                  store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
-                 journal: Journal | None = None,
+                 journal: Journal | None = None, counters: Counters | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hub = hub
         self.core = core
@@ -92,7 +93,12 @@ class LiveSession:
         self.store = store
         self.journal = journal
         self._account = str(core.account)
-        self.log = log.bind(session=core.id)
+        # session, account and (once a client is attached) conn on every event
+        self._base_log = log.bind(session=core.id, account=self._account)
+        self.log = self._base_log
+        self.counters = counters
+        if counters is not None:
+            link.stream.sent_bytes = counters.c2s_bytes
         smc = config.stream_management
         self.edge = ClientEdge(EdgePolicy(
             domain=config.upstream.domain, ack_timeout=smc.ack_timeout,
@@ -279,6 +285,15 @@ class LiveSession:
         """What the rules asked to log, and the inspection log and transcript: the stanza
         that came in (forwarded or kept) and every stanza the features made of their own."""
         core = self.core
+        counters = self.counters
+        if counters is not None:
+            if direction == "c2s":
+                client = self.client
+                counters.relayed(counters.c2s_stanzas, el.tag,
+                                 client.read_at if client is not None else started)
+            else:
+                counters.relayed(counters.s2c_stanzas, el.tag,
+                                 self.upstream.link.stream.read_at)
         matched: tuple[str, ...] = ()
         for command in out.commands:
             if isinstance(command, RulesMatched):
@@ -359,6 +374,8 @@ class LiveSession:
             self.execute(self.edge.evict("another connection took this session over"))
         self.client = stream
         self.conn_id = conn_id
+        self.log = self._base_log.bind(conn=conn_id)
+        self.upstream.log = self.log
         for el in first or ():
             stream.send(el)
         self.execute(self.edge.attach(resumed=resumed))
