@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from bisect import bisect_right
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -131,7 +131,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_right(self.bounds, value)] += 1  # le: a bound equal goes in
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in it
         self.sum += value
 
     def lines(self, name: str, help_text: str) -> list[str]:
