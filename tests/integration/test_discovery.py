@@ -34,11 +34,14 @@ async def disco_both(client: RawClient, account: str) -> tuple[set[str], set[str
     return features(domain), features(own)
 
 
+Answers = tuple[set[str], set[str]]  # the domain's features, the account's
+
+
 def direct_and_proxied(prosody: LegacyProsody, proxy: ProxyProcess, account: str,
-                       password: str) -> tuple[tuple[set[str], set[str]], tuple[set[str], set[str]]]:
+                       password: str) -> tuple[Answers, Answers]:
     user = account.split("@")[0]
 
-    async def go() -> tuple[tuple[set[str], set[str]], tuple[set[str], set[str]]]:
+    async def go() -> tuple[Answers, Answers]:
         direct = await raw_login(prosody.host, prosody.c2s_port, user, password,
                                  direct_tls=False)
         proxied = await raw_login(proxy.host, proxy.port, user, password, direct_tls=False,
@@ -72,7 +75,7 @@ def test_with_every_emulation_off_the_answers_are_the_servers_own(
 
 def test_while_the_server_is_away_ping_and_disco_are_answered(tmp_path: Path, certs) -> None:
     with make_setup(tmp_path, certs, stream_management={"resume_timeout": 60}) as s:
-        account, password = s.account("away")
+        _, password = s.account("away")
 
         async def go() -> None:
             client = await raw_login(s.proxy.host, s.proxy.port, "away", password,
