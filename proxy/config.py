@@ -103,6 +103,8 @@ class LogConfig:
     redact: list[str] = field(default_factory=lambda: ["body"])  # masked in transcripts
     capture_dir: str | None = None  # per-session XML transcripts go here
     capture_max_bytes: int = 1048576  # per transcript file
+    capture_max_age_days: float | None = 30  # transcripts older than this are removed
+    capture_max_total_bytes: int | None = 1 << 30  # then the oldest, until the rest fit
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("limits", "tls_read_buffer"): (lambda v: 4096 <= v <= 1048576,
                                     "between 4096 and 1048576 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("log", "capture_max_age_days"): (lambda v: v > 0, "a positive number of days"),
+    ("log", "capture_max_total_bytes"): (lambda v: v >= 1048576, "at least 1048576 bytes"),
     ("limits", "max_depth"): (lambda v: 1 <= v <= 250, "between 1 and 250"),
     ("limits", "output_soft_bytes"): (lambda v: 16384 <= v <= 1 << 30,
                                       "between 16384 and 1073741824 bytes"),
