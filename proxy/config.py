@@ -43,6 +43,9 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    # After each bind the proxy asks the server's disco#info (domain and account); a login
+    # waits at most this long for the answers (an entity that does not answer offers nothing).
+    discovery_timeout: float = 3.0
     ping_idle: float = 60.0  # seconds of silence from the server before a liveness ping
     ping_timeout: float = 20.0  # seconds that ping may go unanswered: the server is dead
     max_buffer: int = 1000  # client stanzas held per session while unconfirmed or down
@@ -217,6 +220,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("listen", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
     ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("upstream", "discovery_timeout"): (lambda v: 0 < v <= 60, "between 0 and 60 seconds"),
     ("upstream", "ping_idle"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "ping_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "max_buffer"): (lambda v: v >= 1, "at least 1"),

@@ -238,7 +238,7 @@ class Hub:
         try:
             full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
             server = await auth.upstream.discover(self.config.upstream.domain,
-                                                  self.config.upstream.connect_timeout)
+                                                  self.config.upstream.discovery_timeout)
         except UpstreamBindFailed as exc:
             reply = exc.error_reply
             reply.set("id", el.get("id", ""))
@@ -251,6 +251,9 @@ class Hub:
             raise violation("remote-connection-failed",
                              "the legacy server failed during bind") from exc
         self.domain_info = server.domain or self.domain_info
+        if server.domain is None or server.account is None:
+            log.info("discovery_incomplete", domain=server.domain is not None,
+                     account=server.account is not None)
         try:
             jid = Jid.parse(full)
         except InvalidJid as exc:
