@@ -151,9 +151,7 @@ class Hub:
         st.sub(session, "optional")
         features = [bind, session, st.element("sm", namespace=ns.SM)]
         for factory in self.factories:
-            extra = getattr(factory, "stream_features", None)
-            if extra is not None:
-                features.extend(extra())
+            features.extend(factory.stream_features())
         if upstream is not None:
             # Entity capabilities (XEP-0115): the server's while the proxy adds nothing to
             # its disco#info, else recomputed from what the last bind learnt of the domain.
