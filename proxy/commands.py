@@ -147,10 +147,20 @@ class CatchUp:
 
 
 @dataclass(frozen=True, slots=True)
+class ToAccount:
+    """For the account's other live sessions (hibernating ones included, not this one):
+    each one's features hear of it (``Feature.from_account``) with its own copy of
+    ``payload``; ``kind`` says what it is (a carbon copy, a blocklist push, ...)."""
+
+    kind: str
+    payload: Element
+
+
+@dataclass(frozen=True, slots=True)
 class MoreStored:
     """The client acknowledged enough: the next part of its stored backlog can go out."""
 
 
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
-           | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | MoreStored)
+           | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored)

@@ -50,6 +50,9 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    # After each bind the proxy asks the server's disco#info (domain and account); a login
+    # waits at most this long for the answers (an entity that does not answer offers nothing).
+    discovery_timeout: float = 3.0
     ping_idle: float = 60.0  # seconds of silence from the server before a liveness ping
     ping_timeout: float = 20.0  # seconds that ping may go unanswered: the server is dead
     max_buffer: int = 1000  # client stanzas held per session while unconfirmed or down
@@ -111,6 +114,8 @@ class LogConfig:
     redact: list[str] = field(default_factory=lambda: ["body"])  # masked in transcripts
     capture_dir: str | None = None  # per-session XML transcripts go here
     capture_max_bytes: int = 1048576  # per transcript file
+    capture_max_age_days: float | None = 30  # transcripts older than this are removed
+    capture_max_total_bytes: int | None = 1 << 30  # then the oldest, until the rest fit
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,26 @@ class CsiConfig:
     max_held: int = 100
 
 
+FeatureMode = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    # What the proxy provides for a server that lacks it. auto: only when the server's
+    # disco#info (its domain's and the account's, asked after each bind) does not list it;
+    # on: always (the proxy then handles the protocol itself and never passes it on, so
+    # nothing is doubled); off: never (the server's, if any, passes through).
+    carbons: FeatureMode = "auto"    # XEP-0280 message carbons
+    archive: FeatureMode = "auto"    # XEP-0313 message archive management
+    blocking: FeatureMode = "auto"   # XEP-0191 blocking command
+    push: FeatureMode = "auto"       # XEP-0357 push notifications
+
+
+def emulates(mode: FeatureMode, server_has: bool) -> bool:
+    """Whether the proxy provides a feature itself, by its mode and what the server has."""
+    return mode == "on" or (mode == "auto" and not server_has)
+
+
 @dataclass(frozen=True)
 class DurabilityConfig:
     # journal: every ledger change is committed to the store before the client is acked,
@@ -184,6 +209,7 @@ class Config:
     roster: RosterConfig = field(default_factory=RosterConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
@@ -205,6 +231,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("limits", "proxy_header_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("upstream", "discovery_timeout"): (lambda v: 0 < v <= 60, "between 0 and 60 seconds"),
     ("upstream", "ping_idle"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "ping_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "max_buffer"): (lambda v: v >= 1, "at least 1"),
@@ -219,6 +246,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("limits", "tls_read_buffer"): (lambda v: 4096 <= v <= 1048576,
                                     "between 4096 and 1048576 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("log", "capture_max_age_days"): (lambda v: v > 0, "a positive number of days"),
+    ("log", "capture_max_total_bytes"): (lambda v: v >= 1048576, "at least 1048576 bytes"),
     ("limits", "max_depth"): (lambda v: 1 <= v <= 250, "between 1 and 250"),
     ("limits", "output_soft_bytes"): (lambda v: 16384 <= v <= 1 << 30,
                                       "between 16384 and 1073741824 bytes"),
@@ -288,6 +317,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         inner = [t for t in options if t is not type(None)]
         return _convert(value, inner[0], where)
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: must be {_type_name(tp)}, not {value!r}")
         return value

@@ -35,7 +35,9 @@ from .net.live import LiveSession
 from .net.upstream import client_tls_context
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream
+from .features.disco import DiscoveryFactory
 from .proxyproto import BadProxyHeader
+from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
 from .store import Store
 from .xmpp import codec
@@ -83,6 +85,7 @@ class Proxy:
             if config.upstream.tls != "none" else None)
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
+        self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
         self.clients: set[XmlStream] = set()
         self.stopping = False
         self.connection_limiter = ConnectionLimiter(config.abuse)
@@ -94,7 +97,8 @@ class Proxy:
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
-        factories: list[FeatureFactory] = [self.rules, LegacySessionFactory(),
+        factories: list[FeatureFactory] = [self.rules, DiscoveryFactory(config.upstream.domain),
+                                           LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster]
         rc = config.reconnect
@@ -221,6 +225,28 @@ class Proxy:
                           proxy_protocol=listener.proxy_protocol)
         self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
                       domain=self.config.upstream.domain, tls=self.config.upstream.tls)
+        if self.config.log.capture_dir is not None:
+            self.background.add(asyncio.create_task(self._prune_transcripts()))
+
+    async def _prune_transcripts(self) -> None:
+        """Transcript retention, now and every PRUNE_EVERY seconds (off the event loop:
+        the folder may hold many files)."""
+        log = self.config.log
+        assert log.capture_dir is not None
+        folder = self.config.path(log.capture_dir)
+        while True:
+            try:
+                pruned = await asyncio.to_thread(
+                    prune_transcripts, folder, max_age_days=log.capture_max_age_days,
+                    max_total_bytes=log.capture_max_total_bytes, now=time.time())
+            except OSError as exc:
+                self.log.warning("transcripts_prune_failed", folder=str(folder),
+                                 error=str(exc))
+            else:
+                if pruned.files:
+                    self.log.info("transcripts_pruned", folder=str(folder),
+                                  files=pruned.files, bytes=pruned.bytes, kept=pruned.kept)
+            await asyncio.sleep(PRUNE_EVERY)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 listener: Listener) -> None:
@@ -382,6 +408,8 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
+        for task in self.background:
+            task.cancel()
         totals = await self.hub.stop()
         self.log.info("sessions_settled", **totals)
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")

@@ -15,9 +15,9 @@ import itertools
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-
+from .xmpp.disco import Additions, ServerInfo
 from .xmpp.jid import Jid
 from .xmpp.stanza import Element
 
@@ -55,10 +55,6 @@ class Feature:
         """Children for the post-authentication ``<stream:features/>``."""
         return ()
 
-    def disco_features(self) -> Iterable[str]:
-        """Feature vars to add to the server's disco#info answer."""
-        return ()
-
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         return el
 
@@ -67,6 +63,14 @@ class Feature:
 
     def upstream_restored(self, session: SessionCore, out: Outputs) -> None:
         """The upstream session was re-established after an outage (resend state here)."""
+
+    def upstream_lost(self, session: SessionCore, out: Outputs) -> None:
+        """The upstream connection went down (the session lives on: an outage)."""
+
+    def from_account(self, session: SessionCore, kind: str, payload: Element,
+                     out: Outputs) -> None:
+        """Another session of the account sent this one something (a ``ToAccount``
+        command: a carbon copy, a blocklist push, ...); ``kind`` says what."""
 
     def catch_up(self, session: SessionCore, out: Outputs) -> None:
         """Another session asked this one to catch up (a ``CatchUp`` command)."""
@@ -91,23 +95,46 @@ class Feature:
         """The session ended for good."""
 
 
-class FeatureFactory(Protocol):
+class FeatureFactory:
     """Made once at start-up (holding shared state: store, rules, config); makes the
-    per-session feature instances."""
+    per-session feature instances, and says what the feature adds to the stream features
+    and to the server's disco#info (before any session exists: the entity caps hash in the
+    stream features is computed from it)."""
+
+    def stream_features(self) -> Iterable[Element]:
+        """Children for the post-authentication ``<stream:features/>``."""
+        return ()
+
+    def disco(self, server: ServerInfo, additions: Additions) -> None:
+        """Add the feature vars this feature provides to the domain's and the account's
+        disco#info, given what the server itself has (emulate only what it lacks)."""
 
     def create(self, session: SessionCore) -> Feature:
-        ...
+        raise NotImplementedError
+
+
+def disco_additions(factories: Sequence[FeatureFactory], server: ServerInfo) -> Additions:
+    additions = Additions()
+    for factory in factories:
+        factory.disco(server, additions)
+    return additions
 
 
 class SessionCore:
     """One logged-in client resource, as the relay sees it."""
 
-    def __init__(self, jid: Jid, factories: Sequence[FeatureFactory] = ()) -> None:
+    def __init__(self, jid: Jid, factories: Sequence[FeatureFactory] = (),
+                 server: ServerInfo | None = None) -> None:
         self.jid = jid
         self.account = jid.bare
         self.id = secrets.token_hex(6)
         self._jid_text = str(jid)
         self._ids = itertools.count(1)
+        self.upstream_up = True
+        # What the server said of itself at the bind (kept through outages: what the proxy
+        # emulates for this session stays the same until it ends), and what the proxy adds.
+        self.server = server or ServerInfo()
+        self.additions = disco_additions(factories, self.server)
         self.features: list[Feature] = [factory.create(self) for factory in factories]
 
     def new_id(self, purpose: str) -> str:
@@ -118,7 +145,8 @@ class SessionCore:
         return [el for feature in self.features for el in feature.stream_features()]
 
     def disco_features(self) -> list[str]:
-        return [var for feature in self.features for var in feature.disco_features()]
+        """What the proxy adds to the server domain's disco#info for this session."""
+        return sorted(self.additions.domain)
 
     def from_client(self, el: Element) -> Outputs:
         out = Outputs()
@@ -144,9 +172,23 @@ class SessionCore:
         return out
 
     def upstream_restored(self) -> Outputs:
+        self.upstream_up = True
         out = Outputs()
         for feature in self.features:
             feature.upstream_restored(self, out)
+        return out
+
+    def upstream_lost(self) -> Outputs:
+        self.upstream_up = False
+        out = Outputs()
+        for feature in self.features:
+            feature.upstream_lost(self, out)
+        return out
+
+    def from_account(self, kind: str, payload: Element) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.from_account(self, kind, payload, out)
         return out
 
     def catch_up(self) -> Outputs:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from lxml import etree
 
-from ..session import Feature, Outputs, SessionCore
+from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.stanza import Element
@@ -106,7 +106,7 @@ class ClientState(Feature):
         self._held.clear()
 
 
-class ClientStateFactory:
+class ClientStateFactory(FeatureFactory):
     def __init__(self, max_held: int = DEFAULT_MAX_HELD) -> None:
         self.max_held = max_held
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 
-from ..session import Feature, Outputs, SessionCore
+from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import stanza as st
 from ..xmpp.stanza import Element
 
@@ -57,7 +57,7 @@ class Dedupe(Feature):
         return el
 
 
-class DedupeFactory:
+class DedupeFactory(FeatureFactory):
     def __init__(self, window: float = 600.0, max_entries: int = 2000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.window, self.max_entries, self.clock = window, max_entries, clock

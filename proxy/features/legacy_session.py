@@ -4,7 +4,7 @@ opened the upstream session during bind when the server wanted one, so it answer
 from __future__ import annotations
 
 
-from ..session import Feature, Outputs, SessionCore
+from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.stanza import Element
@@ -22,6 +22,6 @@ class LegacySession(Feature):
         return el
 
 
-class LegacySessionFactory:
+class LegacySessionFactory(FeatureFactory):
     def create(self, session: SessionCore) -> Feature:
         return LegacySession()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 
-from ..session import Feature, Outputs, SessionCore
+from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
@@ -70,6 +70,6 @@ class PresenceMemory(Feature):
             out.to_upstream.append(presence)
 
 
-class PresenceMemoryFactory:
+class PresenceMemoryFactory(FeatureFactory):
     def create(self, session: SessionCore) -> Feature:
         return PresenceMemory()

@@ -13,7 +13,7 @@ held is delivered: those contacts really are offline.
 from __future__ import annotations
 
 from ..commands import StartTimer
-from ..session import Feature, Outputs, SessionCore
+from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import stanza as st
 from ..xmpp.stanza import Element
 
@@ -51,7 +51,7 @@ class PresenceSettling(Feature):
             self.held.clear()
 
 
-class PresenceSettlingFactory:
+class PresenceSettlingFactory(FeatureFactory):
     def __init__(self, settle: float) -> None:
         self.settle = settle
 

@@ -31,7 +31,7 @@ from typing import TypeAlias
 from lxml import etree
 
 from ..commands import CatchUp
-from ..session import Feature, Outputs, SessionCore
+from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..store import DEFAULT_MAX_CHANGES, RosterItem, RosterVersion, Store, same_item
 from ..xmpp import ns
 from ..xmpp import stanza as st
@@ -157,7 +157,7 @@ class _Account:
             del self.journal[:drop]
 
 
-class RosterFactory:
+class RosterFactory(FeatureFactory):
     """Made once at start-up; shared by all sessions (several resources of one account share
     one cache).
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from ..commands import RulesMatched
 from ..rules import RuleError, RuleSet
-from ..session import Feature, Outputs, SessionCore
+from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp.stanza import Element
 
 
-class RulesFactory:
+class RulesFactory(FeatureFactory):
     def __init__(self, paths: Sequence[Path], log: Any) -> None:
         self.paths = list(paths)
         self.log = log

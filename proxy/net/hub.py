@@ -23,7 +23,8 @@ from ..config import Config
 from ..inspection import Inspector
 from ..metrics import Counters
 from ..features.stream_management import failed, parse_h
-from ..session import FeatureFactory, SessionCore
+from ..features.disco import caps_for
+from ..session import FeatureFactory, SessionCore, disco_additions
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
@@ -32,6 +33,7 @@ from ..journal import Journal
 from .live import LiveSession, SessionStore
 from .ports import FinishingSession, RegisteredSession
 from .upstream import UpstreamBindFailed, UpstreamLink, UpstreamUnavailable
+from ..xmpp.disco import DiscoInfo, ServerInfo
 from ..xmpp.stanza import Element
 
 
@@ -72,6 +74,9 @@ class Hub:
         self.settled: Counter[tuple[str, str]] = Counter()
         # (account, sm id) -> (last inbound h, expiry) of sessions that ended.
         self.tombstones: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        # The server domain's disco#info as the last bind found it (for the caps hash
+        # offered before the next bind).
+        self.domain_info: DiscoInfo | None = None
 
     # Registry ----------------------------------------------------------------------------------
 
@@ -116,6 +121,16 @@ class Hub:
                 asyncio.get_running_loop().call_soon(session.catch_up)
                 return
 
+    def to_account(self, sender: RegisteredSession, kind: str, payload: Element) -> None:
+        """A ``ToAccount`` command: the account's other live sessions hear of it soon (not
+        inside the sender's processing), each with its own copy."""
+        account = sender.core.account
+        loop = asyncio.get_running_loop()
+        for session in self.by_jid.values():
+            if session is not sender and session.core.account == account \
+                    and session.state != "ended":
+                loop.call_soon(session.from_account, kind, copy.deepcopy(payload))
+
     def vouch(self, account: str, password: str) -> bool:
         """Whether a live session of ``account`` logged in with ``password`` (checked then by
         the server): lets a client resume while the server is unreachable."""
@@ -138,14 +153,16 @@ class Hub:
         st.sub(session, "optional")
         features = [bind, session, st.element("sm", namespace=ns.SM)]
         for factory in self.factories:
-            extra = getattr(factory, "stream_features", None)
-            if extra is not None:
-                features.extend(extra())
+            features.extend(factory.stream_features())
         if upstream is not None:
-            # The server's entity capabilities (XEP-0115): the proxy does not change its
-            # disco#info, so the hash stays true and clients keep the shortcut.
-            features.extend(copy.deepcopy(el) for el in upstream.features
-                            if el.tag == _CAPS)
+            # Entity capabilities (XEP-0115): the server's while the proxy adds nothing to
+            # its disco#info, else recomputed from what the last bind learnt of the domain.
+            server_caps = next((el for el in upstream.features if el.tag == _CAPS), None)
+            server = ServerInfo(domain=self.domain_info)
+            caps = caps_for(server, disco_additions(self.factories, server).domain,
+                            server_caps)
+            if caps is not None:
+                features.append(copy.deepcopy(caps))
         return features
 
     async def establish(self, negotiation: ClientNegotiation, auth: AuthenticatedClient,
@@ -226,6 +243,8 @@ class Hub:
             if resource else []
         try:
             full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
+            server = await auth.upstream.discover(self.config.upstream.domain,
+                                                  self.config.upstream.discovery_timeout)
         except UpstreamBindFailed as exc:
             reply = exc.error_reply
             reply.set("id", el.get("id", ""))
@@ -237,13 +256,17 @@ class Hub:
         except UpstreamUnavailable as exc:
             raise violation("remote-connection-failed",
                              "the legacy server failed during bind") from exc
+        self.domain_info = server.domain or self.domain_info
+        if server.domain is None or server.account is None:
+            log.info("discovery_incomplete", domain=server.domain is not None,
+                     account=server.account is not None)
         try:
             jid = Jid.parse(full)
         except InvalidJid as exc:
             raise violation("internal-server-error", "bad JID from the server") from exc
         if jid.bare != auth.account.bare:
             raise violation("internal-server-error", "the server bound another account")
-        core = SessionCore(jid, self.factories)
+        core = SessionCore(jid, self.factories, server)
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
                               tls_context=self.upstream_tls, inspector=self.inspector,

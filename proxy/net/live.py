@@ -24,7 +24,7 @@ from ..commands import (AbortClient, AckWhenDurable, CancelTimer, CatchUp, Clien
                         CloseClient,
                         Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
                         MoreStored, SmRegister, StartTimer, StoreOffline, StorePending,
-                        ToClient, ToServerDirect)
+                        ToAccount, ToClient, ToServerDirect)
 from ..config import Config
 from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
@@ -256,8 +256,15 @@ class LiveSession:
         for command in out.commands:
             if isinstance(command, CatchUp):
                 self.hub.wake(command.session_id)
+            elif isinstance(command, ToAccount):
+                self.hub.to_account(self, command.kind, command.payload)
             elif isinstance(command, StartTimer):  # a feature's, told when it fires
                 self._start_timer(_FEATURE_TIMER + command.name, command.seconds)
+
+    def from_account(self, kind: str, payload: Element) -> None:
+        """Another session of the account sent this one something (``ToAccount``)."""
+        if self.state != "ended":
+            self.write(self.core.from_account(kind, payload))
 
     def catch_up(self) -> None:
         """Another session left this one's client behind (shared roster cache)."""

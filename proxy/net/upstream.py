@@ -12,13 +12,15 @@ import contextvars
 import ssl
 import uuid
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lxml import etree
 
 from ..config import UpstreamConfig
-from ..xmpp import codec, ns, sasl
+from ..xmpp import codec, disco, ns, sasl
+from ..xmpp.disco import DiscoInfo, ServerInfo
+from ..xmpp.jid import Jid
 from ..xmpp import stanza as st
 from .xmlstream import ConnectionLost, PlaintextInjection, UnexpectedEvent, XmlStream
 from ..xmpp.stanza import Element
@@ -105,6 +107,7 @@ class UpstreamLink:
     features: Element
     mechanism: str
     jid: str = ""
+    server_info: ServerInfo = field(default_factory=ServerInfo)  # after discover()
 
     def _needs_session(self) -> bool:
         session = self.features.find(ns.qname(ns.SESSION, "session"))
@@ -130,6 +133,42 @@ class UpstreamLink:
             if reply.get("type") != "result":
                 raise UpstreamBindFailed(reply)
         return self.jid
+
+    async def discover(self, domain: str, timeout: float) -> ServerInfo:
+        """The domain's and the account's disco#info (XEP-0030), asked together after the
+        bind; what else arrives meanwhile is put back for the session to relay. An entity
+        that answers an error or not in time is unknown (None), not fatal."""
+        account = Jid.parse(self.jid).bare if self.jid else None
+        asked: dict[str, str] = {}
+        for target in (domain, str(account) if account else None):
+            if target:
+                iq_id = "disco-" + uuid.uuid4().hex[:8]
+                asked[iq_id] = target
+                self.stream.send(disco.info_query(target, iq_id))
+        answers: dict[str, DiscoInfo | None] = {}
+        other: list[codec.StreamEvent] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while len(answers) < len(asked):
+                event = await self.stream.next_event(max(0.0, deadline - loop.time()))
+                el = event.element if isinstance(event, codec.StanzaReceived) else None
+                if el is not None and el.tag == st.IQ and el.get("id") in asked \
+                        and el.get("type") in ("result", "error"):
+                    answers[asked[el.get("id", "")]] = disco.parse_info(el)
+                else:
+                    other.append(event)
+                    if not isinstance(event, codec.StanzaReceived):
+                        break  # the stream closed or broke: the session's pump will see it
+        except TimeoutError:
+            pass
+        except ConnectionLost as exc:
+            raise UpstreamUnavailable(f"lost during discovery: {exc!r}") from exc
+        finally:
+            self.stream.put_back(other)
+        self.server_info = ServerInfo(domain=answers.get(domain),
+                                      account=answers.get(str(account)) if account else None)
+        return self.server_info
 
     async def _request(self, iq: Element, timeout: float) -> Element:
         self.stream.send(iq)

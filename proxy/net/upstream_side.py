@@ -252,6 +252,7 @@ class UpstreamSide:
         self.link.stream.abort()
         self._run_commands(self.edge.lost(reason))
         self._update_room()
+        self.session.write(self.session.core.upstream_lost())
 
     # Reconnecting -------------------------------------------------------------------------------
 

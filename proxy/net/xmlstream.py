@@ -166,6 +166,10 @@ class XmlStream:
             self._events.extend(self.parser.feed(data))
         return self._events.popleft()
 
+    def put_back(self, events: list[codec.StreamEvent]) -> None:
+        """Events read ahead (while waiting for one answer) go first to the next reader."""
+        self._events.extendleft(reversed(events))
+
     async def next_element(self, timeout: float | None = None) -> Element:
         """The next top-level element; anything else (close, violation) is raised."""
         event = await self.next_event(timeout)

@@ -25,8 +25,8 @@ from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from .xmlpeer import (NS_BIND, NS_CLIENT, NS_PING, NS_ROSTER, NS_SASL, NS_SESSION, NS_SM,
-                      NS_STREAM,
+from .xmlpeer import (NS_BIND, NS_CLIENT, NS_DISCO_INFO, NS_PING, NS_ROSTER, NS_SASL,
+                      NS_SESSION, NS_SM, NS_STREAM,
                       Changes, Element, StreamReader, criteria, describe, is_ping, kind,
                       matches, q, tostring)
 
@@ -48,6 +48,9 @@ class ServerConn:
     h_in: int = 0  # stanzas received since <enable/>
     h_out: int = 0  # stanzas sent since <enabled/>
     nonzas: list[Element] = field(default_factory=list)  # SM elements received, in order
+    # The proxy's own disco#info questions right after the bind (its login discovery):
+    # answered from ``ScriptedServer.disco``, kept apart from what the client sent.
+    discovery: list[Element] = field(default_factory=list)
 
     def send(self, data: str) -> None:
         if not self.closed and not self.dead and not self.writer.is_closing():
@@ -83,6 +86,13 @@ class ScriptedServer:
         self.before_close: list[str] = []
         self.bind_as: str | None = None  # bind this resource whatever is asked (a conflict)
         self.extra_features = ""  # raw XML added to the post-authentication features
+        # disco#info answers (the query's inner XML) for "domain" and "account"; an entity
+        # not listed answers service-unavailable.
+        self.disco: dict[str, str] = {}
+        self.disco_silent = False  # never answer the proxy's login discovery
+        # Raw stanzas pushed to a connection just before its discovery is answered (what a
+        # server may route to a resource right after its bind).
+        self.before_disco_answer: list[str] = []
         self._server: asyncio.Server | None = None
         self._changes = Changes()
         self._claimed: set[int] = set()  # log positions already returned by expect_stanza
@@ -282,6 +292,15 @@ class ScriptedServer:
             return  # no other nonzas on a legacy server's stream
         if conn.sm:
             conn.h_in += 1
+        if kind(el) == "iq" and el.get("id", "").startswith("disco-") \
+                and el.find(q(NS_DISCO_INFO, "query")) is not None:
+            conn.discovery.append(el)
+            if not self.disco_silent:
+                for raw in self.before_disco_answer:
+                    conn.send(raw)
+                self.before_disco_answer = []
+                self._iq(conn, el)
+            return
         conn.received.append(el)
         self.log.append(Received(conn, el))
         if kind(el) == "iq":
@@ -344,6 +363,10 @@ class ScriptedServer:
         elif el.find(q(NS_PING, "ping")) is not None:
             if self.answer_pings:
                 conn.send(f"<iq type='result' id='{iq_id}' from='{self.domain}'/>")
+        elif el.find(q(NS_DISCO_INFO, "query")) is not None and typ == "get" \
+                and (entity := "domain" if to == self.domain else "account") in self.disco:
+            conn.send(f"<iq type='result' id='{iq_id}' from='{to}'><query "
+                      f"xmlns='{NS_DISCO_INFO}'>{self.disco[entity]}</query></iq>")
         elif el.find(q(NS_SESSION, "session")) is not None:
             conn.send(f"<iq type='result' id='{iq_id}'/>")
         elif el.find(q(NS_ROSTER, "query")) is not None and typ == "get":
