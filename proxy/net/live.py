@@ -112,6 +112,9 @@ class LiveSession:
         self.sm_key: tuple[str, str] | None = None  # where the hub has it for resumption
         self.client: XmlStream | None = None
         self.conn_id: str | None = None  # the client connection's id in the log
+        # host:port of the client connection it has or had last (a PROXY header's client
+        # behind a load balancer), for the admin view
+        self.client_address: str | None = None
         self.inspector = inspector
         self.transcript = (inspector.transcript(str(core.account), core.id)
                            if inspector is not None else None)
@@ -381,6 +384,7 @@ class LiveSession:
             self.execute(self.edge.evict("another connection took this session over"))
         self.client = stream
         self.conn_id = conn_id
+        self.client_address = stream.peer
         self.log = self._base_log.bind(conn=conn_id)
         self.upstream.log = self.log
         for el in first or ():
