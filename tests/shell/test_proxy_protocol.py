@@ -1,5 +1,5 @@
 """A listener behind a load balancer, in process: the session's client address is the one
-the PROXY header gave (what the admin view shows), and so is every log event's peer."""
+the PROXY header gave (what the admin view shows), and the log's peer is it too."""
 
 from __future__ import annotations
 
