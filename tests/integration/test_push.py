@@ -199,7 +199,7 @@ def test_coalesced_with_the_body_when_configured_and_registrations_survive_a_res
             assert len(both) == 2
             counts = sorted(summary(i)["message-count"] or "" for i in both)
             assert counts == ["1", "2"]  # the other two, coalesced after min_interval
-            later = [i for i in both if summary(i)["message-count"] == "2"][0]
+            later = next(i for i in both if summary(i)["message-count"] == "2")
             assert summary(later)["last-message-body"] == "burst 2"
             await asyncio.sleep(3.5)
             assert len(await items(reader, node)) == 2  # nothing more to say
