@@ -43,6 +43,9 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    # After each bind the proxy asks the server's disco#info (domain and account); a login
+    # waits at most this long for the answers (an entity that does not answer offers nothing).
+    discovery_timeout: float = 3.0
     ping_idle: float = 60.0  # seconds of silence from the server before a liveness ping
     ping_timeout: float = 20.0  # seconds that ping may go unanswered: the server is dead
     max_buffer: int = 1000  # client stanzas held per session while unconfirmed or down
@@ -103,6 +106,8 @@ class LogConfig:
     redact: list[str] = field(default_factory=lambda: ["body"])  # masked in transcripts
     capture_dir: str | None = None  # per-session XML transcripts go here
     capture_max_bytes: int = 1048576  # per transcript file
+    capture_max_age_days: float | None = 30  # transcripts older than this are removed
+    capture_max_total_bytes: int | None = 1 << 30  # then the oldest, until the rest fit
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("listen", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
     ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("upstream", "discovery_timeout"): (lambda v: 0 < v <= 60, "between 0 and 60 seconds"),
     ("upstream", "ping_idle"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "ping_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "max_buffer"): (lambda v: v >= 1, "at least 1"),
@@ -241,6 +247,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("limits", "tls_read_buffer"): (lambda v: 4096 <= v <= 1048576,
                                     "between 4096 and 1048576 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("log", "capture_max_age_days"): (lambda v: v > 0, "a positive number of days"),
+    ("log", "capture_max_total_bytes"): (lambda v: v >= 1048576, "at least 1048576 bytes"),
     ("limits", "max_depth"): (lambda v: 1 <= v <= 250, "between 1 and 250"),
     ("limits", "output_soft_bytes"): (lambda v: 16384 <= v <= 1 << 30,
                                       "between 16384 and 1073741824 bytes"),

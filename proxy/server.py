@@ -35,6 +35,7 @@ from .net.upstream import client_tls_context
 from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
 from .features.push import PushFactory, PushPolicy
+from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
 from .store import Store
 from .xmpp import codec
@@ -65,6 +66,7 @@ class Proxy:
             if config.upstream.tls != "none" else None)
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
+        self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
         self.clients: set[XmlStream] = set()
         self.stopping = False
         self.connection_limiter = ConnectionLimiter(config.abuse)
@@ -206,6 +208,28 @@ class Proxy:
                           mode="direct_tls" if listener.direct_tls else "starttls")
         self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
                       domain=self.config.upstream.domain, tls=self.config.upstream.tls)
+        if self.config.log.capture_dir is not None:
+            self.background.add(asyncio.create_task(self._prune_transcripts()))
+
+    async def _prune_transcripts(self) -> None:
+        """Transcript retention, now and every PRUNE_EVERY seconds (off the event loop:
+        the folder may hold many files)."""
+        log = self.config.log
+        assert log.capture_dir is not None
+        folder = self.config.path(log.capture_dir)
+        while True:
+            try:
+                pruned = await asyncio.to_thread(
+                    prune_transcripts, folder, max_age_days=log.capture_max_age_days,
+                    max_total_bytes=log.capture_max_total_bytes, now=time.time())
+            except OSError as exc:
+                self.log.warning("transcripts_prune_failed", folder=str(folder),
+                                 error=str(exc))
+            else:
+                if pruned.files:
+                    self.log.info("transcripts_pruned", folder=str(folder),
+                                  files=pruned.files, bytes=pruned.bytes, kept=pruned.kept)
+            await asyncio.sleep(PRUNE_EVERY)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 listener: Listener) -> None:
@@ -303,6 +327,8 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
+        for task in self.background:
+            task.cancel()
         totals = await self.hub.stop()
         self.log.info("sessions_settled", **totals)
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")

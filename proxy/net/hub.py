@@ -151,9 +151,7 @@ class Hub:
         st.sub(session, "optional")
         features = [bind, session, st.element("sm", namespace=ns.SM)]
         for factory in self.factories:
-            extra = getattr(factory, "stream_features", None)
-            if extra is not None:
-                features.extend(extra())
+            features.extend(factory.stream_features())
         if upstream is not None:
             # Entity capabilities (XEP-0115): the server's while the proxy adds nothing to
             # its disco#info, else recomputed from what the last bind learnt of the domain.
@@ -238,7 +236,7 @@ class Hub:
         try:
             full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
             server = await auth.upstream.discover(self.config.upstream.domain,
-                                                  self.config.upstream.connect_timeout)
+                                                  self.config.upstream.discovery_timeout)
         except UpstreamBindFailed as exc:
             reply = exc.error_reply
             reply.set("id", el.get("id", ""))
@@ -251,6 +249,9 @@ class Hub:
             raise violation("remote-connection-failed",
                              "the legacy server failed during bind") from exc
         self.domain_info = server.domain or self.domain_info
+        if server.domain is None or server.account is None:
+            log.info("discovery_incomplete", domain=server.domain is not None,
+                     account=server.account is not None)
         try:
             jid = Jid.parse(full)
         except InvalidJid as exc:
