@@ -171,6 +171,17 @@ class FeaturesConfig:
     push: FeatureMode = "auto"       # XEP-0357 push notifications
 
 
+@dataclass(frozen=True)
+class PushConfig:
+    # XEP-0357 notifications the proxy publishes (features.push): at most one per app server
+    # and node every min_interval seconds (what comes meanwhile is counted into the next).
+    min_interval: float = 10.0
+    include_body: bool = False  # the message body goes to a third party: off by default
+    max_body: int = 256  # characters of the body sent, with include_body
+    max_registrations: int = 5  # app server nodes per account; the oldest goes first
+    max_errors: int = 3  # transient (wait) publish errors in a row before one is disabled
+
+
 def emulates(mode: FeatureMode, server_has: bool) -> bool:
     """Whether the proxy provides a feature itself, by its mode and what the server has."""
     return mode == "on" or (mode == "auto" and not server_has)
@@ -210,6 +221,7 @@ class Config:
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
@@ -277,6 +289,10 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
     ("metrics", "listen"): (lambda v: _host_port(v), "host:port, e.g. 127.0.0.1:9105"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
+    ("push", "min_interval"): (lambda v: 0 <= v <= 86400, "between 0 and 86400 seconds"),
+    ("push", "max_body"): (lambda v: 0 <= v <= 4096, "between 0 and 4096 characters"),
+    ("push", "max_registrations"): (lambda v: 1 <= v <= 100, "between 1 and 100"),
+    ("push", "max_errors"): (lambda v: 1 <= v <= 100, "between 1 and 100"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),

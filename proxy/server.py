@@ -36,6 +36,7 @@ from .net.upstream import client_tls_context
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
+from .features.push import PushFactory, PushPolicy
 from .proxyproto import BadProxyHeader
 from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
@@ -97,8 +98,12 @@ class Proxy:
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
+        pc = config.push
+        push = PushFactory(config.features.push, PushPolicy(
+            min_interval=pc.min_interval, include_body=pc.include_body, max_body=pc.max_body,
+            max_registrations=pc.max_registrations, max_errors=pc.max_errors), self.store.push)
         factories: list[FeatureFactory] = [self.rules, DiscoveryFactory(config.upstream.domain),
-                                           LegacySessionFactory(),
+                                           push, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster]
         rc = config.reconnect

@@ -177,6 +177,7 @@ class LiveSession:
             elif isinstance(c, StoreOffline):
                 if self.store is not None:
                     self.store.offline.offline_put(self._account, c.stanza, c.expires_at)
+                    self._stored(c.stanza)
             elif isinstance(c, StorePending):
                 if self.store is not None:
                     self.store.pending.put(self._account, list(c.stanzas), c.expires_at)
@@ -210,6 +211,12 @@ class LiveSession:
         stream.closing = True
         stream.abort()
         return []
+
+    def _stored(self, data: bytes) -> None:
+        """The features hear of a stanza stored for the account (push notifications)."""
+        out = self.core.offline_stored(parse_stored(data), upstream_usable=self._upstream_up())
+        if out.commands:
+            self.write(Outputs(commands=out.commands))
 
     def _ack_when_durable(self, answer: Element) -> None:
         stream = self.client
@@ -263,6 +270,11 @@ class LiveSession:
                 self.hub.to_account(self, command.kind, command.payload)
             elif isinstance(command, StartTimer):  # a feature's, told when it fires
                 self._start_timer(_FEATURE_TIMER + command.name, command.seconds)
+            elif isinstance(command, ToServerDirect):  # a feature's own request
+                self.inspect_own("c2s", command.element)
+                self.execute([command])
+            elif isinstance(command, Log):
+                self.execute([command])
 
     def from_account(self, kind: str, payload: Element) -> None:
         """Another session of the account sent this one something (``ToAccount``)."""
@@ -410,6 +422,8 @@ class LiveSession:
             return  # evicted: the session already belongs to another connection
         running = self.execute(self.edge.client_left(left.reason, end_session=left.end_session,
                                                      error=left.error))
+        if self.edge.state == "hibernating" and self.sm is not None:
+            self.write(self.core.client_detached([u.element for u in self.sm.unacked]))
         if running:
             await asyncio.gather(*running)
 
