@@ -161,6 +161,15 @@ class MoreStored:
     """The client acknowledged enough: the next part of its stored backlog can go out."""
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Add one to the /metrics counter ``table`` (a ``proxy.metrics.Counters`` table: logins,
+    tls_handshakes, resumes) under ``key``."""
+
+    table: str
+    key: Any
+
+
 # Client negotiation (``proxy/negotiation.py``) ---------------------------------------------
 
 
@@ -220,7 +229,7 @@ class Received:
 
 
 NegotiationCommand = (SendHeader | StartTls | CheckLogin | Pause | FailNegotiation
-                      | Authenticated | Received | ToClient | Log | StartTimer)
+                      | Authenticated | Received | ToClient | Log | Count | StartTimer)
 
 
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log

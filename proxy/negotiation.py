@@ -23,6 +23,7 @@ from .abuse import LoginThrottle, Refusal
 from .commands import (
     Authenticated,
     CheckLogin,
+    Count,
     FailNegotiation,
     Log,
     NegotiationCommand,
@@ -115,7 +116,14 @@ class NegotiationCore:
 
     def tls_started(self, tls_info: Mapping[str, object]) -> list[NegotiationCommand]:
         self.phase = "sasl-header"
-        return [Log("tls_established", dict(tls_info))]
+        return [Count("tls_handshakes", ("starttls", "ok")), Log("tls_established", dict(tls_info))]
+
+    def tls_failed(self, reason: str) -> list[NegotiationCommand]:
+        """The handshake broke: nothing can be said on the stream any more."""
+        return [Count("tls_handshakes", ("starttls", "failed")),
+                Log("tls_handshake_failed", {"listener": "starttls", "reason": reason},
+                    level="warning"),
+                *self._fail(FailNegotiation(f"TLS handshake failed: {reason}"))]
 
     def tls_injection(self, buffered: int, events: int) -> list[NegotiationCommand]:
         """Something followed ``<starttls/>`` in the clear (CVE-2011-0411 class, by the
@@ -265,13 +273,15 @@ class NegotiationCore:
     def _success(self, account: Jid, password: str, log: Log) -> list[NegotiationCommand]:
         self.account = account
         self.phase = "authenticated"
-        return [log, ToClient(st.element("success", namespace=ns.SASL)),
+        return [Count("logins", "ok"), log, ToClient(st.element("success", namespace=ns.SASL)),
                 Authenticated(account, password)]
 
     def _sasl_failed(self, why: str | Refusal) -> list[NegotiationCommand]:
         """A failed attempt: the ``<failure/>``, and the end after too many."""
         self.phase = "sasl"
-        out: list[NegotiationCommand] = [self._sasl_failure(why)]
+        out: list[NegotiationCommand] = [
+            Count("logins", "throttled" if isinstance(why, Refusal) else why),
+            self._sasl_failure(why)]
         self.failures += 1
         if self.failures >= self.max_attempts:
             out += self._fail(violation("policy-violation",

@@ -20,6 +20,7 @@ from ..abuse import LoginThrottle
 from ..commands import (
     Authenticated,
     CheckLogin,
+    Count,
     FailNegotiation,
     Log,
     NegotiationCommand,
@@ -32,6 +33,7 @@ from ..commands import (
 )
 from ..config import Config, Listener
 from ..loopcheck import OwnStreamIds
+from ..metrics import Counters
 from ..negotiation import LoginOutcome, NegotiationCore
 from ..xmpp import codec
 from ..xmpp.jid import Jid
@@ -42,6 +44,7 @@ from .upstream import (
     UpstreamUnavailable,
     connect_upstream,
 )
+from .preamble import tls_failure_reason
 from .xmlstream import PlaintextInjection, XmlStream, features_element
 from ..xmpp.stanza import Element
 
@@ -79,7 +82,8 @@ class ClientNegotiation:
                  server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext | None,
                  log: Any, *, throttle: LoginThrottle | None = None,
                  own_stream_ids: OwnStreamIds | None = None,
-                 vouch: Callable[[str, str], bool] | None = None) -> None:
+                 vouch: Callable[[str, str], bool] | None = None,
+                 counters: Counters | None = None) -> None:
         self.stream = stream
         # While the server is unreachable: does a live session of this account hold this
         # password (so a client whose link dropped can still resume)?
@@ -93,11 +97,12 @@ class ClientNegotiation:
         # Ids we issue before authentication, so our own upstream can tell it reached us.
         self.own_stream_ids = own_stream_ids
         self._issued_ids: list[str] = []
-        peer = stream.writer.get_extra_info("peername")
+        self.counters = counters  # for /metrics: logins by result, STARTTLS handshakes
         self.core = NegotiationCore(
             config.upstream.domain, direct_tls=listener.direct_tls,
             timeout=config.limits.negotiation_timeout, throttle=throttle,
-            client_address=str(peer[0]) if peer else "?",
+            # The socket's peer, or the client a PROXY protocol header named.
+            client_address=stream.peer_host,
             upstream_host=config.upstream.host, upstream_port=config.upstream.port)
         self.deadline: float | None = None  # seconds, from the core's timer
         self._authenticated: Authenticated | None = None
@@ -162,6 +167,9 @@ class ClientNegotiation:
                 self._send_header(command)
             elif isinstance(command, Log):
                 getattr(self.log, command.level)(command.event, **command.fields)
+            elif isinstance(command, Count):
+                if self.counters is not None:
+                    self.counters.count(getattr(self.counters, command.table), command.key)
             elif isinstance(command, FailNegotiation):
                 raise NegotiationFailed(command.reason, command.error)
             elif isinstance(command, StartTls):
@@ -190,6 +198,8 @@ class ClientNegotiation:
     async def _start_tls(self) -> list[NegotiationCommand]:
         try:
             await self.stream.start_tls(self.server_tls)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            return self.core.tls_failed(tls_failure_reason(exc))
         except PlaintextInjection as exc:
             return self.core.tls_injection(exc.buffered + exc.parsed, exc.events)
         return self.core.tls_started(self.stream.tls_info)
