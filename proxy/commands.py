@@ -232,6 +232,71 @@ NegotiationCommand = (SendHeader | StartTls | CheckLogin | Pause | FailNegotiati
                       | Authenticated | Received | ToClient | Log | Count | StartTimer)
 
 
+# The hub's decisions before bind (``proxy/registry.py``) ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpResume:
+    """Find the account's live session under ``previd`` and check ``h`` with its client
+    edge; the registry hears what was found (``Registry.resume``)."""
+
+    previd: str
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpBind:
+    """Find what is bound to ``resource`` ("" for none asked), the account's live session
+    count, and a finishing session of the resource; the registry hears it (``bind``)."""
+
+    resource: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Resume the session found under ``previd``, the client having handled ``h``."""
+
+    previd: str
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
+class TakeOver:
+    """Hand the live session of ``jid`` to this connection; ``result`` answers the bind."""
+
+    jid: str
+    result: Element
+
+
+@dataclass(frozen=True, slots=True)
+class BindUpstream:
+    """Bind ``resource`` (None: the server's choice) on the client's upstream link, after
+    the finishing session of ``hand_over_from`` (a full JID) handed over what it owes."""
+
+    resource: str | None
+    hand_over_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplacePrevious:
+    """End the session registered under ``jid``: the new one takes its place."""
+
+    jid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """Make the session of ``jid`` and register it; ``result`` answers the bind."""
+
+    jid: Any  # proxy.xmpp.jid.Jid
+    result: Element
+
+
+RegistryCommand = (LookUpResume | LookUpBind | Resume | TakeOver | BindUpstream
+                   | ReplacePrevious | NewSession | ToClient | Log | Count | FailNegotiation)
+
+
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
            | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored)
