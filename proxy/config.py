@@ -136,6 +136,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    # The local admin socket (`xmpp-front sessions`, `xmpp-front kick`): a Unix socket,
+    # mode 0600 in a folder only the proxy's user can use. "auto": `admin.sock` in a folder
+    # `<store name>-admin` beside the store (beside the configuration file for a ":memory:"
+    # store); a path: there (its folder must exist or is made 0700); null: no admin socket.
+    socket: str | None = "auto"
+
+
+@dataclass(frozen=True)
 class CsiConfig:
     # XEP-0352 toward clients: while one says it is inactive, presence updates and chat
     # states wait (latest per sender) until it is active again or this many are held.
@@ -198,6 +207,7 @@ class Config:
     csi: CsiConfig = field(default_factory=CsiConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
@@ -257,6 +267,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
     ("metrics", "listen"): (lambda v: _host_port(v), "host:port, e.g. 127.0.0.1:9105"),
+    ("admin", "socket"): (lambda v: bool(v), "a socket path, \"auto\" or null"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),

@@ -106,6 +106,8 @@ class LiveSession:
         self.sm_key: tuple[str, str] | None = None  # where the hub has it for resumption
         self.client: XmlStream | None = None
         self.conn_id: str | None = None  # the client connection's id in the log
+        self.client_address: str | None = None  # the client connection's, or the last one's
+        self.since = time.time()  # when the session was bound (the admin view shows it)
         self.inspector = inspector
         self.transcript = (inspector.transcript(str(core.account), core.id)
                            if inspector is not None else None)
@@ -366,6 +368,7 @@ class LiveSession:
             self.execute(self.edge.evict("another connection took this session over"))
         self.client = stream
         self.conn_id = conn_id
+        self.client_address = stream.peer
         for el in first or ():
             stream.send(el)
         self.execute(self.edge.attach(resumed=resumed))
