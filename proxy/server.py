@@ -177,6 +177,8 @@ class Proxy:
             for warning in prepared.warnings:
                 self.log.warning(warning.event, key=warning.key, problem=warning.message,
                                  config=self._source_name)
+            if self.log_level is not None:  # last: the event above is logged at the old one
+                self.log_level.set(plan.config.log.level)
             return True
 
     @property
@@ -230,8 +232,6 @@ class Proxy:
         self.connection_limiter.config = config.abuse
         self.login_throttle.reconfigure(config.abuse)
         size_tls_buffers(config.limits.tls_read_buffer)
-        if self.log_level is not None:
-            self.log_level.set(config.log.level)
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
