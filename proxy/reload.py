@@ -29,6 +29,7 @@ RESTART_KEYS: dict[str, str] = {
     "csi": "the feature pipeline is built at start",
     "roster": "the feature pipeline is built at start",
     "features": "the feature pipeline is built at start",
+    "push": "the feature pipeline is built at start",
     "reconnect.settle_presence": "the feature pipeline is built at start",
 }
 

@@ -291,6 +291,7 @@ class UpstreamSide:
         if refused is not None:
             await link.stream.close()
             raise _Stop(refused)
+        link.stream.sent_bytes = self.link.stream.sent_bytes  # the byte counts go on
         self.link = link
         self._tls_fresh = True
         outage = self.edge.restored()
