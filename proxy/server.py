@@ -191,11 +191,11 @@ class Proxy:
         async with self.reload_lock:
             try:
                 prepared = await asyncio.to_thread(self._prepare_reload)
+                self._take_on(prepared)
             except ReloadRefused as exc:
                 self.log.error("config_reload_refused", why=why, config=self._source_name,
                                problems=exc.problems, note="the configuration in force stays")
                 return False
-            self._take_on(prepared)
             plan = prepared.plan
             self.log.info("config_reloaded", why=why, config=self._source_name,
                           changed=plan.changed, applied=plan.applied,
@@ -248,11 +248,18 @@ class Proxy:
                               [f for f in findings if f.warning])
 
     def _take_on(self, prepared: PreparedReload) -> None:
-        """Nothing here fails (the pair was loaded a moment ago from the same files)."""
+        """Only the certificate can fail here, if its files changed again since they were
+        checked a moment ago: then nothing is taken on and the old pair is loaded back."""
         config = prepared.plan.config
-        # The live context, so direct-TLS listeners (which hold it) pick it up too.
-        self.server_tls.load_cert_chain(config.path(config.tls.cert),
-                                        config.path(config.tls.key))
+        try:
+            # The live context, which every TLS handshake uses.
+            self.server_tls.load_cert_chain(config.path(config.tls.cert),
+                                            config.path(config.tls.key))
+        except (ssl.SSLError, OSError) as exc:
+            old = self.config
+            with contextlib.suppress(ssl.SSLError, OSError):
+                self.server_tls.load_cert_chain(old.path(old.tls.cert), old.path(old.tls.key))
+            raise ReloadRefused([f"tls: {exc}"]) from exc
         self.rules.adopt(prepared.rule_paths, prepared.ruleset)
         self.config = config
         self.upstream_tls = prepared.upstream_tls
@@ -260,6 +267,8 @@ class Proxy:
         self.connection_limiter.config = config.abuse
         self.login_throttle.reconfigure(config.abuse)
         size_tls_buffers(config.limits.tls_read_buffer)
+        if self.metrics is not None:  # /readyz probes the server new sessions use
+            self.metrics.upstream = (config.upstream.host, config.upstream.port)
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
