@@ -89,3 +89,21 @@ def test_the_socket_is_beside_the_store_by_default(tmp_path: Path) -> None:
     chosen = parse_config({"admin": {"socket": "/run/xf/admin.sock"}}, tmp_path)
     assert socket_path(chosen) == Path("/run/xf/admin.sock")
     assert socket_path(parse_config({"admin": {"socket": None}}, tmp_path)) is None
+
+
+def test_check_names_an_admin_socket_that_cannot_be(tmp_path: Path) -> None:
+    from proxy.preflight import check_admin_socket
+
+    def problems(socket: str | None) -> list[str]:
+        config = parse_config({"admin": {"socket": socket}}, tmp_path)
+        return [str(f) for f in check_admin_socket(config)]
+
+    assert problems("admin/admin.sock") == []  # the folder is made at start
+    assert problems(None) == []
+    long = problems("x" * 120 + ".sock")
+    assert len(long) == 1 and long[0].startswith("admin.socket: ") and "longer" in long[0]
+    missing = problems("no/such/admin.sock")
+    assert missing == [f"admin.socket: cannot create {tmp_path / 'no' / 'such'}: "
+                       f"{tmp_path / 'no'} is not a folder"]
+    deep = parse_config({"store": {"path": "d" * 100 + "/store.sqlite3"}}, tmp_path)
+    assert [f.key for f in check_admin_socket(deep)] == ["admin.socket"]  # auto, too long
