@@ -110,9 +110,16 @@ def prometheus(name: str, kind: str, help_text: str,
     """One metric family in the Prometheus text format."""
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
     for labels, value in samples:
-        label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
+        label_text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+        # An int stays exact (":g" would print a counter past a million as 1e+06).
+        shown = str(value) if isinstance(value, int) else repr(float(value))
+        lines.append(f"{name}{{{label_text}}} {shown}" if label_text else f"{name} {shown}")
     return lines
+
+
+def _label_value(value: object) -> str:
+    """Escaped as the text format asks (a rule's name may hold anything)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # Seconds a stanza spends in the proxy: from the read that brought its bytes in to its
@@ -163,6 +170,9 @@ class Counters:
         self.c2s_bytes: dict[str, int] = {}
         self.s2c_bytes: dict[str, int] = {}
         self.relay_seconds = Histogram(RELAY_BUCKETS)
+        self.rule_hits: dict[str, int] = {}  # rule name -> stanzas it matched
+        self.upstream_restores = 0  # sessions restored after an outage
+        self.outage_seconds = 0.0  # summed over those restores
 
     def count(self, table: dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
@@ -179,6 +189,16 @@ class Counters:
         lines += prometheus("xmpp_front_resumes_total", "counter",
                             "XEP-0198 resumptions by result",
                             [({"result": k}, v) for k, v in sorted(self.resumes.items())])
+        lines += prometheus("xmpp_front_upstream_restores_total", "counter",
+                            "sessions re-established upstream after an outage",
+                            [({}, self.upstream_restores)])
+        lines += prometheus("xmpp_front_upstream_outage_seconds_total", "counter",
+                            "seconds those sessions were without the server, summed",
+                            [({}, round(self.outage_seconds, 3))])
+        if self.rule_hits:
+            lines += prometheus("xmpp_front_rule_hits_total", "counter",
+                                "stanzas each rule matched",
+                                [({"rule": k}, v) for k, v in sorted(self.rule_hits.items())])
         lines += prometheus("xmpp_front_tls_handshakes_total", "counter",
                             "client TLS handshakes by listener kind and result",
                             [({"listener": kind, "result": result},

@@ -281,7 +281,12 @@ class Proxy:
         held: Counter[str] = Counter()
         ledger = Counter(hub.settled)
         for session in hub.sessions:
-            states[session.state] += 1
+            if session.upstream.state == "down":
+                states["reconnecting"] += 1  # the client may be there or not: upstream first
+            elif session.state == "active" and session.core.client_inactive:
+                states["inactive"] += 1
+            else:
+                states[session.state] += 1
             upstream[session.upstream.state] += 1
             for lane, counts in session.ledger.summary().items():
                 held[lane] += counts["held"]
@@ -290,9 +295,11 @@ class Proxy:
                         ledger[(lane, name)] += value
         states["finishing"] = len(hub.finishing_sessions)
         lines = prometheus("xmpp_front_sessions", "gauge",
-                           "bound sessions by state (finishing: ended, upstream still owed)",
+                           "bound sessions by state (inactive: XEP-0352; reconnecting: the "
+                           "server is away; finishing: ended, upstream still owed)",
                            [({"state": k}, states[k]) for k in
-                            ("active", "hibernating", "finishing")])
+                            ("active", "inactive", "hibernating", "reconnecting",
+                             "finishing")])
         lines += prometheus("xmpp_front_upstream_links", "gauge",
                             "live sessions' links to the legacy server by state",
                             [({"state": k}, upstream[k]) for k in ("up", "down")])

@@ -142,6 +142,7 @@ class SessionCore:
         self._jid_text = str(jid)
         self._ids = itertools.count(1)
         self.upstream_up = True
+        self.client_inactive = False  # XEP-0352: the client said it is inactive (csi feature)
         # What the server said of itself at the bind (kept through outages: what the proxy
         # emulates for this session stays the same until it ends), and what the proxy adds.
         self.server = server or ServerInfo()

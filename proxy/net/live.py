@@ -120,7 +120,8 @@ class LiveSession:
         self.transcript = (inspector.transcript(str(core.account), core.id)
                            if inspector is not None else None)
         self.upstream = UpstreamSide(self, link, config=config, tls_context=tls_context,
-                                     username=core.jid.local, password=password, log=self.log)
+                                     username=core.jid.local, password=password, log=self.log,
+                                     counters=counters)
 
     @property
     def jid(self) -> str:
@@ -321,6 +322,9 @@ class LiveSession:
         for command in out.commands:
             if isinstance(command, RulesMatched):
                 matched = command.names
+                if counters is not None:
+                    for name in matched:
+                        counters.count(counters.rule_hits, name)
                 for event in command.events:
                     # The stanza's context first; a rule's own fields of the same name win.
                     self.log.info(event.get("event", "rule"), **{

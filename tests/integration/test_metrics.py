@@ -43,7 +43,8 @@ def test_metrics_move_with_traffic_and_readiness_follows_the_server(
     port = free_port()
     proxy = ProxyProcess(tmp_path / "proxy", server, *certs,
                          metrics={"listen": f"{LOCALHOST}:{port}"},
-                         store={"path": str(tmp_path / "front.sqlite3")})
+                         store={"path": str(tmp_path / "front.sqlite3")},
+                         reconnect={"first_delay_max": 0.5, "base": 0.2, "cap": 1.0})
     try:
         proxy.start()
         server.register("alice", "alice-pw")
@@ -70,18 +71,31 @@ def test_metrics_move_with_traffic_and_readiness_follows_the_server(
                          exit="delivered") >= 6
             assert value(text, "xmpp_front_ledger_stanzas_total", lane="s2c",
                          exit="entered") >= 5
+            b.raw.send("<inactive xmlns='urn:xmpp:csi:0'/>")  # bob's phone is pocketed
             a.abort()  # alice's phone drops: her session hibernates
             await asyncio.sleep(0.5)
             text = (await get(port, "/metrics"))[1]
             assert value(text, "xmpp_front_sessions", state="hibernating") == 1
+            assert value(text, "xmpp_front_sessions", state="inactive") == 1
+            assert value(text, "xmpp_front_upstream_restores_total") == 0
             server.kill()
             await asyncio.sleep(5.5)  # past the readiness cache
             status, body = await get(port, "/readyz")
             assert status == 503 and "not ready" in body
             assert (await get(port, "/healthz"))[0] == 200  # the proxy itself is fine
+            text = (await get(port, "/metrics"))[1]
+            assert value(text, "xmpp_front_sessions", state="reconnecting") == 2
             server.start()
             await asyncio.sleep(5.5)
             assert (await get(port, "/readyz"))[0] == 200
+            for _ in range(100):  # both sessions restored (each after its own backoff)
+                text = (await get(port, "/metrics"))[1]
+                if value(text, "xmpp_front_upstream_restores_total") == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert value(text, "xmpp_front_upstream_restores_total") == 2
+            assert value(text, "xmpp_front_upstream_outage_seconds_total") >= 2 * 5.5
+            assert value(text, "xmpp_front_sessions", state="reconnecting") == 0
             assert (await get(port, "/nope"))[0] == 404
             b.abort()
 

@@ -32,6 +32,9 @@ def test_prometheus_text() -> None:
                        [({"lane": "c2s", "exit": "stored"}, 3), ({}, 1.5)])
     assert lines == ["# HELP x_total what it counts", "# TYPE x_total counter",
                      'x_total{lane="c2s",exit="stored"} 3', "x_total 1.5"]
+    # Counters stay exact past a million; label values are escaped.
+    big = prometheus("y_total", "counter", "h", [({"rule": 'say "hi"\\'}, 12_345_678)])
+    assert big[-1] == 'y_total{rule="say \\"hi\\"\\\\"} 12345678'
 
 
 def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
