@@ -17,7 +17,6 @@ from typing import Any
 from .admin_protocol import (KICK_CONDITION, KICK_TEXT, MAX_REQUEST_BYTES, BadRequest,
                              KickRequest, SessionSnapshot, encode, error, kick_targets,
                              parse_request, session_row)
-from .features.csi import ClientState
 from .net.hub import Hub
 from .net.live import LiveSession
 from .xmpp import codec
@@ -92,8 +91,7 @@ def snapshot(session: LiveSession, *, finishing: bool = False) -> SessionSnapsho
     sm = session.sm
     return SessionSnapshot(
         jid=session.jid, edge_state=session.state, upstream_state=session.upstream.state,
-        csi_inactive=any(isinstance(f, ClientState) and f.inactive
-                         for f in session.core.features),
+        csi_inactive=session.core.client_inactive,
         finishing=finishing, client_address=session.client_address, since=session.since,
         sm_queue=len(sm.unacked) if sm is not None else 0,
         outbox=session.upstream.outbox.size)

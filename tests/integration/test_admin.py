@@ -76,12 +76,14 @@ def test_sessions_lists_and_kick_ends_one_session_politely(make_proxy, accounts)
         await asyncio.to_thread(proxy.wait_event, "hibernating",
                                 lambda e: e.get("jid", "").startswith(carol[0]))
 
+        a.raw.send("<inactive xmlns='urn:xmpp:csi:0'/>")  # XEP-0352: a phone in a pocket
+        await a.wait_acked(1)  # the proxy answered an <r/> sent after it: it is handled
         b.send_message(mto=alice[0] + "/phone", mbody="owed to alice", mtype="chat")
         await a.wait_bodies(1)  # received, never acknowledged
 
         rows = by_jid(await sessions(proxy))
         assert set(rows) == {alice[0] + "/phone", bob[0] + "/pc", carol[0] + "/tablet"}
-        assert [rows[j]["state"] for j in sorted(rows)] == ["active", "active",
+        assert [rows[j]["state"] for j in sorted(rows)] == ["inactive", "active",
                                                             "hibernating"]
         assert rows[alice[0] + "/phone"]["client"].startswith("127.0.0.1:")
         assert rows[alice[0] + "/phone"]["sm_queue"] >= 1  # the message alice never acked
