@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .abuse import ConnectionLimiter, LoginThrottle, Refusal
-from .admin import AdminServer
-from .admin_protocol import socket_path
+from .admin import AdminServer, snapshot
+from .admin_protocol import shown_state, socket_path
 from .config import Config, ConfigError, Listener, load_config
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
@@ -281,19 +281,14 @@ class Proxy:
         held: Counter[str] = Counter()
         ledger = Counter(hub.settled)
         for session in hub.sessions:
-            if session.upstream.state == "down":
-                states["reconnecting"] += 1  # the client may be there or not: upstream first
-            elif session.state == "active" and session.core.client_inactive:
-                states["inactive"] += 1
-            else:
-                states[session.state] += 1
+            states[shown_state(snapshot(session))] += 1  # as the admin view shows it
             upstream[session.upstream.state] += 1
             for lane, counts in session.ledger.summary().items():
                 held[lane] += counts["held"]
                 for name, value in counts.items():
                     if name != "held":
                         ledger[(lane, name)] += value
-        states["finishing"] = len(hub.finishing_sessions)
+        states["finishing"] += len(hub.finishing_sessions)
         lines = prometheus("xmpp_front_sessions", "gauge",
                            "bound sessions by state (inactive: XEP-0352; reconnecting: the "
                            "server is away; finishing: ended, upstream still owed)",
