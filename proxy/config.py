@@ -50,6 +50,10 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    # Send a PROXY protocol header (v1 text, v2 binary) first on each upstream connection,
+    # naming the client's address, for a server that accepts it (its logs, per-address
+    # limits and ACLs then see the user, not the proxy). off: the server sees the proxy.
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
     # After each bind the proxy asks the server's disco#info (domain and account); a login
     # waits at most this long for the answers (an entity that does not answer offers nothing).
     discovery_timeout: float = 3.0
