@@ -50,6 +50,10 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    # Send a PROXY protocol header (v1 text, v2 binary) first on each upstream connection,
+    # naming the client's address, for a server that accepts it (its logs, per-address
+    # limits and ACLs then see the user, not the proxy). off: the server sees the proxy.
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
     # After each bind the proxy asks the server's disco#info (domain and account); a login
     # waits at most this long for the answers (an entity that does not answer offers nothing).
     discovery_timeout: float = 3.0
@@ -149,6 +153,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    # The local admin socket (`xmpp-front sessions`, `xmpp-front kick`): a Unix socket,
+    # mode 0600 in a folder only the proxy's user can use. "auto": `admin.sock` in a folder
+    # `<store name>-admin` beside the store (beside the configuration file for a ":memory:"
+    # store); a path: there (its folder must exist or is made 0700); null: no admin socket.
+    socket: str | None = "auto"
+
+
+@dataclass(frozen=True)
 class CsiConfig:
     # XEP-0352 toward clients: while one says it is inactive, presence updates and chat
     # states wait (latest per sender) until it is active again or this many are held.
@@ -223,6 +236,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     push: PushConfig = field(default_factory=PushConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
@@ -288,6 +302,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
     ("metrics", "listen"): (lambda v: _host_port(v), "host:port, e.g. 127.0.0.1:9105"),
+    ("admin", "socket"): (lambda v: bool(v), "a socket path, \"auto\" or null"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("push", "min_interval"): (lambda v: 0 <= v <= 86400, "between 0 and 86400 seconds"),
     ("push", "max_body"): (lambda v: 0 <= v <= 4096, "between 0 and 4096 characters"),

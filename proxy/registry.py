@@ -89,6 +89,11 @@ class Registry:
         # (account, sm id) -> (last inbound h, expiry) of sessions that ended.
         self.tombstones: OrderedDict[Key, tuple[int, float]] = OrderedDict()
 
+    def reconfigure(self, abuse: AbuseConfig, *, max_resume_timeout: float) -> None:
+        """A reload: the new limits apply from the next bind; the tombstones stay."""
+        self.abuse = abuse
+        self.tombstone_seconds = 2 * max_resume_timeout
+
     # Stream management ids --------------------------------------------------------------------
 
     def sm_ended(self, key: Key, inbound: int) -> None:

@@ -209,6 +209,7 @@ class ClientNegotiation:
         try:
             self.upstream = await connect_upstream(
                 self.config.upstream, self.upstream_tls, check.authcid, check.password,
+                client=self.stream.endpoints(),
                 max_stanza_bytes=self.config.limits.max_stanza_bytes, log=self.log,
                 own_stream_ids=(self.own_stream_ids if self.own_stream_ids is not None
                                 else frozenset()))

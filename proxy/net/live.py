@@ -34,7 +34,7 @@ from ..ledger import Exit, Ledger
 from ..session import Outputs, SessionCore
 from ..xmpp import codec
 from ..xmpp import stanza as st
-from .upstream import UpstreamLink
+from .upstream import Endpoints, UpstreamLink
 from .ports import SessionRegistry
 from .upstream_side import UpstreamSide
 from .xmlstream import ConnectionLost, XmlStream
@@ -115,6 +115,8 @@ class LiveSession:
         # host:port of the client connection it has or had last (a PROXY header's client
         # behind a load balancer), for the admin view
         self.client_address: str | None = None
+        self.client_endpoints: Endpoints = (None, None)
+        self.since = time.time()  # when the session was bound (the admin view shows it)
         self.inspector = inspector
         self.transcript = (inspector.transcript(str(core.account), core.id)
                            if inspector is not None else None)
@@ -401,6 +403,7 @@ class LiveSession:
         self.client = stream
         self.conn_id = conn_id
         self.client_address = stream.peer
+        self.client_endpoints = stream.endpoints()  # for the PROXY header of a reconnection
         self.log = self._base_log.bind(conn=conn_id)
         self.upstream.log = self.log
         for el in first or ():

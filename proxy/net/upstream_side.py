@@ -273,7 +273,8 @@ class UpstreamSide:
                 link = await connect_upstream(
                     self.config.upstream, self.tls_context, self._username, self._password,
                     max_stanza_bytes=self.config.limits.max_stanza_bytes,
-                    resume_tls=self._tls_session, log=self.log)
+                    resume_tls=self._tls_session, client=self.session.client_endpoints,
+                    log=self.log)
             except UpstreamUnavailable as exc:
                 self.log.info("upstream_reconnect_failed", attempt=edge.backoff.attempts,
                               detail=str(exc))

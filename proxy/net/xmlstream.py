@@ -114,6 +114,12 @@ class XmlStream:
             return "?"
         return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
+    def endpoints(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """The peer's address and ours (the one it connected to), for a PROXY header."""
+        local = self.writer.get_extra_info("sockname")
+        return self.remote, ((str(local[0]), int(local[1]))
+                             if isinstance(local, tuple) and len(local) >= 2 else None)
+
     @property
     def peer_host(self) -> str:
         return self.remote[0] if self.remote is not None else "?"

@@ -129,3 +129,42 @@ def test_a_missing_or_broken_header_or_an_untrusted_peer_closes_the_connection(
     finally:
         proxy.stop()
         untrusted.stop()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_clients_address_is_passed_upstream_in_a_proxy_header(
+        own_prosody: LegacyProsody, certs: tuple[Path, Path], tmp_path: Path,
+        version: str) -> None:
+    """Prosody 0.12 as packaged takes no PROXY header, so the server here is a second
+    xmpp-front with a PROXY listener in front of it (as jabberd2/ejabberd with it on would
+    be): it must see the address of the client behind the first one, also after the first
+    one reconnected to it."""
+    own_prosody.register("alice", "alice-pw")
+    server_side = balanced_proxy(tmp_path / "server-side", own_prosody, certs).start()
+    front = ProxyProcess(tmp_path / "front", own_prosody, *certs,
+                         upstream_port=server_side.port,
+                         upstream={"proxy_protocol": version, "ca": str(certs[0])},
+                         reconnect={"first_delay_max": 0.2, "base": 0.2, "cap": 1.0})
+    front.start()
+    try:
+        async def scenario() -> None:
+            client = await connect_behind(front.port, b"", direct_tls=False)
+            address = client.writer.get_extra_info("sockname")
+            assert await login(client, "alice", "alice-pw", "phone") == "alice@localhost/phone"
+            seen = server_side.events("auth_ok")
+            assert [e["peer"] for e in seen] == [f"{address[0]}:{address[1]}"]
+            assert seen[0]["via"].startswith(f"{LOCALHOST}:")  # the front proxy's link
+            server_side.stop()  # the "server" restarts: the front logs in again
+            server_side.start()
+            for _ in range(200):
+                if front.events("upstream_restored"):
+                    break
+                await asyncio.sleep(0.05)
+            assert front.events("upstream_restored")
+            seen = server_side.events("auth_ok")
+            assert [e["peer"] for e in seen] == [f"{address[0]}:{address[1]}"] * 2
+            await client.close()
+        run(scenario(), 60)
+    finally:
+        front.stop()
+        server_side.stop()

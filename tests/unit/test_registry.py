@@ -222,3 +222,11 @@ def test_a_bind_the_server_refused_reaches_the_client_with_its_id() -> None:
     (fail,) = core.bind_broke()
     assert isinstance(fail, FailNegotiation) and fail.error is not None
     assert b"remote-connection-failed" in fail.error
+
+
+def test_a_reload_applies_the_new_session_limit_from_the_next_bind() -> None:
+    core, _ = registry(max_sessions_per_account=5)
+    core.sm_ended(("juliet@localhost", "sm1"), 4)
+    core.reconfigure(AbuseConfig(max_sessions_per_account=1), max_resume_timeout=300)
+    assert logged(bind(core, bind_iq("b"), sessions=1)) == ["session_refused"]
+    assert to_client(core.resume("juliet@localhost", "sm1", 0, resumable=False)).get("h") == "4"
