@@ -15,6 +15,8 @@ from typing import Any
 
 from .abuse import ConnectionLimiter, LoginThrottle, Refusal
 from .config import Config, Listener
+from .features.blocking import BlockingFactory
+from .features.carbons import CarbonsFactory
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.presence_settle import PresenceSettlingFactory
@@ -75,10 +77,19 @@ class Proxy:
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
-        factories: list[FeatureFactory] = [self.rules, DiscoveryFactory(config.upstream.domain),
+        # Carbons sit on both sides of the rest: the tap (received copies) before rules,
+        # so on the way in it copies what the client is given; the main part last, so on
+        # the way out it copies what was sent after rules and blocking. Blocking is next to
+        # the server edge: nothing from a blocked JID reaches the roster cache, dedupe or
+        # the carbons tap, and nothing to one is copied.
+        self.carbons = CarbonsFactory(config.features.carbons, config.carbons.bare_wait)
+        self.blocking = BlockingFactory(self.store, config.features.blocking,
+                                        config.blocking.max_items)
+        factories: list[FeatureFactory] = [self.carbons.tap, self.rules,
+                                           DiscoveryFactory(config.upstream.domain),
                                            LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
-                                           self.roster]
+                                           self.roster, self.blocking, self.carbons]
         rc = config.reconnect
         settle = (rc.settle_presence if rc.settle_presence is not None
                   else rc.first_delay_max + 5.0)

@@ -254,6 +254,8 @@ class LiveSession:
                 self.hub.to_account(self, command.kind, command.payload)
             elif isinstance(command, StartTimer):  # a feature's, told when it fires
                 self._start_timer(_FEATURE_TIMER + command.name, command.seconds)
+            elif isinstance(command, Log):
+                getattr(self.log, command.level)(command.event, **command.fields)
 
     def from_account(self, kind: str, payload: Element) -> None:
         """Another session of the account sent this one something (``ToAccount``)."""
