@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 from lxml import etree
 
 from proxy.commands import ToAccount
+from proxy.config import ConfigError, parse_config
 from proxy.features.blocking import BLOCKING, BLOCKING_ERRORS, BlockingFactory, is_blocked
 from proxy.session import Outputs, SessionCore
 from proxy.store import RosterItem, Store
@@ -232,3 +234,12 @@ def test_stored_messages_from_blocked_dropped() -> None:
     core = acct.sessions["chamber"]
     assert core.from_store(parse("<message from='romeo@montague.net/o' type='chat'/>")) is None
     assert core.from_store(parse("<message from='nurse@capulet.com/o' type='chat'/>")) is not None
+
+
+def test_config_edges() -> None:
+    assert parse_config({"blocking": {"max_items": 1}}).blocking.max_items == 1
+    assert parse_config({"carbons": {"bare_wait": 0}}).carbons.bare_wait == 0
+    for bad in ({"blocking": {"max_items": 0}}, {"carbons": {"bare_wait": 5.5}},
+                {"features": {"blocking": "maybe"}}):
+        with pytest.raises(ConfigError):
+            parse_config(bad)
