@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,12 @@ class Listener:
     host: str = "127.0.0.1"
     port: int = 5222
     direct_tls: bool = False  # XEP-0368: TLS from the first byte instead of STARTTLS
+    # A PROXY protocol header (v1 or v2) is required first on each connection, before TLS:
+    # the listener is behind a load balancer, whose header names the client.
+    proxy_protocol: bool = False
+    # Networks (CIDR) the header is taken from; a connection from elsewhere is closed.
+    # Empty: from any peer (then only the balancer must be able to reach the listener).
+    proxy_protocol_from: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    # After each bind the proxy asks the server's disco#info (domain and account); a login
+    # waits at most this long for the answers (an entity that does not answer offers nothing).
+    discovery_timeout: float = 3.0
     ping_idle: float = 60.0  # seconds of silence from the server before a liveness ping
     ping_timeout: float = 20.0  # seconds that ping may go unanswered: the server is dead
     max_buffer: int = 1000  # client stanzas held per session while unconfirmed or down
@@ -64,6 +74,7 @@ class ReconnectConfig:
 class Limits:
     max_stanza_bytes: int = 262144
     negotiation_timeout: float = 30.0  # seconds a client may take from connect to bound
+    proxy_header_timeout: float = 5.0  # seconds for a PROXY protocol header, where required
     # Decrypted bytes asyncio reads per TLS call, per connection. Python's default (256 KiB,
     # allocated for every TLS connection) would dominate the memory of an idle session.
     tls_read_buffer: int = 16896
@@ -103,6 +114,8 @@ class LogConfig:
     redact: list[str] = field(default_factory=lambda: ["body"])  # masked in transcripts
     capture_dir: str | None = None  # per-session XML transcripts go here
     capture_max_bytes: int = 1048576  # per transcript file
+    capture_max_age_days: float | None = 30  # transcripts older than this are removed
+    capture_max_total_bytes: int | None = 1 << 30  # then the oldest, until the rest fit
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,17 @@ class BlockingConfig:
     max_items: int = 1000
 
 
+@dataclass(frozen=True)
+class PushConfig:
+    # XEP-0357 notifications the proxy publishes (features.push): at most one per app server
+    # and node every min_interval seconds (what comes meanwhile is counted into the next).
+    min_interval: float = 10.0
+    include_body: bool = False  # the message body goes to a third party: off by default
+    max_body: int = 256  # characters of the body sent, with include_body
+    max_registrations: int = 5  # app server nodes per account; the oldest goes first
+    max_errors: int = 3  # transient (wait) publish errors in a row before one is disabled
+
+
 def emulates(mode: FeatureMode, server_has: bool) -> bool:
     """Whether the proxy provides a feature itself, by its mode and what the server has."""
     return mode == "on" or (mode == "auto" and not server_has)
@@ -214,6 +238,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     carbons: CarbonsConfig = field(default_factory=CarbonsConfig)
     blocking: BlockingConfig = field(default_factory=BlockingConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
@@ -230,8 +255,12 @@ class Config:
 # Checks beyond types: (section, key) -> (predicate, what it must be).
 _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("listen", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+    ("listen", "proxy_protocol_from"): (lambda v: _networks(v), "a list of networks "
+                                        "(CIDR), e.g. [10.0.0.0/8]"),
+    ("limits", "proxy_header_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("upstream", "discovery_timeout"): (lambda v: 0 < v <= 60, "between 0 and 60 seconds"),
     ("upstream", "ping_idle"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "ping_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "max_buffer"): (lambda v: v >= 1, "at least 1"),
@@ -246,6 +275,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("limits", "tls_read_buffer"): (lambda v: 4096 <= v <= 1048576,
                                     "between 4096 and 1048576 bytes"),
     ("limits", "negotiation_timeout"): (lambda v: v > 0, "a positive number of seconds"),
+    ("log", "capture_max_age_days"): (lambda v: v > 0, "a positive number of days"),
+    ("log", "capture_max_total_bytes"): (lambda v: v >= 1048576, "at least 1048576 bytes"),
     ("limits", "max_depth"): (lambda v: 1 <= v <= 250, "between 1 and 250"),
     ("limits", "output_soft_bytes"): (lambda v: 16384 <= v <= 1 << 30,
                                       "between 16384 and 1073741824 bytes"),
@@ -277,10 +308,23 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("carbons", "bare_wait"): (lambda v: 0 <= v <= 5, "between 0 and 5 seconds"),
     ("blocking", "max_items"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
+    ("push", "min_interval"): (lambda v: 0 <= v <= 86400, "between 0 and 86400 seconds"),
+    ("push", "max_body"): (lambda v: 0 <= v <= 4096, "between 0 and 4096 characters"),
+    ("push", "max_registrations"): (lambda v: 1 <= v <= 100, "between 1 and 100"),
+    ("push", "max_errors"): (lambda v: 1 <= v <= 100, "between 1 and 100"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
 }
+
+
+def _networks(values: list[str]) -> bool:
+    try:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _host_port(value: str) -> bool:

@@ -500,6 +500,11 @@ def _cross_checks(config: Config) -> Iterator[Finding]:
             f"{_seconds(upstream.connect_timeout)} is not below limits.negotiation_timeout "
             f"({_seconds(limits.negotiation_timeout)}): a slow server ends a client's login "
             "with connection-timeout instead of temporary-auth-failure"))
+    for i, listener in enumerate(config.listen):
+        if listener.proxy_protocol and not listener.proxy_protocol_from:
+            yield _warning(f"listen[{i}].proxy_protocol_from", (
+                "empty: a PROXY header is believed from any peer, so anyone who can reach "
+                "this listener can claim any client address; name the balancer's networks"))
     if sm.debug_counter_start:
         yield _warning("stream_management.debug_counter_start",
                        "testing only: real clients expect their counters to start at 0")

@@ -7,6 +7,7 @@ from collections import Counter
 import contextlib
 from asyncio import sslproto
 import functools
+import ipaddress
 import secrets
 import signal
 import ssl
@@ -25,7 +26,7 @@ from .features.presence_memory import PresenceMemoryFactory
 from .features.roster import RosterFactory
 from .features.rules import RulesFactory
 from .inspection import Inspector
-from .metrics import MetricsServer, parse_listen, prometheus
+from .metrics import Counters, MetricsServer, parse_listen, prometheus
 from .preflight import check_tls
 from .journal import Journal, recover
 from .logsetup import get_logger
@@ -34,8 +35,12 @@ from .net.client_side import AuthenticatedClient, ClientNegotiation, Negotiation
 from .net.hub import Hub
 from .net.live import LiveSession
 from .net.upstream import client_tls_context
+from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
+from .features.push import PushFactory, PushPolicy
+from .proxyproto import BadProxyHeader
+from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
 from .store import Store
 from .xmpp import codec
@@ -45,6 +50,23 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.path(config.tls.cert), config.path(config.tls.key))
     return context
+
+
+def _address_text(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "?"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _trusted(address: tuple[str, int] | None, networks: list[str]) -> bool:
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address[0])
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def size_tls_buffers(read_buffer: int) -> None:
@@ -66,6 +88,7 @@ class Proxy:
             if config.upstream.tls != "none" else None)
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
+        self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
         self.clients: set[XmlStream] = set()
         self.stopping = False
         self.connection_limiter = ConnectionLimiter(config.abuse)
@@ -80,14 +103,18 @@ class Proxy:
         # Carbons sit on both sides of the rest: the tap (received copies) before rules,
         # so on the way in it copies what the client is given; the main part last, so on
         # the way out it copies what was sent after rules and blocking. Blocking is next to
-        # the server edge: nothing from a blocked JID reaches the roster cache, dedupe or
-        # the carbons tap, and nothing to one is copied.
+        # the server edge: nothing from a blocked JID reaches the roster cache, dedupe,
+        # push or the carbons tap, and nothing to one is copied.
         self.carbons = CarbonsFactory(config.features.carbons, config.carbons.bare_wait)
         self.blocking = BlockingFactory(self.store, config.features.blocking,
                                         config.blocking.max_items)
+        pc = config.push
+        push = PushFactory(config.features.push, PushPolicy(
+            min_interval=pc.min_interval, include_body=pc.include_body, max_body=pc.max_body,
+            max_registrations=pc.max_registrations, max_errors=pc.max_errors), self.store.push)
         factories: list[FeatureFactory] = [self.carbons.tap, self.rules,
                                            DiscoveryFactory(config.upstream.domain),
-                                           LegacySessionFactory(),
+                                           push, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster, self.blocking, self.carbons]
         rc = config.reconnect
@@ -107,9 +134,10 @@ class Proxy:
                 self.journal = Journal(self.store.path,
                                        synchronous=config.durability.fsync.upper(),
                                        log=self.log)
+        self.counters = Counters()
         self.hub = Hub(config, factories, store=self.store,
                        upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
-                       journal=self.journal)
+                       journal=self.journal, counters=self.counters)
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
             host, port = parse_listen(config.metrics.listen)
@@ -149,7 +177,12 @@ class Proxy:
         held: Counter[str] = Counter()
         ledger = Counter(hub.settled)
         for session in hub.sessions:
-            states[session.state] += 1
+            if session.upstream.state == "down":
+                states["reconnecting"] += 1  # the client may be there or not: upstream first
+            elif session.state == "active" and session.core.client_inactive:
+                states["inactive"] += 1
+            else:
+                states[session.state] += 1
             upstream[session.upstream.state] += 1
             for lane, counts in session.ledger.summary().items():
                 held[lane] += counts["held"]
@@ -158,9 +191,11 @@ class Proxy:
                         ledger[(lane, name)] += value
         states["finishing"] = len(hub.finishing_sessions)
         lines = prometheus("xmpp_front_sessions", "gauge",
-                           "bound sessions by state (finishing: ended, upstream still owed)",
+                           "bound sessions by state (inactive: XEP-0352; reconnecting: the "
+                           "server is away; finishing: ended, upstream still owed)",
                            [({"state": k}, states[k]) for k in
-                            ("active", "hibernating", "finishing")])
+                            ("active", "inactive", "hibernating", "reconnecting",
+                             "finishing")])
         lines += prometheus("xmpp_front_upstream_links", "gauge",
                             "live sessions' links to the legacy server by state",
                             [({"state": k}, upstream[k]) for k in ("up", "down")])
@@ -183,6 +218,7 @@ class Proxy:
         lines += prometheus("xmpp_front_pending_outbound", "gauge",
                             "client stanzas in the store waiting to be sent to the server",
                             [({}, self.store.pending.count())])
+        lines += self.counters.lines()
         if self.journal is not None:
             lines += prometheus("xmpp_front_journal_commits_total", "counter",
                                 "journal transactions committed", [({}, self.journal.commits)])
@@ -200,18 +236,40 @@ class Proxy:
         if self.metrics is not None:
             await self.metrics.start()
         for listener in self.config.listen:
-            tls: dict[str, Any] = ({"ssl": self.server_tls, "ssl_handshake_timeout":
-                                    self.config.limits.negotiation_timeout}
-                                   if listener.direct_tls else {})
+            # Direct TLS is started per connection (_serve), not by asyncio's listener: a
+            # PROXY header may come first, and a failed handshake is logged.
             server = await asyncio.start_server(
                 functools.partial(self._accept, listener=listener),
-                listener.host, listener.port, **tls)
+                listener.host, listener.port)
             self.servers.append(server)
             self.log.info("listening", host=listener.host,
                           port=server.sockets[0].getsockname()[1],
-                          mode="direct_tls" if listener.direct_tls else "starttls")
+                          mode="direct_tls" if listener.direct_tls else "starttls",
+                          proxy_protocol=listener.proxy_protocol)
         self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
                       domain=self.config.upstream.domain, tls=self.config.upstream.tls)
+        if self.config.log.capture_dir is not None:
+            self.background.add(asyncio.create_task(self._prune_transcripts()))
+
+    async def _prune_transcripts(self) -> None:
+        """Transcript retention, now and every PRUNE_EVERY seconds (off the event loop:
+        the folder may hold many files)."""
+        log = self.config.log
+        assert log.capture_dir is not None
+        folder = self.config.path(log.capture_dir)
+        while True:
+            try:
+                pruned = await asyncio.to_thread(
+                    prune_transcripts, folder, max_age_days=log.capture_max_age_days,
+                    max_total_bytes=log.capture_max_total_bytes, now=time.time())
+            except OSError as exc:
+                self.log.warning("transcripts_prune_failed", folder=str(folder),
+                                 error=str(exc))
+            else:
+                if pruned.files:
+                    self.log.info("transcripts_pruned", folder=str(folder),
+                                  files=pruned.files, bytes=pruned.bytes, kept=pruned.kept)
+            await asyncio.sleep(PRUNE_EVERY)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 listener: Listener) -> None:
@@ -222,16 +280,37 @@ class Proxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      listener: Listener) -> None:
         limits = self.config.limits
+        conn_id = secrets.token_hex(4)
+        peername = writer.get_extra_info("peername")
+        remote = (str(peername[0]), int(peername[1])) if peername else None
+        log = self.log.bind(conn=conn_id, peer=_address_text(remote))
+        if listener.proxy_protocol:
+            ok, client = await self._proxy_header(reader, writer, listener, remote, log)
+            if not ok:
+                return
+            if client is not None:  # the balancer's own address stays in the log
+                log = self.log.bind(conn=conn_id, peer=_address_text(client),
+                                    via=_address_text(remote))
+                remote = client
+        if listener.direct_tls:
+            try:
+                async with asyncio.timeout(limits.negotiation_timeout):
+                    await start_server_tls(reader, writer, self.server_tls,
+                                           limits.negotiation_timeout)
+            except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+                self._tls_failed("direct_tls", exc, log)
+                writer.transport.abort()
+                return
+            self.counters.count(self.counters.tls_handshakes, ("direct_tls", "ok"))
         stream = XmlStream(reader, writer, max_stanza_bytes=limits.max_stanza_bytes,
                            max_depth=limits.max_depth, track_trailing=not listener.direct_tls,
                            output_soft=limits.output_soft_bytes,
                            output_hard=limits.output_hard_bytes,
                            error_header=codec.stream_header(from_=self.config.upstream.domain))
-        conn_id = secrets.token_hex(4)
-        log = self.log.bind(conn=conn_id, peer=stream.peer)
+        stream.remote = remote
+        stream.sent_bytes = self.counters.s2c_bytes
         stream.log = log
-        peername = writer.get_extra_info("peername")
-        address = str(peername[0]) if peername else "?"
+        address = stream.peer_host
         refusal = self.connection_limiter.admit(address)
         if refusal is not None:
             await self._refuse_connection(stream, refusal, log)
@@ -240,6 +319,45 @@ class Proxy:
             await self._serve_admitted(stream, listener, conn_id, log)
         finally:
             self.connection_limiter.release(address)
+
+    def _tls_failed(self, kind: str, exc: BaseException, log: Any) -> None:
+        self.counters.count(self.counters.tls_handshakes, (kind, "failed"))
+        log.warning("tls_handshake_failed", listener=kind, reason=tls_failure_reason(exc))
+
+    async def _proxy_header(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            listener: Listener, remote: tuple[str, int] | None,
+                            log: Any) -> tuple[bool, tuple[str, int] | None]:
+        """The PROXY header a listener behind a balancer requires: (True, the client's
+        address it gives; None when it gives none and the connection's own stands), or
+        (False, None) when the connection was closed (not from a trusted balancer, no
+        header, a broken one, too slow)."""
+        counts = self.counters.proxy_headers
+        if listener.proxy_protocol_from and not _trusted(remote, listener.proxy_protocol_from):
+            self.counters.count(counts, "untrusted")
+            log.warning("proxy_header_refused", reason="the peer is not in proxy_protocol_from")
+            writer.transport.abort()
+            return False, None
+        try:
+            async with asyncio.timeout(self.config.limits.proxy_header_timeout):
+                header = await read_proxy_header(reader)
+        except BadProxyHeader as exc:
+            self.counters.count(counts, "malformed")
+            log.warning("proxy_header_refused", reason=str(exc))
+        except TimeoutError:
+            self.counters.count(counts, "timeout")
+            log.warning("proxy_header_refused", reason="no PROXY header within "
+                        f"{self.config.limits.proxy_header_timeout:g} s")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            self.counters.count(counts, "malformed")
+            log.info("proxy_header_refused", reason="the connection ended within the header")
+        else:
+            self.counters.count(counts, "ok")
+            log.debug("proxy_header", version=header.version,
+                      source=_address_text(header.source),
+                      destination=_address_text(header.destination))
+            return True, header.source
+        writer.transport.abort()  # no XMPP answer: the peer did not speak XMPP to us yet
+        return False, None
 
     async def _refuse_connection(self, stream: XmlStream, refusal: Refusal, log: Any) -> None:
         """Over a connection limit: our header first, so the stream error is well-formed
@@ -266,7 +384,7 @@ class Proxy:
                                                 self.upstream_tls, log,
                                                 throttle=self.login_throttle,
                                                 own_stream_ids=self.own_stream_ids,
-                                                vouch=self.hub.vouch)
+                                                vouch=self.hub.vouch, counters=self.counters)
                 async with asyncio.timeout(self.config.limits.negotiation_timeout):
                     auth = await negotiation.run()
                     session, first, resumed = await self.hub.establish(negotiation, auth, log)
@@ -287,7 +405,11 @@ class Proxy:
                 if auth is not None and auth.upstream is not None and (
                         session is None or session.upstream.link is not auth.upstream):
                     await auth.upstream.stream.close()
-            log = log.bind(jid=session.jid)
+            if resumed:
+                self.counters.count(self.counters.resumes, "ok")
+            # Every event of the connection from here on names its session too.
+            log = log.bind(jid=session.jid, session=session.core.id,
+                           account=str(session.core.account))
             reason = await session.serve_client(stream, first, resumed=resumed,
                                                 conn_id=conn_id)
             log.info("closed", reason=reason, phase="session")
@@ -309,6 +431,8 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
+        for task in self.background:
+            task.cancel()
         totals = await self.hub.stop()
         self.log.info("sessions_settled", **totals)
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")

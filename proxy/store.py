@@ -10,6 +10,8 @@ shares the store's connection and is reached as an attribute:
   stream-management session ended, kept for the account's next login.
 - ``store.pending`` (:class:`PendingArea`): client stanzas the server never confirmed when
   the proxy stopped, sent upstream first at the account's next login.
+- ``store.push`` (:class:`PushArea`): per account, the app servers and nodes clients enabled
+  push notifications for (XEP-0357), with their publish options.
 - ``store.blocklist`` (:class:`BlocklistArea`): per account, the JIDs it blocked (XEP-0191);
   read once when an account logs in, written on each block or unblock.
 - ``ledger_journal``: the crash-proof copy of every session's ledger, written by
@@ -34,6 +36,8 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from .features.push import Registration as PushRegistration
 
 DEFAULT_MAX_CHANGES = 1000
 
@@ -105,6 +109,16 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ) WITHOUT ROWID;
     """),
     (4, """
+        CREATE TABLE push_registrations (         -- XEP-0357: the account's app servers
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- order of (last) enabling
+            account   TEXT NOT NULL,
+            jid       TEXT NOT NULL,              -- the app server's push service
+            node      TEXT NOT NULL,
+            options   BLOB,                       -- the publish-options form as XML, if any
+            UNIQUE (account, jid, node)
+        );
+    """),
+    (5, """
         CREATE TABLE blocklist (                  -- XEP-0191: the JIDs an account blocked
             account TEXT NOT NULL,
             jid     TEXT NOT NULL,                -- normalized: a full, bare or domain JID
@@ -156,6 +170,7 @@ class Store:
         self.roster = RosterArea(self, new_epoch)
         self.offline = OfflineArea(self)
         self.pending = PendingArea(self)
+        self.push = PushArea(self)
         self.blocklist = BlocklistArea(self)
 
     # ------------------------------------------------------------------ plumbing
@@ -533,6 +548,43 @@ class PendingArea:
             row = self._store.conn.execute(
                 "SELECT count(*) FROM pending_outbound WHERE account = ?", (account,)).fetchone()
         return int(row[0])
+
+
+# ---------------------------------------------------------------------- push registrations
+
+
+class PushArea:
+    """XEP-0357 registrations per account, oldest first (``proxy/features/push.py``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def registrations(self, account: str) -> list[PushRegistration]:
+        rows = self._store.conn.execute(
+            "SELECT jid, node, options FROM push_registrations WHERE account = ? ORDER BY id",
+            (account,)).fetchall()
+        return [PushRegistration(str(j), str(n), None if o is None else bytes(o))
+                for j, n, o in rows]
+
+    def save(self, account: str, registration: PushRegistration) -> None:
+        """Add it, or move it to the newest with its new options (the last enable wins)."""
+        with self._store.transaction() as c:
+            c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ? AND node = ?",
+                      (account, registration.jid, registration.node))
+            c.execute("INSERT INTO push_registrations (account, jid, node, options)"
+                      " VALUES (?, ?, ?, ?)", (account, registration.jid, registration.node,
+                                               registration.options))
+
+    def delete(self, account: str, jid: str, node: str | None = None) -> int:
+        """Remove one node of an app server, or all of them (no ``node``)."""
+        with self._store.transaction() as c:
+            if node is None:
+                cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?",
+                                (account, jid))
+            else:
+                cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?"
+                                " AND node = ?", (account, jid, node))
+            return cur.rowcount
 
 
 # ---------------------------------------------------------------------- blocklist

@@ -22,6 +22,7 @@ from lxml import etree
 from ..abuse import LoginThrottle, Refusal
 from ..config import Config, Listener
 from ..loopcheck import OwnStreamIds
+from ..metrics import Counters
 from ..features.stream_management import failed
 from ..xmpp import codec, ns, sasl
 from ..xmpp import stanza as st
@@ -33,6 +34,7 @@ from .upstream import (
     UpstreamUnavailable,
     connect_upstream,
 )
+from .preamble import tls_failure_reason
 from .xmlstream import PlaintextInjection, XmlStream, features_element
 from ..xmpp.stanza import Element
 
@@ -72,7 +74,8 @@ class ClientNegotiation:
                  server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext | None,
                  log: Any, *, throttle: LoginThrottle | None = None,
                  own_stream_ids: OwnStreamIds | None = None,
-                 vouch: Callable[[str, str], bool] | None = None) -> None:
+                 vouch: Callable[[str, str], bool] | None = None,
+                 counters: Counters | None = None) -> None:
         self.stream = stream
         # While the server is unreachable: does a live session of this account hold this
         # password (so a client whose link dropped can still resume)?
@@ -90,8 +93,9 @@ class ClientNegotiation:
         # Ids we issue before authentication, so our own upstream can tell it reached us.
         self.own_stream_ids = own_stream_ids
         self._issued_ids: list[str] = []
-        peer = stream.writer.get_extra_info("peername")
-        self.client_address = str(peer[0]) if peer else "?"
+        # The socket's peer, or the client a PROXY protocol header named.
+        self.client_address = stream.peer_host
+        self.counters = counters  # for /metrics: logins by result, STARTTLS handshakes
 
     async def run(self) -> AuthenticatedClient:
         try:
@@ -143,6 +147,13 @@ class ClientNegotiation:
             self.stream.send(st.element("proceed", namespace=ns.TLS))
             try:
                 await self.stream.start_tls(self.server_tls)
+            except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+                # Nothing can be said on the stream now: the handshake is what broke.
+                self._count_tls("failed")
+                self.log.warning("tls_handshake_failed", listener="starttls",
+                                 reason=tls_failure_reason(exc))
+                raise NegotiationFailed(f"TLS handshake failed: {tls_failure_reason(exc)}",
+                                        None) from exc
             except PlaintextInjection as exc:
                 # CVE-2011-0411 class: whatever followed <starttls/> was sent in the clear
                 # (by the client or by someone on the path) and RFC 6120 §5.4.3.3 forbids
@@ -153,6 +164,7 @@ class ClientNegotiation:
                                  + exc.parsed, elements=exc.events)
                 raise violation("not-authorized",
                                 "data sent after <starttls/> before the TLS handshake") from None
+            self._count_tls("ok")
             self.log.info("tls_established", **self.stream.tls_info)
 
         mechanisms = st.element("mechanisms", namespace=ns.SASL)
@@ -169,6 +181,10 @@ class ClientNegotiation:
 
     async def next_element(self) -> Element:
         return await self._next()
+
+    def _count_tls(self, result: str) -> None:
+        if self.counters is not None:
+            self.counters.count(self.counters.tls_handshakes, ("starttls", result))
 
     # SASL -----------------------------------------------------------------------------------
 
@@ -194,6 +210,9 @@ class ClientNegotiation:
                     continue
                 raise violation("not-authorized", "authenticate first")
             outcome = await self._try_plain(el)
+            if self.counters is not None:
+                self.counters.count(self.counters.logins, "ok" if outcome is None else
+                                    "throttled" if isinstance(outcome, Refusal) else outcome)
             if outcome is None:
                 self.stream.send(st.element("success", namespace=ns.SASL))
                 return

@@ -21,6 +21,7 @@ from typing import Any
 from ..abuse import Refusal, bind_refusal
 from ..config import Config
 from ..inspection import Inspector
+from ..metrics import Counters
 from ..features.stream_management import failed, parse_h
 from ..features.disco import caps_for
 from ..session import FeatureFactory, SessionCore, disco_additions
@@ -56,9 +57,10 @@ class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
                  store: SessionStore | None, upstream_tls: ssl.SSLContext | None,
                  log: Any, inspector: Inspector | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, counters: Counters | None = None) -> None:
         self.config = config
         self.journal = journal
+        self.counters = counters  # for /metrics: resumptions, and what sessions relay
         self.inspector = inspector
         self.upstream_tls = upstream_tls
         self.factories = list(factories)
@@ -151,9 +153,7 @@ class Hub:
         st.sub(session, "optional")
         features = [bind, session, st.element("sm", namespace=ns.SM)]
         for factory in self.factories:
-            extra = getattr(factory, "stream_features", None)
-            if extra is not None:
-                features.extend(extra())
+            features.extend(factory.stream_features())
         if upstream is not None:
             # Entity capabilities (XEP-0115): the server's while the proxy adds nothing to
             # its disco#info, else recomputed from what the last bind learnt of the domain.
@@ -195,17 +195,23 @@ class Hub:
         """The session to resume, or the ``<failed/>`` to answer with."""
         previd, h = el.get("previd", ""), parse_h(el)
         if not previd or h is None:
+            if self.counters is not None:
+                self.counters.count(self.counters.resumes, "failed")
             return failed("bad-request", text="previd and a valid h are required")
         key = (str(auth.account), previd)
         session = self.by_sm_id.get(key)
         if session is None or session.state == "ended" or session.sm is None:
             tomb = self.tombstones.get(key)
             log.info("resume_failed", reason="item-not-found", known=tomb is not None)
+            if self.counters is not None:
+                self.counters.count(self.counters.resumes, "failed")
             if tomb is not None and tomb[1] > time.monotonic():
                 return failed("item-not-found", h=tomb[0])
             return failed("item-not-found")
         exc = session.edge.resume_problem(h)
         if exc is not None:
+            if self.counters is not None:
+                self.counters.count(self.counters.resumes, "failed")
             raise NegotiationFailed("resume with h too high", codec.stream_error(
                 "undefined-condition", str(exc), app_condition=exc.app_condition()))
         return session
@@ -238,7 +244,7 @@ class Hub:
         try:
             full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
             server = await auth.upstream.discover(self.config.upstream.domain,
-                                                  self.config.upstream.connect_timeout)
+                                                  self.config.upstream.discovery_timeout)
         except UpstreamBindFailed as exc:
             reply = exc.error_reply
             reply.set("id", el.get("id", ""))
@@ -251,6 +257,9 @@ class Hub:
             raise violation("remote-connection-failed",
                              "the legacy server failed during bind") from exc
         self.domain_info = server.domain or self.domain_info
+        if server.domain is None or server.account is None:
+            log.info("discovery_incomplete", domain=server.domain is not None,
+                     account=server.account is not None)
         try:
             jid = Jid.parse(full)
         except InvalidJid as exc:
@@ -261,12 +270,12 @@ class Hub:
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
                               tls_context=self.upstream_tls, inspector=self.inspector,
-                              journal=self.journal)
+                              journal=self.journal, counters=self.counters)
         previous = self.by_jid.get(str(jid))
         if previous is not None:  # the server resolved a resource conflict in our favour
             asyncio.get_running_loop().create_task(previous.end("resource bound again"))
         self.by_jid[str(jid)] = session
-        log.info("bound", jid=str(jid))
+        log.info("bound", jid=str(jid), session=core.id, account=str(jid.bare))
         session.replay_pending()  # before anything the client sends now
         session.replay(owed, "handed over by the finishing session of this resource")
         return session, [self._bind_result(el, jid)]

@@ -64,8 +64,11 @@ class LegacyProsody:
         blocklist: bool = False,
         log_level: LogLevel = "info",
         close_timeout: float | None = None,
+        pubsub_component: str | None = None,
     ) -> None:
-        """`disabled_sasl_mechanisms` adds to Prosody's (DIGEST-MD5), e.g. ["SCRAM-SHA-1"]
+        """`pubsub_component`: a pubsub service at that address (a XEP-0357 app server
+        stand-in; only server admins, `admins` in `extra_config`, create nodes).
+        `disabled_sasl_mechanisms` adds to Prosody's (DIGEST-MD5), e.g. ["SCRAM-SHA-1"]
         to leave PLAIN; `extra_config` is raw Lua appended to the global section."""
         for tool in ("prosody", "prosodyctl"):
             if shutil.which(tool) is None:
@@ -89,6 +92,7 @@ class LegacyProsody:
         self.blocklist = blocklist
         self.log_level = log_level
         self.close_timeout = close_timeout
+        self.pubsub_component = pubsub_component
         self.host = LOCALHOST
         # Ports are fixed for the object's life so restart() comes back on the same ones.
         self.c2s_port = free_port()
@@ -168,6 +172,8 @@ class LegacyProsody:
         lines.append(f"VirtualHost {_lua_str(self.domain)}")
         if self.muc_domain:
             lines.append(f"Component {_lua_str(self.muc_domain)} \"muc\"")
+        if self.pubsub_component:
+            lines.append(f"Component {_lua_str(self.pubsub_component)} \"pubsub\"")
         return "\n".join(lines) + "\n"
 
     # -- state ---------------------------------------------------------------------------

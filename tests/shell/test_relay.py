@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .playbook import Harness, playbook
 
 
@@ -72,3 +74,18 @@ async def test_the_servers_entity_caps_reach_the_client_unchanged(h: Harness) ->
     bob = await h.login("bob")
     assert bob.raw.features is not None
     assert bob.raw.features.find("{http://jabber.org/protocol/caps}c") is None
+
+
+REDACT = str(Path(__file__).resolve().parents[2] / "proxy" / "rulepacks" / "redact-bodies.yaml")
+
+
+@playbook(rules=[REDACT])
+async def test_rule_hits_are_counted_for_metrics(h: Harness) -> None:
+    alice = await h.client("alice")
+    for n in range(3):
+        alice.message("bob@localhost", f"secret {n}")
+    for _ in range(3):
+        await h.server.expect_stanza(kind="message", body="[redacted]")
+    assert h.proxy is not None
+    text = "\n".join(h.proxy.gather_metrics())
+    assert 'xmpp_front_rule_hits_total{rule="redact-bodies"} 3' in text
