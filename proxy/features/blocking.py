@@ -29,6 +29,7 @@ probes, and delivers to the account's sessions that do not go through the proxy.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Collection, Iterable
 
 from ..commands import Log, ToAccount
@@ -53,6 +54,7 @@ PUSH = "blocking-push"          # ToAccount kinds: a push for interested session
 PRESENCE = "blocking-presence"  # and the contacts to hide from or show to again
 _TARGETS = "{urn:xmpp-front:internal}targets"
 MAX_PUSHES_AWAITED = 64
+MAX_ANSWERED = 256
 
 
 def normalize(text: str) -> str:
@@ -92,6 +94,20 @@ class _Account:
         self.name = name
         self.blocked = blocked
         self.sessions: dict[str, Blocking] = {}
+        # (sender, id) of the blocked stanzas answered lately: a message to the bare JID
+        # the server gave to several sessions is answered once, not once per session.
+        self.answered: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def first_answer(self, el: Element) -> bool:
+        if not el.get("id"):
+            return True
+        key = (el.get("from", ""), el.get("id", ""))
+        if key in self.answered:
+            return False
+        self.answered[key] = None
+        while len(self.answered) > MAX_ANSWERED:
+            self.answered.popitem(last=False)
+        return True
 
 
 class BlockingFactory(FeatureFactory):
@@ -327,7 +343,7 @@ class Blocking(Feature):
         kind = el.get("type")
         answer = ((el.tag == st.MESSAGE and kind in (None, "normal", "chat"))
                   or (el.tag == st.IQ and kind in ("get", "set")))
-        if answer:
+        if answer and self._acct.first_answer(el):
             # §3.3: the user appears offline to the contact
             reply = st.error_reply(el, "service-unavailable")
             reply.attrib.pop("from", None)

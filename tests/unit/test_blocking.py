@@ -243,3 +243,15 @@ def test_config_edges() -> None:
                 {"features": {"blocking": "maybe"}}):
         with pytest.raises(ConfigError):
             parse_config(bad)
+
+
+def test_a_bare_jid_message_to_several_sessions_is_answered_once() -> None:
+    acct = Account("chamber", "balcony")
+    acct.block("chamber", "romeo@montague.net")
+    raw = (f"<message from='romeo@montague.net/o' to='{ACCOUNT}' type='chat' id='b'>"
+           "<body>hi</body></message>")
+    acct.receive("chamber", raw)
+    acct.receive("balcony", raw)
+    errors = acct.upstream["chamber"] + acct.upstream["balcony"]
+    assert [error_condition(e) for e in errors] == ["service-unavailable"]
+    assert acct.client["balcony"] == [] and len(acct.client["chamber"]) == 1  # the result
