@@ -202,6 +202,12 @@ def test_blocking_emulated_both_ways_pushes_and_restart(
             assert len(errors) == 1
             assert errors[0].find(f"{{jabber:client}}error/{{{STANZAS}}}service-unavailable") \
                 is not None
+            # To the bare JID: Prosody hands it to both resources; bob gets one error.
+            contact.send(chat(alice[0], "anyone there?"))
+            got_a, got_b, got_bob = await asyncio.gather(collect(a), collect(b),
+                                                          collect(contact))
+            assert bodies(got_a) == [] and bodies(got_b) == []
+            assert len([el for el in got_bob if el.tag == MESSAGE]) == 1
 
             # To bob: refused with not-acceptable and <blocked/>, from either resource.
             b.send(chat(bob[0], "never sent"))
