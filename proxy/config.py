@@ -149,6 +149,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    # The local admin socket (`xmpp-front sessions`, `xmpp-front kick`): a Unix socket,
+    # mode 0600 in a folder only the proxy's user can use. "auto": `admin.sock` in a folder
+    # `<store name>-admin` beside the store (beside the configuration file for a ":memory:"
+    # store); a path: there (its folder must exist or is made 0700); null: no admin socket.
+    socket: str | None = "auto"
+
+
+@dataclass(frozen=True)
 class CsiConfig:
     # XEP-0352 toward clients: while one says it is inactive, presence updates and chat
     # states wait (latest per sender) until it is active again or this many are held.
@@ -240,6 +249,7 @@ class Config:
     blocking: BlockingConfig = field(default_factory=BlockingConfig)
     push: PushConfig = field(default_factory=PushConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
@@ -307,6 +317,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("metrics", "listen"): (lambda v: _host_port(v), "host:port, e.g. 127.0.0.1:9105"),
     ("carbons", "bare_wait"): (lambda v: 0 <= v <= 5, "between 0 and 5 seconds"),
     ("blocking", "max_items"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
+    ("admin", "socket"): (lambda v: bool(v), "a socket path, \"auto\" or null"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("push", "min_interval"): (lambda v: 0 <= v <= 86400, "between 0 and 86400 seconds"),
     ("push", "max_body"): (lambda v: 0 <= v <= 4096, "between 0 and 4096 characters"),

@@ -12,10 +12,14 @@ import secrets
 import signal
 import ssl
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .abuse import ConnectionLimiter, LoginThrottle, Refusal
-from .config import Config, Listener
+from .admin import AdminServer, snapshot
+from .admin_protocol import shown_state, socket_path
+from .config import Config, ConfigError, Listener, load_config
 from .features.blocking import BlockingFactory
 from .features.carbons import CarbonsFactory
 from .features.csi import ClientStateFactory
@@ -27,9 +31,11 @@ from .features.roster import RosterFactory
 from .features.rules import RulesFactory
 from .inspection import Inspector
 from .metrics import Counters, MetricsServer, parse_listen, prometheus
-from .preflight import check_tls
+from .preflight import Finding, errors, preflight
+from .reload import ReloadPlan, plan_reload
+from .rules import RuleError, RuleSet
 from .journal import Journal, recover
-from .logsetup import get_logger
+from .logsetup import LevelFilter, get_logger
 from .loopcheck import OwnStreamIds
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
@@ -77,15 +83,46 @@ def size_tls_buffers(read_buffer: int) -> None:
     sslproto.SSLProtocol.max_size = read_buffer
 
 
+class ReloadRefused(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class PreparedReload:
+    """A reload that passed every check, ready to be taken on."""
+
+    plan: ReloadPlan
+    ruleset: RuleSet
+    rule_paths: list[Path]
+    upstream_tls: ssl.SSLContext | None
+    inspector: Inspector | None
+    warnings: list[Finding]
+
+
+def _upstream_tls_context(config: Config) -> ssl.SSLContext | None:
+    if config.upstream.tls == "none":
+        return None
+    ca = config.upstream.ca
+    return client_tls_context(config.upstream, str(config.path(ca)) if ca else None)
+
+
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, source: Path | None = None,
+                 log_level: LevelFilter | None = None) -> None:
+        """``source``: the configuration file, read again on SIGHUP (without one a reload
+        reads the rule, certificate and key files again). ``log_level``: the filter the
+        log was set up with, so a reload can change the level."""
         self.config = config
+        self.source = source
+        self.log_level = log_level
+        self.reloads: set[asyncio.Task[bool]] = set()
+        self.reload_lock = asyncio.Lock()
         size_tls_buffers(config.limits.tls_read_buffer)
         self.log = get_logger()
         self.server_tls = server_tls_context(config)
-        self.upstream_tls = (client_tls_context(
-            config.upstream, str(config.path(config.upstream.ca)) if config.upstream.ca else None)
-            if config.upstream.tls != "none" else None)
+        self.upstream_tls = _upstream_tls_context(config)
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
@@ -145,26 +182,104 @@ class Proxy:
                                          healthy=self.healthy,
                                          upstream=(config.upstream.host, config.upstream.port),
                                          log=self.log)
+        admin_path = socket_path(config)
+        self.admin = AdminServer(admin_path, self.hub, self.log) if admin_path else None
 
     def reload(self, why: str) -> None:
-        """SIGHUP: the rules, and the certificate and key clients see, read again from their
-        files (a renewal); new handshakes use the new pair, live sessions keep theirs. A bad
-        pair is refused and the old one stays in force."""
-        self.rules.reload(why)
-        problems = [f for f in check_tls(self.config) if not f.warning]
-        if problems:
-            self.log.error("tls_reload_refused", why=why,
-                           problems=[f"{f.key}: {f.message}" for f in problems])
-            return
-        cert, key = self.config.path(self.config.tls.cert), self.config.path(self.config.tls.key)
+        """SIGHUP: read the whole configuration file again and take it on (see
+        ``reload_config``); the work runs in a task, reloads one after another."""
+        task = asyncio.ensure_future(self.reload_config(why))
+        self.reloads.add(task)
+        task.add_done_callback(self.reloads.discard)
+
+    async def reload_config(self, why: str) -> bool:
+        """The configuration file read, checked (as ``check`` does) and prepared off the
+        event loop, then taken on at once: certificate and key for new handshakes, limits,
+        log level, rules, abuse limits, stream management and upstream settings for new
+        connections and sessions (live ones keep theirs). A file that does not load or
+        check is refused whole and the old configuration stays. What needs a restart keeps
+        its old value and is named in the ``config_reloaded`` event."""
+        async with self.reload_lock:
+            try:
+                prepared = await asyncio.to_thread(self._prepare_reload)
+                self._take_on(prepared)
+            except ReloadRefused as exc:
+                self.log.error("config_reload_refused", why=why, config=self._source_name,
+                               problems=exc.problems, note="the configuration in force stays")
+                return False
+            plan = prepared.plan
+            self.log.info("config_reloaded", why=why, config=self._source_name,
+                          changed=plan.changed, applied=plan.applied,
+                          needs_restart=plan.needs_restart,
+                          cert=str(plan.config.path(plan.config.tls.cert)),
+                          rules=len(prepared.ruleset))
+            for warning in prepared.warnings:
+                self.log.warning(warning.event, key=warning.key, problem=warning.message,
+                                 config=self._source_name)
+            if self.log_level is not None:  # last: the event above is logged at the old one
+                self.log_level.set(plan.config.log.level)
+            return True
+
+    @property
+    def _source_name(self) -> str | None:
+        return str(self.source) if self.source is not None else None
+
+    def _prepare_reload(self) -> PreparedReload:
+        """Everything that can fail, done before anything changes (in a thread: it reads
+        files, resolves names and probes the upstream)."""
         try:
-            # The live context, so direct-TLS listeners (which hold it) pick it up too.
-            self.server_tls.load_cert_chain(cert, key)
+            fresh = load_config(self.source) if self.source is not None else self.config
+        except ConfigError as exc:
+            raise ReloadRefused([str(exc)]) from exc
+        findings = preflight(fresh, bind_ports=False)
+        problems = errors(findings)
+        if problems:
+            raise ReloadRefused([str(f) for f in problems])
+        plan = plan_reload(self.config, fresh)
+        config = plan.config
+        try:
+            server_tls_context(config)  # the pair loads together, into a scratch context
+            upstream_tls = self.upstream_tls
+            if any(k in plan.applied for k in ("upstream.tls", "upstream.verify",
+                                                "upstream.ca")):
+                upstream_tls = _upstream_tls_context(config)
         except (ssl.SSLError, OSError) as exc:
-            self.log.error("tls_reload_refused", why=why, problems=[str(exc)])
-            return
-        self.log.info("tls_reloaded", why=why, cert=str(cert),
-                      note="other settings are read at start: a change to them needs a restart")
+            raise ReloadRefused([f"tls: {exc}"]) from exc
+        paths = [config.path(p) for p in config.rules]
+        try:
+            ruleset = RuleSet.load(paths) if paths else RuleSet.empty()
+        except RuleError as exc:
+            raise ReloadRefused([f"rules: {exc}"]) from exc
+        capture = config.log.capture_dir
+        inspector = (self.hub.inspector if not any(k.startswith("log.") for k in plan.applied)
+                     else Inspector.from_config(config.log,
+                                                config.path(capture) if capture else None,
+                                                self.log))
+        return PreparedReload(plan, ruleset, paths, upstream_tls, inspector,
+                              [f for f in findings if f.warning])
+
+    def _take_on(self, prepared: PreparedReload) -> None:
+        """Only the certificate can fail here, if its files changed again since they were
+        checked a moment ago: then nothing is taken on and the old pair is loaded back."""
+        config = prepared.plan.config
+        try:
+            # The live context, which every TLS handshake uses.
+            self.server_tls.load_cert_chain(config.path(config.tls.cert),
+                                            config.path(config.tls.key))
+        except (ssl.SSLError, OSError) as exc:
+            old = self.config
+            with contextlib.suppress(ssl.SSLError, OSError):
+                self.server_tls.load_cert_chain(old.path(old.tls.cert), old.path(old.tls.key))
+            raise ReloadRefused([f"tls: {exc}"]) from exc
+        self.rules.adopt(prepared.rule_paths, prepared.ruleset)
+        self.config = config
+        self.upstream_tls = prepared.upstream_tls
+        self.hub.reconfigure(config, prepared.upstream_tls, prepared.inspector)
+        self.connection_limiter.config = config.abuse
+        self.login_throttle.reconfigure(config.abuse)
+        size_tls_buffers(config.limits.tls_read_buffer)
+        if self.metrics is not None:  # /readyz probes the server new sessions use
+            self.metrics.upstream = (config.upstream.host, config.upstream.port)
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
@@ -177,19 +292,14 @@ class Proxy:
         held: Counter[str] = Counter()
         ledger = Counter(hub.settled)
         for session in hub.sessions:
-            if session.upstream.state == "down":
-                states["reconnecting"] += 1  # the client may be there or not: upstream first
-            elif session.state == "active" and session.core.client_inactive:
-                states["inactive"] += 1
-            else:
-                states[session.state] += 1
+            states[shown_state(snapshot(session))] += 1  # as the admin view shows it
             upstream[session.upstream.state] += 1
             for lane, counts in session.ledger.summary().items():
                 held[lane] += counts["held"]
                 for name, value in counts.items():
                     if name != "held":
                         ledger[(lane, name)] += value
-        states["finishing"] = len(hub.finishing_sessions)
+        states["finishing"] += len(hub.finishing_sessions)
         lines = prometheus("xmpp_front_sessions", "gauge",
                            "bound sessions by state (inactive: XEP-0352; reconnecting: the "
                            "server is away; finishing: ended, upstream still owed)",
@@ -235,6 +345,8 @@ class Proxy:
         self.recover()  # before any client can log in and want what it holds
         if self.metrics is not None:
             await self.metrics.start()
+        if self.admin is not None:
+            await self.admin.start()
         for listener in self.config.listen:
             # Direct TLS is started per connection (_serve), not by asyncio's listener: a
             # PROXY header may come first, and a failed handshake is logged.
@@ -248,16 +360,18 @@ class Proxy:
                           proxy_protocol=listener.proxy_protocol)
         self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
                       domain=self.config.upstream.domain, tls=self.config.upstream.tls)
-        if self.config.log.capture_dir is not None:
-            self.background.add(asyncio.create_task(self._prune_transcripts()))
+        # Always: a reload may name a capture folder later.
+        self.background.add(asyncio.create_task(self._prune_transcripts()))
 
     async def _prune_transcripts(self) -> None:
         """Transcript retention, now and every PRUNE_EVERY seconds (off the event loop:
         the folder may hold many files)."""
-        log = self.config.log
-        assert log.capture_dir is not None
-        folder = self.config.path(log.capture_dir)
         while True:
+            log = self.config.log  # each pass: a reload may change the retention
+            if log.capture_dir is None:  # a reload took capture off
+                await asyncio.sleep(PRUNE_EVERY)
+                continue
+            folder = self.config.path(log.capture_dir)
             try:
                 pruned = await asyncio.to_thread(
                     prune_transcripts, folder, max_age_days=log.capture_max_age_days,
@@ -431,6 +545,10 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
+        if self.admin is not None:
+            await self.admin.stop()
+        for reload in list(self.reloads):
+            reload.cancel()
         for task in self.background:
             task.cancel()
         totals = await self.hub.stop()
@@ -466,9 +584,10 @@ async def _watch_rules(rules: RulesFactory) -> None:
             rules.reload("a rule file changed")
 
 
-async def serve(config: Config, ready: Any = None) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the rules and the TLS certificate."""
-    proxy = Proxy(config)
+async def serve(config: Config, ready: Any = None, *, source: Path | None = None,
+                log_level: LevelFilter | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration (``source``)."""
+    proxy = Proxy(config, source=source, log_level=log_level)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -477,10 +596,9 @@ async def serve(config: Config, ready: Any = None) -> None:
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, proxy.reload, "SIGHUP")
-    watcher = asyncio.create_task(_watch_rules(proxy.rules)) if config.rules else None
+    watcher = asyncio.create_task(_watch_rules(proxy.rules))  # a reload may add rules
     if ready is not None:
         ready(proxy)
     await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
+    watcher.cancel()
     await proxy.stop()

@@ -78,6 +78,14 @@ class Hub:
         # offered before the next bind).
         self.domain_info: DiscoInfo | None = None
 
+    def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext | None,
+                    inspector: Inspector | None) -> None:
+        """A reload: binds, resumptions and new sessions from now on use these; live
+        sessions keep the configuration they were made with."""
+        self.config = config
+        self.upstream_tls = upstream_tls
+        self.inspector = inspector
+
     # Registry ----------------------------------------------------------------------------------
 
     def new_sm_id(self) -> str:

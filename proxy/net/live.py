@@ -115,6 +115,7 @@ class LiveSession:
         # host:port of the client connection it has or had last (a PROXY header's client
         # behind a load balancer), for the admin view
         self.client_address: str | None = None
+        self.since = time.time()  # when the session was bound (the admin view shows it)
         self.inspector = inspector
         self.transcript = (inspector.transcript(str(core.account), core.id)
                            if inspector is not None else None)
