@@ -12,6 +12,8 @@ shares the store's connection and is reached as an attribute:
   the proxy stopped, sent upstream first at the account's next login.
 - ``store.push`` (:class:`PushArea`): per account, the app servers and nodes clients enabled
   push notifications for (XEP-0357), with their publish options.
+- ``store.blocklist`` (:class:`BlocklistArea`): per account, the JIDs it blocked (XEP-0191);
+  read once when an account logs in, written on each block or unblock.
 - ``ledger_journal``: the crash-proof copy of every session's ledger, written by
   :class:`proxy.journal.Journal` on its own connection and thread.
 
@@ -116,6 +118,13 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             UNIQUE (account, jid, node)
         );
     """),
+    (5, """
+        CREATE TABLE blocklist (                  -- XEP-0191: the JIDs an account blocked
+            account TEXT NOT NULL,
+            jid     TEXT NOT NULL,                -- normalized: a full, bare or domain JID
+            PRIMARY KEY (account, jid)
+        ) WITHOUT ROWID;
+    """),
 )
 
 
@@ -162,6 +171,7 @@ class Store:
         self.offline = OfflineArea(self)
         self.pending = PendingArea(self)
         self.push = PushArea(self)
+        self.blocklist = BlocklistArea(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -575,3 +585,33 @@ class PushArea:
                 cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?"
                                 " AND node = ?", (account, jid, node))
             return cur.rowcount
+
+
+# ---------------------------------------------------------------------- blocklist
+
+
+class BlocklistArea:
+    """Per account (bare JID string): the JIDs it blocked (XEP-0191). Read at login into the
+    memory of the account's sessions; written (a few rows) on each block or unblock."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def items(self, account: str) -> set[str]:
+        rows = self._store.conn.execute(
+            "SELECT jid FROM blocklist WHERE account = ?", (account,)).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def add(self, account: str, jids: Iterable[str]) -> None:
+        with self._store.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO blocklist (account, jid) VALUES (?, ?)",
+                          [(account, j) for j in jids])
+
+    def remove(self, account: str, jids: Iterable[str]) -> None:
+        with self._store.transaction() as c:
+            c.executemany("DELETE FROM blocklist WHERE account = ? AND jid = ?",
+                          [(account, j) for j in jids])
+
+    def clear(self, account: str) -> None:
+        with self._store.transaction() as c:
+            c.execute("DELETE FROM blocklist WHERE account = ?", (account,))
