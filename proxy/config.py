@@ -185,6 +185,21 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class CarbonsConfig:
+    # XEP-0280 as the proxy provides it (features.carbons): a message the server routed to
+    # the bare JID may reach several of the account's sessions; the copies for the others
+    # wait this long, so a session that got the message itself gets no copy of it too.
+    bare_wait: float = 0.3
+
+
+@dataclass(frozen=True)
+class BlockingConfig:
+    # XEP-0191 as the proxy provides it (features.blocking): the most JIDs one account may
+    # block (a block beyond it is refused with policy-violation).
+    max_items: int = 1000
+
+
+@dataclass(frozen=True)
 class PushConfig:
     # XEP-0357 notifications the proxy publishes (features.push): at most one per app server
     # and node every min_interval seconds (what comes meanwhile is counted into the next).
@@ -234,6 +249,8 @@ class Config:
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    carbons: CarbonsConfig = field(default_factory=CarbonsConfig)
+    blocking: BlockingConfig = field(default_factory=BlockingConfig)
     push: PushConfig = field(default_factory=PushConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -302,6 +319,8 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
     ("metrics", "listen"): (lambda v: _host_port(v), "host:port, e.g. 127.0.0.1:9105"),
+    ("carbons", "bare_wait"): (lambda v: 0 <= v <= 5, "between 0 and 5 seconds"),
+    ("blocking", "max_items"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("admin", "socket"): (lambda v: bool(v), "a socket path, \"auto\" or null"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("push", "min_interval"): (lambda v: 0 <= v <= 86400, "between 0 and 86400 seconds"),

@@ -30,6 +30,8 @@ RESTART_KEYS: dict[str, str] = {
     "roster": "the feature pipeline is built at start",
     "features": "the feature pipeline is built at start",
     "push": "the feature pipeline is built at start",
+    "carbons": "the feature pipeline is built at start",
+    "blocking": "the feature pipeline is built at start",
     "reconnect.settle_presence": "the feature pipeline is built at start",
 }
 

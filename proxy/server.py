@@ -20,6 +20,8 @@ from .abuse import ConnectionLimiter, LoginThrottle, Refusal
 from .admin import AdminServer, snapshot
 from .admin_protocol import shown_state, socket_path
 from .config import Config, ConfigError, Listener, load_config
+from .features.blocking import BlockingFactory
+from .features.carbons import CarbonsFactory
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.presence_settle import PresenceSettlingFactory
@@ -135,14 +137,23 @@ class Proxy:
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
+        # Carbons sit on both sides of the rest: the tap (received copies) before rules,
+        # so on the way in it copies what the client is given; the main part last, so on
+        # the way out it copies what was sent after rules and blocking. Blocking is next to
+        # the server edge: nothing from a blocked JID reaches the roster cache, dedupe,
+        # push or the carbons tap, and nothing to one is copied.
+        self.carbons = CarbonsFactory(config.features.carbons, config.carbons.bare_wait)
+        self.blocking = BlockingFactory(self.store, config.features.blocking,
+                                        config.blocking.max_items)
         pc = config.push
         push = PushFactory(config.features.push, PushPolicy(
             min_interval=pc.min_interval, include_body=pc.include_body, max_body=pc.max_body,
             max_registrations=pc.max_registrations, max_errors=pc.max_errors), self.store.push)
-        factories: list[FeatureFactory] = [self.rules, DiscoveryFactory(config.upstream.domain),
+        factories: list[FeatureFactory] = [self.carbons.tap, self.rules,
+                                           DiscoveryFactory(config.upstream.domain),
                                            push, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
-                                           self.roster]
+                                           self.roster, self.blocking, self.carbons]
         rc = config.reconnect
         settle = (rc.settle_presence if rc.settle_presence is not None
                   else rc.first_delay_max + 5.0)

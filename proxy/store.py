@@ -12,6 +12,8 @@ shares the store's connection and is reached as an attribute:
   the proxy stopped, sent upstream first at the account's next login.
 - ``store.push`` (:class:`PushArea`): per account, the app servers and nodes clients enabled
   push notifications for (XEP-0357), with their publish options.
+- ``store.blocklist`` (:class:`BlocklistArea`): per account, the JIDs it blocked (XEP-0191);
+  read once when an account logs in, written on each block or unblock.
 - ``ledger_journal``: the crash-proof copy of every session's ledger, written by
   :class:`proxy.journal.Journal` on its own connection and thread.
 
@@ -124,6 +126,13 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             UNIQUE (account, jid, node)
         );
     """),
+    (5, """
+        CREATE TABLE blocklist (                  -- XEP-0191: the JIDs an account blocked
+            account TEXT NOT NULL,
+            jid     TEXT NOT NULL,                -- normalized: a full, bare or domain JID
+            PRIMARY KEY (account, jid)
+        ) WITHOUT ROWID;
+    """),
 )
 
 
@@ -175,6 +184,7 @@ class Store:
         self.offline = OfflineArea(self)
         self.pending = PendingArea(self)
         self.push = PushArea(self)
+        self.blocklist = BlocklistArea(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -685,13 +695,19 @@ class RosterArea:
         return self.book(account).version
 
     def populated(self, account: str) -> bool:
-        return self.book(account).populated
+        return self._known(account) and self.book(account).populated
 
     def items(self, account: str) -> list[RosterItem]:
-        return self.book(account).items()
+        return self.book(account).items() if self._known(account) else []
 
     def item(self, account: str, jid: str) -> RosterItem | None:
-        return self.book(account).item(jid)
+        return self.book(account).item(jid) if self._known(account) else None
+
+    def _known(self, account: str) -> bool:
+        """Whether the account has a roster state: reading one that has none creates none
+        (only ``version`` and the writes start an account's epoch)."""
+        return account in self._books or self._store.conn.execute(
+            "SELECT 1 FROM roster_state WHERE account = ?", (account,)).fetchone() is not None
 
     def changes_since(self, account: str, seq: int) -> list[tuple[int, str]] | None:
         return self.book(account).changes_since(seq)
@@ -709,7 +725,10 @@ class RosterArea:
         return self.book(account).touch(jids, max_changes=max_changes)
 
     def preapprovals(self, account: str) -> set[str]:
-        return self.book(account).preapprovals()
+        if self._known(account):
+            return self.book(account).preapprovals()
+        return {r[0] for r in self._store.conn.execute(
+            "SELECT contact FROM preapprovals WHERE account = ?", (account,)).fetchall()}
 
     def add_preapproval(self, account: str, contact: str) -> bool:
         return self.book(account).add_preapproval(contact)
@@ -841,3 +860,33 @@ class PushArea:
                 cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?"
                                 " AND node = ?", (account, jid, node))
             return cur.rowcount
+
+
+# ---------------------------------------------------------------------- blocklist
+
+
+class BlocklistArea:
+    """Per account (bare JID string): the JIDs it blocked (XEP-0191). Read at login into the
+    memory of the account's sessions; written (a few rows) on each block or unblock."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def items(self, account: str) -> set[str]:
+        rows = self._store.conn.execute(
+            "SELECT jid FROM blocklist WHERE account = ?", (account,)).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def add(self, account: str, jids: Iterable[str]) -> None:
+        with self._store.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO blocklist (account, jid) VALUES (?, ?)",
+                          [(account, j) for j in jids])
+
+    def remove(self, account: str, jids: Iterable[str]) -> None:
+        with self._store.transaction() as c:
+            c.executemany("DELETE FROM blocklist WHERE account = ? AND jid = ?",
+                          [(account, j) for j in jids])
+
+    def clear(self, account: str) -> None:
+        with self._store.transaction() as c:
+            c.execute("DELETE FROM blocklist WHERE account = ?", (account,))
