@@ -58,10 +58,6 @@ class NegotiationFailed(Exception):
         self.error = error
 
 
-def violation(condition: str, text: str) -> NegotiationFailed:
-    return NegotiationFailed(f"{condition}: {text}", codec.stream_error(condition, text))
-
-
 @dataclass
 class AuthenticatedClient:
     """A client past SASL (stream restarted), with the upstream link its login opened."""
