@@ -158,6 +158,16 @@ class FeaturesConfig:
     push: FeatureMode = "auto"       # XEP-0357 push notifications
 
 
+@dataclass(frozen=True)
+class ArchiveConfig:
+    # The message archive the proxy keeps when it emulates XEP-0313 (features.archive).
+    max_age_days: float = 365.0              # older messages are deleted; 0: no age limit
+    max_messages_per_account: int = 100000   # the newest kept per account; 0: no limit
+    max_page: int = 100                      # results per query page at most (RSM max)
+    default_prefs: Literal["always", "never", "roster"] = "always"  # until a client sets its own
+    counts: bool = True                      # RSM <count/> and first index in each answer
+
+
 def emulates(mode: FeatureMode, server_has: bool) -> bool:
     """Whether the proxy provides a feature itself, by its mode and what the server has."""
     return mode == "on" or (mode == "auto" and not server_has)
@@ -197,6 +207,7 @@ class Config:
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
@@ -260,6 +271,9 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
+    ("archive", "max_age_days"): (lambda v: v >= 0, "zero (no limit) or more days"),
+    ("archive", "max_messages_per_account"): (lambda v: v >= 0, "zero (no limit) or more"),
+    ("archive", "max_page"): (lambda v: 1 <= v <= 1000, "between 1 and 1000"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
 }
 

@@ -14,7 +14,9 @@ import time
 from typing import Any
 
 from .abuse import ConnectionLimiter, LoginThrottle, Refusal
+from .archive_store import ArchiveWriter, Prefs, Retention
 from .config import Config, Listener
+from .features.archive import ArchiveFactory
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.presence_settle import PresenceSettlingFactory
@@ -75,8 +77,15 @@ class Proxy:
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
+        # After the rules: a sent message is archived as it goes upstream, a received one
+        # as the server delivered it (and after dedupe, which drops replayed copies).
+        self.archive = self._archive_writer(config)
+        archive = ArchiveFactory(
+            config.features.archive, config.archive, config.upstream.domain,
+            load_prefs=self.store.archive.prefs, save_prefs=self._save_archive_prefs,
+            in_roster=lambda account, jid: self.store.roster.item(account, jid) is not None)
         factories: list[FeatureFactory] = [self.rules, DiscoveryFactory(config.upstream.domain),
-                                           LegacySessionFactory(),
+                                           archive, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster]
         rc = config.reconnect
@@ -98,7 +107,7 @@ class Proxy:
                                        log=self.log)
         self.hub = Hub(config, factories, store=self.store,
                        upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
-                       journal=self.journal)
+                       journal=self.journal, archive=self.archive)
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
             host, port = parse_listen(config.metrics.listen)
@@ -106,6 +115,19 @@ class Proxy:
                                          healthy=self.healthy,
                                          upstream=(config.upstream.host, config.upstream.port),
                                          log=self.log)
+
+    def _archive_writer(self, config: Config) -> ArchiveWriter | None:
+        """The archive's writer thread, unless archiving is off altogether."""
+        if config.features.archive == "off":
+            return None
+        a = config.archive
+        return ArchiveWriter(self.store.path, log=self.log, retention=Retention(
+            max_age=a.max_age_days * 86400.0 if a.max_age_days > 0 else None,
+            max_per_account=a.max_messages_per_account or None))
+
+    def _save_archive_prefs(self, account: str, prefs: Prefs) -> None:
+        with self.store.transaction():
+            self.store.archive.set_prefs(account, prefs)
 
     def reload(self, why: str) -> None:
         """SIGHUP: the rules, and the certificate and key clients see, read again from their
@@ -172,6 +194,10 @@ class Proxy:
         lines += prometheus("xmpp_front_pending_outbound", "gauge",
                             "client stanzas in the store waiting to be sent to the server",
                             [({}, self.store.pending.count())])
+        if self.archive is not None:
+            lines += prometheus("xmpp_front_archived_messages_total", "counter",
+                                "messages written to the archive (XEP-0313) by this run",
+                                [({}, self.archive.written)])
         if self.journal is not None:
             lines += prometheus("xmpp_front_journal_commits_total", "counter",
                                 "journal transactions committed", [({}, self.journal.commits)])
@@ -314,6 +340,8 @@ class Proxy:
                 await asyncio.wait_for(server.wait_closed(), 2)
         if self.journal is not None:
             await self.journal.close()
+        if self.archive is not None:
+            await self.archive.close()
         self.recover()
         if self.metrics is not None:
             await self.metrics.stop()

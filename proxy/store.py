@@ -10,6 +10,9 @@ shares the store's connection and is reached as an attribute:
   stream-management session ended, kept for the account's next login.
 - ``store.pending`` (:class:`PendingArea`): client stanzas the server never confirmed when
   the proxy stopped, sent upstream first at the account's next login.
+- ``store.archive`` (:class:`proxy.archive_store.ArchiveArea`): the message archive
+  (XEP-0313); on this connection only its preferences are read and written, the messages
+  by the archive's writer thread on its own connection.
 - ``ledger_journal``: the crash-proof copy of every session's ledger, written by
   :class:`proxy.journal.Journal` on its own connection and thread.
 
@@ -32,6 +35,8 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from .archive_store import ARCHIVE_SCHEMA, ArchiveArea
 
 DEFAULT_MAX_CHANGES = 1000
 
@@ -102,6 +107,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             PRIMARY KEY (session, lane)
         ) WITHOUT ROWID;
     """),
+    (4, ARCHIVE_SCHEMA),  # the message archive: proxy/archive_store.py
 )
 
 
@@ -147,6 +153,9 @@ class Store:
         self.roster = RosterArea(self, new_epoch)
         self.offline = OfflineArea(self)
         self.pending = PendingArea(self)
+        # Archiving preferences only: the messages are written and read on the archive's
+        # own thread and connection (proxy/archive_store.py ArchiveWriter).
+        self.archive = ArchiveArea(self._conn)
 
     # ------------------------------------------------------------------ plumbing
 

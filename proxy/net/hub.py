@@ -19,6 +19,7 @@ from typing import Any
 
 
 from ..abuse import Refusal, bind_refusal
+from ..archive_store import ArchiveWriter
 from ..config import Config
 from ..inspection import Inspector
 from ..features.stream_management import failed, parse_h
@@ -56,9 +57,10 @@ class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
                  store: SessionStore | None, upstream_tls: ssl.SSLContext | None,
                  log: Any, inspector: Inspector | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, archive: ArchiveWriter | None = None) -> None:
         self.config = config
         self.journal = journal
+        self.archive = archive
         self.inspector = inspector
         self.upstream_tls = upstream_tls
         self.factories = list(factories)
@@ -261,7 +263,7 @@ class Hub:
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
                               tls_context=self.upstream_tls, inspector=self.inspector,
-                              journal=self.journal)
+                              journal=self.journal, archive=self.archive)
         previous = self.by_jid.get(str(jid))
         if previous is not None:  # the server resolved a resource conflict in our favour
             asyncio.get_running_loop().create_task(previous.end("resource bound again"))

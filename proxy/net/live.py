@@ -19,9 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from ..archive_store import ArchiveFailed, ArchiveResult, ArchiveWriter
 from ..client_edge import ClientEdge, EdgePolicy
-from ..commands import (AbortClient, AckWhenDurable, CancelTimer, CatchUp, ClientLeaves,
-                        CloseClient,
+from ..commands import (AbortClient, AckWhenDurable, ArchivePut, ArchiveQuery, CancelTimer,
+                        CatchUp, ClientLeaves, CloseClient,
                         Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
                         MoreStored, SmRegister, StartTimer, StoreOffline, StorePending,
                         ToAccount, ToClient, ToServerDirect)
@@ -84,9 +85,10 @@ class LiveSession:
     def __init__(self, hub: SessionRegistry, core: SessionCore, link: UpstreamLink, config: Config,
                  store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
-                 journal: Journal | None = None,
+                 journal: Journal | None = None, archive: ArchiveWriter | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hub = hub
+        self.archive = archive
         self.core = core
         self.config = config
         self.store = store
@@ -254,6 +256,22 @@ class LiveSession:
                 self.hub.to_account(self, command.kind, command.payload)
             elif isinstance(command, StartTimer):  # a feature's, told when it fires
                 self._start_timer(_FEATURE_TIMER + command.name, command.seconds)
+            elif isinstance(command, ArchivePut):
+                if self.archive is not None:  # always this session's own account
+                    self.archive.put(self._account, command.message)
+            elif isinstance(command, ArchiveQuery):
+                self._archive_query(command)
+
+    def _archive_query(self, command: ArchiveQuery) -> None:
+        token = command.token
+
+        def done(result: ArchiveResult) -> None:
+            if self.state != "ended":
+                self.write(self.core.store_result(token, result))
+        if self.archive is None:
+            self.write(self.core.store_result(token, ArchiveFailed("no archive")))
+        else:
+            self.archive.query(self._account, command.request, done)
 
     def from_account(self, kind: str, payload: Element) -> None:
         """Another session of the account sent this one something (``ToAccount``)."""
