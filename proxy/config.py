@@ -165,7 +165,7 @@ class ArchiveConfig:
     max_messages_per_account: int = 100000   # the newest kept per account; 0: no limit
     max_page: int = 100                      # results per query page at most (RSM max)
     default_prefs: Literal["always", "never", "roster"] = "always"  # until a client sets its own
-    counts: bool = True                      # RSM <count/> and first index in each answer
+    counts: bool = False                     # RSM <count/> and first index (costly at 1M)
 
 
 def emulates(mode: FeatureMode, server_has: bool) -> bool:

@@ -115,7 +115,7 @@ async def account_features(client: RawClient, bare: str) -> set[str]:
 
 def test_the_proxy_archives_pages_and_keeps_the_archive(make_proxy, accounts) -> None:
     alice, bob, carol = accounts("alice"), accounts("bob"), accounts("carol")
-    proxy: ProxyProcess = make_proxy()
+    proxy: ProxyProcess = make_proxy(archive={"counts": True})
     sent = [f"m{k}" for k in range(6)]  # even: alice -> bob, odd: bob -> alice
     delivered_ids: dict[str, str] = {}
 
