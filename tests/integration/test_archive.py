@@ -227,7 +227,7 @@ def test_the_proxy_archives_pages_and_keeps_the_archive(make_proxy, accounts) ->
 
 def test_with_mod_mam_on_queries_pass_through_and_the_proxy_archives_nothing(
         tmp_path: Path, certs: tuple[Path, Path]) -> None:
-    server = LegacyProsody(tmp_path / "prosody", modern=("mam",))
+    server = LegacyProsody(tmp_path / "prosody", mam=True)
     server.start()
     proxy = ProxyProcess(tmp_path / "proxy", server, *certs)
     try:

@@ -89,6 +89,10 @@ class ScriptedServer:
         # disco#info answers (the query's inner XML) for "domain" and "account"; an entity
         # not listed answers service-unavailable.
         self.disco: dict[str, str] = {}
+        self.disco_silent = False  # never answer the proxy's login discovery
+        # Raw stanzas pushed to a connection just before its discovery is answered (what a
+        # server may route to a resource right after its bind).
+        self.before_disco_answer: list[str] = []
         self._server: asyncio.Server | None = None
         self._changes = Changes()
         self._claimed: set[int] = set()  # log positions already returned by expect_stanza
@@ -291,7 +295,11 @@ class ScriptedServer:
         if kind(el) == "iq" and el.get("id", "").startswith("disco-") \
                 and el.find(q(NS_DISCO_INFO, "query")) is not None:
             conn.discovery.append(el)
-            self._iq(conn, el)
+            if not self.disco_silent:
+                for raw in self.before_disco_answer:
+                    conn.send(raw)
+                self.before_disco_answer = []
+                self._iq(conn, el)
             return
         conn.received.append(el)
         self.log.append(Received(conn, el))
