@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .archive_store import ArchivedMessage, ArchiveRequest
 from .xmpp.stanza import Element
 
 
@@ -297,6 +298,26 @@ RegistryCommand = (LookUpResume | LookUpBind | Resume | TakeOver | BindUpstream
                    | ReplacePrevious | NewSession | ToClient | Log | Count | FailNegotiation)
 
 
+@dataclass(frozen=True, slots=True)
+class ArchivePut:
+    """Archive a message in the session's account's archive (XEP-0313; the shell adds the
+    account, so a session writes its own archive only). Batched per loop turn and written
+    on the archive's thread."""
+
+    message: ArchivedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveQuery:
+    """Run a query on the session's account's archive (the shell adds the account) off the
+    loop, after every ``ArchivePut`` before it; the result comes back to the features as
+    ``Feature.store_result(session, token, result, out)``."""
+
+    token: str
+    request: ArchiveRequest
+
+
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
-           | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored)
+           | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored
+           | ArchivePut | ArchiveQuery)

@@ -185,6 +185,16 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class ArchiveConfig:
+    # The message archive the proxy keeps when it emulates XEP-0313 (features.archive).
+    max_age_days: float = 365.0              # older messages are deleted; 0: no age limit
+    max_messages_per_account: int = 100000   # the newest kept per account; 0: no limit
+    max_page: int = 100                      # results per query page at most (RSM max)
+    default_prefs: Literal["always", "never", "roster"] = "always"  # until a client sets its own
+    counts: bool = False                     # RSM <count/> and first index (costly at 1M)
+
+
+@dataclass(frozen=True)
 class CarbonsConfig:
     # XEP-0280 as the proxy provides it (features.carbons): a message the server routed to
     # the bare JID may reach several of the account's sessions; the copies for the others
@@ -252,6 +262,7 @@ class Config:
     carbons: CarbonsConfig = field(default_factory=CarbonsConfig)
     blocking: BlockingConfig = field(default_factory=BlockingConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
@@ -329,6 +340,9 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("push", "max_errors"): (lambda v: 1 <= v <= 100, "between 1 and 100"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
+    ("archive", "max_age_days"): (lambda v: v >= 0, "zero (no limit) or more days"),
+    ("archive", "max_messages_per_account"): (lambda v: v >= 0, "zero (no limit) or more"),
+    ("archive", "max_page"): (lambda v: 1 <= v <= 1000, "between 1 and 1000"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
 }
 

@@ -22,6 +22,8 @@ from .admin_protocol import shown_state, socket_path
 from .config import Config, ConfigError, Listener, load_config
 from .features.blocking import BlockingFactory
 from .features.carbons import CarbonsFactory
+from .archive_store import ArchiveWriter, Prefs, Retention
+from .features.archive import ArchiveFactory
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.presence_settle import PresenceSettlingFactory
@@ -137,6 +139,13 @@ class Proxy:
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
+        # After the rules: a sent message is archived as it goes upstream, a received one
+        # as the server delivered it (and after dedupe, which drops replayed copies).
+        self.archive = self._archive_writer(config)
+        archive = ArchiveFactory(
+            config.features.archive, config.archive, config.upstream.domain,
+            load_prefs=self.store.archive.prefs, save_prefs=self._save_archive_prefs,
+            in_roster=lambda account, jid: self.store.roster.item(account, jid) is not None)
         # Carbons sit on both sides of the rest: the tap (received copies) before rules,
         # so on the way in it copies what the client is given; the main part last, so on
         # the way out it copies what was sent after rules and blocking. Blocking is next to
@@ -151,7 +160,7 @@ class Proxy:
             max_registrations=pc.max_registrations, max_errors=pc.max_errors), self.store.push)
         factories: list[FeatureFactory] = [self.carbons.tap, self.rules,
                                            DiscoveryFactory(config.upstream.domain),
-                                           push, LegacySessionFactory(),
+                                           push, archive, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster, self.blocking, self.carbons]
         rc = config.reconnect
@@ -174,7 +183,7 @@ class Proxy:
         self.counters = Counters()
         self.hub = Hub(config, factories, store=self.store,
                        upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
-                       journal=self.journal, counters=self.counters)
+                       journal=self.journal, counters=self.counters, archive=self.archive)
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
             host, port = parse_listen(config.metrics.listen)
@@ -184,6 +193,19 @@ class Proxy:
                                          log=self.log)
         admin_path = socket_path(config)
         self.admin = AdminServer(admin_path, self.hub, self.log) if admin_path else None
+
+    def _archive_writer(self, config: Config) -> ArchiveWriter | None:
+        """The archive's writer thread, unless archiving is off altogether."""
+        if config.features.archive == "off":
+            return None
+        a = config.archive
+        return ArchiveWriter(self.store.path, log=self.log, retention=Retention(
+            max_age=a.max_age_days * 86400.0 if a.max_age_days > 0 else None,
+            max_per_account=a.max_messages_per_account or None))
+
+    def _save_archive_prefs(self, account: str, prefs: Prefs) -> None:
+        with self.store.transaction():
+            self.store.archive.set_prefs(account, prefs)
 
     def reload(self, why: str) -> None:
         """SIGHUP: read the whole configuration file again and take it on (see
@@ -328,6 +350,10 @@ class Proxy:
         lines += prometheus("xmpp_front_pending_outbound", "gauge",
                             "client stanzas in the store waiting to be sent to the server",
                             [({}, self.store.pending.count())])
+        if self.archive is not None:
+            lines += prometheus("xmpp_front_archived_messages_total", "counter",
+                                "messages written to the archive (XEP-0313) by this run",
+                                [({}, self.archive.written)])
         lines += self.counters.lines()
         if self.journal is not None:
             lines += prometheus("xmpp_front_journal_commits_total", "counter",
@@ -568,6 +594,8 @@ class Proxy:
                 await asyncio.wait_for(server.wait_closed(), 2)
         if self.journal is not None:
             await self.journal.close()
+        if self.archive is not None:
+            await self.archive.close()
         self.recover()
         if self.metrics is not None:
             await self.metrics.stop()

@@ -102,6 +102,12 @@ class Feature:
         None to drop it (e.g. a copy the client already has)."""
         return el
 
+    def store_result(self, session: SessionCore, token: str, result: object,
+                     out: Outputs) -> None:
+        """What a store request of a feature's (an ``ArchiveQuery`` with ``token``) found,
+        back from the store's thread; every feature hears it, the one whose token it is
+        acts on it."""
+
     def closed(self, session: SessionCore) -> None:
         """The session ended for good."""
 
@@ -230,6 +236,12 @@ class SessionCore:
             if result is None:
                 return None
         return result
+
+    def store_result(self, token: str, result: object) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.store_result(self, token, result, out)
+        return out
 
     def client_attached(self) -> Outputs:
         out = Outputs()

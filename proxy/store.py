@@ -14,6 +14,9 @@ shares the store's connection and is reached as an attribute:
   push notifications for (XEP-0357), with their publish options.
 - ``store.blocklist`` (:class:`BlocklistArea`): per account, the JIDs it blocked (XEP-0191);
   read once when an account logs in, written on each block or unblock.
+- ``store.archive`` (:class:`proxy.archive_store.ArchiveArea`): the message archive
+  (XEP-0313); on this connection only its preferences are read and written, the messages
+  by the archive's writer thread on its own connection.
 - ``ledger_journal``: the crash-proof copy of every session's ledger, written by
   :class:`proxy.journal.Journal` on its own connection and thread.
 
@@ -45,6 +48,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .features.push import Registration as PushRegistration
+
+from .archive_store import ARCHIVE_SCHEMA, ArchiveArea
 
 DEFAULT_MAX_CHANGES = 1000
 WRITE_RETRY_SECONDS = 1.0  # after a failed commit of the writer: the batch is tried again
@@ -133,6 +138,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             PRIMARY KEY (account, jid)
         ) WITHOUT ROWID;
     """),
+    (6, ARCHIVE_SCHEMA),  # the message archive: proxy/archive_store.py
 )
 
 
@@ -185,6 +191,9 @@ class Store:
         self.pending = PendingArea(self)
         self.push = PushArea(self)
         self.blocklist = BlocklistArea(self)
+        # Archiving preferences only: the messages are written and read on the archive's
+        # own thread and connection (proxy/archive_store.py ArchiveWriter).
+        self.archive = ArchiveArea(self._conn)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+
+from ..archive_store import ArchiveWriter
 from ..commands import (
     BindUpstream,
     Count,
@@ -56,10 +58,12 @@ class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
                  store: SessionStore | None, upstream_tls: ssl.SSLContext | None,
                  log: Any, inspector: Inspector | None = None,
-                 journal: Journal | None = None, counters: Counters | None = None) -> None:
+                 journal: Journal | None = None, counters: Counters | None = None,
+                 archive: ArchiveWriter | None = None) -> None:
         self.config = config
         self.journal = journal
         self.counters = counters  # for /metrics: resumptions, and what sessions relay
+        self.archive = archive
         self.inspector = inspector
         self.upstream_tls = upstream_tls
         self.factories = list(factories)
@@ -267,7 +271,8 @@ class Hub:
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
                               tls_context=self.upstream_tls, inspector=self.inspector,
-                              journal=self.journal, counters=self.counters)
+                              journal=self.journal, counters=self.counters,
+                              archive=self.archive)
         self.by_jid[str(jid)] = session
         log.info("bound", jid=str(jid), session=core.id, account=str(jid.bare))
         session.replay_pending()  # before anything the client sends now

@@ -19,9 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from ..archive_store import ArchiveFailed, ArchiveResult, ArchiveWriter
 from ..client_edge import ClientEdge, EdgePolicy
-from ..commands import (AbortClient, AckWhenDurable, CancelTimer, CatchUp, ClientLeaves,
-                        CloseClient,
+from ..commands import (AbortClient, AckWhenDurable, ArchivePut, ArchiveQuery, CancelTimer,
+                        CatchUp, ClientLeaves, CloseClient,
                         Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
                         MoreStored, SmRegister, StartTimer, StoreOffline, StorePending,
                         ToAccount, ToClient, ToServerDirect)
@@ -86,8 +87,10 @@ class LiveSession:
                  store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
                  journal: Journal | None = None, counters: Counters | None = None,
+                 archive: ArchiveWriter | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hub = hub
+        self.archive = archive
         self.core = core
         self.config = config
         self.store = store
@@ -278,6 +281,22 @@ class LiveSession:
                 self.execute([command])
             elif isinstance(command, Log):
                 self.execute([command])
+            elif isinstance(command, ArchivePut):
+                if self.archive is not None:  # always this session's own account
+                    self.archive.put(self._account, command.message)
+            elif isinstance(command, ArchiveQuery):
+                self._archive_query(command)
+
+    def _archive_query(self, command: ArchiveQuery) -> None:
+        token = command.token
+
+        def done(result: ArchiveResult) -> None:
+            if self.state != "ended":
+                self.write(self.core.store_result(token, result))
+        if self.archive is None:
+            self.write(self.core.store_result(token, ArchiveFailed("no archive")))
+        else:
+            self.archive.query(self._account, command.request, done)
 
     def from_account(self, kind: str, payload: Element) -> None:
         """Another session of the account sent this one something (``ToAccount``)."""

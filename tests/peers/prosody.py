@@ -64,6 +64,7 @@ class LegacyProsody:
         blocklist: bool = False,
         log_level: LogLevel = "info",
         close_timeout: float | None = None,
+        mam: bool = False,
         pubsub_component: str | None = None,
     ) -> None:
         """`pubsub_component`: a pubsub service at that address (a XEP-0357 app server
@@ -90,6 +91,7 @@ class LegacyProsody:
         # listed in modules_disabled too, so the server is legacy whatever Prosody loads.
         self.carbons = carbons
         self.blocklist = blocklist
+        self.mam = mam  # XEP-0313 (mod_mam, its archive in the internal storage)
         self.log_level = log_level
         self.close_timeout = close_timeout
         self.pubsub_component = pubsub_component
@@ -126,7 +128,7 @@ class LegacyProsody:
             modules.append("legacy_nopreapproval")
         if self.allow_registration:
             modules.append("register")
-        modern = {"carbons": self.carbons, "blocklist": self.blocklist}
+        modern = {"carbons": self.carbons, "blocklist": self.blocklist, "mam": self.mam}
         modules.extend(name for name, on in modern.items() if on)
         disabled = "".join(f'"{name}"; ' for name, on in modern.items() if not on)
         lua_modules = "; ".join(_lua_str(m) for m in modules)
@@ -167,6 +169,8 @@ class LegacyProsody:
         )
         if self.close_timeout is not None:
             lines.append(f"c2s_close_timeout = {self.close_timeout}")
+        if self.mam:  # mod_mam keeps its archive in the internal storage
+            lines += ['archive_expires_after = "1w"', "default_archive_policy = true"]
         if self.extra_config:
             lines.append(self.extra_config)
         lines.append(f"VirtualHost {_lua_str(self.domain)}")
