@@ -132,6 +132,13 @@ class LoginThrottle:
         self.by_account = _FailureTable(config.login_failures_per_account, config, clock)
         self.by_address = _FailureTable(config.login_failures_per_address, config, clock)
 
+    def reconfigure(self, config: AbuseConfig) -> None:
+        """New limits (a reload); the failures counted so far are kept."""
+        self.config = config
+        for table, limit in ((self.by_account, config.login_failures_per_account),
+                             (self.by_address, config.login_failures_per_address)):
+            table.limit, table.config = limit, config
+
     def check(self, account: str, address: str) -> Refusal | None:
         """Before an attempt: None to go ahead (ask the server), or the refusal.
 

@@ -161,6 +161,142 @@ class MoreStored:
     """The client acknowledged enough: the next part of its stored backlog can go out."""
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Add one to the /metrics counter ``table`` (a ``proxy.metrics.Counters`` table: logins,
+    tls_handshakes, resumes) under ``key``."""
+
+    table: str
+    key: Any
+
+
+# Client negotiation (``proxy/negotiation.py``) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendHeader:
+    """Answer the client's stream header with ours (a fresh stream id, ``to`` the client's
+    ``from``) and these stream features (None: the header only, an error follows)."""
+
+    to: str | None
+    features: tuple[Element, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Start TLS on the client's connection (``<proceed/>`` was just sent); the core hears
+    ``tls_started`` or ``tls_injection``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckLogin:
+    """Check these SASL PLAIN credentials by logging in upstream; the core hears the
+    outcome (``login_result``)."""
+
+    account: Any  # proxy.xmpp.jid.Jid
+    authcid: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait before carrying out the next command (a delayed answer to a failed login)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FailNegotiation:
+    """The negotiation is over: ``error`` (a stream error) to the client, then the close."""
+
+    reason: str
+    error: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """SASL succeeded: restart the stream; the client is ``account``."""
+
+    account: Any  # proxy.xmpp.jid.Jid
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An element after the post-authentication header: the hub's to handle."""
+
+    element: Element
+
+
+NegotiationCommand = (SendHeader | StartTls | CheckLogin | Pause | FailNegotiation
+                      | Authenticated | Received | ToClient | Log | Count | StartTimer)
+
+
+# The hub's decisions before bind (``proxy/registry.py``) ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpResume:
+    """Find the account's live session under ``previd`` and check ``h`` with its client
+    edge; the registry hears what was found (``Registry.resume``)."""
+
+    previd: str
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpBind:
+    """Find what is bound to ``resource`` ("" for none asked), the account's live session
+    count, and a finishing session of the resource; the registry hears it (``bind``)."""
+
+    resource: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Resume the session found under ``previd``, the client having handled ``h``."""
+
+    previd: str
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
+class TakeOver:
+    """Hand the live session of ``jid`` to this connection; ``result`` answers the bind."""
+
+    jid: str
+    result: Element
+
+
+@dataclass(frozen=True, slots=True)
+class BindUpstream:
+    """Bind ``resource`` (None: the server's choice) on the client's upstream link, after
+    the finishing session of ``hand_over_from`` (a full JID) handed over what it owes."""
+
+    resource: str | None
+    hand_over_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplacePrevious:
+    """End the session registered under ``jid``: the new one takes its place."""
+
+    jid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """Make the session of ``jid`` and register it; ``result`` answers the bind."""
+
+    jid: Any  # proxy.xmpp.jid.Jid
+    result: Element
+
+
+RegistryCommand = (LookUpResume | LookUpBind | Resume | TakeOver | BindUpstream
+                   | ReplacePrevious | NewSession | ToClient | Log | Count | FailNegotiation)
+
+
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
            | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored)

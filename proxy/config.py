@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,12 @@ class Listener:
     host: str = "127.0.0.1"
     port: int = 5222
     direct_tls: bool = False  # XEP-0368: TLS from the first byte instead of STARTTLS
+    # A PROXY protocol header (v1 or v2) is required first on each connection, before TLS:
+    # the listener is behind a load balancer, whose header names the client.
+    proxy_protocol: bool = False
+    # Networks (CIDR) the header is taken from; a connection from elsewhere is closed.
+    # Empty: from any peer (then only the balancer must be able to reach the listener).
+    proxy_protocol_from: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,10 @@ class UpstreamConfig:
     verify: bool = True
     ca: str | None = None
     connect_timeout: float = 10.0  # seconds for TCP + TLS + stream negotiation steps
+    # Send a PROXY protocol header (v1 text, v2 binary) first on each upstream connection,
+    # naming the client's address, for a server that accepts it (its logs, per-address
+    # limits and ACLs then see the user, not the proxy). off: the server sees the proxy.
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
     # After each bind the proxy asks the server's disco#info (domain and account); a login
     # waits at most this long for the answers (an entity that does not answer offers nothing).
     discovery_timeout: float = 3.0
@@ -67,6 +78,7 @@ class ReconnectConfig:
 class Limits:
     max_stanza_bytes: int = 262144
     negotiation_timeout: float = 30.0  # seconds a client may take from connect to bound
+    proxy_header_timeout: float = 5.0  # seconds for a PROXY protocol header, where required
     # Decrypted bytes asyncio reads per TLS call, per connection. Python's default (256 KiB,
     # allocated for every TLS connection) would dominate the memory of an idle session.
     tls_read_buffer: int = 16896
@@ -141,6 +153,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    # The local admin socket (`xmpp-front sessions`, `xmpp-front kick`): a Unix socket,
+    # mode 0600 in a folder only the proxy's user can use. "auto": `admin.sock` in a folder
+    # `<store name>-admin` beside the store (beside the configuration file for a ":memory:"
+    # store); a path: there (its folder must exist or is made 0700); null: no admin socket.
+    socket: str | None = "auto"
+
+
+@dataclass(frozen=True)
 class CsiConfig:
     # XEP-0352 toward clients: while one says it is inactive, presence updates and chat
     # states wait (latest per sender) until it is active again or this many are held.
@@ -161,6 +182,32 @@ class FeaturesConfig:
     archive: FeatureMode = "auto"    # XEP-0313 message archive management
     blocking: FeatureMode = "auto"   # XEP-0191 blocking command
     push: FeatureMode = "auto"       # XEP-0357 push notifications
+
+
+@dataclass(frozen=True)
+class CarbonsConfig:
+    # XEP-0280 as the proxy provides it (features.carbons): a message the server routed to
+    # the bare JID may reach several of the account's sessions; the copies for the others
+    # wait this long, so a session that got the message itself gets no copy of it too.
+    bare_wait: float = 0.3
+
+
+@dataclass(frozen=True)
+class BlockingConfig:
+    # XEP-0191 as the proxy provides it (features.blocking): the most JIDs one account may
+    # block (a block beyond it is refused with policy-violation).
+    max_items: int = 1000
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    # XEP-0357 notifications the proxy publishes (features.push): at most one per app server
+    # and node every min_interval seconds (what comes meanwhile is counted into the next).
+    min_interval: float = 10.0
+    include_body: bool = False  # the message body goes to a third party: off by default
+    max_body: int = 256  # characters of the body sent, with include_body
+    max_registrations: int = 5  # app server nodes per account; the oldest goes first
+    max_errors: int = 3  # transient (wait) publish errors in a row before one is disabled
 
 
 def emulates(mode: FeatureMode, server_has: bool) -> bool:
@@ -202,7 +249,11 @@ class Config:
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     csi: CsiConfig = field(default_factory=CsiConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    carbons: CarbonsConfig = field(default_factory=CarbonsConfig)
+    blocking: BlockingConfig = field(default_factory=BlockingConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
     # Relative paths in the file are resolved against the file's own folder.
@@ -218,6 +269,9 @@ class Config:
 # Checks beyond types: (section, key) -> (predicate, what it must be).
 _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("listen", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
+    ("listen", "proxy_protocol_from"): (lambda v: _networks(v), "a list of networks "
+                                        "(CIDR), e.g. [10.0.0.0/8]"),
+    ("limits", "proxy_header_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "port"): (lambda v: 1 <= v <= 65535, "a port number 1-65535"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "a positive number of seconds"),
     ("upstream", "discovery_timeout"): (lambda v: 0 < v <= 60, "between 0 and 60 seconds"),
@@ -265,11 +319,27 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("roster", "max_changes"): (lambda v: v >= 1, "at least 1"),
     ("store", "path"): (lambda v: bool(v), "a file path or ':memory:'"),
     ("metrics", "listen"): (lambda v: _host_port(v), "host:port, e.g. 127.0.0.1:9105"),
+    ("carbons", "bare_wait"): (lambda v: 0 <= v <= 5, "between 0 and 5 seconds"),
+    ("blocking", "max_items"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
+    ("admin", "socket"): (lambda v: bool(v), "a socket path, \"auto\" or null"),
     ("csi", "max_held"): (lambda v: 1 <= v <= 100000, "between 1 and 100000"),
+    ("push", "min_interval"): (lambda v: 0 <= v <= 86400, "between 0 and 86400 seconds"),
+    ("push", "max_body"): (lambda v: 0 <= v <= 4096, "between 0 and 4096 characters"),
+    ("push", "max_registrations"): (lambda v: 1 <= v <= 100, "between 1 and 100"),
+    ("push", "max_errors"): (lambda v: 1 <= v <= 100, "between 1 and 100"),
     ("durability", "pending_ttl"): (lambda v: v > 0, "a positive number of seconds"),
     ("shutdown", "drain_timeout"): (lambda v: 0 <= v <= 600, "between 0 and 600 seconds"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
 }
+
+
+def _networks(values: list[str]) -> bool:
+    try:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _host_port(value: str) -> bool:

@@ -1,7 +1,8 @@
 """Traffic inspection: one structured log event per stanza, and optional per-session XML
 transcripts readable as an XML console.
 
-Events carry metadata only (direction, connection, session, account, kind, type, id, size,
+Events carry metadata only (direction, connection, session, account, kind, type, id, from,
+to, size,
 the rules that matched, the time the stanza spent inside the proxy), never content. The
 transcripts do carry content: what ``log.redact`` names is masked there, and SASL never
 reaches them (they start after binding).
@@ -119,7 +120,8 @@ class Inspector:
         if self.events:
             self.log.info(
                 "stanza", direction=direction, conn=conn, session=session, account=account,
-                kind=st.kind(el), type=el.get("type"), id=el.get("id"), size=len(data),
+                kind=st.kind(el), type=el.get("type"), id=el.get("id"),
+                **{"from": el.get("from"), "to": el.get("to")}, size=len(data),
                 rules=list(matched), forwarded=forwarded, origin=origin,
                 proxy_ms=round((time.perf_counter() - started) * 1000, 3))
         if transcript is not None:

@@ -3,7 +3,9 @@ and its listeners are up) and ``/readyz`` (the legacy server is reachable), over
 ``metrics.listen`` (keep it on loopback or a management network).
 
 A scrape reads the proxy's state as it is (sessions, connections, the ledgers of live and of
-ended sessions, the store's queues); nothing is counted on the hot path for it.
+ended sessions, the store's queues); what cannot be read from the state (logins, TLS
+handshakes, stanzas and bytes relayed, the time a stanza spends inside) is counted as it
+happens in :class:`Counters`: a dict increment, nothing allocated per stanza.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from .xmpp import ns
 
 REQUEST_TIMEOUT = 5.0  # seconds a scraper gets to send its request
 MAX_REQUEST_BYTES = 8192
@@ -105,6 +110,125 @@ def prometheus(name: str, kind: str, help_text: str,
     """One metric family in the Prometheus text format."""
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
     for labels, value in samples:
-        label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
+        label_text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+        # An int stays exact (":g" would print a counter past a million as 1e+06).
+        shown = str(value) if isinstance(value, int) else repr(float(value))
+        lines.append(f"{name}{{{label_text}}} {shown}" if label_text else f"{name} {shown}")
     return lines
+
+
+def _label_value(value: object) -> str:
+    """Escaped as the text format asks (a rule's name may hold anything)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# Seconds a stanza spends in the proxy: from the read that brought its bytes in to its
+# being queued for the other side's socket (or held: buffered while the server is away).
+RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                 0.25, 0.5, 1.0)
+STANZA_KINDS = {ns.qname(ns.CLIENT, k): k for k in ("message", "presence", "iq")}
+
+
+class Histogram:
+    """A Prometheus histogram with fixed buckets: one bisect and two adds per sample."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in it
+        self.sum += value
+
+    def lines(self, name: str, help_text: str) -> list[str]:
+        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        running = 0
+        for bound, count in zip(self.bounds, self.counts[:-1], strict=True):
+            running += count
+            out.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
+        running += self.counts[-1]
+        out += [f'{name}_bucket{{le="+Inf"}} {running}', f"{name}_sum {self.sum:.6f}",
+                f"{name}_count {running}"]
+        return out
+
+
+class Counters:
+    """What is counted as it happens, for /metrics: plain dicts a relay path increments
+    (no object made per stanza); the scrape turns them into Prometheus text."""
+
+    def __init__(self) -> None:
+        self.logins: dict[str, int] = {}  # result: ok, not-authorized, throttled, ...
+        self.resumes: dict[str, int] = {"ok": 0, "failed": 0}
+        # (listener kind, result): direct_tls|starttls, ok|failed
+        self.tls_handshakes: dict[tuple[str, str], int] = {}
+        self.proxy_headers: dict[str, int] = {}  # ok, missing or malformed, timeout, refused
+        # Stanzas read, by element tag (kinds are told apart at the scrape), per direction.
+        self.c2s_stanzas: dict[str, int] = {}
+        self.s2c_stanzas: dict[str, int] = {}
+        # Bytes written, by element tag: to the server (c2s) and to clients (s2c).
+        self.c2s_bytes: dict[str, int] = {}
+        self.s2c_bytes: dict[str, int] = {}
+        self.relay_seconds = Histogram(RELAY_BUCKETS)
+        self.rule_hits: dict[str, int] = {}  # rule name -> stanzas it matched
+        self.upstream_restores = 0  # sessions restored after an outage
+        self.outage_seconds = 0.0  # summed over those restores
+
+    def count(self, table: dict[Any, int], key: Any) -> None:
+        table[key] = table.get(key, 0) + 1
+
+    def relayed(self, stanzas: dict[str, int], tag: str, read_at: float) -> None:
+        """One stanza through the pipeline (the relay path: keep it this small)."""
+        stanzas[tag] = stanzas.get(tag, 0) + 1
+        self.relay_seconds.observe(time.perf_counter() - read_at)
+
+    def lines(self) -> list[str]:
+        lines = prometheus("xmpp_front_logins_total", "counter",
+                           "client logins (SASL) by result: ok or the SASL condition sent",
+                           [({"result": k}, v) for k, v in sorted(self.logins.items())])
+        lines += prometheus("xmpp_front_resumes_total", "counter",
+                            "XEP-0198 resumptions by result",
+                            [({"result": k}, v) for k, v in sorted(self.resumes.items())])
+        lines += prometheus("xmpp_front_upstream_restores_total", "counter",
+                            "sessions re-established upstream after an outage",
+                            [({}, self.upstream_restores)])
+        lines += prometheus("xmpp_front_upstream_outage_seconds_total", "counter",
+                            "seconds those sessions were without the server, summed",
+                            [({}, round(self.outage_seconds, 3))])
+        if self.rule_hits:
+            lines += prometheus("xmpp_front_rule_hits_total", "counter",
+                                "stanzas each rule matched",
+                                [({"rule": k}, v) for k, v in sorted(self.rule_hits.items())])
+        lines += prometheus("xmpp_front_tls_handshakes_total", "counter",
+                            "client TLS handshakes by listener kind and result",
+                            [({"listener": kind, "result": result},
+                              self.tls_handshakes.get((kind, result), 0))
+                             for kind in ("direct_tls", "starttls")
+                             for result in ("ok", "failed")])
+        if self.proxy_headers:
+            lines += prometheus("xmpp_front_proxy_headers_total", "counter",
+                                "PROXY protocol headers read on listeners that require one",
+                                [({"result": k}, v)
+                                 for k, v in sorted(self.proxy_headers.items())])
+        for family, help_text, tables in (
+                ("xmpp_front_stanzas_total", "stanzas read, by direction and kind",
+                 (("c2s", self.c2s_stanzas), ("s2c", self.s2c_stanzas))),
+                ("xmpp_front_stanza_bytes_total",
+                 "bytes of stanzas written, by direction and kind (other: stream "
+                 "negotiation and nonzas such as XEP-0198 acks)",
+                 (("c2s", self.c2s_bytes), ("s2c", self.s2c_bytes)))):
+            samples = []
+            for direction, table in tables:
+                by_kind = dict.fromkeys(("message", "presence", "iq", "other"), 0)
+                for tag, value in list(table.items()):
+                    by_kind[STANZA_KINDS.get(tag, "other")] += value
+                if "stanzas" in family:
+                    del by_kind["other"]
+                samples += [({"direction": direction, "kind": k}, v)
+                            for k, v in by_kind.items()]
+            lines += prometheus(family, "counter", help_text, samples)
+        lines += self.relay_seconds.lines(
+            "xmpp_front_relay_seconds",
+            "time a stanza spends in the proxy: from the read that brought it to its "
+            "being queued for the other side")
+        return lines

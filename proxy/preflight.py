@@ -80,6 +80,7 @@ def preflight(config: Config, *, probe: bool = True, bind_ports: bool = True,
     findings += check_upstream(config)
     findings += check_store(config)
     findings += check_capture_dir(config)
+    findings += check_admin_socket(config)
     findings += check_rules(config)
     findings += cross_checks(config)
     if probe and not errors(findings):
@@ -439,6 +440,33 @@ def check_capture_dir(config: Config) -> list[Finding]:
     return [_error(key, f"cannot create {folder}: {existing} is not writable ({problem})")]
 
 
+MAX_UNIX_PATH = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL (Linux)
+
+
+def check_admin_socket(config: Config) -> list[Finding]:
+    """``admin.socket`` fits a Unix socket address, and a chosen one's folder exists or can
+    be made (the folder's ownership and mode are checked when the proxy binds it)."""
+    from .admin_protocol import socket_path
+
+    path = socket_path(config)
+    if path is None:
+        return []
+    key = "admin.socket"
+    if len(str(path).encode()) > MAX_UNIX_PATH:
+        return [_error(key, f"{path} is longer than a Unix socket path may be "
+                            f"({MAX_UNIX_PATH} bytes): name a shorter one")]
+    folder = path.parent
+    if config.admin.socket == "auto":
+        return []  # beside the store, whose folder check_store checks
+    if folder.exists():
+        return [] if folder.is_dir() else [_error(key, f"{folder} is not a folder")]
+    if not folder.parent.is_dir():
+        return [_error(key, f"cannot create {folder}: {folder.parent} is not a folder")]
+    problem = _writable_folder(folder.parent)
+    return [] if problem is None else [
+        _error(key, f"cannot create {folder}: {folder.parent} is not writable ({problem})")]
+
+
 def check_rules(config: Config) -> list[Finding]:
     if not config.rules:
         return []
@@ -500,6 +528,11 @@ def _cross_checks(config: Config) -> Iterator[Finding]:
             f"{_seconds(upstream.connect_timeout)} is not below limits.negotiation_timeout "
             f"({_seconds(limits.negotiation_timeout)}): a slow server ends a client's login "
             "with connection-timeout instead of temporary-auth-failure"))
+    for i, listener in enumerate(config.listen):
+        if listener.proxy_protocol and not listener.proxy_protocol_from:
+            yield _warning(f"listen[{i}].proxy_protocol_from", (
+                "empty: a PROXY header is believed from any peer, so anyone who can reach "
+                "this listener can claim any client address; name the balancer's networks"))
     if sm.debug_counter_start:
         yield _warning("stream_management.debug_counter_start",
                        "testing only: real clients expect their counters to start at 0")

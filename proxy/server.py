@@ -7,14 +7,21 @@ from collections import Counter
 import contextlib
 from asyncio import sslproto
 import functools
+import ipaddress
 import secrets
 import signal
 import ssl
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .abuse import ConnectionLimiter, LoginThrottle, Refusal
-from .config import Config, Listener
+from .admin import AdminServer, snapshot
+from .admin_protocol import shown_state, socket_path
+from .config import Config, ConfigError, Listener, load_config
+from .features.blocking import BlockingFactory
+from .features.carbons import CarbonsFactory
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.presence_settle import PresenceSettlingFactory
@@ -23,17 +30,22 @@ from .features.presence_memory import PresenceMemoryFactory
 from .features.roster import RosterFactory
 from .features.rules import RulesFactory
 from .inspection import Inspector
-from .metrics import MetricsServer, parse_listen, prometheus
-from .preflight import check_tls
+from .metrics import Counters, MetricsServer, parse_listen, prometheus
+from .preflight import Finding, errors, preflight
+from .reload import ReloadPlan, plan_reload
+from .rules import RuleError, RuleSet
 from .journal import Journal, recover
-from .logsetup import get_logger
+from .logsetup import LevelFilter, get_logger
 from .loopcheck import OwnStreamIds
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
 from .net.live import LiveSession
 from .net.upstream import client_tls_context
+from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
+from .features.push import PushFactory, PushPolicy
+from .proxyproto import BadProxyHeader
 from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
 from .store import Store
@@ -46,6 +58,23 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
     return context
 
 
+def _address_text(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "?"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _trusted(address: tuple[str, int] | None, networks: list[str]) -> bool:
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address[0])
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
 def size_tls_buffers(read_buffer: int) -> None:
     """asyncio gives every TLS connection a read buffer of ``SSLProtocol.max_size`` bytes
     (256 KiB in 3.11) and offers no setting for it: a class attribute it is. A TLS record
@@ -54,15 +83,46 @@ def size_tls_buffers(read_buffer: int) -> None:
     sslproto.SSLProtocol.max_size = read_buffer
 
 
+class ReloadRefused(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class PreparedReload:
+    """A reload that passed every check, ready to be taken on."""
+
+    plan: ReloadPlan
+    ruleset: RuleSet
+    rule_paths: list[Path]
+    upstream_tls: ssl.SSLContext | None
+    inspector: Inspector | None
+    warnings: list[Finding]
+
+
+def _upstream_tls_context(config: Config) -> ssl.SSLContext | None:
+    if config.upstream.tls == "none":
+        return None
+    ca = config.upstream.ca
+    return client_tls_context(config.upstream, str(config.path(ca)) if ca else None)
+
+
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, source: Path | None = None,
+                 log_level: LevelFilter | None = None) -> None:
+        """``source``: the configuration file, read again on SIGHUP (without one a reload
+        reads the rule, certificate and key files again). ``log_level``: the filter the
+        log was set up with, so a reload can change the level."""
         self.config = config
+        self.source = source
+        self.log_level = log_level
+        self.reloads: set[asyncio.Task[bool]] = set()
+        self.reload_lock = asyncio.Lock()
         size_tls_buffers(config.limits.tls_read_buffer)
         self.log = get_logger()
         self.server_tls = server_tls_context(config)
-        self.upstream_tls = (client_tls_context(
-            config.upstream, str(config.path(config.upstream.ca)) if config.upstream.ca else None)
-            if config.upstream.tls != "none" else None)
+        self.upstream_tls = _upstream_tls_context(config)
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
@@ -71,16 +131,29 @@ class Proxy:
         self.connection_limiter = ConnectionLimiter(config.abuse)
         self.login_throttle = LoginThrottle(config.abuse)
         self.own_stream_ids = OwnStreamIds()
-        self.store = Store(str(config.path(config.store.path)))
+        self.store = Store(str(config.path(config.store.path)), log=self.log)
         self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes)
         # Client edge first, server edge last: rules see what the client sent and what it
         # will get; the roster cache sees the server's stanzas before anything else and the
         # client's after every rewrite.
         self.rules = RulesFactory([config.path(p) for p in config.rules], self.log)
-        factories: list[FeatureFactory] = [self.rules, DiscoveryFactory(config.upstream.domain),
-                                           LegacySessionFactory(),
+        # Carbons sit on both sides of the rest: the tap (received copies) before rules,
+        # so on the way in it copies what the client is given; the main part last, so on
+        # the way out it copies what was sent after rules and blocking. Blocking is next to
+        # the server edge: nothing from a blocked JID reaches the roster cache, dedupe,
+        # push or the carbons tap, and nothing to one is copied.
+        self.carbons = CarbonsFactory(config.features.carbons, config.carbons.bare_wait)
+        self.blocking = BlockingFactory(self.store, config.features.blocking,
+                                        config.blocking.max_items)
+        pc = config.push
+        push = PushFactory(config.features.push, PushPolicy(
+            min_interval=pc.min_interval, include_body=pc.include_body, max_body=pc.max_body,
+            max_registrations=pc.max_registrations, max_errors=pc.max_errors), self.store.push)
+        factories: list[FeatureFactory] = [self.carbons.tap, self.rules,
+                                           DiscoveryFactory(config.upstream.domain),
+                                           push, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
-                                           self.roster]
+                                           self.roster, self.blocking, self.carbons]
         rc = config.reconnect
         settle = (rc.settle_presence if rc.settle_presence is not None
                   else rc.first_delay_max + 5.0)
@@ -98,9 +171,10 @@ class Proxy:
                 self.journal = Journal(self.store.path,
                                        synchronous=config.durability.fsync.upper(),
                                        log=self.log)
+        self.counters = Counters()
         self.hub = Hub(config, factories, store=self.store,
                        upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
-                       journal=self.journal)
+                       journal=self.journal, counters=self.counters)
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
             host, port = parse_listen(config.metrics.listen)
@@ -108,26 +182,104 @@ class Proxy:
                                          healthy=self.healthy,
                                          upstream=(config.upstream.host, config.upstream.port),
                                          log=self.log)
+        admin_path = socket_path(config)
+        self.admin = AdminServer(admin_path, self.hub, self.log) if admin_path else None
 
     def reload(self, why: str) -> None:
-        """SIGHUP: the rules, and the certificate and key clients see, read again from their
-        files (a renewal); new handshakes use the new pair, live sessions keep theirs. A bad
-        pair is refused and the old one stays in force."""
-        self.rules.reload(why)
-        problems = [f for f in check_tls(self.config) if not f.warning]
-        if problems:
-            self.log.error("tls_reload_refused", why=why,
-                           problems=[f"{f.key}: {f.message}" for f in problems])
-            return
-        cert, key = self.config.path(self.config.tls.cert), self.config.path(self.config.tls.key)
+        """SIGHUP: read the whole configuration file again and take it on (see
+        ``reload_config``); the work runs in a task, reloads one after another."""
+        task = asyncio.ensure_future(self.reload_config(why))
+        self.reloads.add(task)
+        task.add_done_callback(self.reloads.discard)
+
+    async def reload_config(self, why: str) -> bool:
+        """The configuration file read, checked (as ``check`` does) and prepared off the
+        event loop, then taken on at once: certificate and key for new handshakes, limits,
+        log level, rules, abuse limits, stream management and upstream settings for new
+        connections and sessions (live ones keep theirs). A file that does not load or
+        check is refused whole and the old configuration stays. What needs a restart keeps
+        its old value and is named in the ``config_reloaded`` event."""
+        async with self.reload_lock:
+            try:
+                prepared = await asyncio.to_thread(self._prepare_reload)
+                self._take_on(prepared)
+            except ReloadRefused as exc:
+                self.log.error("config_reload_refused", why=why, config=self._source_name,
+                               problems=exc.problems, note="the configuration in force stays")
+                return False
+            plan = prepared.plan
+            self.log.info("config_reloaded", why=why, config=self._source_name,
+                          changed=plan.changed, applied=plan.applied,
+                          needs_restart=plan.needs_restart,
+                          cert=str(plan.config.path(plan.config.tls.cert)),
+                          rules=len(prepared.ruleset))
+            for warning in prepared.warnings:
+                self.log.warning(warning.event, key=warning.key, problem=warning.message,
+                                 config=self._source_name)
+            if self.log_level is not None:  # last: the event above is logged at the old one
+                self.log_level.set(plan.config.log.level)
+            return True
+
+    @property
+    def _source_name(self) -> str | None:
+        return str(self.source) if self.source is not None else None
+
+    def _prepare_reload(self) -> PreparedReload:
+        """Everything that can fail, done before anything changes (in a thread: it reads
+        files, resolves names and probes the upstream)."""
         try:
-            # The live context, so direct-TLS listeners (which hold it) pick it up too.
-            self.server_tls.load_cert_chain(cert, key)
+            fresh = load_config(self.source) if self.source is not None else self.config
+        except ConfigError as exc:
+            raise ReloadRefused([str(exc)]) from exc
+        findings = preflight(fresh, bind_ports=False)
+        problems = errors(findings)
+        if problems:
+            raise ReloadRefused([str(f) for f in problems])
+        plan = plan_reload(self.config, fresh)
+        config = plan.config
+        try:
+            server_tls_context(config)  # the pair loads together, into a scratch context
+            upstream_tls = self.upstream_tls
+            if any(k in plan.applied for k in ("upstream.tls", "upstream.verify",
+                                                "upstream.ca")):
+                upstream_tls = _upstream_tls_context(config)
         except (ssl.SSLError, OSError) as exc:
-            self.log.error("tls_reload_refused", why=why, problems=[str(exc)])
-            return
-        self.log.info("tls_reloaded", why=why, cert=str(cert),
-                      note="other settings are read at start: a change to them needs a restart")
+            raise ReloadRefused([f"tls: {exc}"]) from exc
+        paths = [config.path(p) for p in config.rules]
+        try:
+            ruleset = RuleSet.load(paths) if paths else RuleSet.empty()
+        except RuleError as exc:
+            raise ReloadRefused([f"rules: {exc}"]) from exc
+        capture = config.log.capture_dir
+        inspector = (self.hub.inspector if not any(k.startswith("log.") for k in plan.applied)
+                     else Inspector.from_config(config.log,
+                                                config.path(capture) if capture else None,
+                                                self.log))
+        return PreparedReload(plan, ruleset, paths, upstream_tls, inspector,
+                              [f for f in findings if f.warning])
+
+    def _take_on(self, prepared: PreparedReload) -> None:
+        """Only the certificate can fail here, if its files changed again since they were
+        checked a moment ago: then nothing is taken on and the old pair is loaded back."""
+        config = prepared.plan.config
+        try:
+            # The live context, which every TLS handshake uses.
+            self.server_tls.load_cert_chain(config.path(config.tls.cert),
+                                            config.path(config.tls.key))
+        except (ssl.SSLError, OSError) as exc:
+            old = self.config
+            with contextlib.suppress(ssl.SSLError, OSError):
+                self.server_tls.load_cert_chain(old.path(old.tls.cert), old.path(old.tls.key))
+            raise ReloadRefused([f"tls: {exc}"]) from exc
+        self.rules.adopt(prepared.rule_paths, prepared.ruleset)
+        self.config = config
+        self.upstream_tls = prepared.upstream_tls
+        self.hub.reconfigure(config, prepared.upstream_tls, prepared.inspector)
+        self.connection_limiter.config = config.abuse
+        self.login_throttle.reconfigure(config.abuse)
+        size_tls_buffers(config.limits.tls_read_buffer)
+        if self.metrics is not None:  # /readyz probes the server new sessions use
+            self.metrics.upstream = (config.upstream.host, config.upstream.port)
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
@@ -140,18 +292,20 @@ class Proxy:
         held: Counter[str] = Counter()
         ledger = Counter(hub.settled)
         for session in hub.sessions:
-            states[session.state] += 1
+            states[shown_state(snapshot(session))] += 1  # as the admin view shows it
             upstream[session.upstream.state] += 1
             for lane, counts in session.ledger.summary().items():
                 held[lane] += counts["held"]
                 for name, value in counts.items():
                     if name != "held":
                         ledger[(lane, name)] += value
-        states["finishing"] = len(hub.finishing_sessions)
+        states["finishing"] += len(hub.finishing_sessions)
         lines = prometheus("xmpp_front_sessions", "gauge",
-                           "bound sessions by state (finishing: ended, upstream still owed)",
+                           "bound sessions by state (inactive: XEP-0352; reconnecting: the "
+                           "server is away; finishing: ended, upstream still owed)",
                            [({"state": k}, states[k]) for k in
-                            ("active", "hibernating", "finishing")])
+                            ("active", "inactive", "hibernating", "reconnecting",
+                             "finishing")])
         lines += prometheus("xmpp_front_upstream_links", "gauge",
                             "live sessions' links to the legacy server by state",
                             [({"state": k}, upstream[k]) for k in ("up", "down")])
@@ -174,6 +328,7 @@ class Proxy:
         lines += prometheus("xmpp_front_pending_outbound", "gauge",
                             "client stanzas in the store waiting to be sent to the server",
                             [({}, self.store.pending.count())])
+        lines += self.counters.lines()
         if self.journal is not None:
             lines += prometheus("xmpp_front_journal_commits_total", "counter",
                                 "journal transactions committed", [({}, self.journal.commits)])
@@ -190,29 +345,33 @@ class Proxy:
         self.recover()  # before any client can log in and want what it holds
         if self.metrics is not None:
             await self.metrics.start()
+        if self.admin is not None:
+            await self.admin.start()
         for listener in self.config.listen:
-            tls: dict[str, Any] = ({"ssl": self.server_tls, "ssl_handshake_timeout":
-                                    self.config.limits.negotiation_timeout}
-                                   if listener.direct_tls else {})
+            # Direct TLS is started per connection (_serve), not by asyncio's listener: a
+            # PROXY header may come first, and a failed handshake is logged.
             server = await asyncio.start_server(
                 functools.partial(self._accept, listener=listener),
-                listener.host, listener.port, **tls)
+                listener.host, listener.port)
             self.servers.append(server)
             self.log.info("listening", host=listener.host,
                           port=server.sockets[0].getsockname()[1],
-                          mode="direct_tls" if listener.direct_tls else "starttls")
+                          mode="direct_tls" if listener.direct_tls else "starttls",
+                          proxy_protocol=listener.proxy_protocol)
         self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
                       domain=self.config.upstream.domain, tls=self.config.upstream.tls)
-        if self.config.log.capture_dir is not None:
-            self.background.add(asyncio.create_task(self._prune_transcripts()))
+        # Always: a reload may name a capture folder later.
+        self.background.add(asyncio.create_task(self._prune_transcripts()))
 
     async def _prune_transcripts(self) -> None:
         """Transcript retention, now and every PRUNE_EVERY seconds (off the event loop:
         the folder may hold many files)."""
-        log = self.config.log
-        assert log.capture_dir is not None
-        folder = self.config.path(log.capture_dir)
         while True:
+            log = self.config.log  # each pass: a reload may change the retention
+            if log.capture_dir is None:  # a reload took capture off
+                await asyncio.sleep(PRUNE_EVERY)
+                continue
+            folder = self.config.path(log.capture_dir)
             try:
                 pruned = await asyncio.to_thread(
                     prune_transcripts, folder, max_age_days=log.capture_max_age_days,
@@ -235,16 +394,37 @@ class Proxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      listener: Listener) -> None:
         limits = self.config.limits
+        conn_id = secrets.token_hex(4)
+        peername = writer.get_extra_info("peername")
+        remote = (str(peername[0]), int(peername[1])) if peername else None
+        log = self.log.bind(conn=conn_id, peer=_address_text(remote))
+        if listener.proxy_protocol:
+            ok, client = await self._proxy_header(reader, writer, listener, remote, log)
+            if not ok:
+                return
+            if client is not None:  # the balancer's own address stays in the log
+                log = self.log.bind(conn=conn_id, peer=_address_text(client),
+                                    via=_address_text(remote))
+                remote = client
+        if listener.direct_tls:
+            try:
+                async with asyncio.timeout(limits.negotiation_timeout):
+                    await start_server_tls(reader, writer, self.server_tls,
+                                           limits.negotiation_timeout)
+            except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+                self._tls_failed("direct_tls", exc, log)
+                writer.transport.abort()
+                return
+            self.counters.count(self.counters.tls_handshakes, ("direct_tls", "ok"))
         stream = XmlStream(reader, writer, max_stanza_bytes=limits.max_stanza_bytes,
                            max_depth=limits.max_depth, track_trailing=not listener.direct_tls,
                            output_soft=limits.output_soft_bytes,
                            output_hard=limits.output_hard_bytes,
                            error_header=codec.stream_header(from_=self.config.upstream.domain))
-        conn_id = secrets.token_hex(4)
-        log = self.log.bind(conn=conn_id, peer=stream.peer)
+        stream.remote = remote
+        stream.sent_bytes = self.counters.s2c_bytes
         stream.log = log
-        peername = writer.get_extra_info("peername")
-        address = str(peername[0]) if peername else "?"
+        address = stream.peer_host
         refusal = self.connection_limiter.admit(address)
         if refusal is not None:
             await self._refuse_connection(stream, refusal, log)
@@ -253,6 +433,45 @@ class Proxy:
             await self._serve_admitted(stream, listener, conn_id, log)
         finally:
             self.connection_limiter.release(address)
+
+    def _tls_failed(self, kind: str, exc: BaseException, log: Any) -> None:
+        self.counters.count(self.counters.tls_handshakes, (kind, "failed"))
+        log.warning("tls_handshake_failed", listener=kind, reason=tls_failure_reason(exc))
+
+    async def _proxy_header(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            listener: Listener, remote: tuple[str, int] | None,
+                            log: Any) -> tuple[bool, tuple[str, int] | None]:
+        """The PROXY header a listener behind a balancer requires: (True, the client's
+        address it gives; None when it gives none and the connection's own stands), or
+        (False, None) when the connection was closed (not from a trusted balancer, no
+        header, a broken one, too slow)."""
+        counts = self.counters.proxy_headers
+        if listener.proxy_protocol_from and not _trusted(remote, listener.proxy_protocol_from):
+            self.counters.count(counts, "untrusted")
+            log.warning("proxy_header_refused", reason="the peer is not in proxy_protocol_from")
+            writer.transport.abort()
+            return False, None
+        try:
+            async with asyncio.timeout(self.config.limits.proxy_header_timeout):
+                header = await read_proxy_header(reader)
+        except BadProxyHeader as exc:
+            self.counters.count(counts, "malformed")
+            log.warning("proxy_header_refused", reason=str(exc))
+        except TimeoutError:
+            self.counters.count(counts, "timeout")
+            log.warning("proxy_header_refused", reason="no PROXY header within "
+                        f"{self.config.limits.proxy_header_timeout:g} s")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            self.counters.count(counts, "malformed")
+            log.info("proxy_header_refused", reason="the connection ended within the header")
+        else:
+            self.counters.count(counts, "ok")
+            log.debug("proxy_header", version=header.version,
+                      source=_address_text(header.source),
+                      destination=_address_text(header.destination))
+            return True, header.source
+        writer.transport.abort()  # no XMPP answer: the peer did not speak XMPP to us yet
+        return False, None
 
     async def _refuse_connection(self, stream: XmlStream, refusal: Refusal, log: Any) -> None:
         """Over a connection limit: our header first, so the stream error is well-formed
@@ -279,20 +498,21 @@ class Proxy:
                                                 self.upstream_tls, log,
                                                 throttle=self.login_throttle,
                                                 own_stream_ids=self.own_stream_ids,
-                                                vouch=self.hub.vouch)
-                async with asyncio.timeout(self.config.limits.negotiation_timeout):
-                    auth = await negotiation.run()
-                    session, first, resumed = await self.hub.establish(negotiation, auth, log)
+                                                vouch=self.hub.vouch, counters=self.counters)
+                try:
+                    async with asyncio.timeout(negotiation.start()):
+                        auth = await negotiation.run()
+                        session, first, resumed = await self.hub.establish(
+                            negotiation, auth, log)
+                except TimeoutError:
+                    raise negotiation.timed_out() from None
             except NegotiationFailed as exc:
                 log.info("closed", reason=exc.reason, phase="negotiation")
                 await stream.close(exc.error)
                 return
-            except (ConnectionLost, TimeoutError, ssl.SSLError, OSError) as exc:
-                timed_out = isinstance(exc, TimeoutError)
-                log.info("closed", phase="negotiation", reason="negotiation timeout"
-                         if timed_out else f"connection lost: {exc!r}")
-                await stream.close(codec.stream_error("connection-timeout") if timed_out
-                                   else None)
+            except (ConnectionLost, ssl.SSLError, OSError) as exc:
+                log.info("closed", phase="negotiation", reason=f"connection lost: {exc!r}")
+                await stream.close(None)
                 return
             finally:
                 # The upstream login that checked the password is kept only by a new
@@ -300,7 +520,11 @@ class Proxy:
                 if auth is not None and auth.upstream is not None and (
                         session is None or session.upstream.link is not auth.upstream):
                     await auth.upstream.stream.close()
-            log = log.bind(jid=session.jid)
+            if resumed:
+                self.counters.count(self.counters.resumes, "ok")
+            # Every event of the connection from here on names its session too.
+            log = log.bind(jid=session.jid, session=session.core.id,
+                           account=str(session.core.account))
             reason = await session.serve_client(stream, first, resumed=resumed,
                                                 conn_id=conn_id)
             log.info("closed", reason=reason, phase="session")
@@ -322,6 +546,10 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
+        if self.admin is not None:
+            await self.admin.stop()
+        for reload in list(self.reloads):
+            reload.cancel()
         for task in self.background:
             task.cancel()
         totals = await self.hub.stop()
@@ -357,9 +585,10 @@ async def _watch_rules(rules: RulesFactory) -> None:
             rules.reload("a rule file changed")
 
 
-async def serve(config: Config, ready: Any = None) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the rules and the TLS certificate."""
-    proxy = Proxy(config)
+async def serve(config: Config, ready: Any = None, *, source: Path | None = None,
+                log_level: LevelFilter | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration (``source``)."""
+    proxy = Proxy(config, source=source, log_level=log_level)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -368,10 +597,9 @@ async def serve(config: Config, ready: Any = None) -> None:
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, proxy.reload, "SIGHUP")
-    watcher = asyncio.create_task(_watch_rules(proxy.rules)) if config.rules else None
+    watcher = asyncio.create_task(_watch_rules(proxy.rules))  # a reload may add rules
     if ready is not None:
         ready(proxy)
     await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
+    watcher.cancel()
     await proxy.stop()

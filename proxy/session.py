@@ -83,6 +83,17 @@ class Feature:
     def client_attached(self, session: SessionCore, out: Outputs) -> None:
         """A client connection became the session's (login, resumption, takeover)."""
 
+    def client_detached(self, session: SessionCore, unacked: Sequence[Element],
+                        out: Outputs) -> None:
+        """The client's link is gone and the session hibernates (XEP-0198); ``unacked``:
+        what it was sent and never acknowledged (it may never have seen them)."""
+
+    def offline_stored(self, session: SessionCore, el: Element, upstream_usable: bool,
+                       out: Outputs) -> None:
+        """A server stanza of this session went to the proxy's store for the account's next
+        login (the session ends, or has ended and still reads the server); only commands
+        are carried out. ``upstream_usable``: its link can still take a stanza."""
+
     def timer_fired(self, session: SessionCore, name: str, out: Outputs) -> None:
         """A timer this feature started (a ``StartTimer`` in ``Outputs.commands``) fired."""
 
@@ -131,6 +142,7 @@ class SessionCore:
         self._jid_text = str(jid)
         self._ids = itertools.count(1)
         self.upstream_up = True
+        self.client_inactive = False  # XEP-0352: the client said it is inactive (csi feature)
         # What the server said of itself at the bind (kept through outages: what the proxy
         # emulates for this session stays the same until it ends), and what the proxy adds.
         self.server = server or ServerInfo()
@@ -229,6 +241,18 @@ class SessionCore:
         out = Outputs()
         for feature in self.features:
             feature.client_attached(self, out)
+        return out
+
+    def client_detached(self, unacked: Sequence[Element]) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.client_detached(self, unacked, out)
+        return out
+
+    def offline_stored(self, el: Element, *, upstream_usable: bool) -> Outputs:
+        out = Outputs()
+        for feature in self.features:
+            feature.offline_stored(self, el, upstream_usable, out)
         return out
 
     def closed(self) -> None:

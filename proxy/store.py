@@ -10,6 +10,10 @@ shares the store's connection and is reached as an attribute:
   stream-management session ended, kept for the account's next login.
 - ``store.pending`` (:class:`PendingArea`): client stanzas the server never confirmed when
   the proxy stopped, sent upstream first at the account's next login.
+- ``store.push`` (:class:`PushArea`): per account, the app servers and nodes clients enabled
+  push notifications for (XEP-0357), with their publish options.
+- ``store.blocklist`` (:class:`BlocklistArea`): per account, the JIDs it blocked (XEP-0191);
+  read once when an account logs in, written on each block or unblock.
 - ``ledger_journal``: the crash-proof copy of every session's ledger, written by
   :class:`proxy.journal.Journal` on its own connection and thread.
 
@@ -17,23 +21,33 @@ Adding an area: append a migration to
 ``MIGRATIONS`` (never edit a released one), write a class taking the ``Store``, and attach it
 in ``Store.__init__``. Every write goes through ``Store.transaction()``.
 
-Synchronous on purpose: each operation touches a handful of rows (a 500-item roster is one
-transaction of a few milliseconds) and runs on the event loop thread. Files use WAL mode with
-``synchronous=NORMAL``: a crash of the process loses nothing committed; a power cut may lose
-the last transactions, which only costs clients a full roster download.
+The roster is read from memory (an account's :class:`RosterBook` is loaded at a session's
+login) and its writes go through the :class:`StoreWriter`: on its own thread and connection
+for a file, so the event loop never waits for them. The other areas are synchronous: each
+operation touches a handful of rows, at a session's start or end. Files use WAL mode with
+``synchronous=NORMAL``. A crash may lose the roster writes in flight; the next run then gives
+each account a new roster epoch (a full roster download for its clients, never a version
+that names two rosters).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
+
+from .features.push import Registration as PushRegistration
 
 DEFAULT_MAX_CHANGES = 1000
+WRITE_RETRY_SECONDS = 1.0  # after a failed commit of the writer: the batch is tried again
 
 # (version, SQL). Applied in order, each in its own transaction, on open. Append only.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -102,6 +116,23 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             PRIMARY KEY (session, lane)
         ) WITHOUT ROWID;
     """),
+    (4, """
+        CREATE TABLE push_registrations (         -- XEP-0357: the account's app servers
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- order of (last) enabling
+            account   TEXT NOT NULL,
+            jid       TEXT NOT NULL,              -- the app server's push service
+            node      TEXT NOT NULL,
+            options   BLOB,                       -- the publish-options form as XML, if any
+            UNIQUE (account, jid, node)
+        );
+    """),
+    (5, """
+        CREATE TABLE blocklist (                  -- XEP-0191: the JIDs an account blocked
+            account TEXT NOT NULL,
+            jid     TEXT NOT NULL,                -- normalized: a full, bare or domain JID
+            PRIMARY KEY (account, jid)
+        ) WITHOUT ROWID;
+    """),
 )
 
 
@@ -130,13 +161,14 @@ def _new_epoch() -> str:
 class Store:
     """The database. ``path`` is a file name or ``":memory:"``."""
 
-    def __init__(self, path: str, *, new_epoch: Callable[[], str] = _new_epoch) -> None:
+    def __init__(self, path: str, *, new_epoch: Callable[[], str] = _new_epoch,
+                 threaded_writes: bool = True, log: Any = None) -> None:
         self.path = path
         create_private(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._depth = 0
         try:
-            if path != ":memory:" and not path.startswith("file::memory:"):
+            if self._is_file():
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
@@ -144,9 +176,15 @@ class Store:
         except Exception:
             self._conn.close()
             raise
+        # PRAGMA user_version is 1 only between a clean close and the next open.
+        self.clean_start = self._conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        self._conn.execute("PRAGMA user_version = 0")
+        self.writer = StoreWriter(self, threaded=threaded_writes and self._is_file(), log=log)
         self.roster = RosterArea(self, new_epoch)
         self.offline = OfflineArea(self)
         self.pending = PendingArea(self)
+        self.push = PushArea(self)
+        self.blocklist = BlocklistArea(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -154,7 +192,13 @@ class Store:
     def conn(self) -> sqlite3.Connection:
         return self._conn
 
+    def _is_file(self) -> bool:
+        return self.path != ":memory:" and not self.path.startswith("file::memory:")
+
     def close(self) -> None:
+        """Commit what the writer holds, mark the stop clean, close."""
+        self.writer.close()
+        self._conn.execute("PRAGMA user_version = 1")
         self._conn.close()
 
     @contextmanager
@@ -205,6 +249,106 @@ class Store:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+
+
+# ---------------------------------------------------------------------- the writer
+
+
+class StoreWriter:
+    """Writes that need not be read back at once (the roster's), committed in order.
+
+    For a file database they are committed on the writer's own thread and connection,
+    everything queued meanwhile in one transaction, so the event loop never waits for the
+    disk; for an in-memory database (one connection only) at once. ``committed`` is the
+    ticket of the last batch on disk; ``flush`` waits for all of them."""
+
+    def __init__(self, store: Store, *, threaded: bool, log: Any = None) -> None:
+        self._store = store
+        self.log = log
+        self.submitted = 0
+        self.committed = 0
+        self._queue: queue.Queue[tuple[int, list[Write]] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._done = threading.Condition()
+        if threaded:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._run, name="xmpp-front-store",
+                                            daemon=True)
+            self._thread.start()
+
+    def submit(self, writes: list[Write]) -> int:
+        """Queue the statements; returns their ticket."""
+        self.submitted += 1
+        if self._queue is None:
+            with self._store.transaction() as c:
+                for sql, params in writes:
+                    c.execute(sql, params)
+            self.committed = self.submitted
+        else:
+            self._queue.put((self.submitted, writes))
+        return self.submitted
+
+    def flush(self) -> None:
+        """Block until everything submitted is committed (at close, and for tools)."""
+        with self._done:
+            while self.committed < self.submitted and self._thread is not None \
+                    and self._thread.is_alive():
+                self._done.wait(0.1)
+
+    def close(self) -> None:
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        conn = sqlite3.connect(self._store.path, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch, stop = [first], False
+                while True:  # what queued up meanwhile: the same transaction
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                self._commit(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[int, list[Write]]]) -> None:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for _, writes in batch:
+                        for sql, params in writes:
+                            conn.execute(sql, params)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                break
+            except sqlite3.Error as exc:  # disk full, locked: tried again, in order
+                if self.log is not None:
+                    self.log.error("store_write_failed", error=str(exc),
+                                   retry_seconds=WRITE_RETRY_SECONDS)
+                time.sleep(WRITE_RETRY_SECONDS)
+        with self._done:
+            self.committed = batch[-1][0]
+            self._done.notify_all()
 
 
 # ---------------------------------------------------------------------- roster area
@@ -260,63 +404,62 @@ class RosterVersion:
 Change = tuple[str, RosterItem | None]  # (jid, new state or None for removal)
 
 
-class RosterArea:
-    """Per account (bare JID string): items, version, change log, pre-approvals.
+class RosterBook:
+    """One account's roster as the proxy caches it (items, version, change log,
+    pre-approvals), in memory, with the rows each change asks the database for.
 
-    The change log keeps one row per jid: the seq of its latest change. That is all versioning
+    The change log keeps one entry per jid: the seq of its latest change. That is all versioning
     needs (RFC 6121 §2.6.3: one push per changed item, in its final state, in order of change):
-    the final state is the current item (absent: removed). At most ``max_changes`` rows are
-    kept; dropping older rows raises ``floor``, and a client holding an older version gets the
+    the final state is the current item (absent: removed). At most ``max_changes`` entries are
+    kept; dropping older ones raises ``floor``, and a client holding an older version gets the
     full roster.
+
+    Every change appends its statements to ``writes`` and hands them to ``sink`` (the store's
+    writer), so reads never touch the database and writes can be committed off the event loop.
     """
 
-    def __init__(self, store: Store, new_epoch: Callable[[], str]) -> None:
-        self._store = store
-        self._new_epoch = new_epoch
+    def __init__(self, account: str, state: RosterVersion, populated: bool,
+                 items: Iterable[RosterItem], changes: Iterable[tuple[int, str]],
+                 preapprovals: Iterable[str], sink: Callable[[list[Write]], None],
+                 next_pos: int = 0) -> None:
+        self.account = account
+        self._version = state
+        self._populated = populated
+        self._items: dict[str, RosterItem] = {it.jid: it for it in items}  # in order of pos
+        self._next_pos = next_pos  # pos only orders the items: a new jid goes last
+        self._changes: dict[str, int] = {jid: seq for seq, jid in sorted(changes)}  # by seq
+        self._preapprovals = set(preapprovals)
+        self._sink = sink
 
     # -------------------------------------------------------------- reading
 
-    def version(self, account: str) -> RosterVersion:
-        """The current version (the account's state is created, with a new epoch, on first
-        use)."""
-        row = self._store.conn.execute(
-            "SELECT epoch, seq, floor FROM roster_state WHERE account = ?", (account,)).fetchone()
-        if row is not None:
-            return RosterVersion(row[0], int(row[1]), int(row[2]))
-        with self._store.transaction():
-            return self._state(account)
+    @property
+    def version(self) -> RosterVersion:
+        return self._version
 
-    def populated(self, account: str) -> bool:
-        row = self._store.conn.execute(
-            "SELECT populated FROM roster_state WHERE account = ?", (account,)).fetchone()
-        return bool(row and row[0])
+    @property
+    def populated(self) -> bool:
+        return self._populated
 
-    def items(self, account: str) -> list[RosterItem]:
-        rows = self._store.conn.execute(
-            "SELECT jid, name, subscription, ask, groups FROM roster_items"
-            " WHERE account = ? ORDER BY pos", (account,)).fetchall()
-        return [_item(row) for row in rows]
+    def items(self) -> list[RosterItem]:
+        return list(self._items.values())
 
-    def item(self, account: str, jid: str) -> RosterItem | None:
-        row = self._store.conn.execute(
-            "SELECT jid, name, subscription, ask, groups FROM roster_items"
-            " WHERE account = ? AND jid = ?", (account, jid)).fetchone()
-        return _item(row) if row else None
+    def item(self, jid: str) -> RosterItem | None:
+        return self._items.get(jid)
 
-    def changes_since(self, account: str, seq: int) -> list[tuple[int, str]] | None:
+    def changes_since(self, seq: int) -> list[tuple[int, str]] | None:
         """``(seq, jid)`` of every jid changed after ``seq``, oldest first; None when the log
         no longer reaches back to ``seq``."""
-        version = self.version(account)
-        if seq < version.floor:
+        if seq < self._version.floor:
             return None
-        rows = self._store.conn.execute(
-            "SELECT seq, jid FROM roster_changes WHERE account = ? AND seq > ? ORDER BY seq",
-            (account, seq)).fetchall()
-        return [(int(s), j) for s, j in rows]
+        return [(s, jid) for jid, s in self._changes.items() if s > seq]
+
+    def preapprovals(self) -> set[str]:
+        return set(self._preapprovals)
 
     # -------------------------------------------------------------- writing
 
-    def replace(self, account: str, items: Iterable[RosterItem], *,
+    def replace(self, items: Iterable[RosterItem], *,
                 max_changes: int = DEFAULT_MAX_CHANGES) -> RosterVersion:
         """Store a full roster from the server. The first one of an account is taken as is
         under one new version (no client can hold an older one); later ones are diffed
@@ -325,127 +468,284 @@ class RosterArea:
         for it in items:
             new.pop(it.jid, None)
             new[it.jid] = it
-        with self._store.transaction() as c:
-            state = self._state(account)
-            if not self.populated(account):
-                c.execute("DELETE FROM roster_items WHERE account = ?", (account,))
-                c.execute("DELETE FROM roster_changes WHERE account = ?", (account,))
-                c.executemany(
-                    "INSERT INTO roster_items (account, jid, pos, name, subscription, ask,"
-                    " groups) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(account, it.jid, pos, it.name, it.subscription, it.ask,
-                      _groups(it.groups)) for pos, it in enumerate(new.values())])
-                seq = state.seq + 1
-                c.execute("UPDATE roster_state SET seq = ?, floor = ?, populated = 1"
-                          " WHERE account = ?", (seq, seq, account))
-                return RosterVersion(state.epoch, seq, seq)
-            current = {it.jid: it for it in self.items(account)}
-            changes: list[Change] = [(jid, it) for jid, it in new.items()
-                                     if not same_item(current.get(jid), it)]
-            changes += [(jid, None) for jid in current if jid not in new]
-            return self._apply(account, changes, max_changes)
+        if not self._populated:
+            writes: list[Write] = [(_DELETE_ITEMS, (self.account,)),
+                                   (_DELETE_CHANGES, (self.account,))]
+            self._items, self._changes, self._next_pos = {}, {}, 0
+            for it in new.values():
+                writes.append(self._put_item(it))
+            seq = self._version.seq + 1
+            self._version = RosterVersion(self._version.epoch, seq, seq)
+            self._populated = True
+            writes.append(self._state_write())
+            self._emit(writes)
+            return self._version
+        changes: list[Change] = [(jid, it) for jid, it in new.items()
+                                 if not same_item(self._items.get(jid), it)]
+        changes += [(jid, None) for jid in self._items if jid not in new]
+        return self._apply(changes, max_changes)
 
-    def update(self, account: str, changes: Sequence[Change], *,
+    def update(self, changes: Sequence[Change], *,
                max_changes: int = DEFAULT_MAX_CHANGES) -> RosterVersion:
         """Apply item changes (from roster pushes); each one that differs from the stored item
         gets a new version, the others are no-ops."""
-        with self._store.transaction():
-            self._state(account)
-            real: list[Change] = [(jid, it) for jid, it in changes
-                                  if not same_item(self.item(account, jid), it)]
-            return self._apply(account, real, max_changes)
+        real: list[Change] = [(jid, it) for jid, it in changes
+                              if not same_item(self._items.get(jid), it)]
+        return self._apply(real, max_changes)
 
-    def touch(self, account: str, jids: Iterable[str], *,
+    def touch(self, jids: Iterable[str], *,
               max_changes: int = DEFAULT_MAX_CHANGES) -> RosterVersion:
         """A new version for items whose presentation changed without the server's state
         changing (the ``approved`` flag). Jids with no item are skipped."""
-        with self._store.transaction():
-            self._state(account)
-            changes: list[Change] = []
-            for jid in jids:
-                it = self.item(account, jid)
-                if it is not None:
-                    changes.append((jid, it))
-            return self._apply(account, changes, max_changes)
+        changes: list[Change] = [(jid, self._items[jid]) for jid in jids if jid in self._items]
+        return self._apply(changes, max_changes)
 
-    def forget(self, account: str) -> None:
-        """Drop everything stored for an account (its next versions get a new epoch)."""
-        with self._store.transaction() as c:
-            for table in ("roster_state", "roster_items", "roster_changes", "preapprovals"):
-                c.execute(f"DELETE FROM {table} WHERE account = ?", (account,))
-
-    # -------------------------------------------------------------- pre-approvals
-
-    def preapprovals(self, account: str) -> set[str]:
-        rows = self._store.conn.execute(
-            "SELECT contact FROM preapprovals WHERE account = ?", (account,)).fetchall()
-        return {r[0] for r in rows}
-
-    def add_preapproval(self, account: str, contact: str) -> bool:
+    def add_preapproval(self, contact: str) -> bool:
         """Record a pre-approval; False if it was already there."""
-        with self._store.transaction() as c:
-            cur = c.execute("INSERT OR IGNORE INTO preapprovals (account, contact)"
-                            " VALUES (?, ?)", (account, contact))
-            return cur.rowcount > 0
+        if contact in self._preapprovals:
+            return False
+        self._preapprovals.add(contact)
+        self._emit([(_ADD_PREAPPROVAL, (self.account, contact))])
+        return True
 
-    def remove_preapproval(self, account: str, contact: str) -> bool:
+    def remove_preapproval(self, contact: str) -> bool:
         """Remove a pre-approval; False if there was none."""
-        with self._store.transaction() as c:
-            cur = c.execute("DELETE FROM preapprovals WHERE account = ? AND contact = ?",
-                            (account, contact))
-            return cur.rowcount > 0
+        if contact not in self._preapprovals:
+            return False
+        self._preapprovals.discard(contact)
+        self._emit([(_REMOVE_PREAPPROVAL, (self.account, contact))])
+        return True
 
     # -------------------------------------------------------------- internals
 
-    def _state(self, account: str) -> RosterVersion:
-        """Inside a transaction: the account's state, created if missing."""
-        c = self._store.conn
-        row = c.execute("SELECT epoch, seq, floor FROM roster_state WHERE account = ?",
-                        (account,)).fetchone()
-        if row is not None:
-            return RosterVersion(row[0], int(row[1]), int(row[2]))
-        epoch = self._new_epoch()
-        if not epoch or "-" in epoch:
-            raise StoreError(f"bad roster epoch {epoch!r}")
-        c.execute("INSERT INTO roster_state (account, epoch, seq, floor) VALUES (?, ?, 0, 0)",
-                  (account, epoch))
-        return RosterVersion(epoch, 0, 0)
+    def _emit(self, writes: list[Write]) -> None:
+        if writes:
+            self._sink(writes)
 
-    def _apply(self, account: str, changes: Sequence[Change],
-               max_changes: int) -> RosterVersion:
-        c = self._store.conn
-        state = self._state(account)
-        seq, floor = state.seq, state.floor
+    def _state_write(self) -> Write:
+        v = self._version
+        return (_PUT_STATE, (self.account, v.epoch, v.seq, v.floor, int(self._populated)))
+
+    def _put_item(self, it: RosterItem) -> Write:
+        """The item's row; a new jid goes last (order of first appearance), a known one
+        keeps its place."""
+        pos = self._next_pos
+        if it.jid not in self._items:
+            self._next_pos += 1
+        self._items[it.jid] = it
+        return (_PUT_ITEM, (self.account, it.jid, pos, it.name, it.subscription, it.ask,
+                            _groups(it.groups)))
+
+    def _apply(self, changes: Sequence[Change], max_changes: int) -> RosterVersion:
+        if not changes:
+            return self._version
+        seq, floor = self._version.seq, self._version.floor
+        writes: list[Write] = []
         for jid, it in changes:
             seq += 1
             if it is None:
-                c.execute("DELETE FROM roster_items WHERE account = ? AND jid = ?",
-                          (account, jid))
+                self._items.pop(jid, None)
+                writes.append((_DELETE_ITEM, (self.account, jid)))
             else:
-                c.execute(
-                    "INSERT INTO roster_items (account, jid, pos, name, subscription, ask,"
-                    " groups) VALUES (?, ?, (SELECT coalesce(max(pos), -1) + 1 FROM roster_items"
-                    " WHERE account = ?), ?, ?, ?, ?) ON CONFLICT (account, jid) DO UPDATE SET"
-                    " name = excluded.name, subscription = excluded.subscription,"
-                    " ask = excluded.ask, groups = excluded.groups",
-                    (account, jid, account, it.name, it.subscription, it.ask,
-                     _groups(it.groups)))
-            c.execute("INSERT OR REPLACE INTO roster_changes (account, seq, jid)"
-                      " VALUES (?, ?, ?)", (account, seq, jid))
-        if changes:
-            count = c.execute("SELECT count(*) FROM roster_changes WHERE account = ?",
-                              (account,)).fetchone()[0]
-            excess = count - max(0, max_changes)
-            if excess > 0:
-                cut = c.execute(
-                    "SELECT max(seq) FROM (SELECT seq FROM roster_changes WHERE account = ?"
-                    " ORDER BY seq LIMIT ?)", (account, excess)).fetchone()[0]
-                c.execute("DELETE FROM roster_changes WHERE account = ? AND seq <= ?",
-                          (account, cut))
-                floor = max(floor, int(cut))
-            c.execute("UPDATE roster_state SET seq = ?, floor = ? WHERE account = ?",
-                      (seq, floor, account))
-        return RosterVersion(state.epoch, seq, floor)
+                writes.append(self._put_item(it))
+            self._changes.pop(jid, None)
+            self._changes[jid] = seq
+            writes.append((_PUT_CHANGE, (self.account, seq, jid)))
+        excess = len(self._changes) - max(0, max_changes)
+        if excess > 0:
+            dropped = list(self._changes.items())[:excess]
+            for jid, _ in dropped:
+                del self._changes[jid]
+            cut = dropped[-1][1]
+            writes.append((_TRIM_CHANGES, (self.account, cut)))
+            floor = max(floor, cut)
+        self._version = RosterVersion(self._version.epoch, seq, floor)
+        writes.append(self._state_write())
+        self._emit(writes)
+        return self._version
+
+
+Write = tuple[str, tuple[object, ...]]  # one SQL statement and its parameters
+
+_PUT_STATE = ("INSERT INTO roster_state (account, epoch, seq, floor, populated)"
+              " VALUES (?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET"
+              " epoch = excluded.epoch, seq = excluded.seq, floor = excluded.floor,"
+              " populated = excluded.populated")
+# A known jid keeps its pos (the pos given is then unused).
+_PUT_ITEM = ("INSERT INTO roster_items (account, jid, pos, name, subscription, ask, groups)"
+             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account, jid) DO UPDATE SET"
+             " name = excluded.name, subscription = excluded.subscription,"
+             " ask = excluded.ask, groups = excluded.groups")
+_DELETE_ITEM = "DELETE FROM roster_items WHERE account = ? AND jid = ?"
+_DELETE_ITEMS = "DELETE FROM roster_items WHERE account = ?"
+_PUT_CHANGE = "INSERT OR REPLACE INTO roster_changes (account, seq, jid) VALUES (?, ?, ?)"
+_TRIM_CHANGES = "DELETE FROM roster_changes WHERE account = ? AND seq <= ?"
+_DELETE_CHANGES = "DELETE FROM roster_changes WHERE account = ?"
+_ADD_PREAPPROVAL = "INSERT OR IGNORE INTO preapprovals (account, contact) VALUES (?, ?)"
+_REMOVE_PREAPPROVAL = "DELETE FROM preapprovals WHERE account = ? AND contact = ?"
+
+
+class RosterArea:
+    """Per account (bare JID string): items, version, change log, pre-approvals.
+
+    ``open`` gives the account's :class:`RosterBook`, loaded once (at a session's login) and
+    kept in memory while a session uses it; its changes go to the store's writer, which
+    commits them off the event loop for a file database. The other methods are the same
+    operations by account name, for tools and tests (they use the open book if there is one,
+    so they see the latest state).
+
+    A version must never name two rosters. After an unclean stop (a crash), the writes in
+    flight may be lost, so each account's first book of the run gets a new epoch: its
+    clients download the full roster once.
+    """
+
+    def __init__(self, store: Store, new_epoch: Callable[[], str]) -> None:
+        self._store = store
+        self._new_epoch = new_epoch
+        self._books: dict[str, RosterBook] = {}
+        self._users: dict[str, int] = {}
+        self._last_write: dict[str, int] = {}  # account -> the writer's ticket of its last
+        self._renewed: set[str] = set()  # accounts whose epoch this run already checked
+
+    # -------------------------------------------------------------- books
+
+    def open(self, account: str) -> RosterBook:
+        """The account's book, for a session that uses it until ``release``."""
+        book = self.book(account)
+        self._users[account] = self._users.get(account, 0) + 1
+        return book
+
+    def release(self, account: str) -> None:
+        users = self._users.get(account, 0) - 1
+        if users > 0:
+            self._users[account] = users
+        else:
+            self._users.pop(account, None)
+        self._sweep()
+
+    def book(self, account: str) -> RosterBook:
+        """The account's book: kept while a session uses it or its writes are not yet
+        committed (until then the database is behind it), else loaded."""
+        book = self._books.get(account)
+        if book is not None and (account in self._users or self._pending(account)):
+            return book
+        self._sweep()
+        book = self._books[account] = self._load(account)
+        return book
+
+    def _pending(self, account: str) -> bool:
+        return self._last_write.get(account, 0) > self._store.writer.committed
+
+    def _sweep(self) -> None:
+        """Forget the books nobody uses once their writes are committed (until then the
+        database may be behind them)."""
+        for account in [a for a in self._books if a not in self._users]:
+            if not self._pending(account):
+                del self._books[account]
+                self._last_write.pop(account, None)
+
+    def _sink(self, account: str) -> Callable[[list[Write]], None]:
+        def write(writes: list[Write]) -> None:
+            self._last_write[account] = self._store.writer.submit(writes)
+        return write
+
+    def _load(self, account: str) -> RosterBook:
+        c = self._store.conn
+        row = c.execute("SELECT epoch, seq, floor, populated FROM roster_state"
+                        " WHERE account = ?", (account,)).fetchone()
+        sink = self._sink(account)
+        if row is None:
+            book = RosterBook(account, RosterVersion(self._epoch(), 0, 0), False, (), (), (),
+                              sink)
+            self._renewed.add(account)
+            sink([book._state_write()])
+            return book
+        state = RosterVersion(row[0], int(row[1]), int(row[2]))
+        items = [_item(r) for r in c.execute(
+            "SELECT jid, name, subscription, ask, groups FROM roster_items"
+            " WHERE account = ? ORDER BY pos", (account,)).fetchall()]
+        changes = [(int(s), j) for s, j in c.execute(
+            "SELECT seq, jid FROM roster_changes WHERE account = ?", (account,)).fetchall()]
+        preapprovals = [r[0] for r in c.execute(
+            "SELECT contact FROM preapprovals WHERE account = ?", (account,)).fetchall()]
+        top = c.execute("SELECT max(pos) FROM roster_items WHERE account = ?",
+                        (account,)).fetchone()[0]
+        book = RosterBook(account, state, bool(row[3]), items, changes, preapprovals, sink,
+                          next_pos=0 if top is None else int(top) + 1)
+        if account not in self._renewed:
+            self._renewed.add(account)
+            if not self._store.clean_start:
+                # No older version of a new epoch exists: the change log serves nobody.
+                book._version = RosterVersion(self._epoch(), state.seq, state.seq)
+                book._changes.clear()
+                sink([(_DELETE_CHANGES, (account,)), book._state_write()])
+        return book
+
+    def _epoch(self) -> str:
+        epoch = self._new_epoch()
+        if not epoch or "-" in epoch:
+            raise StoreError(f"bad roster epoch {epoch!r}")
+        return epoch
+
+    # -------------------------------------------------------------- by account name
+
+    def version(self, account: str) -> RosterVersion:
+        """The current version (the account's state is created, with a new epoch, on first
+        use)."""
+        return self.book(account).version
+
+    def populated(self, account: str) -> bool:
+        return self._known(account) and self.book(account).populated
+
+    def items(self, account: str) -> list[RosterItem]:
+        return self.book(account).items() if self._known(account) else []
+
+    def item(self, account: str, jid: str) -> RosterItem | None:
+        return self.book(account).item(jid) if self._known(account) else None
+
+    def _known(self, account: str) -> bool:
+        """Whether the account has a roster state: reading one that has none creates none
+        (only ``version`` and the writes start an account's epoch)."""
+        return account in self._books or self._store.conn.execute(
+            "SELECT 1 FROM roster_state WHERE account = ?", (account,)).fetchone() is not None
+
+    def changes_since(self, account: str, seq: int) -> list[tuple[int, str]] | None:
+        return self.book(account).changes_since(seq)
+
+    def replace(self, account: str, items: Iterable[RosterItem], *,
+                max_changes: int = DEFAULT_MAX_CHANGES) -> RosterVersion:
+        return self.book(account).replace(items, max_changes=max_changes)
+
+    def update(self, account: str, changes: Sequence[Change], *,
+               max_changes: int = DEFAULT_MAX_CHANGES) -> RosterVersion:
+        return self.book(account).update(changes, max_changes=max_changes)
+
+    def touch(self, account: str, jids: Iterable[str], *,
+              max_changes: int = DEFAULT_MAX_CHANGES) -> RosterVersion:
+        return self.book(account).touch(jids, max_changes=max_changes)
+
+    def preapprovals(self, account: str) -> set[str]:
+        if self._known(account):
+            return self.book(account).preapprovals()
+        return {r[0] for r in self._store.conn.execute(
+            "SELECT contact FROM preapprovals WHERE account = ?", (account,)).fetchall()}
+
+    def add_preapproval(self, account: str, contact: str) -> bool:
+        return self.book(account).add_preapproval(contact)
+
+    def remove_preapproval(self, account: str, contact: str) -> bool:
+        return self.book(account).remove_preapproval(contact)
+
+    def forget(self, account: str) -> None:
+        """Drop everything stored for an account (its next versions get a new epoch)."""
+        if account in self._users:
+            raise StoreError(f"the roster of {account} is in use")
+        self._store.writer.flush()
+        self._books.pop(account, None)
+        self._renewed.discard(account)
+        with self._store.transaction() as c:
+            for table in ("roster_state", "roster_items", "roster_changes", "preapprovals"):
+                c.execute(f"DELETE FROM {table} WHERE account = ?", (account,))
 
 
 def _groups(groups: tuple[str, ...]) -> str:
@@ -523,3 +823,70 @@ class PendingArea:
             row = self._store.conn.execute(
                 "SELECT count(*) FROM pending_outbound WHERE account = ?", (account,)).fetchone()
         return int(row[0])
+
+
+# ---------------------------------------------------------------------- push registrations
+
+
+class PushArea:
+    """XEP-0357 registrations per account, oldest first (``proxy/features/push.py``)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def registrations(self, account: str) -> list[PushRegistration]:
+        rows = self._store.conn.execute(
+            "SELECT jid, node, options FROM push_registrations WHERE account = ? ORDER BY id",
+            (account,)).fetchall()
+        return [PushRegistration(str(j), str(n), None if o is None else bytes(o))
+                for j, n, o in rows]
+
+    def save(self, account: str, registration: PushRegistration) -> None:
+        """Add it, or move it to the newest with its new options (the last enable wins)."""
+        with self._store.transaction() as c:
+            c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ? AND node = ?",
+                      (account, registration.jid, registration.node))
+            c.execute("INSERT INTO push_registrations (account, jid, node, options)"
+                      " VALUES (?, ?, ?, ?)", (account, registration.jid, registration.node,
+                                               registration.options))
+
+    def delete(self, account: str, jid: str, node: str | None = None) -> int:
+        """Remove one node of an app server, or all of them (no ``node``)."""
+        with self._store.transaction() as c:
+            if node is None:
+                cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?",
+                                (account, jid))
+            else:
+                cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?"
+                                " AND node = ?", (account, jid, node))
+            return cur.rowcount
+
+
+# ---------------------------------------------------------------------- blocklist
+
+
+class BlocklistArea:
+    """Per account (bare JID string): the JIDs it blocked (XEP-0191). Read at login into the
+    memory of the account's sessions; written (a few rows) on each block or unblock."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def items(self, account: str) -> set[str]:
+        rows = self._store.conn.execute(
+            "SELECT jid FROM blocklist WHERE account = ?", (account,)).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def add(self, account: str, jids: Iterable[str]) -> None:
+        with self._store.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO blocklist (account, jid) VALUES (?, ?)",
+                          [(account, j) for j in jids])
+
+    def remove(self, account: str, jids: Iterable[str]) -> None:
+        with self._store.transaction() as c:
+            c.executemany("DELETE FROM blocklist WHERE account = ? AND jid = ?",
+                          [(account, j) for j in jids])
+
+    def clear(self, account: str) -> None:
+        with self._store.transaction() as c:
+            c.execute("DELETE FROM blocklist WHERE account = ?", (account,))

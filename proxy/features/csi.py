@@ -62,16 +62,16 @@ class ClientState(Feature):
 
     def client_nonza(self, session: SessionCore, el: Element, out: Outputs) -> bool:
         if el.tag == _INACTIVE:
-            self.inactive = True
+            self.inactive = session.client_inactive = True
             return True
         if el.tag == _ACTIVE:
-            self.inactive = False
+            self.inactive = session.client_inactive = False
             self._release(out)
             return True
         return False
 
     def client_attached(self, session: SessionCore, out: Outputs) -> None:
-        self.inactive = False
+        self.inactive = session.client_inactive = False
         self._release(out)
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:

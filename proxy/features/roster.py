@@ -7,9 +7,11 @@ See ``docs/roster.md`` for the behaviour, the decisions on RFC ambiguities and t
 
 In short:
 
-- The store (``proxy.store.RosterArea``) is the cache shared by all sessions of an account:
-  items, version, change log, pre-approvals. Every change of an item (a server push, a
-  difference found in a full roster, a pre-approval set or cleared) gets a new version.
+- The account's ``proxy.store.RosterBook`` is the cache shared by all sessions of an account:
+  items, version, change log, pre-approvals, loaded from the store when its first session
+  starts and read in memory; its writes go to the store's writer (off the event loop). Every
+  change of an item (a server push, a difference found in a full roster, a pre-approval set
+  or cleared) gets a new version.
 - Each session keeps its upstream an *interested resource* (RFC 6121 §2.2) with a roster get
   of its own at its first stanza, so every roster push reaches the proxy in order and the
   cache stays current. The first full roster after start-up, after an upstream reconnect, or
@@ -32,7 +34,8 @@ from lxml import etree
 
 from ..commands import CatchUp
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
-from ..store import DEFAULT_MAX_CHANGES, RosterItem, RosterVersion, Store, same_item
+from ..store import (DEFAULT_MAX_CHANGES, RosterBook, RosterItem, RosterVersion, Store,
+                     same_item)
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
@@ -127,8 +130,11 @@ class _Account:
 
     def __init__(self, name: str, store: Store, journal_limit: int) -> None:
         self.name = name
-        self.version: RosterVersion = store.roster.version(name)
-        self.preapproved: set[str] = store.roster.preapprovals(name)
+        # The account's cache, loaded once here (a session's login); reads are in memory,
+        # writes go to the store's writer (off the event loop for a file).
+        self.book: RosterBook = store.roster.open(name)
+        self.version: RosterVersion = self.book.version
+        self.preapproved: set[str] = self.book.preapprovals()
         # True while some session's full roster was applied and pushes have been followed
         # since: gets are answered from the store without waiting for the server.
         self.fresh = False
@@ -200,6 +206,7 @@ class RosterFactory(FeatureFactory):
         acct.sessions.pop(feature.session_id, None)
         if not acct.sessions:
             self._accounts.pop(acct.name, None)
+            self.store.roster.release(acct.name)
             return
         if not any(f.tracking for f in acct.sessions.values()):
             acct.fresh = False
@@ -221,7 +228,6 @@ class RosterFeature(Feature):
 
     def __init__(self, factory: RosterFactory, acct: _Account, session: SessionCore) -> None:
         self._factory = factory
-        self._store = factory.store
         self._acct = acct
         self.session = session
         self.session_id = session.id
@@ -349,7 +355,7 @@ class RosterFeature(Feature):
         query = req.find(QUERY)
         ver = query.get("ver") if query is not None else None
         known = version.known(ver)
-        changes = (self._store.roster.changes_since(acct.name, known)
+        changes = (self._acct.book.changes_since(known)
                    if known is not None else None)
         if changes is not None:
             out.to_client.append(st.iq_result(req))
@@ -357,7 +363,7 @@ class RosterFeature(Feature):
                 out.to_client.append(self._own_push(jid, seq))
         else:
             payload = st.element("query", {"ver": str(version)}, namespace=ns.ROSTER)
-            for item in self._store.roster.items(acct.name):
+            for item in self._acct.book.items():
                 payload.append(self._view(item.jid, item))
             out.to_client.append(st.iq_result(req, payload))
         self._client_seq = version.seq
@@ -372,10 +378,10 @@ class RosterFeature(Feature):
         if contact in acct.pending_in:
             acct.pending_in.discard(contact)  # a normal approval: the server does the rest
             return el
-        item = self._store.roster.item(acct.name, contact)
+        item = self._acct.book.item(contact)
         if item is not None and item.subscription in _APPROVING:
             return el  # nothing to pre-approve; the server ignores or re-confirms it
-        if self._store.roster.add_preapproval(acct.name, contact):
+        if self._acct.book.add_preapproval(contact):
             acct.preapproved.add(contact)
             if item is None:
                 # §3.4.2: the item is created (state None) so the approval has a home and
@@ -401,10 +407,10 @@ class RosterFeature(Feature):
         acct.pending_in.discard(contact)
         if contact not in acct.preapproved:
             return el
-        self._store.roster.remove_preapproval(acct.name, contact)
+        self._acct.book.remove_preapproval(contact)
         acct.preapproved.discard(contact)
         self._touch(contact)
-        item = self._store.roster.item(acct.name, contact)
+        item = self._acct.book.item(contact)
         if pending or (item is not None and item.subscription in _APPROVING):
             return el  # also a real denial or cancellation: the server must see it
         return None
@@ -461,11 +467,11 @@ class RosterFeature(Feature):
             if self._echo(jid, state):
                 continue
             before = acct.version.seq
-            acct.version = self._store.roster.update(
-                acct.name, [(jid, state)], max_changes=self._factory.max_changes)
+            acct.version = acct.book.update(
+                [(jid, state)], max_changes=self._factory.max_changes)
             if state is None and contact in acct.preapproved:
                 # The approved flag lives on the item (§2.1.2.1): removing it removes both.
-                self._store.roster.remove_preapproval(acct.name, contact)
+                self._acct.book.remove_preapproval(contact)
                 acct.preapproved.discard(contact)
             changed = changed or acct.version.seq != before
             acct.journal.append((acct.next_event, jid, state))
@@ -500,7 +506,7 @@ class RosterFeature(Feature):
             return el
         out.to_upstream.append(st.element(
             "presence", {"type": "subscribed", "to": contact, "from": self._jid}))
-        self._store.roster.remove_preapproval(acct.name, contact)
+        self._acct.book.remove_preapproval(contact)
         acct.preapproved.discard(contact)
         for other in acct.sessions.values():
             if other is not self:
@@ -550,8 +556,8 @@ class RosterFeature(Feature):
             items = [p[1] for p in (parse_item(i) for i in query.findall(ITEM))
                      if p is not None and p[1] is not None]
             before = acct.version.seq
-            acct.version = self._store.roster.replace(
-                acct.name, items, max_changes=self._factory.max_changes)
+            acct.version = acct.book.replace(
+                items, max_changes=self._factory.max_changes)
             acct.fresh = True
             if acct.version.seq != before:
                 self._factory._changed(acct, self)
@@ -582,9 +588,9 @@ class RosterFeature(Feature):
         current = acct.version.seq
         changes: list[tuple[int, str]] = []
         if self._client_seq < current:
-            since = self._store.roster.changes_since(acct.name, self._client_seq)
+            since = self._acct.book.changes_since(self._client_seq)
             if since is None:  # the log no longer reaches back: everything, at the end
-                jids = [it.jid for it in self._store.roster.items(acct.name)]
+                jids = [it.jid for it in self._acct.book.items()]
                 jids += [j for j in pushed or () if j not in jids]
                 since = [(current, j) for j in jids]
             changes = since
@@ -617,14 +623,14 @@ class RosterFeature(Feature):
         self._own_push_ids.add(pid)
         iq = st.element("iq", {"type": "set", "id": pid, "to": self._jid})
         query = st.sub(iq, "query", {"ver": self._acct.ver(seq)}, namespace=ns.ROSTER)
-        query.append(self._view(jid, self._store.roster.item(self._acct.name, jid)))
+        query.append(self._view(jid, self._acct.book.item(jid)))
         return iq
 
     def _server_push_view(self, push: Element, jids: list[str], seq: int) -> Element:
         iq = st.element("iq", dict(push.attrib))
         query = st.sub(iq, "query", {"ver": self._acct.ver(seq)}, namespace=ns.ROSTER)
         for jid in _unique(jids):
-            query.append(self._view(jid, self._store.roster.item(self._acct.name, jid)))
+            query.append(self._view(jid, self._acct.book.item(jid)))
         return iq
 
     def _view(self, jid: str, item: RosterItem | None) -> Element:
@@ -634,10 +640,10 @@ class RosterFeature(Feature):
     def _touch(self, contact: str) -> None:
         """The approved flag of ``contact`` changed: a new version for its item."""
         acct = self._acct
-        item = self._store.roster.item(acct.name, contact)
+        item = self._acct.book.item(contact)
         if item is None:
             return
-        acct.version = self._store.roster.touch(acct.name, [item.jid],
+        acct.version = self._acct.book.touch([item.jid],
                                                 max_changes=self._factory.max_changes)
         self._factory._changed(acct, self)
 

@@ -37,6 +37,12 @@ class RulesFactory(FeatureFactory):
                 stamps.append(None)
         return stamps
 
+    def adopt(self, paths: Sequence[Path], ruleset: RuleSet) -> None:
+        """Rules a configuration reload compiled already (checked with the whole file)."""
+        self.paths = list(paths)
+        self._stamps = self._file_stamps()
+        self.ruleset = ruleset
+
     def changed_on_disk(self) -> bool:
         return self._file_stamps() != self._stamps
 

@@ -1,30 +1,41 @@
-"""The client side: the proxy plays the XMPP server for one client connection.
+"""The client side's shell: the proxy plays the XMPP server for one client connection.
 
-Stream negotiation (RFC 6120 §4-§7): STARTTLS (required) unless the listener is direct TLS,
-SASL PLAIN checked by logging in upstream with the same credentials, then resource binding
-relayed to the legacy server and the legacy ``<session/>`` answered. The result is a bound
-client stream plus its authenticated upstream link, ready for the relay.
+The decisions (STARTTLS required unless the listener is direct TLS, SASL PLAIN only after
+TLS, three failures close the stream, the negotiation deadline) are the pure
+``proxy.negotiation.NegotiationCore``'s; this shell reads the stream's events, starts TLS,
+logs in upstream with the client's credentials (which checks them) and carries out the
+core's commands. The result is an authenticated client stream plus its upstream link.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import secrets
 import ssl
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from lxml import etree
-
-from ..abuse import LoginThrottle, Refusal
+from ..abuse import LoginThrottle
+from ..commands import (
+    Authenticated,
+    CheckLogin,
+    Count,
+    FailNegotiation,
+    Log,
+    NegotiationCommand,
+    Pause,
+    Received,
+    SendHeader,
+    StartTimer,
+    StartTls,
+    ToClient,
+)
 from ..config import Config, Listener
 from ..loopcheck import OwnStreamIds
-from ..features.stream_management import failed
-from ..xmpp import codec, ns, sasl
-from ..xmpp import stanza as st
+from ..metrics import Counters
+from ..negotiation import LoginOutcome, NegotiationCore
+from ..xmpp import codec
 from ..xmpp.jid import Jid
 from .upstream import (
     UpstreamAuthFailed,
@@ -33,11 +44,9 @@ from .upstream import (
     UpstreamUnavailable,
     connect_upstream,
 )
+from .preamble import tls_failure_reason
 from .xmlstream import PlaintextInjection, XmlStream, features_element
 from ..xmpp.stanza import Element
-
-
-MAX_AUTH_ATTEMPTS = 3  # SASL failures before the stream is closed (RFC 6120 §6.4.5 "retries")
 
 
 class NegotiationFailed(Exception):
@@ -47,10 +56,6 @@ class NegotiationFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.error = error
-
-
-def violation(condition: str, text: str) -> NegotiationFailed:
-    return NegotiationFailed(f"{condition}: {text}", codec.stream_error(condition, text))
 
 
 @dataclass
@@ -66,36 +71,57 @@ class AuthenticatedClient:
 
 
 class ClientNegotiation:
-    """Drives one client connection from its first byte to a bound resource."""
+    """Drives one client connection from its first byte to a bound resource: the stream's
+    events go to the ``NegotiationCore``, its commands are carried out here."""
 
     def __init__(self, stream: XmlStream, listener: Listener, config: Config,
                  server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext | None,
                  log: Any, *, throttle: LoginThrottle | None = None,
                  own_stream_ids: OwnStreamIds | None = None,
-                 vouch: Callable[[str, str], bool] | None = None) -> None:
+                 vouch: Callable[[str, str], bool] | None = None,
+                 counters: Counters | None = None) -> None:
         self.stream = stream
         # While the server is unreachable: does a live session of this account hold this
         # password (so a client whose link dropped can still resume)?
         self.vouch = vouch
         self.listener = listener
         self.config = config
-        self.domain = config.upstream.domain
         self.server_tls = server_tls
         self.upstream_tls = upstream_tls
         self.log = log
         self.upstream: UpstreamLink | None = None
-        self.account: Jid | None = None
-        self._password = ""
-        self.throttle = throttle
         # Ids we issue before authentication, so our own upstream can tell it reached us.
         self.own_stream_ids = own_stream_ids
         self._issued_ids: list[str] = []
-        peer = stream.writer.get_extra_info("peername")
-        self.client_address = str(peer[0]) if peer else "?"
+        self.counters = counters  # for /metrics: logins by result, STARTTLS handshakes
+        self.core = NegotiationCore(
+            config.upstream.domain, direct_tls=listener.direct_tls,
+            timeout=config.limits.negotiation_timeout, throttle=throttle,
+            # The socket's peer, or the client a PROXY protocol header named.
+            client_address=stream.peer_host,
+            upstream_host=config.upstream.host, upstream_port=config.upstream.port)
+        self.deadline: float | None = None  # seconds, from the core's timer
+        self._authenticated: Authenticated | None = None
+        self._received: list[Element] = []
+
+    def start(self) -> float:
+        """The negotiation's time limit in seconds (the caller bounds the whole of it)."""
+        self._execute_now(self.core.start())
+        assert self.deadline is not None
+        return self.deadline
+
+    def timed_out(self) -> NegotiationFailed:
+        """The deadline passed: what to close the stream with."""
+        (failure,) = [c for c in self.core.timed_out() if isinstance(c, FailNegotiation)]
+        return NegotiationFailed(failure.reason, failure.error)
 
     async def run(self) -> AuthenticatedClient:
         try:
-            return await self._negotiate()
+            while self._authenticated is None:
+                await self._step()
+            self.stream.restart()
+            auth = self._authenticated
+            return AuthenticatedClient(self.stream, auth.account, self.upstream, auth.password)
         except BaseException:
             if self.upstream is not None:
                 await self.upstream.stream.close(wait_for_peer=0)
@@ -104,174 +130,90 @@ class ClientNegotiation:
             if self.own_stream_ids is not None:
                 self.own_stream_ids.retire(self._issued_ids)
 
-    async def _next(self) -> Element:
-        event = await self.stream.next_event()
-        if isinstance(event, codec.StanzaReceived):
-            return event.element
-        if isinstance(event, codec.StreamViolation):
-            raise violation(event.condition, event.text)
-        if isinstance(event, codec.StreamClosed):
-            raise NegotiationFailed("client closed the stream during negotiation")
-        raise violation("not-well-formed", "a second stream header")
+    async def open_bound_stream(self, features: list[Element]) -> None:
+        """The post-authentication stream header and features (bind, sm, ...)."""
+        self.core.open_bound_stream(features)
+        await self._step()
 
-    async def _open_stream(self, *features: Element) -> None:
-        """Wait for the client's header, answer with ours and the given features."""
-        event = await self.stream.next_event()
-        if isinstance(event, codec.StreamViolation):
-            raise violation(event.condition, event.text)  # close() sends our header first
-        if not isinstance(event, codec.StreamOpened):
-            raise NegotiationFailed("expected a stream header")
+    async def next_element(self) -> Element:
+        while not self._received:
+            await self._step()
+        return self._received.pop(0)
+
+    # Carrying out ----------------------------------------------------------------------------
+
+    async def _step(self) -> None:
+        """One event of the client's stream through the core."""
+        await self._execute(self.core.receive(await self.stream.next_event()))
+
+    def _execute_now(self, commands: Sequence[NegotiationCommand]) -> None:
+        for command in commands:
+            if isinstance(command, StartTimer):
+                self.deadline = command.seconds
+            elif isinstance(command, Log):
+                getattr(self.log, command.level)(command.event, **command.fields)
+            else:
+                raise AssertionError(f"not at start: {command!r}")
+
+    async def _execute(self, commands: Sequence[NegotiationCommand]) -> None:
+        for command in commands:
+            if isinstance(command, ToClient):
+                self.stream.send(command.element)
+            elif isinstance(command, SendHeader):
+                self._send_header(command)
+            elif isinstance(command, Log):
+                getattr(self.log, command.level)(command.event, **command.fields)
+            elif isinstance(command, Count):
+                if self.counters is not None:
+                    self.counters.count(getattr(self.counters, command.table), command.key)
+            elif isinstance(command, FailNegotiation):
+                raise NegotiationFailed(command.reason, command.error)
+            elif isinstance(command, StartTls):
+                await self._execute(await self._start_tls())
+            elif isinstance(command, CheckLogin):
+                await self._execute(self.core.login_result(await self._login(command)))
+            elif isinstance(command, Pause):
+                await asyncio.sleep(command.seconds)
+            elif isinstance(command, Authenticated):
+                self._authenticated = command
+            elif isinstance(command, Received):
+                self._received.append(command.element)
+            elif isinstance(command, StartTimer):
+                self.deadline = command.seconds
+
+    def _send_header(self, command: SendHeader) -> None:
         stream_id = secrets.token_urlsafe(12)
-        if self.own_stream_ids is not None and self.account is None:
+        if self.own_stream_ids is not None and self.core.account is None:
             self.own_stream_ids.issued(stream_id)
             self._issued_ids.append(stream_id)
         self.stream.send_header(codec.stream_header(
-            from_=self.domain, stream_id=stream_id, to=event.attrs.get("from")))
-        to = event.attrs.get("to", "")
-        if to.lower() != self.domain:
-            raise violation("host-unknown", f"this server serves {self.domain}")
-        self.stream.send(features_element(*features))
+            from_=self.core.domain, stream_id=stream_id, to=command.to))
+        if command.features is not None:
+            self.stream.send(features_element(*command.features))
 
-    async def _negotiate(self) -> AuthenticatedClient:
-        if not self.listener.direct_tls:
-            starttls = st.element("starttls", namespace=ns.TLS)
-            st.sub(starttls, "required")
-            await self._open_stream(starttls)
-            el = await self._next()
-            if el.tag != ns.qname(ns.TLS, "starttls"):
-                raise violation("policy-violation", "STARTTLS is required first")
-            self.stream.send(st.element("proceed", namespace=ns.TLS))
-            try:
-                await self.stream.start_tls(self.server_tls)
-            except PlaintextInjection as exc:
-                # CVE-2011-0411 class: whatever followed <starttls/> was sent in the clear
-                # (by the client or by someone on the path) and RFC 6120 §5.4.3.3 forbids
-                # using it. not-authorized (§4.9.3.12): it is an attempt to act in the
-                # negotiation before the stream is secured; TLS is not started, so the
-                # error goes out in the clear, and the connection is closed.
-                self.log.warning("starttls_injection", side="client", bytes=exc.buffered
-                                 + exc.parsed, elements=exc.events)
-                raise violation("not-authorized",
-                                "data sent after <starttls/> before the TLS handshake") from None
-            self.log.info("tls_established", **self.stream.tls_info)
-
-        mechanisms = st.element("mechanisms", namespace=ns.SASL)
-        st.sub(mechanisms, "mechanism", text="PLAIN")
-        await self._open_stream(mechanisms)
-        await self._authenticate()
-        self.stream.restart()
-        assert self.account is not None
-        return AuthenticatedClient(self.stream, self.account, self.upstream, self._password)
-
-    async def open_bound_stream(self, features: list[Element]) -> None:
-        """The post-authentication stream header and features (bind, sm, ...)."""
-        await self._open_stream(*features)
-
-    async def next_element(self) -> Element:
-        return await self._next()
-
-    # SASL -----------------------------------------------------------------------------------
-
-    def _sasl_failure(self, condition: str, text: str | None = None) -> None:
-        failure = st.element("failure", namespace=ns.SASL)
-        st.sub(failure, condition)
-        if text:
-            st.sub(failure, "text", text=text).set(
-                "{http://www.w3.org/XML/1998/namespace}lang", "en")
-        self.stream.send(failure)
-
-    async def _authenticate(self) -> None:
-        failures = 0
-        while True:
-            el = await self._next()
-            if el.tag != ns.qname(ns.SASL, "auth"):
-                if el.tag == ns.qname(ns.SASL, "abort"):
-                    self._sasl_failure("aborted")
-                    continue
-                if etree.QName(el).namespace == ns.SM:
-                    # Stream management errors are recoverable (XEP-0198 §3): say no, go on.
-                    self.stream.send(failed("unexpected-request", text="authenticate first"))
-                    continue
-                raise violation("not-authorized", "authenticate first")
-            outcome = await self._try_plain(el)
-            if outcome is None:
-                self.stream.send(st.element("success", namespace=ns.SASL))
-                return
-            if isinstance(outcome, Refusal):
-                self._sasl_failure(outcome.condition, outcome.text)
-            else:
-                self._sasl_failure(outcome)
-            failures += 1
-            if failures >= MAX_AUTH_ATTEMPTS:
-                raise violation("policy-violation", "too many failed authentication attempts")
-
-    async def _try_plain(self, auth: Element) -> str | Refusal | None:
-        """One SASL PLAIN attempt: None on success, else the failure condition to send."""
-        if auth.get("mechanism") != "PLAIN":
-            self.log.info("auth_failed", reason="invalid-mechanism",
-                          mechanism=auth.get("mechanism"))
-            return "invalid-mechanism"
-        text = (auth.text or "").strip()
-        if not text:  # no initial response: ask for it with an empty challenge
-            self.stream.send(st.element("challenge", namespace=ns.SASL, text="="))
-            response = await self._next()
-            if response.tag == ns.qname(ns.SASL, "abort"):
-                return "aborted"
-            if response.tag != ns.qname(ns.SASL, "response"):
-                raise violation("not-authorized", "expected a SASL response")
-            text = (response.text or "").strip()
+    async def _start_tls(self) -> list[NegotiationCommand]:
         try:
-            message = base64.b64decode(text, validate=True) if text != "=" else b""
-        except binascii.Error:
-            self.log.info("auth_failed", reason="incorrect-encoding")
-            return "incorrect-encoding"
-        try:
-            authzid, authcid, password = sasl.parse_plain(message)
-            account = Jid.parse(f"{authcid}@{self.domain}")
-        except (sasl.SaslError, ValueError):
-            self.log.info("auth_failed", reason="malformed-request")
-            return "malformed-request"
-        if authzid and authzid.lower() not in (str(account), authcid.lower()):
-            self.log.info("auth_failed", reason="invalid-authzid", account=str(account))
-            return "invalid-authzid"
-        refusal = (self.throttle.check(str(account), self.client_address)
-                   if self.throttle is not None else None)
-        if refusal is not None:  # answered without asking the server: it costs no login
-            self.log.warning("login_refused", account=str(account), limit=refusal.limit,
-                             address=self.client_address)
-            return refusal
+            await self.stream.start_tls(self.server_tls)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            return self.core.tls_failed(tls_failure_reason(exc))
+        except PlaintextInjection as exc:
+            return self.core.tls_injection(exc.buffered + exc.parsed, exc.events)
+        return self.core.tls_started(self.stream.tls_info)
+
+    async def _login(self, check: CheckLogin) -> LoginOutcome:
+        """The upstream login that checks the client's credentials."""
         try:
             self.upstream = await connect_upstream(
-                self.config.upstream, self.upstream_tls, authcid, password,
+                self.config.upstream, self.upstream_tls, check.authcid, check.password,
+                client=self.stream.endpoints(),
                 max_stanza_bytes=self.config.limits.max_stanza_bytes, log=self.log,
                 own_stream_ids=(self.own_stream_ids if self.own_stream_ids is not None
                                 else frozenset()))
         except UpstreamAuthFailed as exc:
-            self.log.info("auth_failed", reason=exc.condition, account=str(account))
-            if self.throttle is not None:
-                delay = self.throttle.failed(str(account), self.client_address)
-                if delay > 0:
-                    self.log.info("login_throttled", account=str(account), delay=delay,
-                                  address=self.client_address)
-                    await asyncio.sleep(delay)
-            return exc.condition
+            return LoginOutcome("refused", condition=exc.condition)
         except UpstreamLoop as exc:
-            self.log.error("loop_refused", detail=str(exc), upstream_host=self.config.upstream.host,
-                           upstream_port=self.config.upstream.port)
-            return "temporary-auth-failure"
+            return LoginOutcome("loop", detail=str(exc))
         except UpstreamUnavailable as exc:
-            if self.vouch is not None and self.vouch(str(account), password):
-                # The server checked this password when the live session logged in.
-                self.account, self._password = account, password
-                self.log.info("auth_ok", account=str(account), upstream_mechanism=None,
-                              checked="against a live session (the server is unreachable)")
-                return None
-            self.log.warning("auth_failed", reason="upstream-unavailable", account=str(account),
-                             detail=str(exc))
-            return "temporary-auth-failure"
-        self.account = account
-        self._password = password
-        if self.throttle is not None:
-            self.throttle.succeeded(str(account))
-        self.log.info("auth_ok", account=str(account), upstream_mechanism=self.upstream.mechanism)
-        return None
+            vouched = self.vouch is not None and self.vouch(str(check.account), check.password)
+            return LoginOutcome("unavailable", detail=str(exc), vouched=vouched)
+        return LoginOutcome("ok", mechanism=self.upstream.mechanism)

@@ -1,9 +1,10 @@
 """The hub: every live session, and how an authenticated client connection gets one.
 
 After SASL a client either binds a resource (a new session, or the takeover of a session
-already bound to that resource) or resumes a stream-management session (XEP-0198 §5).
-Resumption ids are looked up under the authenticated account only, so another user's id is
-simply not found and nothing leaks.
+already bound to that resource) or resumes a stream-management session (XEP-0198 §5). The
+decisions are the pure ``proxy.registry.Registry``'s; the hub keeps the dicts that find live
+sessions (by full JID, by account and SM id, the finishing ones), answers the registry's
+look-ups from them and carries out what it decided.
 """
 
 from __future__ import annotations
@@ -12,22 +13,34 @@ import asyncio
 import copy
 import secrets
 import ssl
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-
-from ..abuse import Refusal, bind_refusal
+from ..commands import (
+    BindUpstream,
+    Count,
+    FailNegotiation,
+    Log,
+    LookUpBind,
+    LookUpResume,
+    NewSession,
+    RegistryCommand,
+    ReplacePrevious,
+    Resume,
+    TakeOver,
+    ToClient,
+)
 from ..config import Config
 from ..inspection import Inspector
-from ..features.stream_management import failed, parse_h
+from ..metrics import Counters
 from ..features.disco import caps_for
+from ..registry import Registry
 from ..session import FeatureFactory, SessionCore, disco_additions
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
-from ..xmpp.jid import InvalidJid, Jid
-from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, violation
+from ..xmpp.jid import Jid
+from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from ..journal import Journal
 from .live import LiveSession, SessionStore
 from .ports import FinishingSession, RegisteredSession
@@ -36,29 +49,17 @@ from ..xmpp.disco import DiscoInfo, ServerInfo
 from ..xmpp.stanza import Element
 
 
-_BIND = ns.qname(ns.BIND, "bind")
 _CAPS = ns.qname(ns.CAPS, "c")
-_SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")
-MAX_TOMBSTONES = 10000  # ended SM ids remembered, so a late <resume/> learns the final h
-XEP_0205_ERRORS = "urn:xmpp:errors"
-
-
-def bind_refused(request: Element, refusal: Refusal) -> Element:
-    """RFC 6120 §7.6.2.1 (type ``wait``), with XEP-0205's application condition."""
-    reply = st.error_reply(request, refusal.condition, error_type="wait", text=refusal.text)
-    for attr in ("to", "from"):
-        reply.attrib.pop(attr, None)
-    st.sub(reply[0], "resource-limit-exceeded", namespace=XEP_0205_ERRORS)
-    return reply
 
 
 class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
                  store: SessionStore | None, upstream_tls: ssl.SSLContext | None,
                  log: Any, inspector: Inspector | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, counters: Counters | None = None) -> None:
         self.config = config
         self.journal = journal
+        self.counters = counters  # for /metrics: resumptions, and what sessions relay
         self.inspector = inspector
         self.upstream_tls = upstream_tls
         self.factories = list(factories)
@@ -70,11 +71,22 @@ class Hub:
         self.finishing_sessions: set[FinishingSession] = set()
         # How the stanzas of every session that is gone left its ledger (for /metrics).
         self.settled: Counter[tuple[str, str]] = Counter()
-        # (account, sm id) -> (last inbound h, expiry) of sessions that ended.
-        self.tombstones: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        # The decisions on bind, takeover and resume, and the ended sessions' last counts.
+        self.registry = Registry(config.abuse, max_resume_timeout=(
+            config.stream_management.max_resume_timeout))
         # The server domain's disco#info as the last bind found it (for the caps hash
         # offered before the next bind).
         self.domain_info: DiscoInfo | None = None
+
+    def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext | None,
+                    inspector: Inspector | None) -> None:
+        """A reload: binds, resumptions and new sessions from now on use these; live
+        sessions keep the configuration they were made with."""
+        self.config = config
+        self.upstream_tls = upstream_tls
+        self.inspector = inspector
+        self.registry.reconfigure(config.abuse, max_resume_timeout=(
+            config.stream_management.max_resume_timeout))
 
     # Registry ----------------------------------------------------------------------------------
 
@@ -92,10 +104,7 @@ class Hub:
             return
         key, session.sm_key = session.sm_key, None
         if key is not None and self.by_sm_id.pop(key, None) is not None:
-            self.tombstones[key] = (inbound, time.monotonic()
-                                    + 2 * self.config.stream_management.max_resume_timeout)
-            while len(self.tombstones) > MAX_TOMBSTONES:
-                self.tombstones.popitem(last=False)
+            self.registry.sm_ended(key, inbound)
 
     def finishing(self, session: FinishingSession) -> None:
         self.finishing_sessions.add(session)
@@ -151,9 +160,7 @@ class Hub:
         st.sub(session, "optional")
         features = [bind, session, st.element("sm", namespace=ns.SM)]
         for factory in self.factories:
-            extra = getattr(factory, "stream_features", None)
-            if extra is not None:
-                features.extend(extra())
+            features.extend(factory.stream_features())
         if upstream is not None:
             # Entity capabilities (XEP-0115): the server's while the proxy adds nothing to
             # its disco#info, else recomputed from what the last bind learnt of the domain.
@@ -167,112 +174,105 @@ class Hub:
 
     async def establish(self, negotiation: ClientNegotiation, auth: AuthenticatedClient,
                        log: Any) -> tuple[LiveSession, list[Element], bool]:
-        """Bind, take over or resume; returns the session, what to write to the client
-        first, and whether it was a resumption. Raises NegotiationFailed when the client
-        breaks the rules."""
+        """Bind, take over or resume, as the ``Registry`` decides; returns the session, what
+        to write to the client first, and whether it was a resumption. Raises
+        NegotiationFailed when the client breaks the rules."""
         await negotiation.open_bound_stream(self._post_auth_features(auth.upstream))
-        stream = auth.stream
         while True:
             el = await negotiation.next_element()
-            if el.tag == _SM_ENABLE:
-                stream.send(failed("unexpected-request", text="bind a resource first"))
-            elif el.tag == _SM_RESUME:
-                outcome = self._resume(auth, el, log)
-                if isinstance(outcome, LiveSession):
-                    return outcome, outcome.resume(parse_h(el) or 0), True
-                stream.send(outcome)
-            elif el.tag == st.IQ and el.get("type") == "set" and el.find(_BIND) is not None:
-                bound = await self._bind(auth, el, log)
-                if bound is not None:
-                    return (*bound, False)
-            elif el.tag == st.IQ:
-                stream.send(st.error_reply(el, "not-authorized" if el.get("type") in (
-                    "get", "set") else "bad-request", text="bind a resource first"))
-            else:
-                raise violation("not-authorized", "bind a resource first")
+            outcome = await self._carry_out(self.registry.element(el), el, auth, log)
+            if outcome is not None:
+                return outcome
 
-    def _resume(self, auth: AuthenticatedClient, el: Element, log: Any) -> LiveSession | Element:
-        """The session to resume, or the ``<failed/>`` to answer with."""
-        previd, h = el.get("previd", ""), parse_h(el)
-        if not previd or h is None:
-            return failed("bad-request", text="previd and a valid h are required")
-        key = (str(auth.account), previd)
-        session = self.by_sm_id.get(key)
-        if session is None or session.state == "ended" or session.sm is None:
-            tomb = self.tombstones.get(key)
-            log.info("resume_failed", reason="item-not-found", known=tomb is not None)
-            if tomb is not None and tomb[1] > time.monotonic():
-                return failed("item-not-found", h=tomb[0])
-            return failed("item-not-found")
-        exc = session.edge.resume_problem(h)
-        if exc is not None:
-            raise NegotiationFailed("resume with h too high", codec.stream_error(
-                "undefined-condition", str(exc), app_condition=exc.app_condition()))
-        return session
+    async def _carry_out(self, commands: Sequence[RegistryCommand], el: Element,
+                         auth: AuthenticatedClient, log: Any
+                         ) -> tuple[LiveSession, list[Element], bool] | None:
+        """Carry out the registry's commands for ``el``: the look-ups it asks for, and the
+        session it settles on (None: the client was answered, the next element decides)."""
+        outcome: tuple[LiveSession, list[Element], bool] | None = None
+        for command in commands:
+            if isinstance(command, ToClient):
+                auth.stream.send(command.element)
+            elif isinstance(command, Log):
+                getattr(log, command.level)(command.event, **command.fields)
+            elif isinstance(command, Count):
+                if self.counters is not None:
+                    self.counters.count(getattr(self.counters, command.table), command.key)
+            elif isinstance(command, FailNegotiation):
+                raise NegotiationFailed(command.reason, command.error)
+            elif isinstance(command, LookUpResume):
+                session = self.by_sm_id.get((str(auth.account), command.previd))
+                resumable = session is not None and session.state != "ended" \
+                    and session.sm is not None
+                outcome = await self._carry_out(self.registry.resume(
+                    str(auth.account), command.previd, command.h, resumable=resumable,
+                    problem=session.edge.resume_problem(command.h)
+                    if session is not None and resumable else None), el, auth, log)
+            elif isinstance(command, Resume):
+                session = self.by_sm_id[(str(auth.account), command.previd)]
+                outcome = session, session.resume(command.h), True
+            elif isinstance(command, LookUpBind):
+                full = str(auth.account.with_resource(command.resource)) \
+                    if command.resource else None
+                existing = self.by_jid.get(full) if full is not None else None
+                live = existing is not None and existing.state != "ended"
+                outcome = await self._carry_out(self.registry.bind(
+                    el, auth.account,
+                    live_resource=existing.core.jid if existing is not None and live else None,
+                    sessions_of_account=self._sessions_of(auth.account),
+                    server_reachable=auth.upstream is not None,
+                    finishing=any(f.jid == full for f in self.finishing_sessions)),
+                    el, auth, log)
+            elif isinstance(command, TakeOver):
+                existing = self.by_jid[command.jid]
+                outcome = existing, [command.result, *existing.take_over()], False
+            elif isinstance(command, BindUpstream):
+                outcome = await self._bind(auth, el, command, log)
+            elif isinstance(command, ReplacePrevious):
+                previous = self.by_jid.get(command.jid)
+                if previous is not None:
+                    asyncio.get_running_loop().create_task(previous.end(command.reason))
+        return outcome
 
-    async def _bind(self, auth: AuthenticatedClient, el: Element,
-                    log: Any) -> tuple[LiveSession, list[Element]] | None:
-        resource_el = el.find(f"{{{ns.BIND}}}bind/{{{ns.BIND}}}resource")
-        resource = (resource_el.text or "").strip() if resource_el is not None else ""
-        stream = auth.stream
-        existing = self.by_jid.get(str(auth.account.with_resource(resource))) if resource else None
-        if existing is not None and existing.state != "ended":
-            # Takeover: the upstream session is kept as it is, not bound again.
-            return existing, [self._bind_result(el, existing.core.jid), *existing.take_over()]
-        refusal = bind_refusal(self._sessions_of(auth.account), self.config.abuse)
-        if refusal is not None:
-            stream.send(bind_refused(el, refusal))
-            log.warning("session_refused", condition=refusal.condition, limit=refusal.limit,
-                        resource=resource)
-            return None
-        if auth.upstream is None:  # logged in against a live session: the server is away
-            stream.send(st.error_reply(el, "remote-server-timeout", error_type="wait",
-                                       text="the legacy server is unreachable; resume or "
-                                            "try again later"))
-            log.info("bind_failed", reason="the server is unreachable", resource=resource)
-            return None
-        # An ended session of this very resource may still be finishing upstream: its
-        # stream would conflict with the new bind, so it hands what it owes over first.
-        owed = await self._hand_over(str(auth.account.with_resource(resource))) \
-            if resource else []
+    async def _bind(self, auth: AuthenticatedClient, el: Element, command: BindUpstream,
+                    log: Any) -> tuple[LiveSession, list[Element], bool] | None:
+        """The upstream bind and disco the registry asked for, then a new session."""
+        assert auth.upstream is not None
+        owed = await self._hand_over(command.hand_over_from) \
+            if command.hand_over_from is not None else []
         try:
-            full = await auth.upstream.bind(resource or None, self.config.upstream.connect_timeout)
+            full = await auth.upstream.bind(command.resource,
+                                            self.config.upstream.connect_timeout)
             server = await auth.upstream.discover(self.config.upstream.domain,
                                                   self.config.upstream.discovery_timeout)
         except UpstreamBindFailed as exc:
-            reply = exc.error_reply
-            reply.set("id", el.get("id", ""))
-            for attr in ("to", "from"):
-                reply.attrib.pop(attr, None)
-            stream.send(reply)
-            log.info("bind_failed", reason=str(exc), resource=resource)
+            await self._carry_out(self.registry.bind_refused_upstream(
+                el, exc.error_reply, str(exc)), el, auth, log)
             return None
         except UpstreamUnavailable as exc:
-            raise violation("remote-connection-failed",
-                             "the legacy server failed during bind") from exc
+            try:
+                await self._carry_out(self.registry.bind_broke(), el, auth, log)
+            except NegotiationFailed as failure:
+                raise failure from exc
+            return None
         self.domain_info = server.domain or self.domain_info
-        if server.domain is None or server.account is None:
-            log.info("discovery_incomplete", domain=server.domain is not None,
-                     account=server.account is not None)
-        try:
-            jid = Jid.parse(full)
-        except InvalidJid as exc:
-            raise violation("internal-server-error", "bad JID from the server") from exc
-        if jid.bare != auth.account.bare:
-            raise violation("internal-server-error", "the server bound another account")
+        commands = self.registry.bound(el, auth.account, full, previous=full in self.by_jid,
+                                       domain_known=server.domain is not None,
+                                       account_known=server.account is not None)
+        await self._carry_out([c for c in commands if not isinstance(c, NewSession)],
+                              el, auth, log)
+        (new,) = [c for c in commands if isinstance(c, NewSession)]
+        jid = new.jid
         core = SessionCore(jid, self.factories, server)
         session = LiveSession(self, core, auth.upstream, self.config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
                               tls_context=self.upstream_tls, inspector=self.inspector,
-                              journal=self.journal)
-        previous = self.by_jid.get(str(jid))
-        if previous is not None:  # the server resolved a resource conflict in our favour
-            asyncio.get_running_loop().create_task(previous.end("resource bound again"))
+                              journal=self.journal, counters=self.counters)
         self.by_jid[str(jid)] = session
-        log.info("bound", jid=str(jid))
+        log.info("bound", jid=str(jid), session=core.id, account=str(jid.bare))
         session.replay_pending()  # before anything the client sends now
         session.replay(owed, "handed over by the finishing session of this resource")
-        return session, [self._bind_result(el, jid)]
+        return session, [new.result], False
 
     async def _hand_over(self, full_jid: str) -> list[Element]:
         for finishing in list(self.finishing_sessions):
@@ -285,14 +285,6 @@ class Hub:
         bare = account.bare
         return sum(1 for s in self.by_jid.values()
                    if s.core.account == bare and s.state != "ended")
-
-    @staticmethod
-    def _bind_result(request: Element, jid: Jid) -> Element:
-        result = st.iq_result(request)
-        result.attrib.pop("to", None)
-        bind = st.sub(result, "bind", namespace=ns.BIND)
-        st.sub(bind, "jid", text=str(jid))
-        return result
 
     # Shutdown -----------------------------------------------------------------------------------
 

@@ -29,11 +29,12 @@ from ..config import Config
 from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
 from ..journal import Journal, parse_stored
+from ..metrics import Counters
 from ..ledger import Exit, Ledger
 from ..session import Outputs, SessionCore
 from ..xmpp import codec
 from ..xmpp import stanza as st
-from .upstream import UpstreamLink
+from .upstream import Endpoints, UpstreamLink
 from .ports import SessionRegistry
 from .upstream_side import UpstreamSide
 from .xmlstream import ConnectionLost, XmlStream
@@ -84,7 +85,7 @@ class LiveSession:
     def __init__(self, hub: SessionRegistry, core: SessionCore, link: UpstreamLink, config: Config,
                  store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
-                 journal: Journal | None = None,
+                 journal: Journal | None = None, counters: Counters | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.hub = hub
         self.core = core
@@ -92,7 +93,12 @@ class LiveSession:
         self.store = store
         self.journal = journal
         self._account = str(core.account)
-        self.log = log.bind(session=core.id)
+        # session, account and (once a client is attached) conn on every event
+        self._base_log = log.bind(session=core.id, account=self._account)
+        self.log = self._base_log
+        self.counters = counters
+        if counters is not None:
+            link.stream.sent_bytes = counters.c2s_bytes
         smc = config.stream_management
         self.edge = ClientEdge(EdgePolicy(
             domain=config.upstream.domain, ack_timeout=smc.ack_timeout,
@@ -106,11 +112,17 @@ class LiveSession:
         self.sm_key: tuple[str, str] | None = None  # where the hub has it for resumption
         self.client: XmlStream | None = None
         self.conn_id: str | None = None  # the client connection's id in the log
+        # host:port of the client connection it has or had last (a PROXY header's client
+        # behind a load balancer), for the admin view
+        self.client_address: str | None = None
+        self.client_endpoints: Endpoints = (None, None)
+        self.since = time.time()  # when the session was bound (the admin view shows it)
         self.inspector = inspector
         self.transcript = (inspector.transcript(str(core.account), core.id)
                            if inspector is not None else None)
         self.upstream = UpstreamSide(self, link, config=config, tls_context=tls_context,
-                                     username=core.jid.local, password=password, log=self.log)
+                                     username=core.jid.local, password=password, log=self.log,
+                                     counters=counters)
 
     @property
     def jid(self) -> str:
@@ -168,6 +180,7 @@ class LiveSession:
             elif isinstance(c, StoreOffline):
                 if self.store is not None:
                     self.store.offline.offline_put(self._account, c.stanza, c.expires_at)
+                    self._stored(c.stanza)
             elif isinstance(c, StorePending):
                 if self.store is not None:
                     self.store.pending.put(self._account, list(c.stanzas), c.expires_at)
@@ -201,6 +214,12 @@ class LiveSession:
         stream.closing = True
         stream.abort()
         return []
+
+    def _stored(self, data: bytes) -> None:
+        """The features hear of a stanza stored for the account (push notifications)."""
+        out = self.core.offline_stored(parse_stored(data), upstream_usable=self._upstream_up())
+        if out.commands:
+            self.write(Outputs(commands=out.commands))
 
     def _ack_when_durable(self, answer: Element) -> None:
         stream = self.client
@@ -254,6 +273,11 @@ class LiveSession:
                 self.hub.to_account(self, command.kind, command.payload)
             elif isinstance(command, StartTimer):  # a feature's, told when it fires
                 self._start_timer(_FEATURE_TIMER + command.name, command.seconds)
+            elif isinstance(command, ToServerDirect):  # a feature's own request
+                self.inspect_own("c2s", command.element)
+                self.execute([command])
+            elif isinstance(command, Log):
+                self.execute([command])
 
     def from_account(self, kind: str, payload: Element) -> None:
         """Another session of the account sent this one something (``ToAccount``)."""
@@ -289,10 +313,22 @@ class LiveSession:
         """What the rules asked to log, and the inspection log and transcript: the stanza
         that came in (forwarded or kept) and every stanza the features made of their own."""
         core = self.core
+        counters = self.counters
+        if counters is not None:
+            if direction == "c2s":
+                client = self.client
+                counters.relayed(counters.c2s_stanzas, el.tag,
+                                 client.read_at if client is not None else started)
+            else:
+                counters.relayed(counters.s2c_stanzas, el.tag,
+                                 self.upstream.link.stream.read_at)
         matched: tuple[str, ...] = ()
         for command in out.commands:
             if isinstance(command, RulesMatched):
                 matched = command.names
+                if counters is not None:
+                    for name in matched:
+                        counters.count(counters.rule_hits, name)
                 for event in command.events:
                     # The stanza's context first; a rule's own fields of the same name win.
                     self.log.info(event.get("event", "rule"), **{
@@ -369,6 +405,10 @@ class LiveSession:
             self.execute(self.edge.evict("another connection took this session over"))
         self.client = stream
         self.conn_id = conn_id
+        self.client_address = stream.peer
+        self.client_endpoints = stream.endpoints()  # for the PROXY header of a reconnection
+        self.log = self._base_log.bind(conn=conn_id)
+        self.upstream.log = self.log
         for el in first or ():
             stream.send(el)
         self.execute(self.edge.attach(resumed=resumed))
@@ -392,6 +432,8 @@ class LiveSession:
             return  # evicted: the session already belongs to another connection
         running = self.execute(self.edge.client_left(left.reason, end_session=left.end_session,
                                                      error=left.error))
+        if self.edge.state == "hibernating" and self.sm is not None:
+            self.write(self.core.client_detached([u.element for u in self.sm.unacked]))
         if running:
             await asyncio.gather(*running)
 

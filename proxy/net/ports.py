@@ -60,6 +60,8 @@ class SessionForUpstream(Protocol):
     """What the upstream side needs of its session."""
 
     core: SessionCore
+    # The client's address and the one it connected to (the PROXY header upstream).
+    client_endpoints: tuple[tuple[str, int] | None, tuple[str, int] | None]
 
     @property
     def jid(self) -> str: ...

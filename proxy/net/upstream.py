@@ -17,6 +17,7 @@ from typing import Any
 
 from lxml import etree
 
+from .. import proxyproto
 from ..config import UpstreamConfig
 from ..xmpp import codec, disco, ns, sasl
 from ..xmpp.disco import DiscoInfo, ServerInfo
@@ -25,6 +26,9 @@ from ..xmpp import stanza as st
 from .xmlstream import ConnectionLost, PlaintextInjection, UnexpectedEvent, XmlStream
 from ..xmpp.stanza import Element
 
+
+Address = tuple[str, int]
+Endpoints = tuple[Address | None, Address | None]  # (the client's, the one it connected to)
 
 # SASL failures from the server that mean "these credentials will not do"; the client is told
 # the same condition. Anything else is the proxy's or the server's trouble.
@@ -185,10 +189,13 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
                            username: str, password: str, *, max_stanza_bytes: int,
                            resume_tls: ssl.SSLSession | None = None,
                            own_stream_ids: Container[str] = frozenset(),
+                           client: Endpoints = (None, None),
                            log: Any = None) -> UpstreamLink:
     """Open and authenticate a stream to the legacy server as ``username``.
 
     ``resume_tls``: a TLS session of an earlier connection, offered for resumption.
+    ``client``: the client's address and the one it connected to, for the PROXY protocol
+    header (``upstream.proxy_protocol``) that tells the server who the user really is.
     ``own_stream_ids``: stream ids this proxy is issuing to its clients; a server header
     with one of them raises UpstreamLoop (see proxy/loopcheck.py).
     Raises UpstreamAuthFailed when the server rejects the credentials and
@@ -200,10 +207,18 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
         # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
         # races with a finished connect, and an ended session would go on logging in.
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                config.host, config.port,
-                ssl=tls_context if config.tls == "direct" else None,
-                server_hostname=config.domain if config.tls == "direct" else None)
+            if config.proxy_protocol == "off":
+                reader, writer = await asyncio.open_connection(
+                    config.host, config.port,
+                    ssl=tls_context if config.tls == "direct" else None,
+                    server_hostname=config.domain if config.tls == "direct" else None)
+            else:  # the header goes first, before TLS
+                reader, writer = await asyncio.open_connection(config.host, config.port)
+                encode = proxyproto.encode_v1 if config.proxy_protocol == "v1" \
+                    else proxyproto.encode_v2
+                writer.write(encode(*client))
+                if config.tls == "direct" and tls_context is not None:
+                    await writer.start_tls(tls_context, server_hostname=config.domain)
     except (TimeoutError, OSError, ssl.SSLError) as exc:
         raise UpstreamUnavailable(f"cannot connect to {config.host}:{config.port}: "
                                   f"{exc or type(exc).__name__}") from exc

@@ -26,6 +26,7 @@ from lxml import etree
 
 from ..commands import Log, ToClient
 from ..config import Config
+from ..metrics import Counters
 from ..server_edge import (Confirmed, Finished, GiveUp, ServerCommand, ServerEdge, ServerLost,
                            ServerPolicy, ServerState, ToServer)
 from ..session import Outputs
@@ -57,9 +58,11 @@ class UpstreamSide:
     def __init__(self, session: SessionForUpstream, link: UpstreamLink, *, config: Config,
                  tls_context: ssl.SSLContext | None, username: str, password: str,
                  log: Any, rng: random.Random | None = None,
+                 counters: Counters | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.session = session
         self.link = link
+        self.counters = counters  # for /metrics: restores and outage seconds
         self.config = config
         self.tls_context = tls_context
         self._username = username
@@ -271,7 +274,8 @@ class UpstreamSide:
                 link = await connect_upstream(
                     self.config.upstream, self.tls_context, self._username, self._password,
                     max_stanza_bytes=self.config.limits.max_stanza_bytes,
-                    resume_tls=self._tls_session, log=self.log)
+                    resume_tls=self._tls_session, client=self.session.client_endpoints,
+                    log=self.log)
             except UpstreamUnavailable as exc:
                 self.log.info("upstream_reconnect_failed", attempt=edge.backoff.attempts,
                               detail=str(exc))
@@ -292,9 +296,13 @@ class UpstreamSide:
         if refused is not None:
             await link.stream.close()
             raise _Stop(refused)
+        link.stream.sent_bytes = self.link.stream.sent_bytes  # the byte counts go on
         self.link = link
         self._tls_fresh = True
         outage = self.edge.restored()
+        if self.counters is not None:
+            self.counters.upstream_restores += 1
+            self.counters.outage_seconds += outage
         self._run_commands(self.edge.connected(link.features))
         # A finishing session's client is gone: nothing of its state is restored (its
         # contacts must not see it come back online), only what it sent is replayed.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections import deque
 from typing import Any
 
@@ -82,6 +83,12 @@ class XmlStream:
         self.error_header = error_header or codec.stream_header()
         self.log = log
         self._overflow_check: asyncio.TimerHandle | None = None
+        # The peer's address: the socket's, or what a PROXY protocol header said.
+        peer = writer.get_extra_info("peername")
+        self.remote: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
+        self.read_at = 0.0  # perf_counter() of the last read from the socket
+        # Bytes of what is sent, by element tag, for /metrics (proxy/metrics.py Counters).
+        self.sent_bytes: dict[str, int] | None = None
         self._fit_write_buffer()
 
     def _fit_write_buffer(self) -> None:
@@ -102,8 +109,20 @@ class XmlStream:
 
     @property
     def peer(self) -> str:
-        addr = self.writer.get_extra_info("peername")
-        return f"{addr[0]}:{addr[1]}" if addr else "?"
+        addr = self.remote
+        if addr is None:
+            return "?"
+        return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+    def endpoints(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """The peer's address and ours (the one it connected to), for a PROXY header."""
+        local = self.writer.get_extra_info("sockname")
+        return self.remote, ((str(local[0]), int(local[1]))
+                             if isinstance(local, tuple) and len(local) >= 2 else None)
+
+    @property
+    def peer_host(self) -> str:
+        return self.remote[0] if self.remote is not None else "?"
 
     @property
     def tls_info(self) -> dict[str, str | None]:
@@ -149,6 +168,7 @@ class XmlStream:
             if not data:
                 self.dead = True
                 raise ConnectionLost("eof")
+            self.read_at = time.perf_counter()
             self._events.extend(self.parser.feed(data))
         return self._events.popleft()
 
@@ -187,7 +207,12 @@ class XmlStream:
                 await asyncio.sleep(0.05)  # drain returns at once if the transport never paused
 
     def send(self, el: Element) -> None:
-        self.send_bytes(codec.serialize(el))
+        data = codec.serialize(el)
+        counts = self.sent_bytes
+        if counts is not None:
+            tag = el.tag
+            counts[tag] = counts.get(tag, 0) + len(data)
+        self.send_bytes(data)
 
     def send_header(self, header: bytes) -> None:
         """Our stream header for the current stream (initial or after a restart)."""

@@ -94,3 +94,36 @@ def test_while_the_server_is_away_ping_and_disco_are_answered(tmp_path: Path, ce
             finally:
                 client.abort()
         run(go())
+
+
+def test_the_caps_hash_clients_see_is_the_hash_of_the_disco_they_get(
+        prosody: LegacyProsody, make_proxy, accounts) -> None:
+    """With something added to the domain's disco#info (carbons, which this Prosody lacks),
+    the stream features carry the proxy's own caps: its ver is the XEP-0115 hash of the
+    answer the client then gets, and NODE#VER is answered with that very answer."""
+    from proxy.features.disco import CAPS_NODE
+    from proxy.xmpp import disco as xdisco
+
+    account, password = accounts("caps")
+    proxy = make_proxy(features={"carbons": "on"})
+    user = account.split("@")[0]
+
+    async def go() -> None:
+        first = await raw_login(proxy.host, proxy.port, user, password, direct_tls=False)
+        await first.close()  # the proxy now knows the domain's answer
+        client = await raw_login(proxy.host, proxy.port, user, password, direct_tls=False,
+                                 resource="second")
+        try:
+            assert client.features is not None
+            caps = client.features.find(q("http://jabber.org/protocol/caps", "c"))
+            assert caps is not None and caps.get("node") == CAPS_NODE
+            answer = await client.iq(f"<query xmlns='{DISCO}'/>", to="localhost")
+            assert "urn:xmpp:carbons:2" in features(answer)
+            assert xdisco.caps_ver(xdisco.parse_info(answer)) == caps.get("ver")
+            node = f"{CAPS_NODE}#{caps.get('ver')}"
+            by_node = await client.iq(f"<query xmlns='{DISCO}' node='{node}'/>", to="localhost")
+            assert features(by_node) == features(answer)
+            assert xdisco.caps_ver(xdisco.parse_info(by_node)) == caps.get("ver")
+        finally:
+            await client.close()
+    run(go())

@@ -198,6 +198,9 @@ def test_stanza_log_has_every_relayed_stanza_in_order_and_no_secret(
     # Everything the client sent, in order, exactly.
     c2s = [e for e in events if e["direction"] == "c2s" and e["origin"] == "peer"]
     assert [event_key(e) for e in c2s] == [key(el) for el in session.sent]
+    # With their addresses: the client's own "to", and the "from" the proxy stamped.
+    assert [e["to"] for e in c2s] == [el.get("to") for el in session.sent]
+    assert {e["from"] for e in c2s} == {session.jid}
     by_id = {e["id"]: e for e in c2s}
     assert by_id["tagged"]["rules"] == ["insp-tag"] and by_id["tagged"]["forwarded"]
     assert by_id["dropme"]["rules"] == ["insp-drop"] and not by_id["dropme"]["forwarded"]

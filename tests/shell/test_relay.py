@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .playbook import Harness, playbook
 
 
@@ -55,7 +57,9 @@ async def test_server_stream_management_acks_replace_barriers(h: Harness) -> Non
     assert a.get("h") == str(conn.h_out)
 
 
-@playbook()
+# Nothing emulated (the scripted server lists no features): the proxy adds nothing to the
+# domain's disco#info, so the server's own caps stand.
+@playbook(features={"carbons": "off", "blocking": "off"})
 async def test_the_servers_entity_caps_reach_the_client_unchanged(h: Harness) -> None:
     caps = ("<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' "
             "node='https://legacy.example/server' ver='QgayPKawpkPSDYmwT/WM94uAlu0='/>")
@@ -70,3 +74,18 @@ async def test_the_servers_entity_caps_reach_the_client_unchanged(h: Harness) ->
     bob = await h.login("bob")
     assert bob.raw.features is not None
     assert bob.raw.features.find("{http://jabber.org/protocol/caps}c") is None
+
+
+REDACT = str(Path(__file__).resolve().parents[2] / "proxy" / "rulepacks" / "redact-bodies.yaml")
+
+
+@playbook(rules=[REDACT])
+async def test_rule_hits_are_counted_for_metrics(h: Harness) -> None:
+    alice = await h.client("alice")
+    for n in range(3):
+        alice.message("bob@localhost", f"secret {n}")
+    for _ in range(3):
+        await h.server.expect_stanza(kind="message", body="[redacted]")
+    assert h.proxy is not None
+    text = "\n".join(h.proxy.gather_metrics())
+    assert 'xmpp_front_rule_hits_total{rule="redact-bodies"} 3' in text

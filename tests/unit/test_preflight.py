@@ -337,6 +337,8 @@ def test_the_limits_of_the_cross_checks_are_accepted(tmp_path: Path,
      "abuse.max_connections_per_address"),
     ({"stream_management": {"debug_counter_start": 5}}, "stream_management.debug_counter_start"),
     ({"upstream": {"tls": "none", "ca": "ca.pem"}}, "upstream.ca"),
+    ({"listen": [{"host": "127.0.0.1", "port": 0, "proxy_protocol": True}]},
+     "listen[0].proxy_protocol_from"),
 ])
 def test_dubious_settings_are_warnings(tmp_path: Path, pki: dict[str, Path],
                                        overrides: dict[str, Any], key: str) -> None:
