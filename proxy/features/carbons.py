@@ -134,6 +134,12 @@ class _Account:
         self.sessions: dict[str, _State] = {}
         self.recent: OrderedDict[tuple[str, str], _BareDelivery] = OrderedDict()
 
+    def anyone_enabled(self, except_session: str | None = None) -> bool:
+        """Whether a copy could go anywhere: the relay path asks this first, so an account
+        with no carbons-enabled session pays nothing per message."""
+        return any(state.enabled for sid, state in self.sessions.items()
+                   if sid != except_session)
+
     def trim(self, now: float) -> None:
         while self.recent and (len(self.recent) > MAX_RECENT
                                or next(iter(self.recent.values())).at < now - RECENT_WINDOW):
@@ -219,6 +225,8 @@ class Carbons(Feature):
                     out.to_client.append(st.iq_result(el))
                 return None
             return el
+        if not self._acct.anyone_enabled(except_session=self._id):
+            return el  # no other session would get a copy
         if eligible(el, outgoing=True, account=self._account):
             if el.get("id"):
                 ids = self.state.sent_ids
@@ -272,6 +280,8 @@ class CarbonsTap(Feature):
         if private is not None:
             el.remove(private)  # §7: the receiving server removes it; never copied
             return el
+        if not self._acct.anyone_enabled():
+            return el  # (this session too: an enabled one must note what it got itself)
         if _bare(el.get("from")) == self._account:
             return el  # the account's own: its sent copies went out already
         if el.get("type") == "error":
