@@ -96,8 +96,7 @@ class ClientEdge:
                         EndSession("stream management queue overflow")]
             return out
         if self.attached:
-            lane.enter()
-            lane.leave(1, "delivered")
+            lane.passed("delivered")
             return [ToClient(el, own)]
         # No client and nothing to hold it: the session is ending (or ended).
         return self.settle_from_server(el, upstream_up=upstream_up)

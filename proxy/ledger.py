@@ -61,6 +61,13 @@ class Lane:
             self.exits[exit] += count
         return self.left
 
+    def passed(self, exit: Exit) -> None:
+        """One stanza entered and left at once (relayed without being held): ``enter``
+        then ``leave(1, exit)`` in one step, for the relay path."""
+        self.entered += 1
+        self.left += 1
+        self.exits[exit] += 1
+
     def summary(self) -> dict[str, int]:
         return {"entered": self.entered, "held": self.held,
                 **{name: self.exits[name] for name in EXITS}}

@@ -154,6 +154,12 @@ class SessionCore:
         self.server = server or ServerInfo()
         self.additions = disco_additions(factories, self.server)
         self.features: list[Feature] = [factory.create(self) for factory in factories]
+        # The relay path calls only the features that have a stanza hook of their own (the
+        # others would return the stanza unchanged): bound methods, in pipeline order.
+        self._client_hooks = [f.from_client for f in self.features
+                              if type(f).from_client is not Feature.from_client]
+        self._upstream_hooks = [f.from_upstream for f in reversed(self.features)
+                                if type(f).from_upstream is not Feature.from_upstream]
 
     def new_id(self, purpose: str) -> str:
         """An id for a stanza the proxy itself sends (unique within the session)."""
@@ -172,8 +178,8 @@ class SessionCore:
         # speak as anybody else, whatever it wrote.
         el.set("from", self._jid_text)
         result: Element | None = el
-        for feature in self.features:
-            result = feature.from_client(self, result, out)
+        for hook in self._client_hooks:
+            result = hook(self, result, out)
             if result is None:
                 return out
         out.to_upstream.append(result)
@@ -182,8 +188,8 @@ class SessionCore:
     def from_upstream(self, el: Element) -> Outputs:
         out = Outputs()
         result: Element | None = el
-        for feature in reversed(self.features):
-            result = feature.from_upstream(self, result, out)
+        for hook in self._upstream_hooks:
+            result = hook(self, result, out)
             if result is None:
                 return out
         out.to_client.append(result)

@@ -310,11 +310,14 @@ class LiveSession:
 
     def from_server(self, el: Element) -> None:
         """A stanza from the legacy server (the upstream side's reading task)."""
-        started = time.perf_counter()
+        # The clock and the inspection pass only when there is something to inspect or log.
+        inspecting = self.inspector is not None
+        started = time.perf_counter() if inspecting else 0.0
         out = self.core.from_upstream(el)
         self.write(out)
         self.execute(self.edge.request_ack())
-        self._after_pipeline("s2c", el, started, out, out.to_client)
+        if inspecting or out.commands:
+            self._after_pipeline("s2c", el, started, out, out.to_client)
 
     async def client_drain(self) -> None:
         """Backpressure toward the server's side: wait while the client's buffer is full.
@@ -486,10 +489,12 @@ class LiveSession:
                                  clean=isinstance(event, codec.StreamClosed))
 
     def _from_client(self, el: Element) -> None:
-        started = time.perf_counter()
+        inspecting = self.inspector is not None
+        started = time.perf_counter() if inspecting else 0.0
         out = self.core.from_client(el)
         self.write(out)
-        self._after_pipeline("c2s", el, started, out, out.to_upstream)
+        if inspecting or out.commands:
+            self._after_pipeline("c2s", el, started, out, out.to_upstream)
         if self.edge.stored_ready(el):
             self._deliver_stored()
 

@@ -40,6 +40,7 @@ from ..xmpp.stanza import Element
 
 
 _STREAM_ERROR = ns.qname(ns.STREAM, "error")
+_SM_PREFIX = "{" + ns.SM + "}"
 BARRIER_FLUSH = 0.2  # seconds after a batch before a barrier confirms it
 CLOSE_WAIT = 1.0  # seconds the reading task gets to stop when the session ends
 CLOSE_READ = 2.0  # seconds the server gets to close its stream after ours (RFC 6120 §4.4)
@@ -228,7 +229,7 @@ class UpstreamSide:
                     el = event.element
                     if el.tag == _STREAM_ERROR:
                         self._run_commands(edge.stream_error(el))
-                    elif etree.QName(el).namespace == ns.SM:
+                    elif el.tag.startswith(_SM_PREFIX):  # not QName(el): one lookup per stanza
                         self._run_commands(edge.server_nonza(el))
                     elif st.is_stanza(el):
                         absorbed = edge.server_stanza(el)
