@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from proxy.archive_store import (ArchiveArea, ArchivedMessage, ArchiveFilter, ArchiveSearch,
-                                 PageRequest)
-from proxy.store import Store
+                                 PageRequest, open_archive_connection)
+
 
 ACCOUNT = "alice@localhost"
 CONTACTS = 50
@@ -58,8 +58,8 @@ def timed(area: ArchiveArea, search: ArchiveSearch, repeat: int) -> float:
 
 def query_figures(n: int, repeat: int, workdir: Path) -> dict[str, float]:
     path = workdir / f"archive-{n}.sqlite3"
-    store = Store(str(path))
-    area = ArchiveArea(store.conn)
+    conn = open_archive_connection(str(path))
+    area = ArchiveArea(conn)
     t0 = time.perf_counter()
     fill(area, n)
     fill_s = time.perf_counter() - t0
@@ -80,7 +80,7 @@ def query_figures(n: int, repeat: int, workdir: Path) -> dict[str, float]:
         figures[f"{name} ms"] = round(timed(area, search, repeat), 2)
         nocount = ArchiveSearch(search.filter, search.page, counts=False)
         figures[f"{name}, no counts ms"] = round(timed(area, nocount, repeat), 2)
-    store.close()
+    conn.close()
     path.unlink()
     return figures
 

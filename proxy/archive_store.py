@@ -1,10 +1,12 @@
-"""The message archive (XEP-0313) in the store's SQLite file, and the thread that writes and
+"""The message archive (XEP-0313) in a SQLite file of its own, and the thread that writes and
 queries it off the event loop.
 
-- ``ARCHIVE_SCHEMA``: the ``archive`` and ``archive_prefs`` tables (a migration of
-  ``proxy/store.py``). Every row belongs to one account; every index starts with it, so an
-  account's query never reads another's rows, and ordering is by ``(ts, seq)``: the time the
-  proxy archived the message, then the order it was archived in.
+- ``MESSAGES_SCHEMA``: the ``archive`` table, in the archive's own file (``archive_path``:
+  beside the store), so its writes never make the journal's commits wait; ``PREFS_SCHEMA``:
+  the ``archive_prefs`` table, a migration of ``proxy/store.py``. Every row belongs to one
+  account; every index starts with it, so an account's query never reads another's rows,
+  and ordering is by ``(ts, seq)``: the time the proxy archived the message, then the order
+  it was archived in.
 - :class:`ArchiveArea`: the SQL, synchronous, on whatever connection it is given (the
   writer thread's; tests and the benchmark call it directly).
 - :class:`ArchiveWriter`: the one thread that touches the archive at run time. Messages
@@ -28,10 +30,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-ARCHIVE_SCHEMA = """
-    CREATE TABLE archive (                        -- XEP-0313: the account's messages
+# The messages: in a SQLite file of their own (``archive_path``), so that the archive's
+# writes never hold the lock the journal's commits (and so the clients' acks) wait for.
+MESSAGES_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS archive (          -- XEP-0313: the account's messages
         seq        INTEGER PRIMARY KEY AUTOINCREMENT,  -- archiving order (ties of ts)
         account    TEXT NOT NULL,                 -- bare JID: whose archive
         archive_id TEXT NOT NULL,                 -- the stable id (XEP-0359 stanza-id)
@@ -41,10 +46,13 @@ ARCHIVE_SCHEMA = """
         with_full  TEXT NOT NULL,                 -- the other party as addressed
         stanza     BLOB NOT NULL                  -- the message as XML
     );
-    CREATE UNIQUE INDEX archive_by_id ON archive (account, archive_id);
-    CREATE INDEX archive_by_time ON archive (account, ts, seq);
-    CREATE INDEX archive_by_with ON archive (account, with_bare, ts, seq);
-    CREATE INDEX archive_by_age ON archive (ts);
+    CREATE UNIQUE INDEX IF NOT EXISTS archive_by_id ON archive (account, archive_id);
+    CREATE INDEX IF NOT EXISTS archive_by_time ON archive (account, ts, seq);
+    CREATE INDEX IF NOT EXISTS archive_by_with ON archive (account, with_bare, ts, seq);
+    CREATE INDEX IF NOT EXISTS archive_by_age ON archive (ts);
+"""
+# The preferences: small, read at login, in the store (a migration of proxy/store.py).
+PREFS_SCHEMA = """
     CREATE TABLE archive_prefs (                  -- XEP-0441 preferences, per account
         account    TEXT PRIMARY KEY,
         default_   TEXT NOT NULL,                 -- 'always', 'never' or 'roster'
@@ -167,6 +175,14 @@ class Prefs:
 # ---------------------------------------------------------------------- the SQL
 
 
+_PUT_BATCH = (
+    "INSERT OR IGNORE INTO archive (account, archive_id, ts, direction, with_bare, with_full,"
+    " stanza) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'),"
+    " json_extract(value, '$[5]'), CAST(json_extract(value, '$[6]') AS BLOB)"
+    " FROM json_each(?)")
+
+
 class ArchiveArea:
     """The archive's SQL on one connection (the writer thread's at run time)."""
 
@@ -176,11 +192,12 @@ class ArchiveArea:
     def put(self, rows: Sequence[tuple[str, ArchivedMessage]]) -> None:
         """Insert (account, message) rows; the caller holds the transaction. An id already
         in the account's archive is kept (ids never repeat: a replayed put is a no-op)."""
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO archive (account, archive_id, ts, direction, with_bare,"
-            " with_full, stanza) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        # One statement for the whole batch (the rows as one JSON array), not one step per
+        # row: each step lets go of the GIL and takes it back, and on a busy machine every
+        # such hand-over costs the event loop's thread far more than the insert itself.
+        self.conn.execute(_PUT_BATCH, (json.dumps(
             [(account, m.archive_id, m.timestamp, m.direction, m.with_bare, m.with_full,
-              m.stanza) for account, m in rows])
+              m.stanza.decode("utf-8")) for account, m in rows]),))
 
     def _key(self, account: str, archive_id: str) -> tuple[float, int] | None:
         row = self.conn.execute("SELECT ts, seq FROM archive WHERE account = ? AND"
@@ -315,7 +332,7 @@ class Retention:
     max_per_account: int | None = None  # newest kept; None: no limit
     # An account's size is checked after this many new messages of it (trimming is an
     # index walk of max_per_account rows: not something to do per message).
-    check_every: int = 100
+    check_every: int = 1000
     expire_every: float = 60.0         # seconds between age purges
 
 
@@ -331,17 +348,35 @@ _Job = list[tuple[str, ArchivedMessage]] | _Query | None
 RETRY_SECONDS = 1.0
 
 
+def archive_path(store_path: str, configured: str | None = None) -> str:
+    """Where the messages live: ``archive.path``, else beside the store (``front.sqlite3``
+    -> ``front-archive.sqlite3``); in memory for an in-memory store."""
+    if configured:
+        return configured
+    if store_path == ":memory:" or store_path.startswith("file:"):
+        return ":memory:"
+    p = Path(store_path)
+    return str(p.with_name(f"{p.stem}-archive{p.suffix}"))
+
+
 def open_archive_connection(path: str) -> sqlite3.Connection:
-    """The writer's own connection. A ``:memory:`` store has no file to share: the archive
-    then lives in a private in-memory database of the same schema (gone at exit)."""
-    if path == ":memory:" or path.startswith("file::memory:"):
-        from .store import Store  # the migrations, applied to a fresh database
-        return Store(":memory:").conn
+    """A connection to the archive's own file (made owner-only, schema created if new); an
+    in-memory archive for ``:memory:`` (gone at exit)."""
+    if path != ":memory:":
+        from .store import create_private
+        create_private(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    if path != ":memory:":
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(MESSAGES_SCHEMA)
     return conn
+
+
+# Messages are handed to the writer in batches at most this old: one transaction per batch
+# (a query hands over what is waiting first, so it still sees everything archived before it).
+BATCH_SECONDS = 0.05
 
 
 class ArchiveWriter:
@@ -374,7 +409,7 @@ class ArchiveWriter:
         if not self._scheduled:
             self._scheduled = True
             self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self.flush)
+            self._loop.call_later(BATCH_SECONDS, self.flush)
 
     def flush(self) -> None:
         self._scheduled = False

@@ -192,6 +192,9 @@ class ArchiveConfig:
     max_page: int = 100                      # results per query page at most (RSM max)
     default_prefs: Literal["always", "never", "roster"] = "always"  # until a client sets its own
     counts: bool = False                     # RSM <count/> and first index (costly at 1M)
+    # The messages' own SQLite file; null: beside the store (front.sqlite3 ->
+    # front-archive.sqlite3). Apart from the store so archiving never delays the journal.
+    path: str | None = None
 
 
 @dataclass(frozen=True)

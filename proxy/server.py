@@ -22,7 +22,7 @@ from .admin_protocol import shown_state, socket_path
 from .config import Config, ConfigError, Listener, load_config
 from .features.blocking import BlockingFactory
 from .features.carbons import CarbonsFactory
-from .archive_store import ArchiveWriter, Prefs, Retention
+from .archive_store import ArchiveWriter, Prefs, Retention, archive_path
 from .features.archive import ArchiveFactory
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
@@ -199,7 +199,9 @@ class Proxy:
         if config.features.archive == "off":
             return None
         a = config.archive
-        return ArchiveWriter(self.store.path, log=self.log, retention=Retention(
+        return ArchiveWriter(archive_path(self.store.path, str(config.path(a.path))
+                                          if a.path else None),
+                             log=self.log, retention=Retention(
             max_age=a.max_age_days * 86400.0 if a.max_age_days > 0 else None,
             max_per_account=a.max_messages_per_account or None))
 

@@ -14,9 +14,9 @@ shares the store's connection and is reached as an attribute:
   push notifications for (XEP-0357), with their publish options.
 - ``store.blocklist`` (:class:`BlocklistArea`): per account, the JIDs it blocked (XEP-0191);
   read once when an account logs in, written on each block or unblock.
-- ``store.archive`` (:class:`proxy.archive_store.ArchiveArea`): the message archive
-  (XEP-0313); on this connection only its preferences are read and written, the messages
-  by the archive's writer thread on its own connection.
+- ``store.archive`` (:class:`proxy.archive_store.ArchiveArea`): the archiving preferences
+  (XEP-0313/0441); the messages are in the archive's own file, written and read by its
+  writer thread (``proxy/archive_store.py``).
 - ``ledger_journal``: the crash-proof copy of every session's ledger, written by
   :class:`proxy.journal.Journal` on its own connection and thread.
 
@@ -49,7 +49,7 @@ from typing import Any
 
 from .features.push import Registration as PushRegistration
 
-from .archive_store import ARCHIVE_SCHEMA, ArchiveArea
+from .archive_store import PREFS_SCHEMA, ArchiveArea
 
 DEFAULT_MAX_CHANGES = 1000
 WRITE_RETRY_SECONDS = 1.0  # after a failed commit of the writer: the batch is tried again
@@ -138,7 +138,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             PRIMARY KEY (account, jid)
         ) WITHOUT ROWID;
     """),
-    (6, ARCHIVE_SCHEMA),  # the message archive: proxy/archive_store.py
+    (6, PREFS_SCHEMA),  # archiving preferences (the messages: proxy/archive_store.py)
 )
 
 

@@ -60,6 +60,9 @@ _PREFS = ns.qname(MAM, "prefs")
 _METADATA = ns.qname(MAM, "metadata")
 _FORM = ns.qname(DATA, "x")
 _SET = ns.qname(RSM, "set")
+_NO_STORE = ns.qname(HINTS, "no-store")
+_NO_PERMANENT_STORE = ns.qname(HINTS, "no-permanent-store")
+_STORE = ns.qname(HINTS, "store")
 MAX_PENDING = 8  # queries of one session waiting for the store at once
 
 
@@ -73,10 +76,9 @@ def archivable(el: Element) -> bool:
     kind = el.get("type", "normal")
     if kind in ("error", "groupchat", "headline"):
         return False
-    if (el.find(ns.qname(HINTS, "no-store")) is not None
-            or el.find(ns.qname(HINTS, "no-permanent-store")) is not None):
+    if el.find(_NO_STORE) is not None or el.find(_NO_PERMANENT_STORE) is not None:
         return False
-    return el.find(_BODY) is not None or el.find(ns.qname(HINTS, "store")) is not None
+    return el.find(_BODY) is not None or el.find(_STORE) is not None
 
 
 def wanted(prefs: Prefs, with_bare: str, in_roster: Callable[[str], bool]) -> bool:

@@ -253,7 +253,7 @@ def test_with_mod_mam_on_queries_pass_through_and_the_proxy_archives_nothing(
                 await b.close()
 
         run(scenario(), 60)
-        db = proxy.workdir / "xmpp-front.sqlite3"
+        db = proxy.workdir / "xmpp-front-archive.sqlite3"  # beside the store
         proxy.stop()
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT count(*) FROM archive").fetchone()[0] == 0

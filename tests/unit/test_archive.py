@@ -16,7 +16,8 @@ from lxml import etree
 
 from proxy.archive_store import (ArchiveArea, ArchiveBounds, ArchivedMessage, ArchiveEnds,
                                  ArchiveFilter, ArchiveMissing, ArchivePage, ArchiveSearch,
-                                 ArchiveWriter, PageRequest, Prefs, Retention)
+                                 ArchiveWriter, PageRequest, Prefs, Retention, archive_path,
+                                 open_archive_connection)
 from proxy.commands import ArchivePut, ArchiveQuery
 from proxy.config import ArchiveConfig
 from proxy.features import archive as mam
@@ -361,7 +362,7 @@ def ids_of(page: ArchivePage) -> list[str]:
 
 @pytest.fixture
 def area() -> ArchiveArea:
-    return ArchiveArea(Store(":memory:").conn)
+    return ArchiveArea(open_archive_connection(":memory:"))
 
 
 def test_paging_forward_backward_and_last_page(area: ArchiveArea) -> None:
@@ -420,7 +421,7 @@ def test_paging_walks_every_message_once_in_order(n: int, size: int, stamps: lis
     """Forward from the start by ``after`` and backward from the end by ``before`` each see
     the whole archive exactly once, in chronological (ts, archiving) order; only the last
     page of a walk is complete, and every first index is the item's position."""
-    area = ArchiveArea(Store(":memory:").conn)
+    area = ArchiveArea(open_archive_connection(":memory:"))
     area.put([(ALICE, ArchivedMessage(f"i{k}", float(stamps[k]), "in", BOB, BOB, b"<m/>"))
               for k in range(n)])
     expected = [f"i{k}" for k in sorted(range(n), key=lambda k: (stamps[k], k))]
@@ -455,7 +456,7 @@ def test_writer_orders_queries_after_puts_and_survives_reopening(tmp_path: Path)
     Store(path).close()
 
     async def first() -> ArchivePage:
-        writer = ArchiveWriter(path)
+        writer = ArchiveWriter(archive_path(path))
         for k in range(3):
             writer.put(ALICE, ArchivedMessage(f"w{k}", 1000.0 + k, "out", BOB, BOB, b"<m/>"))
         got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -466,9 +467,10 @@ def test_writer_orders_queries_after_puts_and_survives_reopening(tmp_path: Path)
         return result
 
     assert ids_of(asyncio.run(first())) == ["w0", "w1", "w2"]
-    reopened = Store(path)
-    assert ids_of(search(reopened.archive)) == ["w0", "w1", "w2"]
+    reopened = open_archive_connection(archive_path(path))
+    assert ids_of(search(ArchiveArea(reopened))) == ["w0", "w1", "w2"]
     reopened.close()
+    assert archive_path(path) == str(tmp_path / "store-archive.db")  # beside the store
 
 
 def test_writer_enforces_the_size_limit(tmp_path: Path) -> None:
@@ -476,7 +478,8 @@ def test_writer_enforces_the_size_limit(tmp_path: Path) -> None:
     Store(path).close()
 
     async def run() -> None:
-        writer = ArchiveWriter(path, retention=Retention(max_per_account=5, check_every=1))
+        writer = ArchiveWriter(archive_path(path),
+                               retention=Retention(max_per_account=5, check_every=1))
         for k in range(12):
             writer.put(ALICE, ArchivedMessage(f"w{k}", 1000.0 + k, "out", BOB, BOB, b"<m/>"))
         got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
