@@ -316,6 +316,9 @@ class LiveSession:
         out = self.core.from_upstream(el)
         self.write(out)
         self.execute(self.edge.request_ack())
+        counters = self.counters
+        if counters is not None:  # every stanza, whatever the pipeline did with it
+            counters.relayed(counters.s2c_stanzas, el.tag, self.upstream.link.stream.read_at)
         if inspecting or out.commands:
             self._after_pipeline("s2c", el, started, out, out.to_client)
 
@@ -333,14 +336,6 @@ class LiveSession:
         that came in (forwarded or kept) and every stanza the features made of their own."""
         core = self.core
         counters = self.counters
-        if counters is not None:
-            if direction == "c2s":
-                client = self.client
-                counters.relayed(counters.c2s_stanzas, el.tag,
-                                 client.read_at if client is not None else started)
-            else:
-                counters.relayed(counters.s2c_stanzas, el.tag,
-                                 self.upstream.link.stream.read_at)
         matched: tuple[str, ...] = ()
         for command in out.commands:
             if isinstance(command, RulesMatched):
@@ -493,6 +488,11 @@ class LiveSession:
         started = time.perf_counter() if inspecting else 0.0
         out = self.core.from_client(el)
         self.write(out)
+        counters = self.counters
+        if counters is not None:
+            client = self.client
+            counters.relayed(counters.c2s_stanzas, el.tag,
+                             client.read_at if client is not None else time.perf_counter())
         if inspecting or out.commands:
             self._after_pipeline("c2s", el, started, out, out.to_upstream)
         if self.edge.stored_ready(el):

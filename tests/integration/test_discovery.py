@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 DISCO = "http://jabber.org/protocol/disco#info"
 # Everything the proxy can add to a disco#info answer (features it emulates).
-PROXY_VARS = {"urn:xmpp:carbons:2", "urn:xmpp:blocking", "urn:xmpp:mam:2", "urn:xmpp:push:0"}
+PROXY_VARS = {"urn:xmpp:carbons:2", "urn:xmpp:blocking", "urn:xmpp:mam:2",
+              "urn:xmpp:mam:2#extended", "urn:xmpp:push:0"}
 ALL_OFF = {"carbons": "off", "archive": "off", "blocking": "off", "push": "off"}
 
 
