@@ -42,6 +42,8 @@ C = TypeVar("C", bound=procs.Child)
 PROXY_OWN_FDS = 16  # listeners, epoll, the store, stdio: measured 10 with a few sessions
 WARM_SESSIONS = 10  # memory: sessions connected before the baseline RSS is read
 
+FEATURES = ("carbons", "archive", "blocking", "push")  # --features off
+
 
 class Bench:
     def __init__(self, opts: argparse.Namespace) -> None:
@@ -98,14 +100,19 @@ class Bench:
         if self.opts.barrier_every is not None:
             upstream["barrier_every"] = self.opts.barrier_every
         return procs.Proxy(self.workdir / name, self.cert, self.key, upstream, name=name,
-                           **overrides)
+                           **self._features(overrides))
+
+    def _features(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        if self.opts.features == "off" and "features" not in overrides:
+            overrides = {**overrides, "features": {k: "off" for k in FEATURES}}
+        return overrides
 
     def proxy_before_fast(self, name: str, upstream: procs.Child, *, tls: bool = False,
                           **overrides: Any) -> procs.Proxy:
         return procs.Proxy(self.workdir / name, self.cert, self.key, {
             "port": upstream.port, "domain": "localhost",
             "tls": "direct" if tls else "none", "verify": True, "ca": str(self.cert)},
-            name=name, **overrides)
+            name=name, **self._features(overrides))
 
     def ep(self, name: str, port: int, *, direct_tls: bool = False,
            watch: procs.Child | None = None, also: dict[str, int] | None = None) -> Endpoint:
@@ -912,6 +919,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--barrier-every", type=int, metavar="N", default=None,
                    help="upstream.barrier_every for proxies in front of Prosody "
                         "(default: the proxy's own default, 10)")
+    p.add_argument("--features", choices=("default", "off"), default="default",
+                   help="off: every emulated IM and mobile feature off in the proxies "
+                        "(carbons, archive, blocking, push), for the relay's own cost")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     opts = p.parse_args(argv)
     for name in ("pairs", "loggers", "resumes", "restore_sessions", "window", "batch",
