@@ -42,7 +42,7 @@ from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import ns
 from ..xmpp import stanza as st
 from ..xmpp.disco import Additions, ServerInfo
-from ..xmpp.jid import InvalidJid, Jid
+from ..xmpp.jid import bare_of
 from ..xmpp.stanza import Element
 
 CARBONS = "urn:xmpp:carbons:2"
@@ -99,15 +99,6 @@ def message_key(el: Element) -> tuple[str, str]:
     if el.get("id"):
         return (el.get("from", ""), "id:" + el.get("id", ""))
     return (el.get("from", ""), hashlib.sha256(etree.tostring(el)).hexdigest())
-
-
-def _bare(text: str | None) -> str | None:
-    if not text:
-        return None
-    try:
-        return str(Jid.parse(text).bare)
-    except InvalidJid:
-        return None
 
 
 @dataclass
@@ -282,7 +273,7 @@ class CarbonsTap(Feature):
             return el
         if not self._acct.anyone_enabled():
             return el  # (this session too: an enabled one must note what it got itself)
-        if _bare(el.get("from")) == self._account:
+        if bare_of(el.get("from")) == self._account:
             return el  # the account's own: its sent copies went out already
         if el.get("type") == "error":
             if el.get("id") not in self.state.sent_ids:

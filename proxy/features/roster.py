@@ -38,7 +38,7 @@ from ..store import (DEFAULT_MAX_CHANGES, RosterBook, RosterItem, RosterVersion,
                      same_item)
 from ..xmpp import ns
 from ..xmpp import stanza as st
-from ..xmpp.jid import InvalidJid, Jid
+from ..xmpp.jid import bare_of
 
 Element: TypeAlias = etree._Element
 
@@ -98,15 +98,6 @@ def check_roster_set(query: Element) -> str | None:
     if len(set(groups)) != len(groups):
         return "bad-request"
     return None
-
-
-def _bare(text: str | None) -> str | None:
-    if not text:
-        return None
-    try:
-        return str(Jid.parse(text).bare)
-    except InvalidJid:
-        return None
 
 
 def _roster_query(el: Element) -> Element | None:
@@ -335,7 +326,7 @@ class RosterFeature(Feature):
         return el
 
     def _own_roster(self, to: str | None) -> bool:
-        return to is None or _bare(to) == self._acct.name
+        return to is None or bare_of(to) == self._acct.name
 
     def _client_get(self, session: SessionCore, req: Element, out: Outputs) -> None:
         if self._acct.fresh:
@@ -372,7 +363,7 @@ class RosterFeature(Feature):
                            out: Outputs) -> Element | None:
         """RFC 6121 §3.4.2 (and §3.1.5 when a request is pending)."""
         acct = self._acct
-        contact = _bare(el.get("to"))
+        contact = bare_of(el.get("to"))
         if contact is None or contact == acct.name:
             return el
         if contact in acct.pending_in:
@@ -400,7 +391,7 @@ class RosterFeature(Feature):
                              out: Outputs) -> Element | None:
         """RFC 6121 §3.2.2: cancelling a pre-approval is not routed to the contact."""
         acct = self._acct
-        contact = _bare(el.get("to"))
+        contact = bare_of(el.get("to"))
         if contact is None:
             return el
         pending = contact in acct.pending_in
@@ -437,7 +428,7 @@ class RosterFeature(Feature):
             if typ == "subscribe":
                 return self._server_subscribe(session, el, out)
             if typ == "unsubscribe":
-                contact = _bare(el.get("from"))
+                contact = bare_of(el.get("from"))
                 if contact is not None:
                     self._acct.pending_in.discard(contact)  # the contact withdrew its request
         return el
@@ -460,7 +451,7 @@ class RosterFeature(Feature):
         acct = self._acct
         changed = False
         for jid, state in parsed:
-            contact = _bare(jid) or jid
+            contact = bare_of(jid) or jid
             self._swallow_subscribe.discard(contact)
             if state is None or state.subscription in _APPROVING:
                 acct.pending_in.discard(contact)
@@ -495,7 +486,7 @@ class RosterFeature(Feature):
         """RFC 6121 §3.1.3 with §3.4: a pre-approved contact is approved on the user's
         behalf and the request never reaches the client."""
         acct = self._acct
-        contact = _bare(el.get("from"))
+        contact = bare_of(el.get("from"))
         if contact is None or contact == acct.name:
             return el
         if contact in self._swallow_subscribe:
@@ -635,7 +626,7 @@ class RosterFeature(Feature):
 
     def _view(self, jid: str, item: RosterItem | None) -> Element:
         return item_element(jid, item,
-                            approved=(_bare(jid) or jid) in self._acct.preapproved)
+                            approved=(bare_of(jid) or jid) in self._acct.preapproved)
 
     def _touch(self, contact: str) -> None:
         """The approved flag of ``contact`` changed: a new version for its item."""

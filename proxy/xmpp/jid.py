@@ -55,3 +55,13 @@ class Jid:
     def __str__(self) -> str:
         text = f"{self.local}@{self.domain}" if self.local else self.domain
         return f"{text}/{self.resource}" if self.resource else text
+
+
+def bare_of(text: str | None) -> str | None:
+    """The bare JID of an address as written on a stanza; None for none or a malformed one."""
+    if not text:
+        return None
+    try:
+        return str(Jid.parse(text).bare)
+    except InvalidJid:
+        return None
