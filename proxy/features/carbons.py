@@ -192,8 +192,8 @@ class _TapFactory(FeatureFactory):
         return CarbonsTap(main, acct, state, session)
 
 
-class Carbons(Feature):
-    """Enable and disable, sent copies, and the copies other sessions send this one."""
+class _CarbonsPart(Feature):
+    """What both pipeline parts of a session's carbons share."""
 
     def __init__(self, factory: CarbonsFactory, acct: _Account, state: _State,
                  session: SessionCore) -> None:
@@ -204,6 +204,10 @@ class Carbons(Feature):
         self._domain = session.account.domain
         self._jid = str(session.jid)
         self._id = session.id
+
+
+class Carbons(_CarbonsPart):
+    """Enable and disable, sent copies, and the copies other sessions send this one."""
 
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         if el.tag == st.IQ:
@@ -252,17 +256,8 @@ class Carbons(Feature):
         self._factory._release(self._account, self._id)
 
 
-class CarbonsTap(Feature):
+class CarbonsTap(_CarbonsPart):
     """Received copies, made from what the client is given (after rules and blocking)."""
-
-    def __init__(self, factory: CarbonsFactory, acct: _Account, state: _State,
-                 session: SessionCore) -> None:
-        self._factory = factory
-        self._acct = acct
-        self.state = state
-        self._account = str(session.account)
-        self._jid = str(session.jid)
-        self._id = session.id
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         if el.tag != st.MESSAGE:
