@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .xmpp.disco import Additions, ServerInfo
@@ -29,14 +28,32 @@ if TYPE_CHECKING:
 OWN_ID_PREFIX = "xf-"
 
 
-@dataclass
 class Outputs:
     """What one input produced, in order, per direction, and any other commands for the
-    shell (``proxy/commands.py``: what the rules matched and asked to log, ...)."""
+    shell (``proxy/commands.py``: what the rules matched and asked to log, ...).
 
-    to_client: list[Element] = field(default_factory=list)
-    to_upstream: list[Element] = field(default_factory=list)
-    commands: list[Command] = field(default_factory=list)
+    A plain slotted class, not a dataclass: one is made per stanza in each direction."""
+
+    __slots__ = ("commands", "to_client", "to_upstream")
+
+    def __init__(self, to_client: list[Element] | None = None,
+                 to_upstream: list[Element] | None = None,
+                 commands: list[Command] | None = None) -> None:
+        self.to_client: list[Element] = [] if to_client is None else to_client
+        self.to_upstream: list[Element] = [] if to_upstream is None else to_upstream
+        self.commands: list[Command] = [] if commands is None else commands
+
+    def __repr__(self) -> str:
+        return (f"Outputs(to_client={self.to_client!r}, to_upstream={self.to_upstream!r}, "
+                f"commands={self.commands!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Outputs):
+            return NotImplemented
+        return (self.to_client, self.to_upstream, self.commands) == (
+            other.to_client, other.to_upstream, other.commands)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
 
     def extend(self, other: Outputs) -> None:
         self.to_client.extend(other.to_client)
