@@ -129,7 +129,7 @@ class UpstreamSide:
         self.session.c2s_taken(el)
         self._run_commands(outcome)
         self._update_room()
-        if self.state == "up" and self.outbox.unbarriered and self._flush is None:
+        if self._flush is None and self.edge.state == "up" and self.outbox.unbarriered:
             self._flush = asyncio.get_running_loop().call_later(BARRIER_FLUSH,
                                                                 self._flush_barrier)
         return None
@@ -151,14 +151,16 @@ class UpstreamSide:
         self._flush_barrier()
 
     def _update_room(self) -> None:
+        room = self.room
         if self.outbox.full:
-            self.room.clear()  # backpressure: the client pump waits, acks are not withheld
-        else:
-            self.room.set()
+            if room.is_set():
+                room.clear()  # backpressure: the client pump waits, acks are not withheld
+        elif not room.is_set():
+            room.set()
 
     @property
     def congested(self) -> bool:
-        return self.state == "up" and self.link.stream.congested
+        return self.edge.state == "up" and self.link.stream.congested
 
     async def drain(self) -> None:
         if self.state == "up":
@@ -212,34 +214,41 @@ class UpstreamSide:
         """Relay from the server until it goes away or the core says stop."""
         stream = self.link.stream
         edge = self.edge
+        session = self.session
         while True:
             try:
-                try:
-                    event = await stream.next_event(edge.read_timeout())
-                except TimeoutError:
-                    self._run_commands(edge.silence())
-                    continue
-                except ConnectionLost as exc:
-                    return ServerLost(f"connection lost ({exc})")
-                edge.heard()
-                if self._tls_fresh:
-                    self._tls_fresh = False
-                    self._tls_session = tls_session(stream) or self._tls_session
-                if isinstance(event, codec.StanzaReceived):
+                event = stream.ready_event()  # the rest of a read: no await per stanza
+                if event is None:
+                    # Backpressure toward the server: no more reading while the client's
+                    # buffer is full (it only grows when a loop turn flushes, so once
+                    # before each read is as often as it can change).
+                    await session.client_drain()
+                    try:
+                        event = await stream.next_event(edge.read_timeout())
+                    except TimeoutError:
+                        self._run_commands(edge.silence())
+                        continue
+                    except ConnectionLost as exc:
+                        return ServerLost(f"connection lost ({exc})")
+                    edge.heard()  # what a read brought in: nothing else arrives meanwhile
+                    if self._tls_fresh:
+                        self._tls_fresh = False
+                        self._tls_session = tls_session(stream) or self._tls_session
+                if type(event) is codec.StanzaReceived:
                     el = event.element
-                    if el.tag == _STREAM_ERROR:
+                    tag = el.tag
+                    if tag == _STREAM_ERROR:
                         self._run_commands(edge.stream_error(el))
-                    elif el.tag.startswith(_SM_PREFIX):  # not QName(el): one lookup per stanza
+                    elif tag.startswith(_SM_PREFIX):  # not QName(el): one lookup per stanza
                         self._run_commands(edge.server_nonza(el))
-                    elif st.is_stanza(el):
+                    elif tag in st.STANZA_TAGS:
                         absorbed = edge.server_stanza(el)
                         if absorbed is not None:
                             self._run_commands(absorbed)
                         elif edge.finishing:
-                            self.session.settle_from_server(el)
+                            session.settle_from_server(el)
                         else:
-                            self.session.from_server(el)
-                            await self.session.client_drain()
+                            session.from_server(el)
                 elif isinstance(event, codec.StreamClosed):
                     return ServerLost("the server closed the stream")
                 elif isinstance(event, codec.StreamViolation):

@@ -172,6 +172,19 @@ class XmlStream:
             self._events.extend(self.parser.feed(data))
         return self._events.popleft()
 
+    def ready_event(self) -> codec.StreamEvent | None:
+        """The next event if it is already parsed and nothing is due before it (a look at
+        the pending output: ``next_event`` does that); None: call ``next_event``. The relay
+        loops take a read's stanzas this way, without an await (a coroutine) per stanza."""
+        events = self._events
+        if not events:
+            return None
+        if self.output_soft is not None:
+            if self._since_output_check + 1 >= OUTPUT_CHECK_EVERY:
+                return None
+            self._since_output_check += 1
+        return events.popleft()
+
     def put_back(self, events: list[codec.StreamEvent]) -> None:
         """Events read ahead (while waiting for one answer) go first to the next reader."""
         self._events.extendleft(reversed(events))
