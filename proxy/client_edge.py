@@ -463,10 +463,13 @@ def ensure_origin_id(el: Element) -> None:
     """Give a message with an id an XEP-0359 ``<origin-id/>`` of the same value unless it
     carries one already. A message without an id is left as it is (a rule may have removed
     it on purpose), and so are errors."""
-    if el.tag != st.MESSAGE or el.get("type") == "error" or el.find(_ORIGIN_ID) is not None:
+    if el.tag != st.MESSAGE:
         return
     msg_id = el.get("id")
-    if not msg_id:
+    if not msg_id or el.get("type") == "error":
         return
+    for child in el:  # not find(): it parses its path on every call
+        if child.tag == _ORIGIN_ID:
+            return
     origin = st.sub(el, "origin-id", {"id": msg_id}, namespace=ns.SID)
     origin.tail = None

@@ -425,22 +425,24 @@ def _is_xmpp_1(version: str | None) -> bool:
 
 _STREAM_PREFIX_DECL = ' xmlns:stream="' + ns.STREAM + '"'
 _STREAM_TAG_PREFIX = "{" + ns.STREAM + "}"
-# Per default namespace, per tag in it: how lxml starts the element (``<message
-# xmlns="jabber:client"``) and the declaration to cut from it. Bounded: tags come from peers.
-_REDUNDANT: dict[str, dict[str, tuple[str, str]]] = {}
-_REDUNDANT_TAGS = 64
-_tostring = etree.tostring
+# How lxml starts a stanza in a stream's default namespace (``<message
+# xmlns="jabber:client"``), and the declaration to cut from it: made once for the tags that
+# make up nearly all traffic; others are worked out per call (nothing is cached at run time).
+_STANZA_NAMES = ("message", "presence", "iq")
 
 
 def _redundant_start(tag: str, default_ns: str) -> tuple[str, str] | None:
     if not tag.startswith("{" + default_ns + "}"):
         return None
     declaration = ' xmlns="' + default_ns + '"'
-    known = ("<" + tag[len(default_ns) + 2:] + declaration, declaration)
-    by_tag = _REDUNDANT.setdefault(default_ns, {})
-    if len(by_tag) < _REDUNDANT_TAGS:
-        by_tag[tag] = known
-    return known
+    return "<" + tag[len(default_ns) + 2:] + declaration, declaration
+
+
+_REDUNDANT: dict[str, dict[str, tuple[str, str]]] = {
+    space: {ns.qname(space, name): start for name in _STANZA_NAMES
+            if (start := _redundant_start(ns.qname(space, name), space)) is not None}
+    for space in (ns.CLIENT,)}
+_tostring = etree.tostring
 
 
 def serialize(el: Element, default_ns: str = ns.CLIENT) -> bytes:
