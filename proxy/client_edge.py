@@ -86,11 +86,12 @@ class ClientEdge:
             number = lane.enter()
             sm.track(el, written=self.attached)
             out: list[Command] = []
+            document = None
             if self.policy.journal:
-                out.append(JournalPut("s2c", number, etree.tostring(el),
-                                      sm.unacked[-1].queued_at))
+                document = codec.document(el)
+                out.append(JournalPut("s2c", number, document, sm.unacked[-1].queued_at))
             if self.attached:
-                out.append(ToClient(el, own))
+                out.append(ToClient(el, own, document))
             if sm.overflowing:
                 out += [Log("sm_queue_overflow", {"queued": len(sm.unacked)}, "warning"),
                         EndSession("stream management queue overflow")]
@@ -377,7 +378,7 @@ class ClientEdge:
             return []
         # After a crash this one may be sent twice: an origin-id lets receivers tell.
         ensure_origin_id(el)
-        return [JournalPut("c2s", number, etree.tostring(el), self.wall_clock())]
+        return [JournalPut("c2s", number, codec.document(el), self.wall_clock())]
 
     def c2s_left(self, count: int, exit: Exit) -> list[Command]:
         if not count:

@@ -160,7 +160,7 @@ class LiveSession:
                 if self.client is not None:
                     if c.own:
                         self.inspect_own("s2c", c.element)
-                    self.client.send(c.element)
+                    self.client.send(c.element, c.document)
             elif isinstance(c, JournalPut):
                 assert self.journal is not None
                 self.journal.put(self.core.id, c.lane, c.number, self._account, c.stanza,
@@ -375,10 +375,17 @@ class LiveSession:
 
     # The ledger, for the upstream side ---------------------------------------------------------
 
-    def c2s_taken(self, el: Element) -> None:
+    def c2s_taken(self, el: Element) -> bytes | None:
+        """``el`` entered the outbox; returns it as the journal just serialized it, if it
+        did (the write to the server then uses those bytes)."""
         commands = self.edge.c2s_taken(el)
-        if commands:
-            self.execute(commands)
+        if not commands:
+            return None
+        self.execute(commands)
+        for c in commands:
+            if isinstance(c, JournalPut):
+                return c.stanza
+        return None
 
     def c2s_left(self, count: int, exit: Exit) -> None:
         self.execute(self.edge.c2s_left(count, exit))

@@ -101,12 +101,15 @@ class UpstreamSide:
 
     # Carrying out the core's commands -----------------------------------------------------------
 
-    def _run_commands(self, commands: Sequence[ServerCommand]) -> None:
+    def _run_commands(self, commands: Sequence[ServerCommand], submitted: Element | None = None,
+                      document: bytes | None = None) -> None:
         """Do what the core asked; the end of the connection (lost, finished, given up)
-        stops the reading loop (raised as _Stop)."""
+        stops the reading loop (raised as _Stop). ``document``: ``submitted`` as the journal
+        serialized it (written as it is)."""
         for c in commands:
             if isinstance(c, ToServer):
-                self.link.stream.send(c.element)
+                el = c.element
+                self.link.stream.send(el, document if el is submitted else None)
             elif isinstance(c, Confirmed):
                 # The server handled these: they leave the ledger as delivered.
                 self.session.c2s_left(c.left - self.session.ledger.c2s.left, "delivered")
@@ -126,8 +129,8 @@ class UpstreamSide:
         outcome = self.edge.submit(el)
         if not isinstance(outcome, list):
             return outcome
-        self.session.c2s_taken(el)
-        self._run_commands(outcome)
+        document = self.session.c2s_taken(el)
+        self._run_commands(outcome, el, document)
         self._update_room()
         if self._flush is None and self.edge.state == "up" and self.outbox.unbarriered:
             self._flush = asyncio.get_running_loop().call_later(BARRIER_FLUSH,

@@ -219,8 +219,9 @@ class XmlStream:
             if self.output_bytes > soft:
                 await asyncio.sleep(0.05)  # drain returns at once if the transport never paused
 
-    def send(self, el: Element) -> None:
-        data = codec.serialize(el)
+    def send(self, el: Element, document: bytes | None = None) -> None:
+        """``document``: ``el`` as ``codec.document`` made it (not serialized again)."""
+        data = codec.serialize(el, document=document)
         counts = self.sent_bytes
         if counts is not None:
             tag = el.tag

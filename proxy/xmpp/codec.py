@@ -445,18 +445,29 @@ _REDUNDANT: dict[str, dict[str, tuple[str, str]]] = {
 _tostring = etree.tostring
 
 
-def serialize(el: Element, default_ns: str = ns.CLIENT) -> bytes:
+def document(el: Element) -> bytes:
+    """``el`` as a document of its own (every namespace it uses declared), in UTF-8: what
+    the journal and the store keep. ``serialize(el, document=...)`` derives the wire form
+    from it, so a stanza that is both journaled and sent is serialized once."""
+    # lxml's text output encoded here is the same UTF-8 as its bytes output (non-ASCII
+    # stays text, not &#NNN; references), and cheaper: lxml's own encoder is slower.
+    return _tostring(el, encoding="unicode").encode()
+
+
+def serialize(el: Element, default_ns: str = ns.CLIENT, *,
+              document: bytes | None = None) -> bytes:
     """One element as it goes on a stream whose default namespace is ``default_ns``.
 
     Declarations the stream header already made are left out: a stanza's own
     ``xmlns="jabber:client"`` and, on ``stream:``-prefixed elements, ``xmlns:stream``.
+    ``document``: ``el`` as :func:`document` made it, unchanged since (it is not
+    serialized again).
     """
-    # lxml's text output encoded here is the same UTF-8 as its bytes output (non-ASCII
-    # stays text, not &#NNN; references), and cheaper: lxml's own encoder is slower.
-    text: str = _tostring(el, encoding="unicode")
+    text: str = (_tostring(el, encoding="unicode") if document is None
+                 else document.decode())
     tag = el.tag
     if not isinstance(tag, str):
-        return text.encode()
+        return document if document is not None else text.encode()
     by_tag = _REDUNDANT.get(default_ns)
     redundant = by_tag.get(tag) if by_tag is not None else None
     if redundant is None:
@@ -471,7 +482,7 @@ def serialize(el: Element, default_ns: str = ns.CLIENT) -> bytes:
         at = text.find(_STREAM_PREFIX_DECL, 0, end_of_tag)
         if at >= 0:
             return (text[:at] + text[at + len(_STREAM_PREFIX_DECL):]).encode()
-    return text.encode()
+    return document if document is not None else text.encode()
 
 
 def stream_header(*, to: str | None = None, from_: str | None = None,

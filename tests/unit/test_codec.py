@@ -16,6 +16,7 @@ from proxy.xmpp.codec import (
     StreamOpened,
     StreamViolation,
     XmlStreamParser,
+    document,
     serialize,
     stream_error,
     stream_header,
@@ -235,6 +236,18 @@ def test_a_stanza_out_of_the_tree_serializes_as_it_came(chunk: int | None) -> No
         assert el.getparent() is None and el.tail is None
     root = parser._root
     assert root is not None and len(root) == 0  # the parser keeps none of them
+
+
+def test_the_wire_form_made_from_a_document_is_the_serialization() -> None:
+    """What the journal keeps (a document of its own, UTF-8) gives the same bytes on the
+    wire as serializing the element, and parses back to the same element."""
+    header = HEADER.replace(b" to=", b" xmlns:h='urn:from-the-header' to=")
+    for el in stanzas(parse(header + b"".join(raw for raw, _ in OUT_OF_THE_TREE))):
+        doc = document(el)
+        assert serialize(el, document=doc) == serialize(el)
+        (again,) = stanzas(parse(HEADER + serialize(el, document=doc)))
+        assert_same_element(el, again)
+        assert_same_element(el, etree.fromstring(doc))
 
 
 def test_stream_prefixed_element_relies_on_the_header_for_its_prefix() -> None:
