@@ -245,10 +245,9 @@ class Hub:
         owed = await self._hand_over(command.hand_over_from) \
             if command.hand_over_from is not None else []
         try:
-            full = await auth.upstream.bind(command.resource,
-                                            self.config.upstream.connect_timeout)
-            server = await auth.upstream.discover(self.config.upstream.domain,
-                                                  self.config.upstream.discovery_timeout)
+            # The link's own upstream configuration: its domain and timeouts.
+            full = await auth.upstream.bind(command.resource)
+            server = await auth.upstream.discover()
         except UpstreamBindFailed as exc:
             await self._carry_out(self.registry.bind_refused_upstream(
                 el, exc.error_reply, str(exc)), el, auth, log)
