@@ -182,8 +182,7 @@ class Proxy:
                                        synchronous=config.durability.fsync.upper(),
                                        log=self.log)
         self.counters = Counters()
-        self.hub = Hub(config, factories, store=self.store,
-                       upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
+        self.hub = Hub(config, factories, store=self.store, inspector=inspector, log=self.log,
                        journal=self.journal, counters=self.counters, archive=self.archive)
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
@@ -293,7 +292,7 @@ class Proxy:
         self.rules.adopt(prepared.rule_paths, prepared.ruleset)
         self.config = config
         self.upstream_tls = prepared.upstream_tls
-        self.hub.reconfigure(config, prepared.upstream_tls, prepared.inspector)
+        self.hub.reconfigure(config, prepared.inspector)
         self.connection_limiter.config = config.abuse
         self.login_throttle.reconfigure(config.abuse)
         size_tls_buffers(config.limits.tls_read_buffer)

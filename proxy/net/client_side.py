@@ -72,8 +72,10 @@ class AuthenticatedClient:
     # the password: such a client can resume or take over, not bind anew.
     upstream: UpstreamLink | None
     password: str = field(repr=False)  # kept to log in again after an upstream outage
-    # The domain the stream's header chose: its upstream is the session's server.
+    # The domain the stream's header chose: its upstream is the session's server, reached
+    # with this TLS context (the one the login used) for every reconnection.
     domain: ServedDomain | None = None
+    upstream_tls: ssl.SSLContext | None = None
 
     @property
     def config(self) -> Config:
@@ -136,7 +138,8 @@ class ClientNegotiation:
             self.stream.restart()
             auth = self._authenticated
             return AuthenticatedClient(self.stream, auth.account, self.upstream, auth.password,
-                                       domain=self.domain)
+                                       domain=self.domain,
+                                       upstream_tls=self.upstream_tls.get(self.domain.name))
         except BaseException:
             if self.upstream is not None:
                 await self.upstream.stream.close(wait_for_peer=0)

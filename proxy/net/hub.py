@@ -41,7 +41,7 @@ from ..session import FeatureFactory, SessionCore, disco_additions
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import Jid
-from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed, UpstreamTls
+from .client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from ..journal import Journal
 from .live import LiveSession, SessionStore
 from .ports import FinishingSession, RegisteredSession
@@ -55,7 +55,7 @@ _CAPS = ns.qname(ns.CAPS, "c")
 
 class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
-                 store: SessionStore | None, upstream_tls: UpstreamTls,
+                 store: SessionStore | None,
                  log: Any, inspector: Inspector | None = None,
                  journal: Journal | None = None, counters: Counters | None = None,
                  archive: ArchiveWriter | None = None) -> None:
@@ -64,7 +64,6 @@ class Hub:
         self.counters = counters  # for /metrics: resumptions, and what sessions relay
         self.archive = archive
         self.inspector = inspector
-        self.upstream_tls = upstream_tls
         self.factories = list(factories)
         self.store = store
         self.log = log
@@ -81,12 +80,11 @@ class Hub:
         # (for the caps hash offered before the next bind), by the domain's name.
         self.domain_info: dict[str, DiscoInfo] = {}
 
-    def reconfigure(self, config: Config, upstream_tls: UpstreamTls,
-                    inspector: Inspector | None) -> None:
+    def reconfigure(self, config: Config, inspector: Inspector | None) -> None:
         """A reload: binds, resumptions and new sessions from now on use these; live
-        sessions keep the configuration they were made with."""
+        sessions keep the configuration they were made with (a new session takes its
+        domain's configuration and upstream TLS context from its login)."""
         self.config = config
-        self.upstream_tls = upstream_tls
         self.inspector = inspector
         self.registry.reconfigure(config.abuse, max_resume_timeout=(
             config.stream_management.max_resume_timeout))
@@ -274,7 +272,7 @@ class Hub:
         core = SessionCore(jid, self.factories, server)
         session = LiveSession(self, core, auth.upstream, config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
-                              tls_context=self.upstream_tls.get(auth.domain.name),
+                              tls_context=auth.upstream_tls,
                               inspector=self.inspector,
                               journal=self.journal, counters=self.counters,
                               archive=self.archive)

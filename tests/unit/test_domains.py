@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from proxy.commands import CheckLogin, FailNegotiation, Log, SendHeader
 from proxy.config import (ConfigError, DomainConfig, UpstreamConfig, check_files, domain_key,
                           parse_config)
 from proxy.negotiation import NegotiationCore
+from proxy.net.certificates import ServerCertificates, upstream_contexts
+from proxy.reload import plan_reload
 from proxy.preflight import errors, preflight
 from proxy.xmpp import codec, ns
 from tests.peers.certs import make_cert
@@ -278,3 +281,85 @@ def test_the_probe_tries_each_domains_server(tmp_path: Path, pairs) -> None:
     (warning,) = probed
     assert warning.key == "domains[0].upstream.host/domains[0].upstream.port"
     assert f"127.0.0.1:{down}" in warning.message and "b.example" in warning.message
+
+
+# -------------------------------------------------------------------- SNI
+
+
+def handshake(server: ssl.SSLContext, server_name: str | None) -> bytes:
+    """A TLS handshake in memory; the certificate the client got (DER)."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname=server_name)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(8):
+        done = True
+        for side in (c, s):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                done = False
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if done:
+            break
+    der = c.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def test_sni_gives_a_domain_its_own_certificate_and_the_rest_the_default(
+        tmp_path: Path, pairs) -> None:
+    b_cert, b_key = pairs["b.example"]
+    c = with_domains(tmp_path, pairs,
+                     {"domain": "b.example", "tls": {"cert": str(b_cert), "key": str(b_key)}},
+                     {"domain": "c.example"})
+    certificates = ServerCertificates(c)
+    default = der(pairs["localhost"][0])
+    assert handshake(certificates.context, "b.example") == der(b_cert)
+    assert handshake(certificates.context, "B.Example") == der(b_cert)
+    assert handshake(certificates.context, "c.example") == default  # no pair of its own
+    assert handshake(certificates.context, "localhost") == default
+    assert handshake(certificates.context, "unknown.example") == default
+    assert handshake(certificates.context, None) == default
+
+
+def test_a_reload_swaps_in_every_domains_new_pair_or_none(tmp_path: Path, pairs) -> None:
+    b_cert, b_key = pairs["b.example"]
+    own = {"domain": "b.example", "tls": {"cert": str(b_cert), "key": str(b_key)}}
+    old = with_domains(tmp_path, pairs, own)
+    certificates = ServerCertificates(old)
+    renewed = make_cert(tmp_path / "renewed", "b.example")
+    new = with_domains(tmp_path, pairs, {"domain": "b.example", "tls": {
+        "cert": str(renewed[0]), "key": str(renewed[1])}})
+    certificates.take_on(new, old, certificates.prepare(new))
+    assert handshake(certificates.context, "b.example") == der(renewed[0])
+    broken = with_domains(tmp_path, pairs, {"domain": "b.example", "tls": {
+        "cert": str(renewed[0]), "key": str(b_key)}})
+    with pytest.raises(ssl.SSLError):
+        certificates.prepare(broken)
+    assert handshake(certificates.context, "b.example") == der(renewed[0])  # unchanged
+    certificates.take_on(old, new, certificates.prepare(with_domains(tmp_path, pairs)))
+    assert handshake(certificates.context, "b.example") == der(pairs["localhost"][0])
+
+
+def test_upstream_contexts_are_kept_across_a_reload_unless_their_tls_changed(
+        tmp_path: Path, pairs) -> None:
+    old = with_domains(tmp_path, pairs, {"domain": "b.example"}, {"domain": "c.example"})
+    first = upstream_contexts(old)
+    assert set(first) == {"localhost", "b.example", "c.example"}
+    assert len({id(x) for x in first.values()}) == 3  # each domain its own
+    new = with_domains(tmp_path, pairs, {"domain": "b.example", "upstream": {"port": 5333}},
+                       {"domain": "c.example", "upstream": {"verify": False}},
+                       {"domain": "d.example", "upstream": {"tls": "none"}})
+    second = upstream_contexts(new, old, first)
+    assert second["localhost"] is first["localhost"]
+    assert second["b.example"] is first["b.example"]  # only its port changed
+    assert second["c.example"] is not first["c.example"]
+    assert second["d.example"] is None
+    assert plan_reload(old, new).applied == ["domains"]
