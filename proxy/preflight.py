@@ -11,6 +11,7 @@ upstream. Each problem is a :class:`Finding` naming the key; errors stop ``check
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -335,10 +336,23 @@ def check_upstream(config: Config) -> list[Finding]:
     """Each served domain's upstream: the CA file the server is verified with (loaded
     whenever TLS is on), the loop check, and settings that do nothing or send passwords in
     clear."""
-    findings: list[Finding] = []
+    findings = _check_one_upstream(config, "upstream")
     for served in config.served.values():
-        findings += _check_one_upstream(served.config, served.key_prefix)
+        if served.index is None:
+            continue
+        # What a domain inherits (or repeats) was checked, and is named, as upstream's.
+        own = {f.name for f in dataclasses.fields(config.upstream)
+               if getattr(served.config.upstream, f.name) != getattr(config.upstream, f.name)}
+        prefix = served.key_prefix
+        findings += [f for f in _check_one_upstream(served.config, prefix)
+                     if own & _CHECKED_BY.get(f.key.replace(prefix + ".", ""), set())]
     return findings
+
+
+# The upstream keys each finding of _check_one_upstream depends on.
+_CHECKED_BY: dict[str, set[str]] = {
+    "ca": {"ca", "tls", "verify"}, "tls": {"tls", "host"}, "host/port": {"host", "port"},
+}
 
 
 def _check_one_upstream(config: Config, prefix: str) -> list[Finding]:

@@ -363,3 +363,18 @@ def test_upstream_contexts_are_kept_across_a_reload_unless_their_tls_changed(
     assert second["c.example"] is not first["c.example"]
     assert second["d.example"] is None
     assert plan_reload(old, new).applied == ["domains"]
+
+
+def test_what_a_domain_inherits_is_named_once_where_it_is_written(tmp_path: Path,
+                                                                   pairs) -> None:
+    b_cert, b_key = pairs["b.example"]
+    own = {"cert": str(b_cert), "key": str(b_key)}
+    c = with_domains(tmp_path, pairs, {"domain": "b.example", "tls": own},
+                     upstream={"host": "127.0.0.1", "port": 15222, "ca": str(b_key)})
+    assert [(k, w) for k, w, _ in found(c)] == [("upstream.ca", False)]
+    # A domain that changes what the CA check depends on (verify) is named for it too.
+    c = with_domains(tmp_path, pairs, {"domain": "b.example", "tls": own,
+                                       "upstream": {"ca": str(b_key), "verify": False}},
+                     upstream={"host": "127.0.0.1", "port": 15222, "ca": str(b_key)})
+    assert [(k, w) for k, w, _ in found(c)] == [("upstream.ca", False),
+                                                ("domains[0].upstream.ca", False)]
