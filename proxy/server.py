@@ -42,7 +42,7 @@ from .loopcheck import OwnStreamIds
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
 from .net.live import LiveSession
-from .net.certificates import (ServerCertificates, new_server_context, upstream_contexts)
+from .net.certificates import ServerCertificates, upstream_contexts
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
@@ -52,11 +52,6 @@ from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
 from .store import Store
 from .xmpp import codec
-
-
-def server_tls_context(config: Config) -> ssl.SSLContext:
-    """The default certificate's context (``tls:``), without the domains' SNI choice."""
-    return new_server_context(config.path(config.tls.cert), config.path(config.tls.key))
 
 
 def _address_text(address: tuple[str, int] | None) -> str:
@@ -236,6 +231,9 @@ class Proxy:
                           changed=plan.changed, applied=plan.applied,
                           needs_restart=plan.needs_restart,
                           cert=str(plan.config.path(plan.config.tls.cert)),
+                          domain_certs={s.name: str(plan.config.path(s.tls.cert))
+                                        for s in plan.config.served.values()
+                                        if s.index is not None and s.own_tls},
                           rules=len(prepared.ruleset))
             for warning in prepared.warnings:
                 self.log.warning(warning.event, key=warning.key, problem=warning.message,

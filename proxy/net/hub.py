@@ -179,8 +179,8 @@ class Hub:
         """Bind, take over or resume, as the ``Registry`` decides; returns the session, what
         to write to the client first, and whether it was a resumption. Raises
         NegotiationFailed when the client breaks the rules."""
-        await negotiation.open_bound_stream(self._post_auth_features(auth.upstream,
-                                                                     auth.account.domain))
+        domain = auth.domain.name if auth.domain is not None else auth.account.domain
+        await negotiation.open_bound_stream(self._post_auth_features(auth.upstream, domain))
         while True:
             el = await negotiation.next_element()
             outcome = await self._carry_out(self.registry.element(el), el, auth, log)

@@ -237,7 +237,8 @@ def test_sighup_renews_one_domains_certificate_for_new_connections(
             shutil.copy(renewed_key, live / "beta.key")
             assert proxy.proc is not None
             proxy.proc.send_signal(signal.SIGHUP)
-            await asyncio.to_thread(proxy.wait_event, "config_reloaded")
+            reloaded = await asyncio.to_thread(proxy.wait_event, "config_reloaded")
+            assert reloaded["domain_certs"] == {BETA: str(live / "beta.crt")}
             assert await peer_certificate(port, BETA) == der_of(renewed_cert)
             assert await starttls_certificate(proxy.port, BETA) == der_of(renewed_cert)
             assert await peer_certificate(port, None) == der_of(proxy_certs["localhost"][0])
