@@ -74,6 +74,12 @@ def start_proxy(tmp_path: Path, server: LegacyProsody, certs: dict[str, tuple[Pa
     return proxy.start()
 
 
+def serial_of(path: Path) -> str:
+    done = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", str(path)],
+                          capture_output=True, text=True, check=True, timeout=10)
+    return done.stdout.strip().removeprefix("serial=").upper()
+
+
 def der_of(path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(path.read_text())
 
@@ -92,8 +98,9 @@ async def peer_certificate(port: int, server_name: str | None, *,
     sslobj = writer.get_extra_info("ssl_object")
     der: bytes = sslobj.getpeercert(binary_form=True)
     if expect is not None:
-        subject = dict(x[0] for x in sslobj.getpeercert()["subject"])
-        assert subject["commonName"] == server_name
+        seen = sslobj.getpeercert()
+        assert dict(x[0] for x in seen["subject"])["commonName"] == server_name
+        assert seen["serialNumber"] == serial_of(expect)
     writer.close()
     return der
 
@@ -239,7 +246,10 @@ def test_sighup_renews_one_domains_certificate_for_new_connections(
             proxy.proc.send_signal(signal.SIGHUP)
             reloaded = await asyncio.to_thread(proxy.wait_event, "config_reloaded")
             assert reloaded["domain_certs"] == {BETA: str(live / "beta.crt")}
-            assert await peer_certificate(port, BETA) == der_of(renewed_cert)
+            assert serial_of(renewed_cert) != serial_of(proxy_certs[BETA][0])
+            # The new serial, verified against the renewed certificate alone.
+            assert await peer_certificate(port, BETA, expect=renewed_cert) == der_of(
+                renewed_cert)
             assert await starttls_certificate(proxy.port, BETA) == der_of(renewed_cert)
             assert await peer_certificate(port, None) == der_of(proxy_certs["localhost"][0])
             b.message(carol[0] + "/pc", "still here")  # live sessions go on
