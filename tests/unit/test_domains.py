@@ -45,6 +45,8 @@ def test_one_upstream_alone_serves_its_domain_as_before() -> None:
     default = plain.default_domain
     assert (default.name, default.index, default.config) == ("localhost", None, plain)
     assert default.tls == plain.tls
+    assert parse_config({"domains": None}).domains == []
+    assert parse_config({"domains": []}) == plain
 
 
 def test_a_domain_inherits_what_it_does_not_give_and_overrides_the_rest() -> None:
