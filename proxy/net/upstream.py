@@ -141,14 +141,11 @@ class UpstreamLink:
         self.tls_context = tls_context
         self.max_stanza_bytes = max_stanza_bytes
         self.log = log
-        self._stream: XmlStream | None = None
+        # A plain attribute (read per stanza by the session), set once connected.
+        self.stream: XmlStream
+        self.connected = False
         self._deadline: float | None = None  # loop.time() the current wait ends at
         self.server_info = ServerInfo()  # after discover()
-
-    @property
-    def stream(self) -> XmlStream:
-        assert self._stream is not None, "not connected"
-        return self._stream
 
     @property
     def features(self) -> Element:
@@ -255,9 +252,10 @@ class UpstreamLink:
             return self.negotiation.connect_failed(str(exc) or type(exc).__name__)
         # The server relays what other users send: its stanzas may nest as deep as the
         # parser allows, so one odd message from someone else cannot cut this user's link.
-        self._stream = XmlStream(reader, writer, max_stanza_bytes=self.max_stanza_bytes,
-                                 max_depth=codec.MAX_DEPTH_LIMIT,
-                                 track_trailing=command.track_trailing)
+        self.stream = XmlStream(reader, writer, max_stanza_bytes=self.max_stanza_bytes,
+                                max_depth=codec.MAX_DEPTH_LIMIT,
+                                track_trailing=command.track_trailing)
+        self.connected = True
         return self.negotiation.connected()
 
     async def _start_tls(self, command: StartTlsToServer) -> list[UpstreamCommand]:
@@ -308,8 +306,8 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     try:
         await link._carry_out(core.start())
     except BaseException as exc:
-        if link._stream is not None:
-            link._stream.abort()
+        if link.connected:
+            link.stream.abort()
         if isinstance(exc, (ssl.SSLError, OSError)):
             raise UpstreamUnavailable(f"negotiation with the server failed: {exc!r}") from exc
         raise
