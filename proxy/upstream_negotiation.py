@@ -46,6 +46,7 @@ from .commands import (
     UpstreamBound,
     UpstreamCommand,
     UpstreamFailed,
+    UpstreamFailure,
     UpstreamReady,
 )
 from .config import UpstreamConfig
@@ -78,6 +79,9 @@ Phase = Literal["idle", "connecting", "header", "features", "proceed", "tls", "s
                 "ready", "bind", "session", "discovery", "failed"]
 # Which stream the next features belong to.
 Stage = Literal["plain", "tls", "authenticated"]
+_STAGE_NAMES: dict[Stage, str] = {"plain": "the stream negotiation",
+                                  "tls": "the stream negotiation after TLS",
+                                  "authenticated": "the restart after SASL"}
 
 
 def new_iq_id(prefix: str) -> str:
@@ -223,16 +227,14 @@ class UpstreamNegotiation:
     # Decisions ------------------------------------------------------------------------------
 
     def _step(self) -> str:
-        if self.phase in ("bind", "session"):
+        """Where we are, for a failure's reason."""
+        if self.phase in ("bind", "session", "discovery"):
             return self.phase
-        if self.phase == "discovery":
-            return "discovery"
-        return {"plain": "the stream negotiation", "tls": "the stream negotiation after TLS",
-                "authenticated": "the restart after SASL"}[self._stage] \
-            if self.phase != "sasl" else "SASL"
+        if self.phase == "sasl":
+            return "SASL"
+        return _STAGE_NAMES[self._stage]
 
-    def _fail(self, reason: str, kind: Literal["unavailable", "auth", "loop", "bind"]
-              = "unavailable", condition: str = "",
+    def _fail(self, reason: str, kind: UpstreamFailure = "unavailable", condition: str = "",
               error_reply: Element | None = None) -> list[UpstreamCommand]:
         self.phase = "failed"
         return [UpstreamFailed(kind, reason, condition, error_reply)]
@@ -332,9 +334,11 @@ class UpstreamNegotiation:
             return [Log("upstream_ignored", {"kind": st.kind(el), "during": self.phase},
                         level="debug")]
         if el.get("type") != "result":
+            # The stream stays usable (RFC 6120 §7.6.2): the client may ask for another bind.
             condition = st.error_condition(el) or "undefined-condition"
-            return self._fail(f"the server refused the {self.phase}: {condition}", "bind",
-                              condition, el)
+            refused, self.phase = self.phase, "ready"
+            return [UpstreamFailed("bind", f"the server refused the {refused}: {condition}",
+                                   condition, el)]
         if self.phase == "session":
             self.phase = "ready"
             return [UpstreamBound(self.jid)]

@@ -184,12 +184,15 @@ def test_our_own_stream_id_raises_the_loop() -> None:
     case(script, test)
 
 
-def test_a_refused_bind_raises_with_the_servers_error() -> None:
+def test_a_refused_bind_raises_with_the_servers_error_and_a_new_bind_may_follow() -> None:
     async def script(peer: Peer) -> None:
         await peer.login()
         bind = await peer.iq_id()
         peer.send(f"<iq type='error' id='{bind}'><error type='cancel'><conflict xmlns="
                   "'urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+        bind = await peer.iq_id()
+        peer.send(f"<iq type='result' id='{bind}'><bind xmlns='urn:ietf:params:xml:ns:xmpp-"
+                  "bind'><jid>alice@localhost/laptop</jid></bind></iq>")
 
     async def test(config: UpstreamConfig, _: dict[str, Any]) -> None:
         link = await connect(config)
@@ -197,6 +200,8 @@ def test_a_refused_bind_raises_with_the_servers_error() -> None:
             await link.bind("phone")
         assert str(failed.value) == "conflict"
         assert failed.value.error_reply.get("type") == "error"
+        # The client may ask again on the same link (RFC 6120 §7.6.2).
+        assert await link.bind("laptop") == "alice@localhost/laptop"
         link.stream.abort()
     case(script, test)
 

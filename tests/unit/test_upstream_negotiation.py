@@ -468,6 +468,17 @@ def test_a_refused_bind_gives_the_servers_error(condition: str) -> None:
     assert (fail.kind, fail.condition) == ("bind", condition) and fail.error_reply is reply
 
 
+def test_after_a_refused_bind_another_may_be_asked_on_the_same_stream() -> None:
+    core = negotiation(tls="none")
+    authenticated(core)
+    core.bind("phone")
+    assert failure(core.receive(got(error_iq("bind-1", "conflict")))).kind == "bind"
+    (iq,) = sent(core.bind("laptop"))
+    assert iq.get("id") == "bind-2"
+    assert core.receive(got(bind_result("bind-2", "user@localhost/laptop"))) == [
+        UpstreamBound("user@localhost/laptop")]
+
+
 def test_a_refused_session_is_a_refused_bind() -> None:
     core = negotiation(tls="none")
     authenticated(core, session_feature(optional=False))
