@@ -208,7 +208,7 @@ class UpstreamNegotiation:
     def discover(self, domain: str | None = None,
                  timeout: float | None = None) -> list[UpstreamCommand]:
         """The domain's and the account's disco#info, asked together after the bind."""
-        assert self.phase == "ready" and self.jid, (self.phase, self.jid)
+        assert self.phase == "ready", self.phase
         domain = domain or self.config.domain
         self._asked, self._answers = {}, {}
         out: list[UpstreamCommand] = []
