@@ -6,7 +6,10 @@ queries it off the event loop.
   the ``archive_prefs`` table, a migration of ``proxy/store.py``. Every row belongs to one
   account; every index starts with it, so an account's query never reads another's rows,
   and ordering is by ``(ts, seq)``: the time the proxy archived the message, then the order
-  it was archived in.
+  it was archived in. Two indexes besides the table (by time, by contact), each entry the
+  account, a key and the row number: each archived message costs three B-tree inserts.
+- :class:`ArchiveIds`: the proxy's message ids, derived from the row number so that finding
+  a message by its id needs no index of its own.
 - :class:`ArchiveArea`: the SQL, synchronous, on whatever connection it is given (the
   writer thread's; tests and the benchmark call it directly).
 - :class:`ArchiveWriter`: the one thread that touches the archive at run time. Messages
@@ -22,34 +25,66 @@ I/O, so the pure feature (``proxy/features/archive.py``) and the commands can na
 from __future__ import annotations
 
 import asyncio
+import binascii
 import functools
+import itertools
 import json
+import os
 import queue
+import random
+import secrets
 import sqlite3
 import threading
 import time
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Literal
 
 # The messages: in a SQLite file of their own (``archive_path``), so that the archive's
 # writes never hold the lock the journal's commits (and so the clients' acks) wait for.
+# Version 2 (``PRAGMA user_version``; version 1 had no version, a random id per row in a
+# unique index, AUTOINCREMENT and an index by age: five B-trees per row, the random one the
+# dearest; ``_migrate`` rebuilds such a file, its ids kept).
+ARCHIVE_VERSION = 2
 MESSAGES_SCHEMA = """
     CREATE TABLE IF NOT EXISTS archive (          -- XEP-0313: the account's messages
-        seq        INTEGER PRIMARY KEY AUTOINCREMENT,  -- archiving order (ties of ts)
+        seq        INTEGER PRIMARY KEY,           -- archiving order (ties of ts); the row number
         account    TEXT NOT NULL,                 -- bare JID: whose archive
-        archive_id TEXT NOT NULL,                 -- the stable id (XEP-0359 stanza-id)
+        nonce      INTEGER,                       -- the proxy's id: nonce and seq (ArchiveIds)
+        archive_id TEXT,                          -- else the id as stored (version 1 rows)
         ts         REAL NOT NULL,                 -- wall-clock seconds when archived
         direction  TEXT NOT NULL,                 -- 'in' (received) or 'out' (sent)
         with_bare  TEXT NOT NULL,                 -- the other party, bare
-        with_full  TEXT NOT NULL,                 -- the other party as addressed
+        with_full  TEXT,                          -- the other party as addressed; null: bare
         stanza     BLOB NOT NULL                  -- the message as XML
     );
-    CREATE UNIQUE INDEX IF NOT EXISTS archive_by_id ON archive (account, archive_id);
-    CREATE INDEX IF NOT EXISTS archive_by_time ON archive (account, ts, seq);
-    CREATE INDEX IF NOT EXISTS archive_by_with ON archive (account, with_bare, ts, seq);
-    CREATE INDEX IF NOT EXISTS archive_by_age ON archive (ts);
+    -- Each index ends with the row number (seq) implicitly: (account, ts, seq), ...
+    CREATE INDEX IF NOT EXISTS archive_by_time ON archive (account, ts);
+    CREATE INDEX IF NOT EXISTS archive_by_with ON archive (account, with_bare, ts);
+    -- Only rows with a stored id are in it (none of those the proxy archives now).
+    CREATE UNIQUE INDEX IF NOT EXISTS archive_by_stored_id ON archive (account, archive_id)
+        WHERE archive_id IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS archive_meta (     -- the ids' key, the seqs reserved
+        name       TEXT PRIMARY KEY,
+        value      NOT NULL
+    );
+"""
+# Version 1 to 2: the rows copied with their seqs and ids into the new table.
+_MIGRATE_V1 = """
+    ALTER TABLE archive RENAME TO archive_v1;
+    DROP INDEX IF EXISTS archive_by_id;
+    DROP INDEX IF EXISTS archive_by_time;
+    DROP INDEX IF EXISTS archive_by_with;
+    DROP INDEX IF EXISTS archive_by_age;
+""" + MESSAGES_SCHEMA + """
+    INSERT INTO archive (seq, account, nonce, archive_id, ts, direction, with_bare, with_full,
+                         stanza)
+        SELECT seq, account, NULL, archive_id, ts, direction, with_bare,
+               nullif(with_full, with_bare), stanza FROM archive_v1 ORDER BY seq;
+    DROP TABLE archive_v1;
 """
 # The preferences: small, read at login, in the store (a migration of proxy/store.py).
 PREFS_SCHEMA = """
@@ -70,7 +105,9 @@ PrefsDefault = Literal["always", "never", "roster"]
 
 @dataclass(frozen=True, slots=True)
 class ArchivedMessage:
-    """One message to archive for the session's account (the shell adds the account)."""
+    """One message to archive for the session's account (the shell adds the account).
+    ``seq`` and ``nonce``: what ``ArchiveIds.new`` derived ``archive_id`` from; without them
+    the id is stored as given and the store picks the seq."""
 
     archive_id: str
     timestamp: float
@@ -78,6 +115,8 @@ class ArchivedMessage:
     with_bare: str
     with_full: str
     stanza: bytes
+    seq: int | None = None
+    nonce: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,15 +211,111 @@ class Prefs:
     never: frozenset[str] = frozenset()
 
 
+# ---------------------------------------------------------------------- ids
+
+
+# (archive_id, seq, nonce): what the feature stamps, and what the store derives it from.
+ArchiveKey = tuple[str, int | None, int | None]
+
+
+class ArchiveIds:
+    """The proxy's archive ids, derived from the row number (``seq``), so that a message is
+    found by its id through the table itself, with no index of ids: a random nonce, then the
+    seq masked with a keyed hash of the nonce (blake2b; the key is in the archive's file).
+    Without the key an id tells nothing of the seq, so nothing of the archive's size or
+    rate (XEP-0359 §5); each row has one id. Seqs come from a range reserved in the file
+    before any is handed out (``reserved``), so after a crash none is given out again."""
+
+    BLOCK = 1 << 20  # seqs reserved at a time
+    LENGTH = 22      # characters: 16 bytes, base64url (version 1 ids had 16)
+
+    def __init__(self, key: bytes, start: int, limit: int,
+                 rng: random.Random | None = None) -> None:
+        self._key = key
+        self._seqs = itertools.count(start)
+        self.last = start - 1  # the last seq taken, near enough (for reserving more in time)
+        self.limit = limit     # seqs below it are reserved in the file
+        self._rng = rng or random.Random(os.urandom(32))
+
+    def new(self) -> ArchiveKey:
+        """On the loop: an id for a message about to be archived."""
+        seq = self.last = next(self._seqs)
+        if seq >= self.limit:  # the writer has not reserved more yet: an id of the old kind
+            return secrets.token_urlsafe(12), None, None
+        nonce = self._rng.getrandbits(63)
+        return self.encode(seq, nonce), seq, nonce
+
+    def take(self) -> int:
+        """A seq for a row whose id is stored as given (the writer reserves past it)."""
+        seq = self.last = next(self._seqs)
+        return seq
+
+    def _mask(self, nonce_bytes: bytes) -> int:
+        return int.from_bytes(blake2b(nonce_bytes, key=self._key, digest_size=8).digest(), "big")
+
+    def encode(self, seq: int, nonce: int) -> str:
+        n = nonce.to_bytes(8, "big")
+        return urlsafe_b64encode(n + (seq ^ self._mask(n)).to_bytes(8, "big"))[:22].decode()
+
+    def decode(self, archive_id: str) -> tuple[int, int] | None:
+        """(seq, nonce) of an id ``encode`` made; None for anything else."""
+        if len(archive_id) != self.LENGTH:
+            return None
+        try:
+            raw = urlsafe_b64decode(archive_id + "==")
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) != 16:
+            return None
+        nonce = int.from_bytes(raw[:8], "big")
+        seq = int.from_bytes(raw[8:], "big") ^ self._mask(raw[:8])
+        if nonce >= 1 << 63 or seq >= 1 << 63 or self.encode(seq, nonce) != archive_id:
+            return None
+        return seq, nonce
+
+
+def load_ids(conn: sqlite3.Connection) -> ArchiveIds:
+    """The archive file's ids: its key (made at first use) and a new range of seqs reserved
+    above every seq ever reserved or used (in the caller's transaction if one is open)."""
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("INSERT OR IGNORE INTO archive_meta (name, value) VALUES ('id_key', ?)",
+                     (os.urandom(32),))
+        key = bytes(conn.execute(
+            "SELECT value FROM archive_meta WHERE name = 'id_key'").fetchone()[0])
+        row = conn.execute("SELECT value FROM archive_meta WHERE name = 'reserved'").fetchone()
+        top = conn.execute("SELECT max(seq) FROM archive").fetchone()[0]
+        start = max(int(row[0]) if row else 1, int(top or 0) + 1)
+        limit = start + ArchiveIds.BLOCK
+        _set_reserved(conn, limit)
+        if own:
+            conn.execute("COMMIT")
+    except BaseException:
+        if own:
+            conn.execute("ROLLBACK")
+        raise
+    return ArchiveIds(key, start, limit)
+
+
+def _set_reserved(conn: sqlite3.Connection, limit: int) -> None:
+    conn.execute("INSERT INTO archive_meta (name, value) VALUES ('reserved', ?) ON CONFLICT"
+                 " (name) DO UPDATE SET value = excluded.value", (limit,))
+
+
 # ---------------------------------------------------------------------- the SQL
 
 
-_PUT_BATCH = (
-    "INSERT OR IGNORE INTO archive (account, archive_id, ts, direction, with_bare, with_full,"
-    " stanza) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
-    " json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'),"
-    " json_extract(value, '$[5]'), CAST(json_extract(value, '$[6]') AS BLOB)"
-    " FROM json_each(?)")
+_COLUMNS = "seq, nonce, archive_id, account, ts, direction, with_bare, with_full, stanza"
+_WIDTH = len(_COLUMNS.split(", "))
+_ROW = "(" + ", ".join("?" * _WIDTH) + ")"
+# A batch is inserted by statements of these many rows (each a prepared statement kept in
+# the connection's cache): one step per statement, not one per row.
+_CHUNKS = (256, 64, 16, 4, 1)
+_INSERT = {n: f"INSERT OR IGNORE INTO archive ({_COLUMNS}) VALUES " + ", ".join([_ROW] * n)
+           for n in _CHUNKS}
+_ITEM = "seq, nonce, archive_id, ts, stanza"  # what an ArchiveItem is made of
 
 
 class ArchiveArea:
@@ -188,18 +323,61 @@ class ArchiveArea:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._ids: ArchiveIds | None = None
+
+    @property
+    def ids(self) -> ArchiveIds:
+        """The file's ids (loaded at first use: the store's connection, which has the
+        preferences only, never needs them)."""
+        if self._ids is None:
+            self._ids = load_ids(self.conn)
+        return self._ids
 
     def put(self, rows: Sequence[tuple[str, ArchivedMessage]]) -> None:
-        """Insert (account, message) rows; the caller holds the transaction. An id already
-        in the account's archive is kept (ids never repeat: a replayed put is a no-op)."""
-        # One statement for the whole batch (the rows as one JSON array), not one step per
-        # row: each step lets go of the GIL and takes it back, and on a busy machine every
-        # such hand-over costs the event loop's thread far more than the insert itself.
-        self.conn.execute(_PUT_BATCH, (json.dumps(
-            [(account, m.archive_id, m.timestamp, m.direction, m.with_bare, m.with_full,
-              m.stanza.decode("utf-8")) for account, m in rows]),))
+        """Insert (account, message) rows; the caller holds the transaction. A seq already
+        in the archive is kept (a replayed put is a no-op), as is an id stored already."""
+        # A few statements of many rows each, not one step per row: each step lets go of
+        # the GIL and takes it back, and on a busy machine every such hand-over costs the
+        # event loop's thread far more than the insert itself.
+        values: list[object] = []
+        for account, m in rows:
+            if m.seq is not None and m.nonce is not None:
+                values += (m.seq, m.nonce, None, account)
+            else:
+                values += (self.ids.take(), None, m.archive_id, account)
+            values += (m.timestamp, m.direction, m.with_bare,
+                       None if m.with_full == m.with_bare else m.with_full, m.stanza)
+        width = _WIDTH
+        at = 0
+        for n in _CHUNKS:
+            while len(rows) - at >= n:
+                self.conn.execute(_INSERT[n], values[at * width:(at + n) * width])
+                at += n
+
+    def reserve_more(self) -> int | None:
+        """If the seqs reserved run low, reserve the next range (the caller holds the
+        transaction and, once it committed, sets ``ids.limit`` to what this returns)."""
+        ids = self.ids
+        if ids.limit - ids.last > ArchiveIds.BLOCK // 2:
+            return None
+        limit = max(ids.limit, ids.last + 1) + ArchiveIds.BLOCK
+        _set_reserved(self.conn, limit)
+        return limit
+
+    def _item(self, row: Sequence[Any]) -> ArchiveItem:
+        seq, nonce, stored, ts, stanza = row[:5]
+        archive_id = str(stored) if stored is not None else self.ids.encode(seq, nonce)
+        return ArchiveItem(archive_id, float(ts), bytes(stanza))
 
     def _key(self, account: str, archive_id: str) -> tuple[float, int] | None:
+        """(ts, seq) of the account's message with this id."""
+        derived = self.ids.decode(archive_id)
+        if derived is not None:
+            row = self.conn.execute("SELECT ts, seq FROM archive WHERE seq = ? AND account = ?"
+                                    " AND nonce = ?", (derived[0], account, derived[1])
+                                    ).fetchone()
+            if row is not None:
+                return float(row[0]), int(row[1])
         row = self.conn.execute("SELECT ts, seq FROM archive WHERE account = ? AND"
                                 " archive_id = ?", (account, archive_id)).fetchone()
         return (float(row[0]), int(row[1])) if row else None
@@ -229,14 +407,14 @@ class ArchiveArea:
                 where.append(f"(ts, seq) {op} (?, ?)")
                 args += key
         if f.ids:
-            found = {r[0] for r in self.conn.execute(
-                f"SELECT archive_id FROM archive WHERE account = ? AND archive_id IN"
-                f" ({', '.join('?' * len(f.ids))})", (account, *f.ids))}
+            seqs = []
             for name in f.ids:
-                if name not in found:
+                key = self._key(account, name)
+                if key is None:
                     return ArchiveMissing(name)
-            where.append(f"archive_id IN ({', '.join('?' * len(f.ids))})")
-            args += f.ids
+                seqs.append(key[1])
+            where.append(f"seq IN ({', '.join('?' * len(seqs))})")
+            args += seqs
         base_where, base_args = list(where), list(args)  # the whole result set
         anchor = page.after if page.after is not None else (page.before or None)
         if anchor is not None:
@@ -250,14 +428,14 @@ class ArchiveArea:
                                 and page.after is None) else 0
         limit = max(0, page.max)
         rows = self.conn.execute(
-            f"SELECT archive_id, ts, stanza, seq FROM archive WHERE {' AND '.join(where)}"
+            f"SELECT {_ITEM} FROM archive WHERE {' AND '.join(where)}"
             f" ORDER BY ts {order}, seq {order} LIMIT ? OFFSET ?",
             (*args, limit + 1, offset)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
         if page.backward:
             rows.reverse()
-        items = tuple(ArchiveItem(str(r[0]), float(r[1]), bytes(r[2])) for r in rows)
+        items = tuple(self._item(r) for r in rows)
         count = first_index = None
         if search.counts:
             count = int(self.conn.execute(
@@ -266,16 +444,16 @@ class ArchiveArea:
             if rows:
                 first_index = int(self.conn.execute(
                     f"SELECT count(*) FROM archive WHERE {' AND '.join(base_where)}"
-                    " AND (ts, seq) < (?, ?)", (*base_args, rows[0][1], rows[0][3])
+                    " AND (ts, seq) < (?, ?)", (*base_args, rows[0][3], rows[0][0])
                 ).fetchone()[0])
         return ArchivePage(items, complete=not more, count=count, first_index=first_index)
 
     def ends(self, account: str) -> ArchiveEnds:
         def one(order: str) -> ArchiveItem | None:
             row = self.conn.execute(
-                "SELECT archive_id, ts, stanza FROM archive WHERE account = ?"
+                f"SELECT {_ITEM} FROM archive WHERE account = ?"
                 f" ORDER BY ts {order}, seq {order} LIMIT 1", (account,)).fetchone()
-            return ArchiveItem(str(row[0]), float(row[1]), bytes(row[2])) if row else None
+            return self._item(row) if row else None
         return ArchiveEnds(one("ASC"), one("DESC"))
 
     def count(self, account: str) -> int:
@@ -295,11 +473,29 @@ class ArchiveArea:
             " AND (ts, seq) <= (?, ?) ORDER BY ts, seq LIMIT ?)",
             (account, row[0], row[1], chunk)).rowcount
 
+    def accounts(self) -> list[str]:
+        """Every account with messages: one index step each (no scan of the rows)."""
+        found: list[str] = []
+        while True:
+            row = self.conn.execute("SELECT account FROM archive WHERE account > ? ORDER BY"
+                                    " account LIMIT 1", (found[-1] if found else "",)
+                                    ).fetchone()
+            if row is None:
+                return found
+            found.append(str(row[0]))
+
     def expire(self, before: float, *, chunk: int = 5000) -> int:
-        """Delete messages archived before ``before`` (every account; at most ``chunk``)."""
-        return self.conn.execute(
-            "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE ts < ?"
-            " ORDER BY ts LIMIT ?)", (before, chunk)).rowcount
+        """Delete messages archived before ``before`` (every account; at most ``chunk``),
+        account by account through the time index (there is no index by age alone)."""
+        deleted = 0
+        for account in self.accounts():
+            deleted += self.conn.execute(
+                "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE account = ?"
+                " AND ts < ? ORDER BY ts LIMIT ?)", (account, before, chunk - deleted)
+            ).rowcount
+            if deleted >= chunk:
+                break
+        return deleted
 
     # -------------------------------------------------------------- preferences
 
@@ -360,18 +556,36 @@ def archive_path(store_path: str, configured: str | None = None) -> str:
 
 
 def open_archive_connection(path: str) -> sqlite3.Connection:
-    """A connection to the archive's own file (made owner-only, schema created if new); an
-    in-memory archive for ``:memory:`` (gone at exit)."""
+    """A connection to the archive's own file (made owner-only, schema created if new, an
+    older version's rebuilt); an in-memory archive for ``:memory:`` (gone at exit)."""
     if path != ":memory:":
         from .store import create_private
         create_private(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     if path != ":memory:":
         conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: no fsync per commit, only at checkpoints. A crash of the process loses
+        # nothing committed; a crash of the machine may lose the last commits (never the
+        # file): the archive is not the journal, and no acknowledgement waits for it.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(MESSAGES_SCHEMA)
+        # Checkpoints every 4000 pages (16 MiB at 4 KiB), not SQLite's 1000: the pages the
+        # latest commits touched are copied into the file once per checkpoint, and more
+        # commits per checkpoint means fewer copies of the same index pages.
+        conn.execute("PRAGMA wal_autocheckpoint=4000")
+        conn.execute("PRAGMA journal_size_limit=67108864")
+    _migrate(conn)
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version >= ARCHIVE_VERSION:
+        return
+    columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(archive)")}
+    script = _MIGRATE_V1 if columns and "nonce" not in columns else MESSAGES_SCHEMA
+    conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {ARCHIVE_VERSION};"
+                       " COMMIT;")
 
 
 # Messages are handed to the writer in batches at most this old: one transaction per batch
@@ -389,6 +603,7 @@ class ArchiveWriter:
         self.clock = clock
         self._conn = open_archive_connection(path)
         self.area = ArchiveArea(self._conn)
+        self.ids = self.area.ids  # reserves this run's first range of seqs now
         self._batch: list[tuple[str, ArchivedMessage]] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -403,6 +618,10 @@ class ArchiveWriter:
         self._thread.start()
 
     # On the event loop ---------------------------------------------------------------------------
+
+    def new_id(self) -> ArchiveKey:
+        """An id for a message about to be archived (the feature's ``new_id``)."""
+        return self.ids.new()
 
     def put(self, account: str, message: ArchivedMessage) -> None:
         self._batch.append((account, message))
@@ -488,7 +707,15 @@ class ArchiveWriter:
             raise
 
     def _write(self, rows: list[tuple[str, ArchivedMessage]]) -> None:
-        self._transaction(lambda: self.area.put(rows))
+        limit: int | None = None
+
+        def work() -> None:
+            nonlocal limit
+            self.area.put(rows)
+            limit = self.area.reserve_more()
+        self._transaction(work)
+        if limit is not None:  # reserved in the file now: the loop may hand them out
+            self.ids.limit = limit
         self.written += len(rows)
         self.commits += 1
         self._enforce_limits(rows)

@@ -164,8 +164,8 @@ class Ids:
     def __init__(self) -> None:
         self.n = itertools.count(1)
 
-    def __call__(self) -> str:
-        return f"A{next(self.n)}"
+    def __call__(self) -> tuple[str, None, None]:
+        return f"A{next(self.n)}", None, None
 
 
 def factory(**kw: object) -> mam.ArchiveFactory:
