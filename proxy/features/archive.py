@@ -23,7 +23,6 @@ JID on the server's domain is refused with ``forbidden`` (XEP-0313 §8.1).
 
 from __future__ import annotations
 
-import copy
 import secrets
 import time
 from collections import OrderedDict
@@ -132,7 +131,7 @@ _STAMP_TEMPLATE = etree.Element(_STANZA_ID, nsmap={None: ns.SID})
 
 def stamp_stanza_id(el: Element, account: str, archive_id: str) -> None:
     # A copy of a ready element: cheaper than a new one with its namespace declaration.
-    sid = copy.copy(_STAMP_TEMPLATE)
+    sid = _STAMP_TEMPLATE.__copy__()
     sid.set("by", account)
     sid.set("id", archive_id)
     el.append(sid)
@@ -553,6 +552,7 @@ class ArchiveFactory(FeatureFactory):
 
     FORK_WINDOW = 120.0  # seconds within which a second copy of a message is the same one
     FORK_MAX = 10000
+    PRUNE_EVERY = 256  # messages remembered between two looks at the oldest
 
     def __init__(self, mode: FeatureMode, config: ArchiveConfig, domain: str, *,
                  load_prefs: Callable[[str], Prefs | None] = lambda account: None,
@@ -572,6 +572,7 @@ class ArchiveFactory(FeatureFactory):
         self._prefs: dict[str, Prefs] = {}
         self._recent: OrderedDict[tuple[str, str, str], tuple[str, float]] = OrderedDict()
         self._jids: dict[str, tuple[str, str] | None] = {}
+        self._unpruned = 0
 
     def emulated(self, server: ServerInfo) -> bool:
         return emulates(self.mode, server.account_has(MAM))
@@ -633,6 +634,10 @@ class ArchiveFactory(FeatureFactory):
         now = self.clock()
         recent = self._recent
         recent[key] = (archive_id, now)
+        self._unpruned += 1
+        if self._unpruned < self.PRUNE_EVERY and len(recent) <= self.FORK_MAX:
+            return  # ``seen`` checks the window itself: what is past it may wait
+        self._unpruned = 0
         # Oldest first: forget what is past the window or over the limit.
         window_start = now - self.FORK_WINDOW
         while len(recent) > self.FORK_MAX or next(iter(recent.values()))[1] < window_start:
