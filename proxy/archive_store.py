@@ -37,6 +37,7 @@ import sqlite3
 import threading
 import time
 from base64 import urlsafe_b64decode, urlsafe_b64encode
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -311,6 +312,7 @@ def _set_reserved(conn: sqlite3.Connection, limit: int) -> None:
 
 _COLUMNS = "seq, nonce, archive_id, account, ts, direction, with_bare, with_full, stanza"
 _WIDTH = len(_COLUMNS.split(", "))
+_ACCOUNT = _COLUMNS.split(", ").index("account")
 _ROW = "(" + ", ".join("?" * _WIDTH) + ")"
 # A batch is inserted by statements of these many rows (each a prepared statement kept in
 # the connection's cache): one step per statement, not one per row.
@@ -318,6 +320,14 @@ _CHUNKS = (256, 64, 16, 4, 1)
 _INSERT = {n: f"INSERT OR IGNORE INTO archive ({_COLUMNS}) VALUES " + ", ".join([_ROW] * n)
            for n in _CHUNKS}
 _ITEM = "seq, nonce, archive_id, ts, stanza"  # what an ArchiveItem is made of
+
+
+def row_values(account: str, m: ArchivedMessage) -> tuple[object, ...]:
+    """A message as the columns of ``_INSERT`` (seq None: ``insert`` picks one)."""
+    derived = m.seq is not None and m.nonce is not None
+    return (m.seq if derived else None, m.nonce if derived else None,
+            None if derived else m.archive_id, account, m.timestamp, m.direction,
+            m.with_bare, None if m.with_full == m.with_bare else m.with_full, m.stanza)
 
 
 class ArchiveArea:
@@ -338,21 +348,26 @@ class ArchiveArea:
     def put(self, rows: Sequence[tuple[str, ArchivedMessage]]) -> None:
         """Insert (account, message) rows; the caller holds the transaction. A seq already
         in the archive is kept (a replayed put is a no-op), as is an id stored already."""
+        values: list[object] = []
+        for account, m in rows:
+            values += row_values(account, m)
+        self.insert(values)
+
+    def insert(self, values: list[object]) -> None:
+        """Insert rows given as ``row_values`` one after another (the writer's batches are
+        built so on the loop: its own thread then holds the GIL for little more than the
+        statements' parameters)."""
+        width = _WIDTH
+        if None in values[0::width]:  # ids stored as given: their seqs are picked here
+            for at in range(0, len(values), width):
+                if values[at] is None:
+                    values[at] = self.ids.take()
+        rows, at = len(values) // width, 0
         # A few statements of many rows each, not one step per row: each step lets go of
         # the GIL and takes it back, and on a busy machine every such hand-over costs the
         # event loop's thread far more than the insert itself.
-        values: list[object] = []
-        for account, m in rows:
-            if m.seq is not None and m.nonce is not None:
-                values += (m.seq, m.nonce, None, account)
-            else:
-                values += (self.ids.take(), None, m.archive_id, account)
-            values += (m.timestamp, m.direction, m.with_bare,
-                       None if m.with_full == m.with_bare else m.with_full, m.stanza)
-        width = _WIDTH
-        at = 0
         for n in _CHUNKS:
-            while len(rows) - at >= n:
+            while rows - at >= n:
                 self.conn.execute(_INSERT[n], values[at * width:(at + n) * width])
                 at += n
 
@@ -541,7 +556,7 @@ class _Query:
     callback: Callable[[ArchiveResult], None]
 
 
-_Job = list[tuple[str, ArchivedMessage]] | _Query | None
+_Job = list[object] | _Query | None  # a batch: rows as row_values one after another
 
 RETRY_SECONDS = 1.0
 
@@ -606,7 +621,7 @@ class ArchiveWriter:
         self._conn = open_archive_connection(path)
         self.area = ArchiveArea(self._conn)
         self.ids = self.area.ids  # reserves this run's first range of seqs now
-        self._batch: list[tuple[str, ArchivedMessage]] = []
+        self._batch: list[object] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.Queue[_Job] = queue.Queue()
@@ -626,7 +641,7 @@ class ArchiveWriter:
         return self.ids.new()
 
     def put(self, account: str, message: ArchivedMessage) -> None:
-        self._batch.append((account, message))
+        self._batch += row_values(account, message)
         if not self._scheduled:
             self._scheduled = True
             self._loop = asyncio.get_running_loop()
@@ -668,11 +683,11 @@ class ArchiveWriter:
             if job is None:
                 return
             # Messages queued behind this one go into the same transaction.
-            rows: list[tuple[str, ArchivedMessage]] = []
+            values: list[object] = []
             pending: _Job = job
             stop = False
             while isinstance(pending, list):
-                rows.extend(pending)
+                values += pending
                 try:
                     pending = self._queue.get_nowait()
                 except queue.Empty:
@@ -680,8 +695,8 @@ class ArchiveWriter:
                     break
                 if pending is None:
                     stop = True
-            if rows:
-                self._with_retry(functools.partial(self._write, rows))
+            if values:
+                self._with_retry(functools.partial(self._write, values))
             if isinstance(pending, _Query):
                 self._answer(pending)
             if stop:
@@ -708,28 +723,30 @@ class ArchiveWriter:
             c.execute("ROLLBACK")
             raise
 
-    def _write(self, rows: list[tuple[str, ArchivedMessage]]) -> None:
+    def _write(self, values: list[object]) -> None:
         limit: int | None = None
 
         def work() -> None:
             nonlocal limit
-            self.area.put(rows)
+            self.area.insert(values)
             limit = self.area.reserve_more()
         self._transaction(work)
         if limit is not None:  # reserved in the file now: the loop may hand them out
             self.ids.limit = limit
-        self.written += len(rows)
+        accounts = values[_ACCOUNT::_WIDTH]
+        self.written += len(accounts)
         self.commits += 1
-        self._enforce_limits(rows)
+        self._enforce_limits(accounts)
 
-    def _enforce_limits(self, rows: list[tuple[str, ArchivedMessage]]) -> None:
+    def _enforce_limits(self, accounts: list[object]) -> None:
         r = self.retention
         if r.max_per_account is not None:
-            for account, _ in rows:
-                self._since_check[account] = self._since_check.get(account, 0) + 1
-            due = [a for a, n in self._since_check.items() if n >= r.check_every]
+            since = self._since_check
+            for account, n in Counter(accounts).items():
+                since[str(account)] = since.get(str(account), 0) + n
+            due = [a for a, n in since.items() if n >= r.check_every]
             for account in due:
-                del self._since_check[account]
+                del since[account]
                 self._trim_fully(functools.partial(self.area.trim, account,
                                                    r.max_per_account))
         now = self.clock()
