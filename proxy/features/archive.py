@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -552,7 +551,6 @@ class ArchiveFactory(FeatureFactory):
 
     FORK_WINDOW = 120.0  # seconds within which a second copy of a message is the same one
     FORK_MAX = 10000
-    PRUNE_EVERY = 256  # messages remembered between two looks at the oldest
 
     def __init__(self, mode: FeatureMode, config: ArchiveConfig, domain: str, *,
                  load_prefs: Callable[[str], Prefs | None] = lambda account: None,
@@ -570,9 +568,9 @@ class ArchiveFactory(FeatureFactory):
         self.now = now
         self.clock = clock
         self._prefs: dict[str, Prefs] = {}
-        self._recent: OrderedDict[tuple[str, str, str], tuple[str, float]] = OrderedDict()
+        # Insertion-ordered: oldest first.
+        self._recent: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._jids: dict[str, tuple[str, str] | None] = {}
-        self._unpruned = 0
 
     def emulated(self, server: ServerInfo) -> bool:
         return emulates(self.mode, server.account_has(MAM))
@@ -631,14 +629,13 @@ class ArchiveFactory(FeatureFactory):
         return hit[0]
 
     def remember(self, key: tuple[str, str, str], archive_id: str) -> None:
-        now = self.clock()
         recent = self._recent
+        now = self.clock()
+        recent.pop(key, None)  # a stale entry of the same key goes to the end, as new
         recent[key] = (archive_id, now)
-        self._unpruned += 1
-        if self._unpruned < self.PRUNE_EVERY and len(recent) <= self.FORK_MAX:
-            return  # ``seen`` checks the window itself: what is past it may wait
-        self._unpruned = 0
-        # Oldest first: forget what is past the window or over the limit.
-        window_start = now - self.FORK_WINDOW
-        while len(recent) > self.FORK_MAX or next(iter(recent.values()))[1] < window_start:
-            recent.popitem(last=False)
+        if len(recent) > self.FORK_MAX:
+            # Now and then, not per message: keep the newer half of what is in the window
+            # (``seen`` checks the window itself).
+            window_start = now - self.FORK_WINDOW
+            keep = list(recent.items())[-(self.FORK_MAX // 2):]
+            self._recent = {k: v for k, v in keep if v[1] >= window_start}
