@@ -36,7 +36,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from base64 import urlsafe_b64decode, urlsafe_b64encode
+from base64 import urlsafe_b64decode
+from binascii import b2a_base64
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -215,6 +216,7 @@ class Prefs:
 # ---------------------------------------------------------------------- ids
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64url (RFC 4648 §5), without padding
 # (archive_id, seq, nonce): what the feature stamps, and what the store derives it from.
 ArchiveKey = tuple[str, int | None, int | None]
 
@@ -258,7 +260,8 @@ class ArchiveIds:
 
     def encode(self, seq: int, nonce: int) -> str:
         n = nonce.to_bytes(8, "big")
-        return urlsafe_b64encode(n + (seq ^ self._mask(n)).to_bytes(8, "big"))[:22].decode()
+        raw = n + (seq ^ self._mask(n)).to_bytes(8, "big")
+        return b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode()
 
     def decode(self, archive_id: str) -> tuple[int, int] | None:
         """(seq, nonce) of an id ``encode`` made; None for anything else."""
@@ -310,24 +313,33 @@ def _set_reserved(conn: sqlite3.Connection, limit: int) -> None:
 # ---------------------------------------------------------------------- the SQL
 
 
-_COLUMNS = "seq, nonce, archive_id, account, ts, direction, with_bare, with_full, stanza"
-_WIDTH = len(_COLUMNS.split(", "))
-_ACCOUNT = _COLUMNS.split(", ").index("account")
+# A batch is the account and the message's fields (``ArchivedMessage``'s order), row after
+# row, as the loop collected them: the statement puts each in its column (an id derived
+# from seq and nonce is not stored; nor is with_full when it is the bare JID).
+_BATCH_FIELDS = ("account", *ArchivedMessage._fields)
+_WIDTH = len(_BATCH_FIELDS)
+_ACCOUNT = _BATCH_FIELDS.index("account")
+_SEQ = _BATCH_FIELDS.index("seq")
 _ROW = "(" + ", ".join("?" * _WIDTH) + ")"
-# A batch is inserted by statements of these many rows (each a prepared statement kept in
-# the connection's cache): one step per statement, not one per row.
+# Inserted by statements of these many rows (each a prepared statement kept in the
+# connection's cache): one step per statement, not one per row.
 _CHUNKS = (256, 64, 16, 4, 1)
-_INSERT = {n: f"INSERT OR IGNORE INTO archive ({_COLUMNS}) VALUES " + ", ".join([_ROW] * n)
+
+
+def _column(name: str) -> str:
+    return f"column{_BATCH_FIELDS.index(name) + 1}"
+
+
+_SELECT_BATCH = (
+    f"SELECT {_column('seq')}, {_column('nonce')},"
+    f" CASE WHEN {_column('nonce')} IS NULL THEN {_column('archive_id')} END,"
+    f" {_column('account')}, {_column('timestamp')}, {_column('direction')},"
+    f" {_column('with_bare')}, nullif({_column('with_full')}, {_column('with_bare')}),"
+    f" {_column('stanza')} FROM (VALUES ")
+_INSERT = {n: "INSERT OR IGNORE INTO archive (seq, nonce, archive_id, account, ts, direction,"
+              " with_bare, with_full, stanza) " + _SELECT_BATCH + ", ".join([_ROW] * n) + ")"
            for n in _CHUNKS}
 _ITEM = "seq, nonce, archive_id, ts, stanza"  # what an ArchiveItem is made of
-
-
-def row_values(account: str, m: ArchivedMessage) -> tuple[object, ...]:
-    """A message as the columns of ``_INSERT`` (seq None: ``insert`` picks one)."""
-    derived = m.seq is not None and m.nonce is not None
-    return (m.seq if derived else None, m.nonce if derived else None,
-            None if derived else m.archive_id, account, m.timestamp, m.direction,
-            m.with_bare, None if m.with_full == m.with_bare else m.with_full, m.stanza)
 
 
 class ArchiveArea:
@@ -350,16 +362,17 @@ class ArchiveArea:
         in the archive is kept (a replayed put is a no-op), as is an id stored already."""
         values: list[object] = []
         for account, m in rows:
-            values += row_values(account, m)
+            values.append(account)
+            values += m
         self.insert(values)
 
     def insert(self, values: list[object]) -> None:
-        """Insert rows given as ``row_values`` one after another (the writer's batches are
-        built so on the loop: its own thread then holds the GIL for little more than the
-        statements' parameters)."""
+        """Insert rows given as the account and the message's fields, one row after
+        another (the writer's batches are built so on the loop: its own thread then holds
+        the GIL for little more than the statements' parameters)."""
         width = _WIDTH
-        if None in values[0::width]:  # ids stored as given: their seqs are picked here
-            for at in range(0, len(values), width):
+        if None in values[_SEQ::width]:  # ids stored as given: their seqs are picked here
+            for at in range(_SEQ, len(values), width):
                 if values[at] is None:
                     values[at] = self.ids.take()
         rows, at = len(values) // width, 0
@@ -556,7 +569,7 @@ class _Query:
     callback: Callable[[ArchiveResult], None]
 
 
-_Job = list[object] | _Query | None  # a batch: rows as row_values one after another
+_Job = list[object] | _Query | None  # a batch: account and message fields, row after row
 
 RETRY_SECONDS = 1.0
 
@@ -641,7 +654,9 @@ class ArchiveWriter:
         return self.ids.new()
 
     def put(self, account: str, message: ArchivedMessage) -> None:
-        self._batch += row_values(account, message)
+        batch = self._batch
+        batch.append(account)
+        batch += message
         if not self._scheduled:
             self._scheduled = True
             self._loop = asyncio.get_running_loop()
