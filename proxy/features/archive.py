@@ -415,20 +415,16 @@ class Archive(Feature):
         if parts is None:
             return None
         with_bare, with_full = parts
-        account = self._account(session)
+        account = self._account_text or self._account(session)
         prefs = factory.prefs(account)
         if prefs is not _ARCHIVE_ALL and not wanted(
                 prefs, with_bare, lambda j: factory.in_roster(account, j)):
             return None
         ident = origin or el.get("id")
-        key = (account, el.get("from", ""), ident) if ident else None
-        if key is not None:
-            known = factory.seen(key)
-            if known is not None:
-                return known  # a copy the server forked to another session: archived once
-        archive_id, seq, nonce = factory.new_archive_id()
-        if key is not None:
-            factory.remember(key, archive_id)
+        key = factory.key_for((account, el.get("from", ""), ident) if ident else None)
+        if isinstance(key, str):
+            return key  # a copy the server forked to another session: archived once
+        archive_id, seq, nonce = key
         out.commands.append(ArchivePut(ArchivedMessage(
             archive_id, factory.now(), direction, with_bare, with_full, etree.tostring(el),
             seq, nonce)))
@@ -620,22 +616,24 @@ class ArchiveFactory(FeatureFactory):
 
     # -------------------------------------------------------------- forked copies
 
-    def seen(self, key: tuple[str, str, str]) -> str | None:
-        """The id given to this message (sender and id, or origin-id) if it was archived
-        within the window: the same message, however many copies."""
-        hit = self._recent.get(key)
-        if hit is None or hit[1] < self.clock() - self.FORK_WINDOW:
-            return None
-        return hit[0]
-
-    def remember(self, key: tuple[str, str, str], archive_id: str) -> None:
+    def key_for(self, fork: tuple[str, str, str] | None) -> ArchiveKey | str:
+        """A new key for a message, or just its id if it was archived within the window:
+        the same message (``fork``: account, sender and id or origin-id), however many
+        copies the server made."""
         recent = self._recent
         now = self.clock()
-        recent.pop(key, None)  # a stale entry of the same key goes to the end, as new
-        recent[key] = (archive_id, now)
-        if len(recent) > self.FORK_MAX:
-            # Now and then, not per message: keep the newer half of what is in the window
-            # (``seen`` checks the window itself).
-            window_start = now - self.FORK_WINDOW
-            keep = list(recent.items())[-(self.FORK_MAX // 2):]
-            self._recent = {k: v for k, v in keep if v[1] >= window_start}
+        if fork is not None:
+            hit = recent.get(fork)
+            if hit is not None and hit[1] >= now - self.FORK_WINDOW:
+                return hit[0]
+        key = self.new_archive_id()
+        if fork is not None:
+            recent.pop(fork, None)  # a stale entry of the same key goes to the end, as new
+            recent[fork] = (key[0], now)
+            if len(recent) > self.FORK_MAX:
+                # Now and then, not per message: keep the newer half of what is in the
+                # window.
+                window_start = now - self.FORK_WINDOW
+                keep = list(recent.items())[-(self.FORK_MAX // 2):]
+                self._recent = {k: v for k, v in keep if v[1] >= window_start}
+        return key
