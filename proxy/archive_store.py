@@ -55,8 +55,9 @@ MESSAGES_SCHEMA = """
     CREATE TABLE IF NOT EXISTS archive (          -- XEP-0313: the account's messages
         seq        INTEGER PRIMARY KEY,           -- archiving order (ties of ts); the row number
         account    TEXT NOT NULL,                 -- bare JID: whose archive
-        nonce      INTEGER,                       -- the proxy's id: nonce and seq (ArchiveIds)
-        archive_id TEXT,                          -- else the id as stored (version 1 rows)
+        archive_id TEXT NOT NULL,                 -- the stable id (XEP-0359 stanza-id)
+        nonce      INTEGER,                       -- set: the id is the proxy's (ArchiveIds),
+                                                  -- found through seq; null: found by index
         ts         REAL NOT NULL,                 -- wall-clock seconds when archived
         direction  TEXT NOT NULL,                 -- 'in' (received) or 'out' (sent)
         with_bare  TEXT NOT NULL,                 -- the other party, bare
@@ -66,9 +67,9 @@ MESSAGES_SCHEMA = """
     -- Each index ends with the row number (seq) implicitly: (account, ts, seq), ...
     CREATE INDEX IF NOT EXISTS archive_by_time ON archive (account, ts);
     CREATE INDEX IF NOT EXISTS archive_by_with ON archive (account, with_bare, ts);
-    -- Only rows with a stored id are in it (none of those the proxy archives now).
+    -- Only the ids that are not the proxy's own are in it (version 1 rows).
     CREATE UNIQUE INDEX IF NOT EXISTS archive_by_stored_id ON archive (account, archive_id)
-        WHERE archive_id IS NOT NULL;
+        WHERE nonce IS NULL;
     CREATE TABLE IF NOT EXISTS archive_meta (     -- the ids' key, the seqs reserved
         name       TEXT PRIMARY KEY,
         value      NOT NULL
@@ -82,9 +83,9 @@ _MIGRATE_V1 = """
     DROP INDEX IF EXISTS archive_by_with;
     DROP INDEX IF EXISTS archive_by_age;
 """ + MESSAGES_SCHEMA + """
-    INSERT INTO archive (seq, account, nonce, archive_id, ts, direction, with_bare, with_full,
+    INSERT INTO archive (seq, account, archive_id, nonce, ts, direction, with_bare, with_full,
                          stanza)
-        SELECT seq, account, NULL, archive_id, ts, direction, with_bare,
+        SELECT seq, account, archive_id, NULL, ts, direction, with_bare,
                nullif(with_full, with_bare), stanza FROM archive_v1 ORDER BY seq;
     DROP TABLE archive_v1;
 """
@@ -263,8 +264,9 @@ class ArchiveIds:
         raw = n + (seq ^ self._mask(n)).to_bytes(8, "big")
         return b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode()
 
-    def decode(self, archive_id: str) -> tuple[int, int] | None:
-        """(seq, nonce) of an id ``encode`` made; None for anything else."""
+    def decode(self, archive_id: str) -> int | None:
+        """The seq of an id ``encode`` made (None for what cannot be one; the row found
+        must still have this very id: a forged one finds nothing)."""
         if len(archive_id) != self.LENGTH:
             return None
         try:
@@ -273,11 +275,8 @@ class ArchiveIds:
             return None
         if len(raw) != 16:
             return None
-        nonce = int.from_bytes(raw[:8], "big")
         seq = int.from_bytes(raw[8:], "big") ^ self._mask(raw[:8])
-        if nonce >= 1 << 63 or seq >= 1 << 63 or self.encode(seq, nonce) != archive_id:
-            return None
-        return seq, nonce
+        return seq if seq < 1 << 63 else None
 
 
 def load_ids(conn: sqlite3.Connection) -> ArchiveIds:
@@ -314,12 +313,13 @@ def _set_reserved(conn: sqlite3.Connection, limit: int) -> None:
 
 
 # A batch is the account and the message's fields (``ArchivedMessage``'s order), row after
-# row, as the loop collected them: the statement puts each in its column (an id derived
-# from seq and nonce is not stored; nor is with_full when it is the bare JID).
+# row, as the loop collected them: the statement puts each in its column (with_full only
+# when it is not the bare JID).
 _BATCH_FIELDS = ("account", *ArchivedMessage._fields)
 _WIDTH = len(_BATCH_FIELDS)
 _ACCOUNT = _BATCH_FIELDS.index("account")
 _SEQ = _BATCH_FIELDS.index("seq")
+_NONCE = _BATCH_FIELDS.index("nonce")
 _ROW = "(" + ", ".join("?" * _WIDTH) + ")"
 # Inserted by statements of these many rows (each a prepared statement kept in the
 # connection's cache): one step per statement, not one per row.
@@ -331,15 +331,14 @@ def _column(name: str) -> str:
 
 
 _SELECT_BATCH = (
-    f"SELECT {_column('seq')}, {_column('nonce')},"
-    f" CASE WHEN {_column('nonce')} IS NULL THEN {_column('archive_id')} END,"
+    f"SELECT {_column('seq')}, {_column('nonce')}, {_column('archive_id')},"
     f" {_column('account')}, {_column('timestamp')}, {_column('direction')},"
     f" {_column('with_bare')}, nullif({_column('with_full')}, {_column('with_bare')}),"
     f" {_column('stanza')} FROM (VALUES ")
 _INSERT = {n: "INSERT OR IGNORE INTO archive (seq, nonce, archive_id, account, ts, direction,"
               " with_bare, with_full, stanza) " + _SELECT_BATCH + ", ".join([_ROW] * n) + ")"
            for n in _CHUNKS}
-_ITEM = "seq, nonce, archive_id, ts, stanza"  # what an ArchiveItem is made of
+_ITEM = "archive_id, ts, stanza, seq"  # an ArchiveItem, and the seq for the first index
 
 
 class ArchiveArea:
@@ -375,6 +374,7 @@ class ArchiveArea:
             for at in range(_SEQ, len(values), width):
                 if values[at] is None:
                     values[at] = self.ids.take()
+                    values[at - _SEQ + _NONCE] = None  # so the id is in the index
         rows, at = len(values) // width, 0
         # A few statements of many rows each, not one step per row: each step lets go of
         # the GIL and takes it back, and on a busy machine every such hand-over costs the
@@ -395,21 +395,20 @@ class ArchiveArea:
         return limit
 
     def _item(self, row: Sequence[Any]) -> ArchiveItem:
-        seq, nonce, stored, ts, stanza = row[:5]
-        archive_id = str(stored) if stored is not None else self.ids.encode(seq, nonce)
-        return ArchiveItem(archive_id, float(ts), bytes(stanza))
+        return ArchiveItem(str(row[0]), float(row[1]), bytes(row[2]))
 
     def _key(self, account: str, archive_id: str) -> tuple[float, int] | None:
         """(ts, seq) of the account's message with this id."""
-        derived = self.ids.decode(archive_id)
-        if derived is not None:
+        seq = self.ids.decode(archive_id)
+        if seq is not None:
             row = self.conn.execute("SELECT ts, seq FROM archive WHERE seq = ? AND account = ?"
-                                    " AND nonce = ?", (derived[0], account, derived[1])
+                                    " AND archive_id = ?", (seq, account, archive_id)
                                     ).fetchone()
             if row is not None:
                 return float(row[0]), int(row[1])
         row = self.conn.execute("SELECT ts, seq FROM archive WHERE account = ? AND"
-                                " archive_id = ?", (account, archive_id)).fetchone()
+                                " archive_id = ? AND nonce IS NULL", (account, archive_id)
+                                ).fetchone()
         return (float(row[0]), int(row[1])) if row else None
 
     def search(self, account: str, search: ArchiveSearch) -> ArchivePage | ArchiveMissing:
@@ -474,7 +473,7 @@ class ArchiveArea:
             if rows:
                 first_index = int(self.conn.execute(
                     f"SELECT count(*) FROM archive WHERE {' AND '.join(base_where)}"
-                    " AND (ts, seq) < (?, ?)", (*base_args, rows[0][3], rows[0][0])
+                    " AND (ts, seq) < (?, ?)", (*base_args, rows[0][1], rows[0][3])
                 ).fetchone()[0])
         return ArchivePage(items, complete=not more, count=count, first_index=first_index)
 

@@ -526,9 +526,9 @@ def test_the_proxys_ids_are_found_without_an_index_of_ids(area: ArchiveArea) -> 
     assert ids_of(search(area, max=2, before=ids[2])) == ids[:2]
     assert ids_of(search(area, after_id=ids[0], before_id=ids[3])) == ids[1:3]
     assert ids_of(search(area, ids=(ids[4], ids[1]))) == [ids[1], ids[4]]
-    # Stored as nonce and row number: no row of them is in the index of stored ids.
+    # Found through the row number: no row of them is in the index of stored ids.
     assert area.conn.execute("SELECT count(*) FROM archive WHERE account = ? AND"
-                             " archive_id IS NOT NULL", (ALICE,)).fetchone()[0] == 0
+                             " nonce IS NULL", (ALICE,)).fetchone()[0] == 0
     assert len(set(ids)) == 6 and all(len(i) == mam_ids_length() for i in ids)
     # Another account's id, a tampered one and one of another archive's key are not found.
     bob_id = put_new(area, 1, account=BOB)[0]
