@@ -7,7 +7,8 @@ queries it off the event loop.
   account; every index starts with it, so an account's query never reads another's rows,
   and ordering is by ``(ts, seq)``: the time the proxy archived the message, then the order
   it was archived in. Two indexes besides the table (by time, by contact), each entry the
-  account, a key and the row number: each archived message costs three B-tree inserts.
+  account, a key and the row number: each archived message costs three B-tree inserts (a
+  third index holds only the ids of rows archived before version 2).
 - :class:`ArchiveIds`: the proxy's message ids, derived from the row number so that finding
   a message by its id needs no index of its own.
 - :class:`ArchiveArea`: the SQL, synchronous, on whatever connection it is given (the
