@@ -6,11 +6,13 @@ throughput cost of archiving.
     python3 -m bench.archive --no-throughput
 
 Query part: one account's archive filled directly through the store API (ArchiveArea, in
-one SQLite file like the proxy's), then each query shape timed through ArchiveArea.search,
-the call the archive's thread makes (median of --repeat runs, milliseconds). Throughput part:
-bench/run.py's throughput case (pairs of accounts chatting as fast as a window allows
-through a real proxy in front of a real Prosody), with the archive on and off, alternated in
-the same run.
+one SQLite file like the proxy's, with ids as the proxy hands them out), then each query
+shape timed through ArchiveArea.search, the call the archive's thread makes (median of
+--repeat runs, milliseconds). Throughput part: bench/run.py's throughput case (pairs of
+accounts chatting as fast as a window allows through a real proxy in front of a real
+Prosody), with the archive on and off, alternated in the same run; besides messages/s, the
+messages per proxy CPU-second (much steadier than the rate on a machine shared with other
+work).
 """
 
 from __future__ import annotations
