@@ -130,6 +130,9 @@ class Proxy:
         self.login_throttle = LoginThrottle(config.abuse)
         self.own_stream_ids = OwnStreamIds()
         self.store = Store(str(config.path(config.store.path)), log=self.log)
+        if self.store.unclean:  # what the store's writer had not committed is gone: say so
+            self.log.warning("store_unclean_start", lost="the last moments of roster, "
+                             "blocklist and push registration changes, if any")
         self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes)
         # Client edge first, server edge last: rules see what the client sent and what it
         # will get; the roster cache sees the server's stanzas before anything else and the
