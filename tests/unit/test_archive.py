@@ -565,6 +565,18 @@ def test_ids_handed_out_are_never_handed_out_again_after_a_crash(tmp_path: Path)
     conn.close()
 
 
+class EventLog:
+    """Records the structured events the archive logs."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def warning(self, event: str, **kw: object) -> None:
+        self.events.append((event, kw))
+
+    info = warning
+
+
 def test_a_version_1_archive_is_rebuilt_and_its_ids_still_work(tmp_path: Path) -> None:
     path = str(tmp_path / "old-archive.sqlite3")
     import sqlite3
@@ -585,8 +597,11 @@ def test_a_version_1_archive_is_rebuilt_and_its_ids_still_work(tmp_path: Path) -
                     + [(BOB, "bobsoldid000000", 1000.0, "out", ALICE, ALICE, b"<m/>")])
     old.commit()
     old.close()
-    conn = open_archive_connection(path)
+    log = EventLog()
+    conn = open_archive_connection(path, log)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [(e, kw["rows"]) for e, kw in log.events] == [("archive_migrating", 6),
+                                                         ("archive_migrated", 6)]
     indexes = {r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'archive'"
         " AND sql IS NOT NULL")}
@@ -602,8 +617,9 @@ def test_a_version_1_archive_is_rebuilt_and_its_ids_still_work(tmp_path: Path) -
     assert ids_of(search(area, after_id=old_ids[4])) == new
     assert ids_of(search(area, account=BOB)) == ["bobsoldid000000"]
     conn.close()
-    reopened = open_archive_connection(path)  # version 2 now: opened as it is
+    reopened = open_archive_connection(path, log)  # version 2 now: opened as it is
     assert ids_of(search(ArchiveArea(reopened))) == old_ids + new
+    assert len(log.events) == 2
     reopened.close()
 
 
