@@ -8,7 +8,7 @@ import copy
 import pytest
 from lxml import etree
 
-from proxy.commands import ToAccount
+from proxy.commands import Log, ToAccount, WhenStored
 from proxy.config import ConfigError, parse_config
 from proxy.features.blocking import BLOCKING, BLOCKING_ERRORS, BlockingFactory, is_blocked
 from proxy.session import Outputs, SessionCore
@@ -40,12 +40,24 @@ class Account:
                          for r in resources}
         self.client: dict[str, list[Element]] = {r: [] for r in resources}
         self.upstream: dict[str, list[Element]] = {r: [] for r in resources}
+        # WhenStored as the shell carries it out: at once (the writer committed), unless
+        # the test holds them to commit or fail them itself.
+        self.hold = False
+        self.held: list[tuple[str, WhenStored]] = []
+        self.logs: list[Log] = []
 
     def _run(self, resource: str, out: Outputs) -> None:
         self.client[resource].extend(out.to_client)
         self.upstream[resource].extend(out.to_upstream)
         for command in out.commands:
-            if isinstance(command, ToAccount):
+            if isinstance(command, Log):
+                self.logs.append(command)
+            elif isinstance(command, WhenStored):
+                if self.hold:
+                    self.held.append((resource, command))
+                else:
+                    self._run(resource, command.then)
+            elif isinstance(command, ToAccount):
                 for other, core in self.sessions.items():
                     if other != resource:
                         self._run(other, core.from_account(command.kind,
@@ -70,6 +82,12 @@ class Account:
         items = "".join(f"<item jid='{j}'/>" for j in jids)
         return self.send(resource, f"<iq type='set' id='{iq_id}'><block xmlns='{BLOCKING}'>"
                                    f"{items}</block></iq>")
+
+    def release(self, *, committed: bool = True) -> None:
+        """The writer committed (or failed to commit) what the held replies wait for."""
+        held, self.held = self.held, []
+        for resource, command in held:
+            self._run(resource, command.then if committed else command.failed)
 
     def close(self) -> None:
         for core in self.sessions.values():
