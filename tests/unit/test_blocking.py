@@ -150,6 +150,46 @@ def test_pushes_only_to_sessions_that_asked_for_the_list() -> None:
     assert unblock.find(f"{{{BLOCKING}}}unblock") is not None and len(unblock[0]) == 0
 
 
+def test_the_result_and_the_pushes_wait_for_the_store_and_the_block_is_in_force_at_once(
+        ) -> None:
+    acct = Account("chamber", "balcony")
+    acct.blocklist("chamber")
+    acct.blocklist("balcony")
+    acct.hold = True
+    assert acct.block("chamber", "romeo@montague.net") == []  # held: not yet stored
+    assert acct.client["balcony"][1:] == []  # nor pushed (§3.3: the result comes first)
+    # In force meanwhile: a message to the contact is refused, and the list says so.
+    (refused,) = acct.send("chamber", "<message to='romeo@montague.net'><body>hi</body>"
+                                      "</message>")
+    assert error_condition(refused) == "not-acceptable"
+    assert acct.blocklist("balcony") == ["romeo@montague.net"]
+    before = len(acct.client["chamber"])
+    acct.release()  # the writer committed
+    answer, push = acct.client["chamber"][before:]
+    assert answer.get("type") == "result" and answer.get("id") == "b"
+    assert push.get("type") == "set" and push.find(f"{{{BLOCKING}}}block") is not None
+    (other,) = acct.client["balcony"][2:]
+    assert [i.get("jid") for i in other.iter(ITEM)] == ["romeo@montague.net"]
+
+
+def test_a_block_the_store_failed_to_write_gets_an_error_and_no_push() -> None:
+    acct = Account("chamber", "balcony")
+    acct.blocklist("balcony")
+    acct.hold = True
+    acct.send("chamber", f"<iq type='set' id='u'><unblock xmlns='{BLOCKING}'/></iq>")
+    acct.block("chamber", "romeo@montague.net", iq_id="b2")
+    acct.release(committed=False)
+    unblocked, error = acct.client["chamber"]
+    assert unblocked.get("type") == "error" and unblocked.get("id") == "u"
+    assert error.get("type") == "error" and error.get("id") == "b2"
+    assert error_condition(error) == "internal-server-error"
+    assert error.find("{jabber:client}error").get("type") == "wait"  # try again later
+    assert acct.client["balcony"][1:] == []  # nothing pushed: nothing was stored
+    assert [(c.event, c.fields.get("action"), c.level) for c in acct.logs
+            if c.event == "blocklist_not_stored"] == [
+        ("blocklist_not_stored", "unblock", "error"), ("blocklist_not_stored", "block", "error")]
+
+
 def test_bad_requests() -> None:
     acct = Account("chamber")
     (err,) = acct.block("chamber")
