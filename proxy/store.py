@@ -38,8 +38,9 @@ commit is logged, ``store_write_failed``, and tried again, in order); a graceful
 everything (``Store.close``). A crash of the process loses at most the batches not yet
 committed, a few milliseconds of changes: the next run says so (``unclean``, logged by the
 proxy as ``store_unclean_start``) and gives each account a new roster epoch (a full roster
-download for its clients, never a version that names two rosters); a block or a push
-registration of those last moments is gone and must be made again.
+download for its clients, never a version that names two rosters). A block or a push
+registration of those last moments is gone, but its client was never told ``result``: that
+reply waits for the commit (``StoreWriter.when_committed``, the ``WhenStored`` command).
 """
 
 from __future__ import annotations

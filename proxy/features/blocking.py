@@ -10,8 +10,10 @@ account's sessions through it:
   thread, so the event loop never waits for SQLite);
 - ``<blocklist/>`` gets: the list; the session then gets pushes (§3.3: only resources that
   requested the list);
-- ``<block/>``, ``<unblock/>`` (empty: unblock all) sets: stored, answered, pushed to every
-  interested session of the account, the asking one included; a block sends unavailable
+- ``<block/>``, ``<unblock/>`` (empty: unblock all) sets: in force at once, stored, then
+  answered and pushed to every interested session of the account, the asking one included,
+  once the store's writer committed the change (``WhenStored``; a failed commit answers
+  ``internal-server-error``, type wait, and pushes nothing); a block sends unavailable
   presence from each available session to the contacts it hides from (those the roster says
   may see the user's presence), an unblock sends them the session's current presence;
 - §3.3 inbound: from a blocked JID, presence is dropped, a message (normal or chat) and an
