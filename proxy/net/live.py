@@ -313,9 +313,14 @@ class LiveSession:
             self.store.writer.when_committed(done, failed)
 
     def _write_held(self, out: Outputs) -> None:
-        # A session that ended meanwhile has no client to answer; the account's other
-        # sessions (a blocklist push) still hear of it.
-        self.write(out if self.state != "ended" else Outputs(commands=out.commands))
+        if self.state == "ended":
+            # No client to answer; the account's other sessions (a blocklist push) still
+            # hear of it.
+            self.write(Outputs(commands=out.commands))
+            return
+        for el in out.to_client:  # the proxy's own answers, as the pipeline's are
+            self.inspect_own("s2c", el)
+        self.write(out)
 
     def _archive_query(self, command: ArchiveQuery) -> None:
         token = command.token
