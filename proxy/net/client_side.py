@@ -22,6 +22,7 @@ from ..commands import (
     CheckLogin,
     Count,
     FailNegotiation,
+    HandOver,
     Log,
     NegotiationCommand,
     Pause,
@@ -47,6 +48,14 @@ from .upstream import (
 from .preamble import tls_failure_reason
 from .xmlstream import PlaintextInjection, XmlStream, features_element
 from ..xmpp.stanza import Element
+
+
+class HandOverNeeded(Exception):
+    """``workers: N``: the client's ``<auth/>`` names an account of another worker."""
+
+    def __init__(self, command: HandOver) -> None:
+        super().__init__(f"{command.account} lives in worker {command.home}")
+        self.command = command
 
 
 class NegotiationFailed(Exception):
@@ -79,7 +88,8 @@ class ClientNegotiation:
                  log: Any, *, throttle: LoginThrottle | None = None,
                  own_stream_ids: OwnStreamIds | None = None,
                  vouch: Callable[[str, str], bool] | None = None,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None,
+                 home_of: Callable[[str], int] | None = None, worker: int = 0) -> None:
         self.stream = stream
         # While the server is unreachable: does a live session of this account hold this
         # password (so a client whose link dropped can still resume)?
@@ -99,10 +109,12 @@ class ClientNegotiation:
             timeout=config.limits.negotiation_timeout, throttle=throttle,
             # The socket's peer, or the client a PROXY protocol header named.
             client_address=stream.peer_host,
-            upstream_host=config.upstream.host, upstream_port=config.upstream.port)
+            upstream_host=config.upstream.host, upstream_port=config.upstream.port,
+            home_of=home_of, worker=worker)
         self.deadline: float | None = None  # seconds, from the core's timer
         self._authenticated: Authenticated | None = None
         self._received: list[Element] = []
+        self.header: dict[str, str] = {}  # the attributes of the client's last header
 
     def start(self) -> float:
         """The negotiation's time limit in seconds (the caller bounds the whole of it)."""
@@ -130,6 +142,10 @@ class ClientNegotiation:
             if self.own_stream_ids is not None:
                 self.own_stream_ids.retire(self._issued_ids)
 
+    async def take_over(self, auth: Element, failures: int) -> None:
+        """At the account's home: go on from the ``<auth/>`` the accepting worker read."""
+        await self._execute(self.core.taken_over(auth, failures))
+
     async def open_bound_stream(self, features: list[Element]) -> None:
         """The post-authentication stream header and features (bind, sm, ...)."""
         self.core.open_bound_stream(features)
@@ -144,7 +160,10 @@ class ClientNegotiation:
 
     async def _step(self) -> None:
         """One event of the client's stream through the core."""
-        await self._execute(self.core.receive(await self.stream.next_event()))
+        event = await self.stream.next_event()
+        if isinstance(event, codec.StreamOpened):
+            self.header = event.attrs  # for a handover to another worker
+        await self._execute(self.core.receive(event))
 
     def _execute_now(self, commands: Sequence[NegotiationCommand]) -> None:
         for command in commands:
@@ -180,6 +199,8 @@ class ClientNegotiation:
                 self._received.append(command.element)
             elif isinstance(command, StartTimer):
                 self.deadline = command.seconds
+            elif isinstance(command, HandOver):
+                raise HandOverNeeded(command)
 
     def _send_header(self, command: SendHeader) -> None:
         stream_id = secrets.token_urlsafe(12)

@@ -1,0 +1,186 @@
+"""``workers: N``, the pure parts: the home hash, the handoff message, the negotiation core's
+handover, the merged metrics and the home's primed parser."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+
+import pytest
+
+from proxy.abuse import LoginThrottle
+from proxy.commands import CheckLogin, HandOver, ToClient
+from proxy.config import AbuseConfig, ConfigError, parse_config
+from proxy.negotiation import NegotiationCore
+from proxy.net.worker_link import primed_header
+from proxy.workers import (HANDOFF_HEADER, BadHandoff, Handoff, home_of, merge_metrics,
+                           resolve_workers)
+from proxy.xmpp import codec, ns
+from proxy.xmpp import stanza as st
+
+DOMAIN = "localhost"
+
+
+def test_home_is_the_same_in_every_process_whatever_its_hash_seed() -> None:
+    accounts = [f"user{i}@localhost" for i in range(20)]
+    here = [home_of(a, 3) for a in accounts]
+    code = ("import sys; from proxy.workers import home_of; "
+            f"print([home_of(a, 3) for a in {accounts!r}])")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": seed},
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                                 os.path.abspath(__file__)))))
+        assert out.stdout.strip() == str(here)
+
+
+def test_home_ignores_case_uses_every_worker_and_one_worker_is_home_to_all() -> None:
+    assert home_of("Juliet@Capulet.Lit", 4) == home_of("juliet@capulet.lit", 4)
+    assert {home_of(f"u{i}@localhost", 4) for i in range(200)} == {0, 1, 2, 3}
+    assert {home_of(f"u{i}@localhost", 1) for i in range(20)} == {0}
+
+
+def test_workers_setting_is_a_number_or_auto() -> None:
+    assert parse_config({}).workers == 1
+    assert parse_config({"workers": 3}).workers == 3
+    assert resolve_workers(parse_config({"workers": "auto"}).workers, cpu_count=6) == 6
+    for bad in (0, 257, "many", True):
+        with pytest.raises(ConfigError, match="workers"):
+            parse_config({"workers": bad})
+
+
+def handoff(**kw: object) -> Handoff:
+    fields: dict[str, object] = dict(
+        conn="ab12", accepted_by=1, listener=0, remote=("192.0.2.7", 40000),
+        local=("127.0.0.1", 5222), tls={"tls_version": "TLSv1.3", "cipher": None},
+        header={"to": "localhost", "version": "1.0"},
+        auth="<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>",
+        failures=2, after="")
+    fields.update(kw)
+    return Handoff(**fields)  # type: ignore[arg-type]
+
+
+def test_a_handoff_round_trips_through_its_framing() -> None:
+    sent = handoff(remote=("2001:db8::1", 1), after="<iq type='get' id='x'/>")
+    data = sent.encode()
+    size = Handoff.length(data[:HANDOFF_HEADER.size])
+    assert size == len(data) - HANDOFF_HEADER.size
+    assert Handoff.decode(data[HANDOFF_HEADER.size:]) == sent
+    assert Handoff.decode(handoff(remote=None, local=None).encode()[4:]).remote is None
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"version": 99}',
+                                  b'{"version": 1, "conn": "x"}'])
+def test_a_bad_handoff_is_refused(body: bytes) -> None:
+    with pytest.raises(BadHandoff):
+        Handoff.decode(body)
+
+
+def test_a_handoff_length_out_of_bounds_is_refused() -> None:
+    with pytest.raises(BadHandoff):
+        Handoff.length(HANDOFF_HEADER.pack(0))
+    with pytest.raises(BadHandoff):
+        Handoff.length(HANDOFF_HEADER.pack(1 << 30))
+
+
+def plain(user: str, password: str = "secret", authzid: str = "") -> str:
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+
+
+def auth_event(text: str | None) -> codec.StanzaReceived:
+    return codec.StanzaReceived(st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL,
+                                           text=text))
+
+
+def accounts_homed(home: int, count: int = 2, n: int = 1) -> list[str]:
+    found = [f"u{i}" for i in range(1000) if home_of(f"u{i}@{DOMAIN}", count) == home]
+    return found[:n]
+
+
+def core_at_sasl(worker: int, throttle: LoginThrottle | None = None) -> NegotiationCore:
+    core = NegotiationCore(DOMAIN, direct_tls=True, timeout=30, worker=worker,
+                           home_of=lambda account: home_of(account, 2), throttle=throttle)
+    core.receive(codec.StreamOpened({"to": DOMAIN, "version": "1.0"}, ns.CLIENT))
+    return core
+
+
+def test_an_account_of_another_worker_is_handed_over_before_any_check() -> None:
+    (elsewhere,) = accounts_homed(1)
+    (here,) = accounts_homed(0)
+    core = core_at_sasl(0)
+    (command,) = core.receive(auth_event(plain(elsewhere)))
+    assert isinstance(command, HandOver) and command.home == 1
+    assert str(command.account) == f"{elsewhere}@{DOMAIN}" and command.failures == 0
+    assert command.auth.text == plain(elsewhere) and command.auth.get("mechanism") == "PLAIN"
+    (check,) = core_at_sasl(0).receive(auth_event(plain(here)))
+    assert isinstance(check, CheckLogin)
+
+
+def test_a_challenge_response_login_is_handed_over_as_an_initial_response() -> None:
+    (elsewhere,) = accounts_homed(1)
+    core = core_at_sasl(0)
+    core.receive(auth_event(None))  # the empty challenge
+    response = st.element("response", namespace=ns.SASL, text=plain(elsewhere))
+    (command,) = core.receive(codec.StanzaReceived(response))
+    assert isinstance(command, HandOver) and command.auth.text == plain(elsewhere)
+
+
+def test_the_home_continues_from_the_auth_and_counts_failures_and_throttle_there() -> None:
+    (account,) = accounts_homed(1)
+    throttle = LoginThrottle(AbuseConfig(login_failures_per_account=1, login_failures_free=0,
+                                         login_delay=0, login_delay_max=0))
+    throttle.failed(f"{account}@{DOMAIN}", "192.0.2.7")  # one failure at the home already
+    home = NegotiationCore(DOMAIN, direct_tls=True, timeout=30, worker=1, throttle=throttle,
+                           home_of=lambda a: home_of(a, 2))
+    auth = st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL, text=plain(account))
+    out = home.taken_over(auth, failures=2)
+    # The home's throttle refuses it, and it is the third failure: the stream ends.
+    assert [c.element.tag for c in out if isinstance(c, ToClient)] == [
+        ns.qname(ns.SASL, "failure")]
+    assert home.phase == "failed" and home.failures == 3
+
+
+def test_the_home_checks_the_login_it_was_handed() -> None:
+    (account,) = accounts_homed(1)
+    home = NegotiationCore(DOMAIN, direct_tls=True, timeout=30, worker=1,
+                           home_of=lambda a: home_of(a, 2))
+    auth = st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL, text=plain(account))
+    (check,) = home.taken_over(auth, failures=0)
+    assert isinstance(check, CheckLogin) and check.authcid == account
+
+
+def test_a_second_account_on_a_handed_over_connection_is_not_handed_again() -> None:
+    (other,) = accounts_homed(0)
+    home = NegotiationCore(DOMAIN, direct_tls=True, timeout=30, worker=1,
+                           home_of=lambda a: home_of(a, 2))
+    auth = st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL, text=plain(other))
+    out = home.taken_over(auth, failures=0)
+    assert not any(isinstance(c, HandOver) for c in out)
+    (failure,) = [c.element for c in out if isinstance(c, ToClient)]
+    assert failure[0].tag == ns.qname(ns.SASL, "temporary-auth-failure")
+
+
+def test_the_primed_header_opens_a_stream_the_home_parser_reads_on_from() -> None:
+    parser = codec.XmlStreamParser()
+    header = {"to": DOMAIN, "version": "1.0",
+              "{http://www.w3.org/XML/1998/namespace}lang": "en", "from": "a'b@x"}
+    (opened,) = parser.feed(primed_header(header))
+    assert isinstance(opened, codec.StreamOpened)
+    assert opened.attrs["to"] == DOMAIN and opened.attrs["from"] == "a'b@x"
+    (got,) = parser.feed(b"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>=</response>")
+    assert isinstance(got, codec.StanzaReceived)
+
+
+def test_metrics_are_summed_across_workers_except_the_shared_store_gauges() -> None:
+    one = ("# HELP xmpp_front_sessions s\n# TYPE xmpp_front_sessions gauge\n"
+           'xmpp_front_sessions{state="active"} 2\n'
+           "xmpp_front_stored_messages 7\nxmpp_front_relay_seconds_sum 0.25\n")
+    two = ("# HELP xmpp_front_sessions s\n# TYPE xmpp_front_sessions gauge\n"
+           'xmpp_front_sessions{state="active"} 3\n'
+           "xmpp_front_stored_messages 7\nxmpp_front_relay_seconds_sum 0.5\n")
+    merged = merge_metrics([one, two])
+    assert merged == ["# HELP xmpp_front_sessions s", "# TYPE xmpp_front_sessions gauge",
+                      'xmpp_front_sessions{state="active"} 5', "xmpp_front_stored_messages 7",
+                      "xmpp_front_relay_seconds_sum 0.75"]
