@@ -8,13 +8,10 @@ it, its ``auth_ok`` the account's home; both carry the connection's id), within 
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import signal
-import socket
-import time
 from typing import Any
+
+import asyncio
+import secrets
 
 import pytest
 
@@ -50,7 +47,8 @@ def where(proxy: ProxyProcess, account: str, after: int = 0) -> tuple[int, int]:
 
 async def message(sender: RawClient, receiver: RawClient, body: str) -> None:
     assert receiver.jid is not None
-    sender.send(f"<message to='{receiver.jid}' type='chat' id='{sender.next_id()}'>"
+    # A fresh id each time: a resumed session's dedupe drops a repeated one.
+    sender.send(f"<message to='{receiver.jid}' type='chat' id='{secrets.token_hex(6)}'>"
                 f"<body>{body}</body></message>")
     got = await receiver.read_until(q(NS_CLIENT, "message"), timeout=10)
     assert got.findtext(q(NS_CLIENT, "body")) == body
@@ -105,3 +103,136 @@ def test_a_login_accepted_by_the_other_worker_is_relayed_to_the_home(
     handed = [e for e in proxy.events("handed_over") if e.get("home") == home_of(relayed, 2)]
     assert handed, "the accepting worker logged no handover"
     assert proxy.events("taken_over"), "the home logged no connection taken over"
+
+
+def accepted_since(proxy: ProxyProcess, after: int) -> list[int]:
+    """The workers that accepted each connection since the ``after``-th log event."""
+    return [e["worker"] for e in proxy.events()[after:] if e.get("event") == "accepted"]
+
+
+async def enable(raw: RawClient) -> str:
+    raw.send(f"<enable xmlns='{NS_SM}' resume='true'/>")
+    enabled = await raw.read_until(q(NS_SM, "enabled"), timeout=10)
+    sm_id = enabled.get("id")
+    assert sm_id
+    return sm_id
+
+
+def test_a_resume_that_lands_on_the_other_worker_succeeds(
+        workers_proxy: ProxyProcess, accounts: Any) -> None:
+    proxy = workers_proxy
+    (alice_jid, alice_pw), (bob_jid, bob_pw) = accounts("alice"), accounts("bob")
+    home = home_of(alice_jid, WORKERS)
+    landed: set[str] = set()
+
+    async def scenario() -> None:
+        bob = await raw_login(proxy.host, proxy.port, user(bob_jid), bob_pw, direct_tls=False,
+                              resource="desk")
+        alice = await raw_login(proxy.host, proxy.port, user(alice_jid), alice_pw,
+                                direct_tls=False, resource="phone")
+        try:
+            sm_id = await enable(alice)
+            for attempt in range(TRIES):
+                alice.abort()  # the network drops
+                await asyncio.sleep(0.2)
+                body = f"while away {attempt}"
+                bob.send(f"<message to='{alice_jid}/phone' type='chat'><body>{body}</body>"
+                         "</message>")
+                await asyncio.sleep(0.2)
+                mark = len(proxy.events())
+                alice = await RawClient.connect(proxy.host, proxy.port, direct_tls=False)
+                await alice.login_plain(user(alice_jid), alice_pw)
+                alice.send(f"<resume xmlns='{NS_SM}' previd='{sm_id}' h='{attempt}'/>")
+                assert (await alice.read_until(q(NS_SM, "resumed"), timeout=10)) is not None
+                got = await alice.read_until(q(NS_CLIENT, "message"), timeout=10)
+                assert got.findtext(q(NS_CLIENT, "body")) == body
+                alice.jid = f"{alice_jid}/phone"
+                await message(alice, bob, f"back {attempt}")
+                (worker,) = accepted_since(proxy, mark)
+                landed.add("other" if worker != home else "home")
+                if landed == {"other", "home"}:
+                    return
+        finally:
+            alice.abort()
+            await bob.close()
+
+    run(scenario(), timeout=120)
+    assert landed == {"other", "home"}, landed
+    # Every resume was the home's: one session, never one per worker.
+    resumes = [e for e in proxy.events("auth_ok") if e.get("account") == alice_jid]
+    assert {e["worker"] for e in resumes} == {home}
+
+
+def test_a_takeover_from_a_connection_on_the_other_worker_succeeds(
+        workers_proxy: ProxyProcess, accounts: Any) -> None:
+    proxy = workers_proxy
+    (alice_jid, alice_pw), (bob_jid, bob_pw) = accounts("alice"), accounts("bob")
+    home = home_of(alice_jid, WORKERS)
+    landed: set[str] = set()
+
+    async def scenario() -> None:
+        bob = await raw_login(proxy.host, proxy.port, user(bob_jid), bob_pw, direct_tls=False,
+                              resource="desk")
+        old = await raw_login(proxy.host, proxy.port, user(alice_jid), alice_pw,
+                              direct_tls=False, resource="tab")
+        try:
+            for attempt in range(TRIES):
+                mark = len(proxy.events())
+                new = await raw_login(proxy.host, proxy.port, user(alice_jid), alice_pw,
+                                      direct_tls=False, resource="tab")
+                # The old connection is replaced (RFC 6120 §7.7.2.2: conflict).
+                assert await old.expect_closed(10)
+                await message(new, bob, f"from the new one {attempt}")
+                await message(bob, new, f"to the new one {attempt}")
+                (worker,) = accepted_since(proxy, mark)
+                landed.add("other" if worker != home else "home")
+                old = new
+                if landed == {"other", "home"}:
+                    return
+        finally:
+            old.abort()
+            await bob.close()
+
+    run(scenario(), timeout=120)
+    assert landed == {"other", "home"}, landed
+
+
+def test_slixmpp_resumes_through_the_other_worker(workers_proxy: ProxyProcess,
+                                                  accounts: Any) -> None:
+    proxy = workers_proxy
+    (alice_jid, alice_pw), (bob_jid, bob_pw) = accounts("alice"), accounts("bob")
+    home = home_of(alice_jid, WORKERS)
+    landed: set[str] = set()
+
+    async def scenario() -> None:
+        a = await clients.connect_client(alice_jid + "/phone", alice_pw, proxy.host,
+                                         proxy.port, direct_tls=False,
+                                         plugins=("xep_0030", "xep_0199", "xep_0198"))
+        b = await clients.connect_client(bob_jid + "/pc", bob_pw, proxy.host, proxy.port,
+                                         direct_tls=False)
+        inbox = clients.Inbox(a)
+        try:
+            for attempt in range(TRIES // 4):
+                resumed = asyncio.get_running_loop().create_future()
+                a.add_event_handler("session_resumed",
+                                    lambda *_, f=resumed: f.done() or f.set_result(True))
+                a.transport.abort()
+                await asyncio.sleep(0.3)
+                b.send_message(mto=alice_jid + "/phone", mbody=f"during {attempt}",
+                               mtype="chat")
+                await asyncio.sleep(0.3)
+                mark = len(proxy.events())
+                a.connect(proxy.host, proxy.port)
+                await asyncio.wait_for(resumed, 15)
+                assert (await inbox.get(10))["body"] == f"during {attempt}"
+                accepted = accepted_since(proxy, mark)
+                landed.update("other" if w != home else "home" for w in accepted)
+                if "other" in landed:
+                    return
+        finally:
+            inbox.close()
+            await clients.disconnect(a)
+            await clients.disconnect(b)
+
+    run(scenario(), timeout=120)
+    assert "other" in landed, landed
