@@ -11,12 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 import asyncio
+import os
 import secrets
+import signal
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.workers import home_of
 from tests.integration.proxyproc import ProxyProcess
+from tests.integration.test_durability import (assert_ledgers_settled, count_both_ways, direct,
+                                               durable_setup, numbered, via_proxy, wait_for)
 from tests.peers import clients
 from tests.peers.rawclient import RawClient, q, raw_login
 from tests.peers.util import run
@@ -236,3 +243,89 @@ def test_slixmpp_resumes_through_the_other_worker(workers_proxy: ProxyProcess,
 
     run(scenario(), timeout=120)
     assert "other" in landed, landed
+
+
+# Stop, reload, crash ----------------------------------------------------------------------
+
+
+def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
+    """The pid of each worker's latest start, from the supervisor's log."""
+    return {e["worker"]: e["pid"] for e in proxy.events("worker_started")}
+
+
+def test_sigterm_under_traffic_with_two_workers_loses_nothing(tmp_path: Path,
+                                                              certs: Any) -> None:
+    with durable_setup(tmp_path, certs, workers=WORKERS) as s:
+        r = count_both_ways(s, "sigterm")
+        assert r["alice_acked"] > 50 and r["bob_sent"] > 200
+        assert r["alice_lost"] == [] and r["bob_lost"] == []
+        assert r["alice_dups"] == {} and r["bob_dups"] == {}
+        first = ProxyProcess.read_events(tmp_path / "proxy1" / "xmpp-front.log")
+        # Every worker stopped itself, then the supervisor, which saw a clean stop.
+        assert {e.get("worker") for e in first if e.get("event") == "stopped"
+                and e.get("role") != "supervisor"} == {0, 1}
+        assert next(e for e in first if e.get("event") == "stopped"
+                and e.get("role") == "supervisor")["clean"] is True
+        assert_ledgers_settled(tmp_path / "proxy1" / "xmpp-front.log")
+
+
+def test_sigkill_of_everything_under_traffic_then_restart_loses_nothing_acked(
+        tmp_path: Path, certs: Any) -> None:
+    with durable_setup(tmp_path, certs, workers=WORKERS) as s:
+        r = count_both_ways(s, "sigkill")
+        assert r["alice_acked"] > 50 and r["bob_sent"] > 200
+        assert r["alice_lost"] == []
+        # The new supervisor settled the dead workers' journals before its workers started.
+        assert s.proxy.wait_event("journal_recovered")["sessions"] >= 1
+        assert len(r["bob_lost"]) <= 5, r["bob_lost"]
+
+
+def test_a_crashed_worker_is_restarted_and_its_journal_settled(tmp_path: Path,
+                                                               certs: Any) -> None:
+    with durable_setup(tmp_path, certs, workers=WORKERS) as s:
+        alice, bob = s.account("alice"), s.account("bob")
+        home = home_of(alice[0], WORKERS)
+
+        async def scenario() -> None:
+            b = await direct(s, bob, "pc")
+            a = await via_proxy(s, alice, "phone", resume_max=300)
+            try:
+                a.abort()  # alice's phone is away: the home holds what comes for her
+                await wait_for(lambda: s.proxy.events("hibernating"), 10, "hibernating")
+                for body in numbered("k", 5):
+                    b.message(alice[0] + "/phone", body)
+                await asyncio.sleep(1.0)  # taken from the server, journaled
+                os.kill(worker_pids(s.proxy)[home], signal.SIGKILL)
+                await wait_for(lambda: s.proxy.events("worker_exited"), 10, "worker_exited")
+                await wait_for(lambda: [e for e in s.proxy.events("worker_started")
+                                        if e["restarts"] == 1], 30, "the restart")
+                assert s.proxy.running  # the supervisor and the other worker carried on
+                again = await via_proxy(s, alice, "tablet")
+                try:
+                    await again.wait_bodies(5, 20)
+                    assert again.bodies == numbered("k", 5)
+                finally:
+                    again.abort()
+            finally:
+                b.abort()
+
+        run(scenario(), 90)
+        (exited,) = s.proxy.events("worker_exited")
+        assert exited["worker"] == home and exited["code"] == -signal.SIGKILL
+        recovered = s.proxy.wait_event("journal_recovered")
+        assert recovered["worker"] == home and recovered["stored"] >= 5
+
+
+def test_sighup_reloads_every_worker(workers_proxy: ProxyProcess) -> None:
+    proxy = workers_proxy
+    config = dict(proxy.config)
+    config["log"] = {**config["log"], "level": "info"}
+    proxy.config_path.write_text(yaml.safe_dump(config))
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while {e.get("worker") for e in proxy.events("config_reloaded")} != {0, 1}:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.1)
+    for event in proxy.events("config_reloaded"):
+        assert event["changed"] == ["log.level"] and event["needs_restart"] == []

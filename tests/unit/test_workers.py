@@ -3,17 +3,22 @@ handover, the merged metrics and the home's primed parser."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from proxy.abuse import LoginThrottle
 from proxy.commands import CheckLogin, HandOver, ToClient
 from proxy.config import AbuseConfig, ConfigError, parse_config
+from proxy.journal import Journal, create_journal_file, recover
 from proxy.negotiation import NegotiationCore
+from proxy.store import Store
 from proxy.net.worker_link import primed_header
 from proxy.workers import (HANDOFF_HEADER, BadHandoff, Handoff, home_of, merge_metrics,
                            resolve_workers)
@@ -184,3 +189,72 @@ def test_metrics_are_summed_across_workers_except_the_shared_store_gauges() -> N
     assert merged == ["# HELP xmpp_front_sessions s", "# TYPE xmpp_front_sessions gauge",
                       'xmpp_front_sessions{state="active"} 5', "xmpp_front_stored_messages 7",
                       "xmpp_front_relay_seconds_sum 0.75"]
+
+
+# Store safety with several processes ----------------------------------------------------------
+
+
+def test_a_worker_journal_in_its_own_file_is_settled_into_the_shared_store(
+        tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "front.sqlite3"))
+    journal_file = str(tmp_path / "w1.journal")
+    create_journal_file(journal_file)
+
+    async def write() -> None:
+        journal = Journal(journal_file)
+        for n in range(3):
+            msg = st.element("message", {"id": f"m{n}", "from": "bob@localhost/pc",
+                                         "type": "chat"})
+            st.sub(msg, "body", text=str(n))
+            journal.put("s1", "s2c", n, "alice@localhost", etree.tostring(msg), 1000.0)
+        journal.cut("s1", "s2c", 1)  # the first was delivered
+        done = asyncio.Event()
+        journal.when_durable(done.set)
+        await asyncio.wait_for(done.wait(), 5)
+        await journal.close()
+
+    asyncio.run(write())  # then the worker dies: the rows stay in its file
+    assert store.conn.execute("SELECT count(*) FROM ledger_journal").fetchone()[0] == 0
+    counts = recover(store, now=2000.0, stored_ttl=60, domain="localhost",
+                     journal_path=journal_file)
+    assert counts["stored"] == 2
+    taken = store.offline.offline_take("alice@localhost", now=2000.0)
+    assert [etree.fromstring(x).get("id") for x in taken] == ["m1", "m2"]
+    again = recover(store, now=2000.0, stored_ttl=60, domain="localhost",
+                    journal_path=journal_file)
+    assert again["stored"] == 0  # emptied: never settled twice
+    store.close()
+
+
+_WRITER = """
+import sys
+from proxy.store import Store
+store = Store(sys.argv[1], threaded_writes=False)
+for n in range(int(sys.argv[2])):
+    with store.transaction():
+        store.offline.offline_put(sys.argv[3], b"<message id='%d'/>" % n, 1e12)
+store.close()
+"""
+
+
+def test_two_processes_write_the_store_at_once_without_losing_a_write(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.sqlite3")
+    Store(path).close()  # the supervisor's migrations, once
+    root = Path(__file__).resolve().parents[2]
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, path, "300", f"u{i}@x"],
+                                cwd=root, stderr=subprocess.PIPE) for i in range(2)]
+    for w in writers:
+        _, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err.decode()
+    store = Store(path)
+    assert [store.offline.count(f"u{i}@x") for i in range(2)] == [300, 300]
+    store.close()
+
+
+def test_the_clean_stop_mark_is_left_to_the_supervisor(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sqlite3")
+    Store(path).close()
+    worker = Store(path, clean_start=True, mark_clean=False)
+    assert worker.clean_start
+    worker.close()
+    assert not Store(path).clean_start  # the worker's close did not mark the stop clean
