@@ -11,9 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import asyncio
+import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,12 +24,12 @@ import pytest
 import yaml
 
 from proxy.workers import home_of
-from tests.integration.proxyproc import ProxyProcess
+from tests.integration.proxyproc import REPO, ProxyProcess
 from tests.integration.test_durability import (assert_ledgers_settled, count_both_ways, direct,
                                                durable_setup, numbered, via_proxy, wait_for)
 from tests.peers import clients
 from tests.peers.rawclient import RawClient, q, raw_login
-from tests.peers.util import run
+from tests.peers.util import LOCALHOST, free_port, run
 
 pytestmark = pytest.mark.integration
 
@@ -329,3 +332,79 @@ def test_sighup_reloads_every_worker(workers_proxy: ProxyProcess) -> None:
         time.sleep(0.1)
     for event in proxy.events("config_reloaded"):
         assert event["changed"] == ["log.level"] and event["needs_restart"] == []
+
+
+# Metrics and the admin view across workers ------------------------------------------------
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(LOCALHOST, port), 5)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw = await asyncio.wait_for(reader.read(), 20)
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    key = f"{name}{{{label_text}}}" if labels else name
+    (line,) = [x for x in text.splitlines() if x.rpartition(" ")[0] == key]
+    return float(line.rpartition(" ")[2])
+
+
+def front(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def accounts_on_both(accounts: Any, per_worker: int = 1) -> list[tuple[str, str]]:
+    """Fresh accounts, ``per_worker`` of them homed in each worker."""
+    found: dict[int, list[tuple[str, str]]] = {i: [] for i in range(WORKERS)}
+    while any(len(v) < per_worker for v in found.values()):
+        jid, pw = accounts("m")
+        home = found[home_of(jid, WORKERS)]
+        if len(home) < per_worker:
+            home.append((jid, pw))
+    return [a for v in found.values() for a in v]
+
+
+def test_metrics_sessions_and_kick_cover_every_worker(make_proxy: Any, accounts: Any) -> None:
+    port = free_port()
+    proxy = make_proxy(workers=WORKERS, metrics={"listen": f"{LOCALHOST}:{port}"})
+    people = accounts_on_both(accounts, per_worker=2)
+
+    async def scenario() -> None:
+        logged = [await raw_login(proxy.host, proxy.port, user(jid), pw, direct_tls=False,
+                                  resource="r") for jid, pw in people]
+        try:
+            status, text = await http_get(port, "/metrics")
+            assert status == 200
+            assert sample(text, "xmpp_front_workers") == WORKERS
+            assert sample(text, "xmpp_front_sessions", state="active") == len(people)
+            assert sample(text, "xmpp_front_logins_total", result="ok") == len(people)
+            assert (await http_get(port, "/healthz"))[0] == 200
+
+            done = await asyncio.to_thread(front, "sessions", "-c", str(proxy.config_path),
+                                           "--json")
+            assert done.returncode == 0, done.stderr
+            rows = json.loads(done.stdout)
+            assert sorted(r["account"] for r in rows) == sorted(jid for jid, _ in people)
+            assert {r["account"]: r["worker"] for r in rows} == {
+                jid: home_of(jid, WORKERS) for jid, _ in people}
+
+            victim = people[-1][0]  # homed in the last worker
+            done = await asyncio.to_thread(front, "kick", victim, "-c",
+                                           str(proxy.config_path))
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip() == f"kicked {victim}/r"
+            assert await logged[-1].expect_closed(10)
+            done = await asyncio.to_thread(front, "kick", victim, "-c",
+                                           str(proxy.config_path))
+            assert done.returncode == 1 and "no live session" in done.stderr
+            await message(logged[0], logged[1], "the others go on")
+        finally:
+            for client in logged:
+                client.abort()
+
+    run(scenario(), timeout=90)
