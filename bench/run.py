@@ -487,7 +487,7 @@ class Bench:
         o = self.opts
         kw = dict(seconds=o.seconds, warmup=o.warmup, window=o.window, batch=o.batch,
                   progress=self.progress)
-        accounts = self.fake_accounts(2 * o.pairs)
+        accounts = balanced_accounts(2 * o.pairs, max(o.workers))
         upstream = await self.started(procs.fast_upstream(self.workdir / "workers"))
         runs: dict[int, list[load.ThroughputResult]] = {n: [] for n in o.workers}
         try:
@@ -915,6 +915,24 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def balanced_accounts(n: int, workers: int) -> list[tuple[str, str]]:
+    """``n`` fast-upstream accounts, as many homed in each of ``workers`` as can be (the
+    same set for every worker count of a run, so the figures compare)."""
+    from proxy.workers import home_of
+
+    want = {h: n // workers + (1 if h < n % workers else 0) for h in range(workers)}
+    out: list[tuple[str, str]] = []
+    k = 0
+    while len(out) < n:
+        name = f"fast{k}"
+        home = home_of(f"{name}@localhost", workers)
+        if want[home] > 0:
+            want[home] -= 1
+            out.append((name, "any"))
+        k += 1
+    return out
 
 
 def _counts(text: str) -> list[int]:

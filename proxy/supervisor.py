@@ -203,14 +203,14 @@ class Supervisor:
         self.log.info("stopping", workers=self.count)
         for task in watchers:
             task.cancel()
+        for sock in self.sockets:  # the listeners close as the workers close theirs
+            sock.close()
         if self.admin_server is not None:
             self.admin_server.close()
             if self.admin_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self.admin_path.unlink()
         clean = await self._stop_workers()
-        for sock in self.sockets:
-            sock.close()
         if self.metrics is not None:
             await self.metrics.stop()
         if clean:
