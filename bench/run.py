@@ -616,7 +616,14 @@ class Bench:
         name = "memory-tls" if tls else "memory-plain"
         upstream = await self.started(procs.fast_upstream(
             self.workdir / name, cert=self.cert if tls else None, key=self.key if tls else None))
-        proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls))
+        workers = self.opts.memory_workers
+        extra: dict[str, Any] = {"workers": workers, "log_level": "info"} if workers > 1 else {}
+        proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls,
+                                                          **extra))
+        if workers > 1 and not await asyncio.to_thread(
+                procs.wait_until, lambda: proxy.events("listening"), 30):
+            raise RuntimeError(f"the proxy's workers did not start:\n{proxy.log_tail()}")
+        family = [proxy.pid, *procs.family(proxy.pid)]  # the supervisor and its workers
         clients: list[BenchClient] = []
         run: dict[str, Any] = {}
         self.details["memory"]["runs"][label] = run
@@ -625,7 +632,7 @@ class Bench:
             accounts = self.fake_accounts(sizes[-1], "idle")
             clients += await load.login_many(ep, accounts[:WARM_SESSIONS], resource="idle")
             await asyncio.sleep(1.0)
-            base = proxy.rss()
+            base = sum(procs.rss_bytes(pid) for pid in family)
             run["baseline_rss"] = base
             self.progress(f"{label}: proxy RSS with {WARM_SESSIONS} sessions "
                           f"{base / 2**20:.1f} MiB")
@@ -637,8 +644,9 @@ class Bench:
                 clients += new
                 took = time.monotonic() - t
                 await asyncio.sleep(2.0)
-                rss = proxy.rss()
-                fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+                rss = sum(procs.rss_bytes(pid) for pid in family)
+                each = [len(os.listdir(f"/proc/{pid}/fd")) for pid in family]
+                fds = max(each)  # the limit is per process
                 have = len(clients)
                 per = (rss - base) / (have - WARM_SESSIONS)
                 echoed = await load.echo_check(clients)
@@ -653,8 +661,11 @@ class Bench:
                 self.row("memory", f"{n} idle sessions, {label}", "RSS per session",
                          round(per / 1024, 1), "KiB",
                          vs=f"total {rss / 2**20:.0f} MiB; {echoed}/{n} working; "
-                            f"{fds} fds{failed}")
+                            f"{fds} fds{failed}"
+                            + (f"; {workers} workers (fds {'/'.join(map(str, each[1:]))})"
+                               if workers > 1 else ""))
                 run[str(n)] = {"rss": rss, "per_session": per, "fds": fds, "echoed": echoed,
+                               "fds_per_process": each, "workers": workers,
                                "sessions": have, "failed_logins": len(errors),
                                "first_error": repr(errors[0]) if errors else None,
                                "login_seconds": took}
@@ -1007,6 +1018,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(carbons, archive, blocking, push), for the relay's own cost")
     p.add_argument("--workers", type=_counts, default=[1, 2], metavar="N,...",
                    help="the workers case: proxies with each of these worker counts (1,2)")
+    p.add_argument("--memory-workers", type=int, default=1, metavar="N",
+                   help="the memory case through a proxy with workers: N (1); RSS summed "
+                        "over its processes, descriptors counted per process")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     opts = p.parse_args(argv)
     for name in ("pairs", "loggers", "resumes", "restore_sessions", "window", "batch",

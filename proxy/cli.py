@@ -75,7 +75,8 @@ def _worker_role(args: argparse.Namespace, config: Config) -> Any:
     index, count = (int(x) for x in args.worker.split("/"))
     return WorkerRole(index=index, count=count, paths=worker_paths(config),
                       listen_fds=tuple(int(fd) for fd in args.listen_fds.split(",")),
-                      clean_start=args.clean_start, ready_fd=args.ready_fd)
+                      clean_start=args.clean_start, ready_fd=args.ready_fd,
+                      lifeline_fd=args.lifeline_fd)
 
 
 def _run(path: str, args: argparse.Namespace | None = None) -> int:
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--worker", help=argparse.SUPPRESS)
     run.add_argument("--listen-fds", help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--clean-start", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser(
         "check", help="validate a configuration (files, names, folders, settings) and exit")

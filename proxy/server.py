@@ -453,7 +453,7 @@ class Proxy:
             server = await asyncio.start_server(
                 functools.partial(self._accept, listener=listener), sock=sock)
             self.servers.append(server)
-        self.log.info("worker_listening", worker=role.index, workers=role.count,
+        self.log.info("worker_accepting", worker=role.index, workers=role.count,
                       listeners=len(self.servers))
         self.background.add(asyncio.create_task(self._prune_transcripts()))
         if role.ready_fd is not None:
@@ -785,6 +785,18 @@ async def serve(config: Config, ready: Any = None, *, source: Path | None = None
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, proxy.reload, "SIGHUP")
+    if worker is not None and worker.lifeline_fd is not None:
+        lifeline = worker.lifeline_fd
+
+        def supervisor_gone() -> None:
+            with contextlib.suppress(OSError):
+                if os.read(lifeline, 1):
+                    return
+            loop.remove_reader(lifeline)
+            proxy.log.error("supervisor_gone", note="stopping this worker")
+            stop.set()
+
+        loop.add_reader(lifeline, supervisor_gone)
     watcher = asyncio.create_task(_watch_rules(proxy.rules))  # a reload may add rules
     if ready is not None:
         ready(proxy)

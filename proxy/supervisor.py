@@ -80,6 +80,7 @@ class Worker:
     restarts: int = 0
     delay: float = RESTART_DELAY_FIRST
     crashed: bool = False  # it died since the start: its next start is not a clean one
+    lifeline: int | None = None  # our end of the worker's lifeline pipe
     exit_codes: list[int] = field(default_factory=list)
 
     @property
@@ -136,17 +137,23 @@ class Supervisor:
 
     async def start_worker(self, worker: Worker) -> None:
         read_fd, write_fd = os.pipe()
+        life_read, life_write = os.pipe()  # the worker sees EOF when we are gone
         fds = [s.fileno() for s in self.sockets]
-        args = [sys.executable, "-m", "proxy", "run", "-c", str(self.source),
+        args = [sys.executable, "-m", "proxy", "run", "-c", str(self.source.resolve()),
                 "--worker", f"{worker.index}/{self.count}",
-                "--listen-fds", ",".join(map(str, fds)), "--ready-fd", str(write_fd)]
+                "--listen-fds", ",".join(map(str, fds)), "--ready-fd", str(write_fd),
+                "--lifeline-fd", str(life_read)]
         if self.clean_start and not worker.crashed:
             args.append("--clean-start")
+        if worker.lifeline is not None:
+            os.close(worker.lifeline)  # the previous run's
+        worker.lifeline = life_write
         try:
             worker.process = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(*fds, write_fd))
+                *args, pass_fds=(*fds, write_fd, life_read), env=_same_code_env())
         finally:
             os.close(write_fd)
+            os.close(life_read)
         worker.started_at = time.monotonic()
         try:
             await asyncio.wait_for(self._read_ready(read_fd), READY_TIMEOUT)
@@ -172,6 +179,11 @@ class Supervisor:
             loop.remove_reader(fd)
 
     async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        # From the first moment: a SIGHUP while the workers start must not end us.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
         self.prepare_store()
         for listener in self.config.listen:
             self.sockets.append(bind_listener(listener))
@@ -193,10 +205,6 @@ class Supervisor:
                                          upstream=(self.config.upstream.host,
                                                    self.config.upstream.port), log=self.log)
             await self.metrics.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
         watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
         await self._stop.wait()
         self.stopping = True
@@ -360,6 +368,13 @@ class Supervisor:
                 return error(answer.get("error", f"worker {index} did not answer"))
             rows += [{**row, "worker": index} for row in answer.get("sessions", [])]
         return {"ok": True, "sessions": rows}
+
+
+def _same_code_env() -> dict[str, str]:
+    """The workers run the code this supervisor runs, whatever else is on the path."""
+    here = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": here + (os.pathsep + path if path else "")}
 
 
 async def supervise(config: Config, source: Path, count: int, log: Any) -> int:

@@ -188,6 +188,9 @@ class WorkerRole:
     listen_fds: tuple[int, ...]  # the supervisor's listening sockets, one per listener
     clean_start: bool  # the last run stopped cleanly and this worker did not crash since
     ready_fd: int | None = None  # written to once this worker accepts connections
+    # The read end of a pipe whose other end only the supervisor holds: EOF means the
+    # supervisor is gone (killed), and the worker stops instead of running on orphaned.
+    lifeline_fd: int | None = None
 
     def home_of(self, account: str) -> int:
         return home_of(account, self.count)

@@ -408,3 +408,27 @@ def test_metrics_sessions_and_kick_cover_every_worker(make_proxy: Any, accounts:
                 client.abort()
 
     run(scenario(), timeout=90)
+
+
+def test_workers_stop_themselves_when_the_supervisor_is_killed(
+        workers_proxy: ProxyProcess) -> None:
+    proxy = workers_proxy
+    pids = worker_pids(proxy)
+    assert proxy.proc is not None and len(pids) == WORKERS
+    proxy.proc.kill()  # the supervisor alone, not its process group
+    proxy.proc.wait(5)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)
+              for pid in pids.values()):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor"
+        time.sleep(0.1)
+    gone = proxy.events("supervisor_gone")
+    assert {e["worker"] for e in gone} == set(pids)
+    assert {e.get("worker") for e in proxy.events("stopped")} >= set(pids)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
