@@ -20,6 +20,7 @@ from typing import Literal
 from lxml import etree
 
 from .abuse import LoginThrottle, Refusal
+from .config import domain_key
 from .commands import (
     Authenticated,
     CheckLogin,
@@ -70,6 +71,7 @@ class LoginOutcome:
     detail: str = ""
     mechanism: str | None = None
     vouched: bool = False
+    upstream: tuple[str, int] | None = None  # the server tried (the chosen domain's)
 
 
 class NegotiationCore:
@@ -80,11 +82,18 @@ class NegotiationCore:
                  throttle: LoginThrottle | None = None, client_address: str = "?",
                  upstream_host: str = "", upstream_port: int = 0,
                  max_attempts: int = MAX_AUTH_ATTEMPTS,
+                 served: Mapping[str, str] | None = None,
                  home_of: Callable[[str], int] | None = None, worker: int = 0) -> None:
-        """``home_of`` (``workers: N``): the worker an account (a bare JID) lives in; an
+        """``domain``: the default domain (our header's ``from`` until the client's header
+        chose one). ``served``: every served domain, by ``domain_key`` to its name (None:
+        ``domain`` alone); the first header's ``to`` chooses, later ones must repeat it.
+        ``home_of`` (``workers: N``): the worker an account (a bare JID) lives in; an
         ``<auth/>`` naming an account of another is handed over to it (``HandOver``)
         instead of being checked here, the ``worker``."""
         self.domain = domain
+        self.served = dict(served) if served is not None else {domain_key(domain) or domain:
+                                                                domain}
+        self.chosen = False  # whether the client's header chose self.domain yet
         self.direct_tls = direct_tls
         self.timeout = timeout
         self.throttle = throttle
@@ -143,12 +152,19 @@ class NegotiationCore:
                 *self._fail(violation("not-authorized",
                                       "data sent after <starttls/> before the TLS handshake"))]
 
-    def taken_over(self, auth: Element, failures: int) -> list[NegotiationCommand]:
+    def taken_over(self, auth: Element, failures: int,
+                   domain: str) -> list[NegotiationCommand]:
         """At the account's home: the connection another worker accepted (TLS, headers and
-        features done there) continues from its ``<auth/>`` as if it had been read here."""
+        features done there, its header chose ``domain``) continues from its ``<auth/>``
+        as if it had been read here."""
+        self.handed_over = True
+        name = self.served.get(domain_key(domain) or "")
+        if name is None:  # the workers run one configuration: only a reload between
+            return self._fail(violation("host-unknown", "this server does not serve that "
+                                        "domain"))
+        self.domain, self.chosen = name, True
         self.phase = "sasl"
         self.failures = failures
-        self.handed_over = True
         return self._sasl(auth)
 
     def login_result(self, outcome: LoginOutcome) -> list[NegotiationCommand]:
@@ -173,9 +189,10 @@ class NegotiationCore:
                             Pause(delay)]
             return out + self._sasl_failed(outcome.condition)
         if outcome.kind == "loop":
-            return [Log("loop_refused", {"detail": outcome.detail,
-                                         "upstream_host": self.upstream[0],
-                                         "upstream_port": self.upstream[1]}, level="error"),
+            host, port = outcome.upstream or self.upstream
+            return [Log("loop_refused", {"detail": outcome.detail, "domain": self.domain,
+                                         "upstream_host": host, "upstream_port": port},
+                        level="error"),
                     *self._sasl_failed("temporary-auth-failure")]
         if outcome.vouched:
             return self._success(account, password, Log("auth_ok", {
@@ -203,9 +220,19 @@ class NegotiationCore:
         if not isinstance(event, codec.StreamOpened):
             return self._fail(FailNegotiation("expected a stream header"))
         to = event.attrs.get("to", "")
-        if to.lower() != self.domain:
+        key = domain_key(to)
+        name = self.served.get(key) if key is not None else None
+        if name is None or (self.chosen and name != self.domain):
+            # RFC 6120 §4.9.3.6: a 'to' we do not serve (or, on a restart, another domain
+            # than the stream's).
+            text = (f"this stream is for {self.domain}" if name is not None else
+                    f"this server serves {self.domain}" if len(self.served) == 1 else
+                    "this server does not serve that domain")
             return [SendHeader(event.attrs.get("from"), None),
-                    *self._fail(violation("host-unknown", f"this server serves {self.domain}"))]
+                    Log("host_unknown", {"to": to[:256], "phase": self.phase,
+                                         "address": self.client_address}, level="warning"),
+                    *self._fail(violation("host-unknown", text))]
+        self.domain, self.chosen = name, True
         if self.phase == "tls-header":
             starttls = st.element("starttls", namespace=ns.TLS)
             st.sub(starttls, "required")

@@ -51,7 +51,7 @@ from .net.client_side import (
 from .net.worker_link import HandoffServer, RelayedStream, open_link, relay
 from .net.hub import Hub
 from .net.live import LiveSession
-from .net.upstream import client_tls_context
+from .net.certificates import ServerCertificates, upstream_contexts
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
@@ -63,12 +63,6 @@ from .store import Store
 from .workers import Handoff, WorkerRole
 from .xmpp import codec, ns
 from .xmpp import stanza as st
-
-
-def server_tls_context(config: Config) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.path(config.tls.cert), config.path(config.tls.key))
-    return context
 
 
 def _address_text(address: tuple[str, int] | None) -> str:
@@ -96,6 +90,12 @@ def size_tls_buffers(read_buffer: int) -> None:
     sslproto.SSLProtocol.max_size = read_buffer
 
 
+def upstream_addresses(config: Config) -> dict[str, tuple[str, int]]:
+    """Each served domain's server, for /readyz."""
+    return {served.name: (served.config.upstream.host, served.config.upstream.port)
+            for served in config.served.values()}
+
+
 class ReloadRefused(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
@@ -109,7 +109,8 @@ class PreparedReload:
     plan: ReloadPlan
     ruleset: RuleSet
     rule_paths: list[Path]
-    upstream_tls: ssl.SSLContext | None
+    upstream_tls: dict[str, ssl.SSLContext | None]
+    domain_certificates: dict[str, ssl.SSLContext]  # each domain's own pair, loaded
     inspector: Inspector | None
     warnings: list[Finding]
 
@@ -122,13 +123,6 @@ def as_worker(config: Config, role: WorkerRole | None) -> Config:
     return dataclasses.replace(
         config, metrics=dataclasses.replace(config.metrics, listen=None),
         admin=dataclasses.replace(config.admin, socket=str(role.paths.admin(role.index))))
-
-
-def _upstream_tls_context(config: Config) -> ssl.SSLContext | None:
-    if config.upstream.tls == "none":
-        return None
-    ca = config.upstream.ca
-    return client_tls_context(config.upstream, str(config.path(ca)) if ca else None)
 
 
 class Proxy:
@@ -148,8 +142,10 @@ class Proxy:
         self.reload_lock = asyncio.Lock()
         size_tls_buffers(config.limits.tls_read_buffer)
         self.log = get_logger()
-        self.server_tls = server_tls_context(config)
-        self.upstream_tls = _upstream_tls_context(config)
+        # The default certificate's context; SNI moves a handshake to a domain's own.
+        self.certificates = ServerCertificates(config)
+        self.server_tls = self.certificates.context
+        self.upstream_tls = upstream_contexts(config)
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
@@ -189,7 +185,7 @@ class Proxy:
             min_interval=pc.min_interval, include_body=pc.include_body, max_body=pc.max_body,
             max_registrations=pc.max_registrations, max_errors=pc.max_errors), self.store.push)
         factories: list[FeatureFactory] = [self.carbons.tap, self.rules,
-                                           DiscoveryFactory(config.upstream.domain),
+                                           DiscoveryFactory(),
                                            push, archive, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster, self.blocking, self.carbons]
@@ -211,15 +207,14 @@ class Proxy:
                                        synchronous=config.durability.fsync.upper(),
                                        log=self.log)
         self.counters = Counters()
-        self.hub = Hub(config, factories, store=self.store,
-                       upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
+        self.hub = Hub(config, factories, store=self.store, inspector=inspector, log=self.log,
                        journal=self.journal, counters=self.counters, archive=self.archive)
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
             host, port = parse_listen(config.metrics.listen)
             self.metrics = MetricsServer(host, port, gather=self.gather_metrics,
                                          healthy=self.healthy,
-                                         upstream=(config.upstream.host, config.upstream.port),
+                                         upstreams=upstream_addresses(config),
                                          log=self.log)
         admin_path = socket_path(config)
         self.admin = (AdminServer(admin_path, self.hub, self.log,
@@ -279,6 +274,9 @@ class Proxy:
                           changed=plan.changed, applied=plan.applied,
                           needs_restart=plan.needs_restart,
                           cert=str(plan.config.path(plan.config.tls.cert)),
+                          domain_certs={s.name: str(plan.config.path(s.tls.cert))
+                                        for s in plan.config.served.values()
+                                        if s.index is not None and s.own_tls},
                           rules=len(prepared.ruleset))
             for warning in prepared.warnings:
                 self.log.warning(warning.event, key=warning.key, problem=warning.message,
@@ -306,11 +304,9 @@ class Proxy:
         plan = plan_reload(self.config, fresh)
         config = plan.config
         try:
-            server_tls_context(config)  # the pair loads together, into a scratch context
-            upstream_tls = self.upstream_tls
-            if any(k in plan.applied for k in ("upstream.tls", "upstream.verify",
-                                                "upstream.ca")):
-                upstream_tls = _upstream_tls_context(config)
+            # Every pair loads together, into scratch contexts.
+            domain_certificates = self.certificates.prepare(config)
+            upstream_tls = upstream_contexts(config, self.config, self.upstream_tls)
         except (ssl.SSLError, OSError) as exc:
             raise ReloadRefused([f"tls: {exc}"]) from exc
         paths = [config.path(p) for p in config.rules]
@@ -323,31 +319,27 @@ class Proxy:
                      else Inspector.from_config(config.log,
                                                 config.path(capture) if capture else None,
                                                 self.log))
-        return PreparedReload(plan, ruleset, paths, upstream_tls, inspector,
-                              [f for f in findings if f.warning])
+        return PreparedReload(plan, ruleset, paths, upstream_tls, domain_certificates,
+                              inspector, [f for f in findings if f.warning])
 
     def _take_on(self, prepared: PreparedReload) -> None:
         """Only the certificate can fail here, if its files changed again since they were
         checked a moment ago: then nothing is taken on and the old pair is loaded back."""
         config = prepared.plan.config
         try:
-            # The live context, which every TLS handshake uses.
-            self.server_tls.load_cert_chain(config.path(config.tls.cert),
-                                            config.path(config.tls.key))
+            # The live context, which every TLS handshake uses, and the domains' own.
+            self.certificates.take_on(config, self.config, prepared.domain_certificates)
         except (ssl.SSLError, OSError) as exc:
-            old = self.config
-            with contextlib.suppress(ssl.SSLError, OSError):
-                self.server_tls.load_cert_chain(old.path(old.tls.cert), old.path(old.tls.key))
             raise ReloadRefused([f"tls: {exc}"]) from exc
         self.rules.adopt(prepared.rule_paths, prepared.ruleset)
         self.config = config
         self.upstream_tls = prepared.upstream_tls
-        self.hub.reconfigure(config, prepared.upstream_tls, prepared.inspector)
+        self.hub.reconfigure(config, prepared.inspector)
         self.connection_limiter.config = config.abuse
         self.login_throttle.reconfigure(config.abuse)
         size_tls_buffers(config.limits.tls_read_buffer)
-        if self.metrics is not None:  # /readyz probes the server new sessions use
-            self.metrics.upstream = (config.upstream.host, config.upstream.port)
+        if self.metrics is not None:  # /readyz probes the servers new sessions use
+            self.metrics.upstreams = upstream_addresses(config)
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
@@ -437,8 +429,11 @@ class Proxy:
                           port=server.sockets[0].getsockname()[1],
                           mode="direct_tls" if listener.direct_tls else "starttls",
                           proxy_protocol=listener.proxy_protocol)
-        self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
-                      domain=self.config.upstream.domain, tls=self.config.upstream.tls)
+        for served in self.config.served.values():
+            upstream = served.config.upstream
+            self.log.info("upstream", host=upstream.host, port=upstream.port,
+                          domain=upstream.domain, tls=upstream.tls,
+                          certificate=str(self.config.path(served.tls.cert)))
         # Always: a reload may name a capture folder later.
         self.background.add(asyncio.create_task(self._prune_transcripts()))
 
@@ -605,8 +600,9 @@ class Proxy:
                 try:
                     async with asyncio.timeout(negotiation.start()):
                         if handoff is not None:
-                            await negotiation.take_over(parse_stored(handoff.auth.encode()),
-                                                        handoff.failures)
+                            await negotiation.take_over(
+                                parse_stored(handoff.auth.encode()), handoff.failures,
+                                handoff.domain or self.config.default_domain.name)
                         auth = await negotiation.run()
                         session, first, resumed = await self.hub.establish(
                             negotiation, auth, log)
@@ -664,7 +660,7 @@ class Proxy:
             conn=conn_id, accepted_by=role.index, listener=self.config.listen.index(listener),
             remote=stream.remote, local=stream.endpoints()[1], tls=stream.tls_info,
             header=negotiation.header, auth=codec.serialize(auth).decode(),
-            failures=failures,
+            domain=negotiation.domain.name, failures=failures,
             after="".join(codec.serialize(e.element).decode() for e in stream.take_events()
                           if isinstance(e, codec.StanzaReceived)))
         try:

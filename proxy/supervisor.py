@@ -37,6 +37,7 @@ from .config import Config, Listener
 from .journal import recover
 from .metrics import MetricsServer, parse_listen, prometheus
 from .net.worker_link import private_folder
+from .server import upstream_addresses
 from .store import Store
 from .workers import WorkerPaths, merge_metrics
 
@@ -202,8 +203,8 @@ class Supervisor:
             host, port = parse_listen(self.config.metrics.listen)
             self.metrics = MetricsServer(host, port, gather=self.gather_metrics,
                                          healthy=self.healthy,
-                                         upstream=(self.config.upstream.host,
-                                                   self.config.upstream.port), log=self.log)
+                                         upstreams=upstream_addresses(self.config),
+                                         log=self.log)
             await self.metrics.start()
         watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
         await self._stop.wait()

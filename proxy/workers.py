@@ -63,6 +63,7 @@ class Handoff:
     tls: Mapping[str, str | None]  # the TLS facts for logs and metrics (version, cipher)
     header: Mapping[str, str]  # the attributes of the client's current stream header
     auth: str  # the <auth/> element, serialized: the home continues from it
+    domain: str = ""  # the served domain the client's header chose ("": the default)
     failures: int = 0  # SASL attempts that failed before it (three end the stream)
     after: str = ""  # complete elements the client sent behind the <auth/>, serialized
     version: int = field(default=HANDOFF_VERSION)
@@ -72,7 +73,7 @@ class Handoff:
             "version": self.version, "conn": self.conn, "accepted_by": self.accepted_by,
             "listener": self.listener, "remote": self.remote, "local": self.local,
             "tls": dict(self.tls), "header": dict(self.header), "auth": self.auth,
-            "failures": self.failures, "after": self.after,
+            "domain": self.domain, "failures": self.failures, "after": self.after,
         }, separators=(",", ":")).encode()
         return HANDOFF_HEADER.pack(len(body)) + body
 
@@ -99,7 +100,8 @@ class Handoff:
                 local=_address(data["local"]),
                 tls={str(k): (None if v is None else str(v)) for k, v in data["tls"].items()},
                 header={str(k): str(v) for k, v in data["header"].items()},
-                auth=str(data["auth"]), failures=int(data["failures"]),
+                auth=str(data["auth"]), domain=str(data.get("domain", "")),
+                failures=int(data["failures"]),
                 after=str(data.get("after", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadHandoff(f"a field is missing or wrong: {exc!r}") from exc

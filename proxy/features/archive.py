@@ -434,7 +434,8 @@ class Archive(Feature):
             jid = Jid.parse(to)
         except InvalidJid:
             return False
-        return (jid.is_bare and bool(jid.local) and jid.domain == self.factory.domain
+        # Another account of this account's own domain (each served domain has its server).
+        return (jid.is_bare and bool(jid.local) and jid.domain == account.rpartition("@")[2]
                 and str(jid) != account)
 
     def _ask(self, session: SessionCore, el: Element, parsed: ParsedQuery | None,

@@ -311,6 +311,16 @@ def test_another_users_archive_is_forbidden_and_a_rooms_passes() -> None:
     assert any(isinstance(c, ArchiveQuery) for c in out.commands)
 
 
+def test_another_user_is_one_of_the_sessions_own_domain() -> None:
+    # Several served domains: a user of beta.example asks about its own domain's users.
+    f = factory()
+    s = SessionCore(Jid.parse("carol@beta.example/phone"), [f], None)
+    out = s.from_client(query_iq(to="dave@beta.example"))
+    assert st_condition(out.to_client[0]) == "forbidden" and not out.to_upstream
+    out = s.from_client(query_iq(to=BOB))  # another server's user: that server's to answer
+    assert out.to_upstream and not out.commands
+
+
 def test_form_and_metadata_requests() -> None:
     s = session(factory())
     out = s.from_client(x("<iq xmlns='jabber:client' type='get' id='f'>"

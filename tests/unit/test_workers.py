@@ -68,7 +68,8 @@ def handoff(**kw: object) -> Handoff:
 
 
 def test_a_handoff_round_trips_through_its_framing() -> None:
-    sent = handoff(remote=("2001:db8::1", 1), after="<iq type='get' id='x'/>")
+    sent = handoff(remote=("2001:db8::1", 1), after="<iq type='get' id='x'/>",
+                   domain="example.net")
     data = sent.encode()
     size = Handoff.length(data[:HANDOFF_HEADER.size])
     assert size == len(data) - HANDOFF_HEADER.size
@@ -140,7 +141,7 @@ def test_the_home_continues_from_the_auth_and_counts_failures_and_throttle_there
     home = NegotiationCore(DOMAIN, direct_tls=True, timeout=30, worker=1, throttle=throttle,
                            home_of=lambda a: home_of(a, 2))
     auth = st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL, text=plain(account))
-    out = home.taken_over(auth, failures=2)
+    out = home.taken_over(auth, failures=2, domain=DOMAIN)
     # The home's throttle refuses it, and it is the third failure: the stream ends.
     assert [c.element.tag for c in out if isinstance(c, ToClient)] == [
         ns.qname(ns.SASL, "failure")]
@@ -152,7 +153,7 @@ def test_the_home_checks_the_login_it_was_handed() -> None:
     home = NegotiationCore(DOMAIN, direct_tls=True, timeout=30, worker=1,
                            home_of=lambda a: home_of(a, 2))
     auth = st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL, text=plain(account))
-    (check,) = home.taken_over(auth, failures=0)
+    (check,) = home.taken_over(auth, failures=0, domain=DOMAIN)
     assert isinstance(check, CheckLogin) and check.authcid == account
 
 
@@ -161,7 +162,7 @@ def test_a_second_account_on_a_handed_over_connection_is_not_handed_again() -> N
     home = NegotiationCore(DOMAIN, direct_tls=True, timeout=30, worker=1,
                            home_of=lambda a: home_of(a, 2))
     auth = st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL, text=plain(other))
-    out = home.taken_over(auth, failures=0)
+    out = home.taken_over(auth, failures=0, domain=DOMAIN)
     assert not any(isinstance(c, HandOver) for c in out)
     (failure,) = [c.element for c in out if isinstance(c, ToClient)]
     assert failure[0].tag == ns.qname(ns.SASL, "temporary-auth-failure")
@@ -258,3 +259,18 @@ def test_the_clean_stop_mark_is_left_to_the_supervisor(tmp_path: Path) -> None:
     assert worker.clean_start
     worker.close()
     assert not Store(path).clean_start  # the worker's close did not mark the stop clean
+
+
+def test_the_home_takes_the_domain_the_header_chose_and_refuses_one_it_does_not_serve() -> None:
+    served = {"example.org": "example.org", "example.net": "example.net"}
+    (account,) = [f"u{i}" for i in range(1000)
+                  if home_of(f"u{i}@example.net", 2) == 1][:1]
+    home = NegotiationCore("example.org", direct_tls=True, timeout=30, worker=1,
+                           served=served, home_of=lambda a: home_of(a, 2))
+    auth = st.element("auth", {"mechanism": "PLAIN"}, namespace=ns.SASL, text=plain(account))
+    (check,) = home.taken_over(auth, failures=0, domain="Example.NET")
+    assert isinstance(check, CheckLogin) and str(check.account) == f"{account}@example.net"
+    other = NegotiationCore("example.org", direct_tls=True, timeout=30, worker=1,
+                            served=served, home_of=lambda a: home_of(a, 2))
+    out = other.taken_over(auth, failures=0, domain="elsewhere.example")
+    assert other.phase == "failed" and b"host-unknown" in out[-1].error  # type: ignore[union-attr]
