@@ -25,6 +25,9 @@ import yaml
 
 from proxy.workers import home_of
 from tests.integration.proxyproc import REPO, ProxyProcess
+# Fixtures of the domains tests, used here by name.
+from tests.integration.test_domains import (BETA, account, proxy_certs,  # noqa: F401
+                                            start_proxy, two_hosts)
 from tests.integration.test_durability import (assert_ledgers_settled, count_both_ways, direct,
                                                durable_setup, numbered, via_proxy, wait_for)
 from tests.peers import clients
@@ -432,3 +435,38 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_a_relayed_login_keeps_the_domain_its_header_chose(
+        tmp_path: Path, two_hosts: Any, proxy_certs: Any) -> None:  # noqa: F811
+    proxy = start_proxy(tmp_path, two_hosts, proxy_certs, workers=WORKERS)
+    alice = account(two_hosts, "alice")  # localhost
+    relayed = None
+    try:
+        async def scenario() -> None:
+            nonlocal relayed
+            a = await raw_login(proxy.host, proxy.port, user(alice[0]), alice[1],
+                                direct_tls=False, resource="pc")
+            try:
+                for _ in range(TRIES):
+                    jid, pw = account(two_hosts, "bob", BETA)
+                    b = await raw_login(proxy.host, proxy.port, user(jid), pw,
+                                        direct_tls=False, resource="phone", to=BETA)
+                    try:
+                        assert b.jid == f"{jid}/phone"
+                        await message(b, a, "from beta")
+                        await message(a, b, "to beta")
+                        accepted, home = where(proxy, jid)
+                        if accepted != home:
+                            relayed = jid
+                            return
+                    finally:
+                        await b.close()
+            finally:
+                await a.close()
+
+        run(scenario(), 120)
+    finally:
+        proxy.stop()
+    assert relayed is not None, "no beta.test login was accepted by the other worker"
+    assert relayed.endswith("@" + BETA)
