@@ -69,8 +69,7 @@ def _worker_role(args: argparse.Namespace, config: Config) -> Any:
     """The role a supervisor gave this process (``--worker I/N``), or None."""
     if args.worker is None:
         return None
-    from .supervisor import worker_paths
-    from .workers import WorkerRole
+    from .workers import WorkerRole, worker_paths
 
     index, count = (int(x) for x in args.worker.split("/"))
     return WorkerRole(index=index, count=count, paths=worker_paths(config),

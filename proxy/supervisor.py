@@ -39,7 +39,7 @@ from .metrics import MetricsServer, parse_listen, prometheus
 from .net.worker_link import private_folder
 from .server import upstream_addresses
 from .store import Store
-from .workers import WorkerPaths, merge_metrics
+from .workers import merge_metrics, worker_paths
 
 READY_TIMEOUT = 60.0  # seconds a worker gets to open its store and start accepting
 WORKER_ASK_TIMEOUT = 10.0  # seconds a worker gets to answer an admin or metrics request
@@ -48,12 +48,6 @@ RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that ran this long starts the doubling over
 STOP_GRACE = 15.0  # beyond shutdown.drain_timeout, before a worker that will not stop is killed
 LISTEN_BACKLOG = 1024
-
-
-def worker_paths(config: Config) -> WorkerPaths:
-    store = config.store.path
-    return WorkerPaths.beside(None if store == ":memory:" else config.path(store),
-                              config.base_dir)
 
 
 def bind_listener(listener: Listener) -> socket.socket:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import Config
+
 HANDOFF_VERSION = 1
 HANDOFF_HEADER = struct.Struct(">I")  # the message's length, then that many JSON bytes
 MAX_HANDOFF_BYTES = 1 << 21  # the <auth/> is bounded by limits.max_stanza_bytes (64 MiB max)
@@ -143,6 +145,13 @@ class WorkerPaths:
         if not self.folder.is_dir():
             return []
         return sorted(p for p in self.folder.glob("w*.journal") if p.is_file())
+
+
+def worker_paths(config: Config) -> WorkerPaths:
+    """Where the workers of a run with ``config`` keep their sockets and journals."""
+    store = config.store.path
+    return WorkerPaths.beside(None if store == ":memory:" else config.path(store),
+                              config.base_dir)
 
 
 def merge_metrics(texts: Iterable[str]) -> list[str]:

@@ -274,3 +274,16 @@ def test_the_home_takes_the_domain_the_header_chose_and_refuses_one_it_does_not_
                             served=served, home_of=lambda a: home_of(a, 2))
     out = other.taken_over(auth, failures=0, domain="elsewhere.example")
     assert other.phase == "failed" and b"host-unknown" in out[-1].error  # type: ignore[union-attr]
+
+
+def test_check_refuses_worker_sockets_that_do_not_fit_a_unix_socket_path(
+        tmp_path: Path) -> None:
+    from proxy.preflight import check_worker_sockets
+
+    deep = tmp_path / ("d" * 100)
+    config = parse_config({"workers": 2, "store": {"path": str(deep / "s.sqlite3")}})
+    (finding,) = check_worker_sockets(config)
+    assert finding.key == "workers" and "Unix socket path" in finding.message
+    assert check_worker_sockets(parse_config({"workers": 2, "store": {
+        "path": str(tmp_path / "s.sqlite3")}})) == []
+    assert check_worker_sockets(parse_config({"store": {"path": str(deep / "s.sqlite3")}})) == []
