@@ -470,3 +470,53 @@ def test_a_relayed_login_keeps_the_domain_its_header_chose(
         proxy.stop()
     assert relayed is not None, "no beta.test login was accepted by the other worker"
     assert relayed.endswith("@" + BETA)
+
+
+def rss_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_relayed_client_that_never_reads_is_cut_off_by_its_home_and_the_relay_holds_little(
+        make_proxy: Any, accounts: Any) -> None:
+    """Back-pressure through the relay: the home's output limits work over the link (the
+    relay stops reading the home while the client's socket is full), and the accepting
+    worker buffers no more than its transports' high-water marks meanwhile."""
+    proxy = make_proxy(workers=WORKERS,
+                       limits={"output_soft_bytes": 65536, "output_hard_bytes": 65536})
+    flood = b"<r xmlns='urn:xmpp:sm:3'/>" * 400_000  # 10 MB of requests, each answered
+
+    async def scenario() -> tuple[int, int, bool]:
+        for _ in range(TRIES):
+            jid, pw = accounts("flooder")
+            raw = await raw_login(proxy.host, proxy.port, user(jid), pw, direct_tls=False)
+            accepted, home = where(proxy, jid)
+            if accepted == home:
+                raw.abort()
+                continue
+            try:
+                relay_pid = worker_pids(proxy)[accepted]
+                before = rss_of(relay_pid)
+                raw.send(f"<enable xmlns='{NS_SM}'/>")
+                await raw.read_until(q(NS_SM, "enabled"), 10)
+                raw.writer.write(flood)  # and never read
+                writer = asyncio.ensure_future(raw.writer.drain())
+                overflow = await asyncio.to_thread(
+                    proxy.wait_event, "output_overflow", timeout=30)
+                grown = rss_of(relay_pid) - before
+                writer.cancel()
+                closed = await raw.expect_closed(20, reply=False)
+                return overflow["worker"], grown, closed
+            finally:
+                raw.abort()
+        raise AssertionError("no login was accepted by the other worker")
+
+    where_cut, grown, closed = run(scenario(), 120)
+    overflow = proxy.wait_event("output_overflow")
+    assert where_cut == home_of(next(e["account"] for e in proxy.events("auth_ok")
+                                     if e["conn"] == overflow["conn"]), WORKERS)
+    assert closed
+    assert grown < 16 * 2 ** 20, f"the relaying worker grew by {grown / 2 ** 20:.1f} MiB"
+    assert proxy.running
