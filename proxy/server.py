@@ -663,10 +663,9 @@ class Proxy:
             domain=negotiation.domain.name, failures=failures,
             after="".join(codec.serialize(e.element).decode() for e in stream.take_events()
                           if isinstance(e, codec.StanzaReceived)))
+        done: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
         try:
-            reader, writer = await open_link(role.paths.handoff(home))
-            writer.write(handoff.encode())
-            await writer.drain()
+            link = await open_link(role.paths.handoff(home), handoff.encode(), done)
         except OSError as exc:
             log.warning("handoff_failed", worker=role.index, home=home, error=str(exc))
             failure = st.element("failure", namespace=ns.SASL)
@@ -679,7 +678,7 @@ class Proxy:
         assert task is not None
         self.relays.add(task)  # type: ignore[arg-type]
         try:
-            why = await relay(stream, reader, writer)
+            why = await relay(stream, link, done)
         finally:
             self.relays.discard(task)  # type: ignore[arg-type]
         log.info("relay_closed", worker=role.index, home=home, reason=why)

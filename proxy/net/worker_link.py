@@ -4,7 +4,10 @@ worker that accepted it to its account's home, and the relay of its decrypted by
 Shell code. A TLS session cannot move between processes, so the accepting worker keeps the
 client's TLS and becomes a byte pipe: after the ``Handoff`` message (``proxy/workers.py``)
 everything the client sends goes to the home over a Unix socket, everything the home sends
-goes back, until either side closes. The home reads that socket as a ``RelayedStream``: an
+goes back, until either side closes. The relay is two small protocols joined (``_Pipe``),
+no task and no stream buffer of its own: what one transport receives is written to the
+other, and a full write buffer pauses the reading of the other side. The home reads that
+socket as a ``RelayedStream``: an
 ``XmlStream`` whose parser is primed with the client's stream header and whose peer address
 and TLS facts are the ones the handoff names.
 """
@@ -122,63 +125,109 @@ class HandoffServer:
             self.path.unlink()
 
 
-async def open_link(path: Path, wait: float = HANDOFF_CONNECT_WAIT
-                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to a home worker's handoff socket, waiting a little for one restarting."""
+class _Pipe(asyncio.Protocol):
+    """One side of a relay: what its transport receives is written to the other side's.
+    Back-pressure without a task: when our transport's write buffer passes its high-water
+    mark we stop reading the other side, and read it again once ours has drained."""
+
+    def __init__(self, side: str, done: asyncio.Future[tuple[str, bool]]) -> None:
+        self.side = side
+        self.done = done
+        self.transport: Any = None
+        self.other: _Pipe | None = None
+        self.early: list[bytes] = []  # what came before the other side was joined
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def join(self, other: _Pipe) -> None:
+        self.other = other
+        for data in self.early:
+            self.data_received(data)
+        self.early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is None:
+            self.early.append(data)
+        elif not other.transport.is_closing():
+            other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self._finish("eof", broken=False)
+        return False  # our transport closes itself; the relay closes the other
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish("closed" if exc is None else type(exc).__name__, broken=exc is not None)
+
+    def pause_writing(self) -> None:
+        if self.other is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and not self.other.transport.is_closing():
+            self.other.transport.resume_reading()
+
+    def _finish(self, why: str, *, broken: bool) -> None:
+        if not self.done.done():
+            self.done.set_result((f"{self.side} {why}", broken))
+
+
+async def open_link(path: Path, handoff: bytes, done: asyncio.Future[tuple[str, bool]],
+                    wait: float = HANDOFF_CONNECT_WAIT) -> _Pipe:
+    """Connect to a home worker's handoff socket (waiting a little for one restarting) and
+    send the handoff; the link's end of the relay."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
         try:
-            return await asyncio.open_unix_connection(str(path), limit=RELAY_CHUNK)
+            _, link = await loop.create_unix_connection(lambda: _Pipe("home", done), str(path))
+            break
         except (FileNotFoundError, ConnectionRefusedError):
             if loop.time() >= deadline:
                 raise
             await asyncio.sleep(0.1)
+    link.transport.write(handoff)
+    return link
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-    """Copy until EOF; the writer's drain holds the reading back while the other side is
-    slow, so neither buffer grows past its transport's high-water mark."""
-    while True:
-        data = await reader.read(RELAY_CHUNK)
-        if not data:
-            return "eof"
-        writer.write(data)
-        await writer.drain()
-
-
-async def relay(client: XmlStream, reader: asyncio.StreamReader,
-                writer: asyncio.StreamWriter) -> str:
+async def relay(client: XmlStream, link: _Pipe,
+                done: asyncio.Future[tuple[str, bool]]) -> str:
     """The client's decrypted bytes to the home and the home's back, until one side is
     done: then the other is closed too (politely: what is in flight goes out first; a
-    broken side gets the other's connection dropped). Returns why it ended."""
+    client connection that broke gets the link dropped). Returns why it ended."""
     client.flush()
-    up = asyncio.ensure_future(_pipe(client.reader, writer))
-    down = asyncio.ensure_future(_pipe(reader, client.writer))
-    try:
-        done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        up.cancel()
-        down.cancel()
-        writer.transport.abort()
-        client.abort(hard=True)
-        raise
-    first = up if up in done else down
-    try:
-        why = first.result()
-        broken = False
-    except (OSError, ConnectionError, asyncio.IncompleteReadError) as exc:
-        why, broken = f"{type(exc).__name__}", True
-    side = "client" if first is up else "home"
-    for task in (up, down):
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await asyncio.gather(up, down, return_exceptions=True)
-    if broken:
-        writer.transport.abort()
-        client.abort(hard=True)
+    transport: Any = client.writer.transport
+    mine = _Pipe("client", done)
+    mine.transport, mine.other = transport, link
+    # Bytes TLS already decrypted that the stream had not read yet go first.
+    held: bytearray | None = getattr(client.reader, "_buffer", None)
+    if held:
+        link.transport.write(bytes(held))
+        held.clear()
+    link.join(mine)
+    if client.reader.at_eof():
+        mine.eof_received()
     else:
-        with contextlib.suppress(Exception):
-            writer.close()  # the home reads EOF: the client is gone (or the home closed)
-        client.abort()  # TLS close_notify after what is queued; dropped after a grace
-    return f"{side} {why}"
+        transport.set_protocol(mine)
+        transport.resume_reading()  # the stream reader may have paused it
+    try:
+        why, broken = await done
+    except asyncio.CancelledError:
+        link.transport.abort()
+        transport.abort()
+        raise
+    if broken and why.startswith("client"):
+        link.transport.abort()
+        transport.abort()
+    else:  # also a link the home reset (it closed with our bytes unread): its last
+        # words (a stream error, the close) are on their way to the client, so no abort
+        link.transport.close()  # the home reads EOF: the client is gone (or the home closed)
+        transport.close()  # TLS close_notify after what is queued; dropped after a grace
+        asyncio.get_running_loop().call_later(RELAY_CLOSE_GRACE, _drop, transport)
+    return why
+
+
+def _drop(transport: Any) -> None:
+    with contextlib.suppress(Exception):
+        transport.abort()
