@@ -26,7 +26,7 @@ from .config import Config, ConfigError, Listener, load_config
 from .features.blocking import BlockingFactory
 from .features.carbons import CarbonsFactory
 from .archive_store import ArchiveWriter, Prefs, Retention, archive_path
-from .features.archive import ArchiveFactory
+from .features.archive import ArchiveFactory, new_archive_id
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.presence_settle import PresenceSettlingFactory
@@ -160,6 +160,9 @@ class Proxy:
         else:  # the supervisor owns the file's clean-stop mark
             self.store = Store(str(config.path(config.store.path)), log=self.log,
                                clean_start=worker.clean_start, mark_clean=False)
+        if self.store.unclean:  # what the store's writer had not committed is gone: say so
+            self.log.warning("store_unclean_start", lost="the last moments of roster, "
+                             "blocklist and push registration changes, if any")
         self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes)
         # Client edge first, server edge last: rules see what the client sent and what it
         # will get; the roster cache sees the server's stanzas before anything else and the
@@ -171,7 +174,8 @@ class Proxy:
         archive = ArchiveFactory(
             config.features.archive, config.archive, config.upstream.domain,
             load_prefs=self.store.archive.prefs, save_prefs=self._save_archive_prefs,
-            in_roster=lambda account, jid: self.store.roster.item(account, jid) is not None)
+            in_roster=lambda account, jid: self.store.roster.item(account, jid) is not None,
+            new_id=self.archive.new_id if self.archive is not None else new_archive_id)
         # Carbons sit on both sides of the rest: the tap (received copies) before rules,
         # so on the way in it copies what the client is given; the main part last, so on
         # the way out it copies what was sent after rules and blocking. Blocking is next to

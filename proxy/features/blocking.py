@@ -6,7 +6,8 @@ account's sessions through it:
 
 - the blocklist is per account, in the store (``store.blocklist``), read once when the
   account's first session starts and kept in memory, shared by its sessions (each stanza is
-  checked against that set; the store is written only on a block or unblock);
+  checked against that set; a block or an unblock hands its rows to the store's writer
+  thread, so the event loop never waits for SQLite);
 - ``<blocklist/>`` gets: the list; the session then gets pushes (§3.3: only resources that
   requested the list);
 - ``<block/>``, ``<unblock/>`` (empty: unblock all) sets: stored, answered, pushed to every

@@ -19,8 +19,9 @@ app server (§8) does too.
 
 Pure: the shared state (registrations and counts per account) lives in the factory; each
 session's feature returns commands (``ToServerDirect``, ``StartTimer``, ``ToAccount``,
-``Log``). The store is read and written synchronously, a few rows per change (like the
-roster's).
+``Log``). The registrations are read from the store once per account (its first session)
+and each change hands its rows to the store's writer thread (``StoreWriter``), like the
+roster's: the event loop never waits for SQLite.
 """
 
 from __future__ import annotations

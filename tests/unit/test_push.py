@@ -89,7 +89,9 @@ def test_enable_is_answered_by_the_proxy_and_kept_in_the_store(tmp_path) -> None
     (reg,) = store.push.registrations(ACCOUNT)
     assert (reg.jid, reg.node) == ("push.example", "N1")
     assert reg.options is not None and b"s3cr3t" in reg.options
-    # Another proxy run (a new factory on the same store) knows it.
+    # Another proxy run (a new factory on the same store) knows it, once the store's
+    # writer has committed it (this run's next batch; at the latest its close).
+    store.writer.flush()
     again = Store(str(tmp_path / "s.sqlite3"))
     core2, _, _ = make(store=again)
     hibernate(core2)
