@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .archive_store import ArchivedMessage, ArchiveRequest
 from .xmpp.stanza import Element
+
+if TYPE_CHECKING:
+    from .session import Outputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,19 @@ class ToAccount:
 
     kind: str
     payload: Element
+
+
+@dataclass(frozen=True, slots=True)
+class WhenStored:
+    """A reply that promises "stored": carry out ``then`` (stanzas for the client and
+    commands, as a feature's ``Outputs``) once the store's writer has committed everything
+    handed to it so far (the writes the feature just made among them); if a commit attempt
+    of those writes fails first, ``failed`` instead (the writer goes on trying them). The
+    shell adds the writer's ``error`` to the ``Log`` commands of ``failed``. Nothing else
+    of the session waits: only what is inside."""
+
+    then: Outputs
+    failed: Outputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,4 +442,4 @@ class ArchiveQuery:
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
            | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored
-           | ArchivePut | ArchiveQuery)
+           | ArchivePut | ArchiveQuery | WhenStored)

@@ -38,12 +38,14 @@ commit is logged, ``store_write_failed``, and tried again, in order); a graceful
 everything (``Store.close``). A crash of the process loses at most the batches not yet
 committed, a few milliseconds of changes: the next run says so (``unclean``, logged by the
 proxy as ``store_unclean_start``) and gives each account a new roster epoch (a full roster
-download for its clients, never a version that names two rosters); a block or a push
-registration of those last moments is gone and must be made again.
+download for its clients, never a version that names two rosters). A block or a push
+registration of those last moments is gone, but its client was never told ``result``: that
+reply waits for the commit (``StoreWriter.when_committed``, the ``WhenStored`` command).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -51,6 +53,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -295,7 +298,8 @@ class StoreWriter:
     For a file database they are committed on the writer's own thread and connection,
     everything queued meanwhile in one transaction, so the event loop never waits for the
     disk; for an in-memory database (one connection only) at once. ``committed`` is the
-    ticket of the last batch on disk; ``flush`` waits for all of them."""
+    ticket of the last batch on disk; ``flush`` waits for all of them; ``when_committed``
+    tells the event loop (a reply that promises "stored" waits for it)."""
 
     def __init__(self, store: Store, *, threaded: bool, log: Any = None) -> None:
         self._store = store
@@ -305,6 +309,9 @@ class StoreWriter:
         self._queue: queue.Queue[tuple[int, list[Write]] | None] | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Condition()
+        # On the loop: (ticket, done, failed) of what waits for a commit, in ticket order.
+        self._waiters: deque[tuple[int, Callable[[], None], Callable[[str], None]]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
         if threaded:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._run, name="xmpp-front-store",
@@ -322,6 +329,43 @@ class StoreWriter:
         else:
             self._queue.put((self.submitted, writes))
         return self.submitted
+
+    def when_committed(self, done: Callable[[], None], failed: Callable[[str], None]) -> None:
+        """On the event loop: call ``done`` once everything submitted so far is committed
+        (at once if it is), or ``failed(error)`` if a commit attempt of it fails first. The
+        writer goes on trying the failed batch, in order; the waiter hears only once."""
+        ticket = self.submitted
+        if self.committed >= ticket:
+            done()
+            return
+        self._loop = asyncio.get_running_loop()
+        self._waiters.append((ticket, done, failed))
+        # The thread may have committed between the check and the append (it tells the loop
+        # only when it sees a waiter): settle what it has already done.
+        if self.committed >= ticket:
+            self._settle_committed(self.committed)
+
+    def _settle_committed(self, committed: int) -> None:
+        """On the loop: the waiters of every ticket up to ``committed`` are done."""
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= committed:
+            waiters.popleft()[1]()
+
+    def _settle_failed(self, ticket: int, error: str) -> None:
+        """On the loop: a commit attempt of every ticket up to ``ticket`` failed."""
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= ticket:
+            waiters.popleft()[2](error)
+
+    def _tell_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """From the writer's thread: run ``callback`` on the loop, if anything waits."""
+        loop = self._loop
+        if not self._waiters or loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
+            pass
 
     def flush(self) -> None:
         """Block until everything submitted is committed (at close, and for tools)."""
@@ -380,10 +424,13 @@ class StoreWriter:
                 if self.log is not None:
                     self.log.error("store_write_failed", error=str(exc),
                                    retry_seconds=WRITE_RETRY_SECONDS)
+                # A reply held for these writes must not wait for the disk to come back.
+                self._tell_loop(self._settle_failed, batch[-1][0], str(exc))
                 time.sleep(WRITE_RETRY_SECONDS)
         with self._done:
             self.committed = batch[-1][0]
             self._done.notify_all()
+        self._tell_loop(self._settle_committed, self.committed)
 
 
 # ---------------------------------------------------------------------- roster area

@@ -431,3 +431,84 @@ def test_a_committed_block_survives_a_crash_and_the_next_run_says_it_was_unclean
     clean = Store(path)
     assert clean.unclean is False and clean.blocklist.items(A) == {"evil@x"}
     clean.close()
+
+
+# ---------------------------------------------------------------- the writer tells the loop
+
+
+def _refuse_blocks(path: str) -> None:
+    """Fault injection: every insert into the blocklist fails (as a full disk would)."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TRIGGER refuse BEFORE INSERT ON blocklist"
+                  " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    other.close()
+
+
+def _allow_blocks(path: str) -> None:
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("DROP TRIGGER refuse")
+    other.close()
+
+
+def test_the_writer_tells_the_loop_once_what_was_queued_is_committed(tmp_path: Path) -> None:
+    """``when_committed``: called on the loop after the writer's thread committed every
+    write handed to it before (not at the submit: the database is locked meanwhile)."""
+    import asyncio
+    path = str(tmp_path / "s.sqlite3")
+    store = Store(path)
+
+    async def main() -> list[str]:
+        heard: list[str] = []
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        store.blocklist.add(A, ["evil@x"])
+        store.writer.when_committed(lambda: heard.append(
+            "first" if _on_disk(path, "SELECT jid FROM blocklist WHERE jid = 'evil@x'")
+            else "first, not on disk"), lambda error: heard.append("failed"))
+        store.blocklist.add(A, ["spam.example"])
+        store.writer.when_committed(lambda: heard.append("second"),
+                                    lambda error: heard.append("failed"))
+        await asyncio.sleep(0.3)
+        assert heard == []  # the writer waits for the lock: nothing is promised yet
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        for _ in range(200):
+            if len(heard) == 2:
+                break
+            await asyncio.sleep(0.02)
+        # Nothing waits any more: at once, before returning.
+        store.writer.when_committed(lambda: heard.append("now"), lambda error: None)
+        return heard
+    # In order, and the row was on disk when the first one heard.
+    assert asyncio.run(main()) == ["first", "second", "now"]
+    store.close()
+
+
+def test_a_failed_commit_tells_the_waiters_and_is_tried_again(tmp_path: Path) -> None:
+    import asyncio
+    path = str(tmp_path / "s.sqlite3")
+    store = Store(path)
+    _refuse_blocks(path)
+
+    async def main() -> tuple[list[str], list[str]]:
+        first: list[str] = []
+        store.blocklist.add(A, ["evil@x"])
+        store.writer.when_committed(lambda: first.append("done"), first.append)
+        for _ in range(200):
+            if first:
+                break
+            await asyncio.sleep(0.02)
+        assert store.writer.committed < store.writer.submitted  # not given up
+        _allow_blocks(path)
+        later: list[str] = []
+        store.writer.when_committed(lambda: later.append("done"), later.append)
+        for _ in range(300):
+            if later:
+                break
+            await asyncio.sleep(0.02)
+        return first, later
+    first, later = asyncio.run(main())
+    assert len(first) == 1 and "refused by the test" in first[0]  # heard once: the error
+    assert later == ["done"]  # the writer tried again, in order, and it is on disk
+    assert _on_disk(path, "SELECT jid FROM blocklist") == [("evil@x",)]
+    store.close()
