@@ -185,6 +185,12 @@ class XmlStream:
             self._since_output_check += 1
         return events.popleft()
 
+    def take_events(self) -> list[codec.StreamEvent]:
+        """The events parsed but not yet read (a connection handed to another worker)."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
     def put_back(self, events: list[codec.StreamEvent]) -> None:
         """Events read ahead (while waiting for one answer) go first to the next reader."""
         self._events.extendleft(reversed(events))

@@ -64,7 +64,8 @@ class ProxyProcess:
         # Wait for its "listening" events rather than probing the ports, which would put
         # a spurious connection in the log.
         deadline = time.monotonic() + timeout
-        while self.log_path.read_text(errors="replace").count("listening") < len(
+        # The event itself, not "admin_listening" (a supervisor's workers have their own).
+        while self.log_path.read_text(errors="replace").count('"event": "listening"') < len(
                 self.config["listen"]):
             if not self.running or time.monotonic() > deadline:
                 self.stop()
