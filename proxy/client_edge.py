@@ -74,6 +74,10 @@ class ClientEdge:
         self._ack_timed_out = False
         self._offline_delivered = False
         self._stored_backlog = False  # stored messages wait for room in the SM queue
+        # A graceful stop began: stanzas for a stream-management client are no longer
+        # written, only queued (and stored at the end), so nothing the client never gets to
+        # acknowledge is both delivered and stored.
+        self.holding = False
 
     # Stanzas for the client ---------------------------------------------------------------------
 
@@ -84,13 +88,14 @@ class ClientEdge:
         sm = self.sm
         if sm is not None:
             number = lane.enter()
-            sm.track(el, written=self.attached)
+            write = self.attached and (not self.holding or self._may_write_while_holding(el, own))
+            sm.track(el, written=write)
             out: list[Command] = []
             document = None
             if self.policy.journal:
                 document = codec.document(el)
                 out.append(JournalPut("s2c", number, document, sm.unacked[-1].queued_at))
-            if self.attached:
+            if write:
                 out.append(ToClient(el, own, document))
             if sm.overflowing:
                 out += [Log("sm_queue_overflow", {"queued": len(sm.unacked)}, "warning"),
@@ -101,6 +106,20 @@ class ClientEdge:
             return [ToClient(el, own)]
         # No client and nothing to hold it: the session is ending (or ended).
         return self.settle_from_server(el, upstream_up=upstream_up)
+
+    def hold_for_stop(self) -> None:
+        """The proxy is stopping: from now on the client's last acks settle what it was
+        written, and what comes for it after is queued unwritten, to be stored at the end."""
+        self.holding = True
+
+    def _may_write_while_holding(self, el: Element, own: bool) -> bool:
+        """The proxy's own iq answers (the ``remote-server-timeout`` of a stop while the
+        server is away) still go out while nothing waits unwritten before them (the queue's
+        written part stays its front): an iq error is discarded at the end, never stored,
+        so it cannot come twice."""
+        sm = self.sm
+        return (own and st.kind(el) == "iq" and sm is not None
+                and sm.written == len(sm.unacked))
 
     def settle_from_server(self, el: Element, *, upstream_up: bool) -> list[Command]:
         """A server stanza for a client that is gone for good: a message (or subscription

@@ -678,10 +678,14 @@ class LiveSession:
 
     async def shutdown(self, deadline: float, error: bytes) -> None:
         """A graceful stop of the proxy: the client gets a moment to acknowledge what it has
-        (so it is not stored and delivered twice), the server to confirm what it was sent;
-        then the session ends and what is left is stored."""
+        (so it is not stored and delivered twice; nothing more is written to it meanwhile),
+        the server to confirm what it was sent; then the session ends and what is left is
+        stored."""
         loop = asyncio.get_running_loop()
         ack_until = min(deadline, loop.time() + self.config.shutdown.ack_wait)
+        # What the client acks from now on is what it was written; what comes for it after
+        # the <r/> stays queued and is stored (else delivered now and again at next login).
+        self.edge.hold_for_stop()
         sm = self.sm
         if self.client is not None and sm is not None and sm.written:
             self.execute(self.edge.request_ack(always=True))

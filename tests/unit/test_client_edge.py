@@ -275,3 +275,34 @@ def test_stream_events_say_why_the_client_left() -> None:
     assert b"not-well-formed" in (violation.error or b"")
     header = core.stream_event(codec.StreamOpened({}, None))
     assert "second stream header" in header.reason
+
+
+def test_a_stop_writes_nothing_more_so_the_last_ack_settles_what_was_written() -> None:
+    core, _ = edge()
+    enabled(core)
+    core.for_client(message(1), upstream_up=True)
+    core.hold_for_stop()
+    # The stop's <r/>: what the client answers covers message 1 only.
+    assert kinds(core.request_ack(always=True)) == ["ToClient", "StartTimer"]
+    held = core.for_client(message(2), upstream_up=True)
+    assert "ToClient" not in kinds(held)  # queued, not written
+    core.client_nonza(sm("a", h="1"))
+    assert core.sm is not None and core.sm.written == 0 and len(core.sm.unacked) == 1
+    out = core.end(upstream_up=True, stopping=True)
+    stored = [parse_stored(c.stanza).get("id") for c in out if isinstance(c, StoreOffline)]
+    assert stored == ["m2"]  # stored once, never written: it cannot come twice
+    summary = core.ledger.s2c.summary()
+    assert (summary["delivered"], summary["stored"], summary["held"]) == (1, 1, 0)
+
+
+def test_a_stop_still_writes_the_proxys_iq_errors_while_nothing_is_held() -> None:
+    core, _ = edge()
+    enabled(core)
+    core.hold_for_stop()
+    error = st.element("iq", {"type": "error", "id": "q1", "to": "alice@localhost/pc"})
+    assert "ToClient" in kinds(core.for_client(error, upstream_up=False, own=True))
+    core.for_client(message(3), upstream_up=True)  # the server's: held
+    late = st.element("iq", {"type": "error", "id": "q2", "to": "alice@localhost/pc"})
+    # Behind a held stanza it waits too: the written part of the queue stays its front.
+    assert "ToClient" not in kinds(core.for_client(late, upstream_up=False, own=True))
+    assert core.sm is not None and core.sm.written == 1 and len(core.sm.unacked) == 3
