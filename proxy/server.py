@@ -402,6 +402,22 @@ class Proxy:
                                 "journal transactions committed", [({}, self.journal.commits)])
         return lines
 
+    async def _store_committed(self, timeout: float) -> None:
+        """Until the store's writer committed everything handed to it, and the loop ran
+        what waited for that; at most ``timeout`` (a failing disk: logged)."""
+        committed = asyncio.Event()
+        writer = self.store.writer
+
+        def failed(error: str) -> None:
+            asyncio.get_running_loop().call_soon(writer.when_committed, committed.set, failed)
+        writer.when_committed(committed.set, failed)
+        try:
+            await asyncio.wait_for(committed.wait(), timeout)
+        except TimeoutError:
+            self.log.error("store_not_committed_at_stop", seconds=timeout,
+                           submitted=writer.submitted, committed=writer.committed)
+        await asyncio.sleep(0)  # the waiters settled with it (journal cuts) run first
+
     def recover(self) -> dict[str, int]:
         """Settle the ledgers an earlier run left in the journal (a crash, or anything a
         graceful stop could not settle itself)."""
@@ -752,6 +768,10 @@ class Proxy:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
         if self.journal is not None:
+            # The sessions' journal cuts of what they stored wait for the store's commit
+            # (LiveSession._after_stored): let them run before the journal closes, else its
+            # recovery below would store those stanzas a second time.
+            await self._store_committed(self.config.shutdown.drain_timeout)
             await self.journal.close()
         if self.archive is not None:
             await self.archive.close()

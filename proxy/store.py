@@ -29,8 +29,10 @@ login); its writes, and those of the push registrations and the blocklists (made
 stanzas are relayed), go through the :class:`StoreWriter`: on its own thread and connection
 for a file, so the event loop never waits for them. Those two areas are read once per
 account (at its first login) and see their own writes not yet committed
-(:class:`_Unwritten`). The other areas are synchronous: each operation touches a handful of
-rows, at a session's start or end. Files use WAL mode with ``synchronous=NORMAL``.
+(:class:`_Unwritten`). The offline messages and the pending queue are written by it too (at a
+session's end, which must not freeze the loop behind another worker's commit) and taken on
+the loop's connection once the account's puts are committed (:class:`_InFlight`). The other
+areas are synchronous. Files use WAL mode with ``synchronous=NORMAL``.
 
 The guarantee of the writer's areas: a change is on disk with the writer's next batch (the
 thread commits as soon as it is handed one, everything queued meanwhile together; a failed
@@ -844,21 +846,60 @@ def _item(row: Sequence[object]) -> RosterItem:
 # ---------------------------------------------------------------------- offline area
 
 
+class _InFlight:
+    """The last writer ticket of each account's puts, so a take can tell whether rows of
+    the account may not be committed yet."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self._writer = writer
+        self._tickets: dict[str, int] = {}
+
+    def submit(self, account: str, writes: list[Write]) -> int:
+        ticket = self._writer.submit(writes)
+        self._tickets[account] = ticket
+        return ticket
+
+    def unwritten(self, account: str) -> bool:
+        ticket = self._tickets.get(account)
+        if ticket is None:
+            return False
+        if ticket <= self._writer.committed:
+            del self._tickets[account]
+            return False
+        return True
+
+    def settle(self, account: str) -> None:
+        """Before a take: what the account has in flight is committed first (a session
+        waits for ``when_committed`` instead, so the loop never blocks here)."""
+        if self.unwritten(account):
+            self._writer.flush()
+            self.unwritten(account)
+
+
 class OfflineArea:
-    """Messages waiting for their account (``stream_management.on_timeout: store``)."""
+    """Messages waiting for their account (``stream_management.on_timeout: store``).
+    Written by the store's writer (a session's end must not wait for the disk); a take
+    sees every put before it (``unwritten``: the session waits for the commit first)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._in_flight = _InFlight(store.writer)
 
-    def offline_put(self, account: str, stanza: bytes, expires_at: float) -> None:
-        with self._store.transaction() as c:
-            c.execute("INSERT INTO offline_messages (account, stanza, expires_at)"
-                      " VALUES (?, ?, ?)", (account, stanza, expires_at))
+    def offline_put(self, account: str, stanza: bytes, expires_at: float) -> int:
+        """Hand the message to the writer; returns its ticket (``StoreWriter``)."""
+        return self._in_flight.submit(account, [
+            ("INSERT INTO offline_messages (account, stanza, expires_at) VALUES (?, ?, ?)",
+             (account, stanza, expires_at))])
+
+    def unwritten(self, account: str) -> bool:
+        """Whether a put of the account may not be committed yet."""
+        return self._in_flight.unwritten(account)
 
     def offline_take(self, account: str, now: float,
                      limit: int | None = None) -> list[bytes]:
         """The account's unexpired messages, oldest first (at most ``limit``); they leave
         the store (expired ones of every account are purged on the way)."""
+        self._in_flight.settle(account)
         with self._store.transaction() as c:
             c.execute("DELETE FROM offline_messages WHERE expires_at <= ?", (now,))
             rows = c.execute("SELECT id, stanza FROM offline_messages WHERE account = ?"
@@ -883,14 +924,22 @@ class PendingArea:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._in_flight = _InFlight(store.writer)
 
-    def put(self, account: str, stanzas: Iterable[bytes], expires_at: float) -> None:
-        with self._store.transaction() as c:
-            c.executemany("INSERT INTO pending_outbound (account, stanza, expires_at)"
-                          " VALUES (?, ?, ?)", [(account, s, expires_at) for s in stanzas])
+    def put(self, account: str, stanzas: Iterable[bytes], expires_at: float) -> int:
+        """Hand the stanzas to the writer (one transaction, in order); returns the ticket."""
+        return self._in_flight.submit(account, [
+            ("INSERT INTO pending_outbound (account, stanza, expires_at) VALUES (?, ?, ?)",
+             (account, stanza, expires_at)) for stanza in stanzas])
+
+    def unwritten(self, account: str) -> bool:
+        return self._in_flight.unwritten(account)
 
     def take(self, account: str) -> list[tuple[bytes, float]]:
-        """The account's stanzas in their original order, with their expiry; they leave."""
+        """The account's stanzas in their original order, with their expiry; they leave.
+        Puts still in flight are committed first (they happen at a stop, so a login of the
+        same run rarely finds any)."""
+        self._in_flight.settle(account)
         with self._store.transaction() as c:
             rows = c.execute("SELECT stanza, expires_at FROM pending_outbound WHERE account = ?"
                              " ORDER BY id", (account,)).fetchall()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -47,19 +48,23 @@ from ..xmpp.stanza import Element
 
 
 class OfflineStore(Protocol):
-    def offline_put(self, account: str, stanza: bytes, expires_at: float) -> None: ...
+    def offline_put(self, account: str, stanza: bytes, expires_at: float) -> int: ...
+
+    def unwritten(self, account: str) -> bool: ...
 
     def offline_take(self, account: str, now: float,
                      limit: int | None = None) -> list[bytes]: ...
 
 
 class PendingStore(Protocol):
-    def put(self, account: str, stanzas: list[bytes], expires_at: float) -> None: ...
+    def put(self, account: str, stanzas: list[bytes], expires_at: float) -> int: ...
 
     def take(self, account: str) -> list[tuple[bytes, float]]: ...
 
 
 class CommitWaiter(Protocol):
+    committed: int  # the ticket of the last batch on disk
+
     def when_committed(self, done: Callable[[], None],
                        failed: Callable[[str], None]) -> None: ...
 
@@ -120,6 +125,9 @@ class LiveSession:
             new_sm_id=hub.new_sm_id, clock=clock)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._ledger_logged = False
+        # The writer's ticket of this session's last offline or pending put: until it is
+        # committed, the journal's cuts (and drop) wait, so no crash in between loses it.
+        self._store_ticket = 0
         self.sm_key: tuple[str, str] | None = None  # where the hub has it for resumption
         self.client: XmlStream | None = None
         self.conn_id: str | None = None  # the client connection's id in the log
@@ -175,7 +183,11 @@ class LiveSession:
                                  c.queued_at)
             elif isinstance(c, JournalCut):
                 assert self.journal is not None
-                self.journal.cut(self.core.id, c.lane, c.left)
+                if self.store is None or self._store_ticket <= self.store.writer.committed:
+                    self.journal.cut(self.core.id, c.lane, c.left)
+                else:  # what it cuts may be stored and not yet committed
+                    self._after_store_commit(functools.partial(
+                        self.journal.cut, self.core.id, c.lane, c.left))
             elif isinstance(c, AckWhenDurable):
                 self._ack_when_durable(c.element)
             elif isinstance(c, StartTimer):
@@ -188,13 +200,15 @@ class LiveSession:
                 getattr(self.log, c.level)(c.event, **c.fields)
             elif isinstance(c, ToServerDirect):
                 self.upstream.send_direct(c.element)
-            elif isinstance(c, StoreOffline):
+            elif isinstance(c, StoreOffline):  # on the writer's thread (the cut waits)
                 if self.store is not None:
-                    self.store.offline.offline_put(self._account, c.stanza, c.expires_at)
+                    self._store_ticket = self.store.offline.offline_put(
+                        self._account, c.stanza, c.expires_at)
                     self._stored(c.stanza)
             elif isinstance(c, StorePending):
                 if self.store is not None:
-                    self.store.pending.put(self._account, list(c.stanzas), c.expires_at)
+                    self._store_ticket = self.store.pending.put(
+                        self._account, list(c.stanzas), c.expires_at)
             elif isinstance(c, CloseClient):
                 running += self._close_client(c)
             elif isinstance(c, AbortClient):
@@ -211,6 +225,16 @@ class LiveSession:
             elif isinstance(c, MoreStored):
                 self._deliver_stored()
         return running
+
+    def _after_stored(self, action: Callable[[], None]) -> None:
+        """``action`` (a journal cut or drop) now, or once the store committed this
+        session's last put: the journal must never forget a stanza the store does not hold
+        yet. Tickets commit in order and a cut keeps the furthest, so cuts stay in order."""
+        store = self.store
+        if store is None or self._store_ticket <= store.writer.committed:
+            action()
+        else:
+            self._after_store_commit(action)
 
     def _close_client(self, c: CloseClient) -> list[Awaitable[Any]]:
         stream, self.client = self.client, None
@@ -558,6 +582,11 @@ class LiveSession:
         has room for (the rest follow its acks: a backlog never overflows the queue)."""
         if self.store is None:
             return
+        if self.store.offline.unwritten(self._account):
+            # A put of the account (its last session's end) is still with the writer: the
+            # take waits for its commit rather than the loop for the disk.
+            self._after_store_commit(self._deliver_stored_if_here)
+            return
         room = self.edge.stored_room()
         taken = self.store.offline.offline_take(self._account, time.time(), limit=room)
         stored = [self.core.from_store(parse_stored(data)) for data in taken]
@@ -565,6 +594,21 @@ class LiveSession:
         self.execute(self.edge.deliver_stored(kept, upstream_up=self._upstream_up(),
                                               dropped=len(stored) - len(kept),
                                               more=room is not None and len(taken) == room))
+
+    def _deliver_stored_if_here(self) -> None:
+        if self.state == "active" and self.client is not None:
+            self._deliver_stored()
+
+    def _after_store_commit(self, action: Callable[[], None]) -> None:
+        """``action`` once the writer committed everything handed to it so far."""
+        assert self.store is not None
+        writer = self.store.writer
+
+        def failed(error: str) -> None:
+            # The writer tries the batch again; so does this wait (on a later turn: the
+            # writer's failure is still being told to every waiter of the ticket).
+            asyncio.get_running_loop().call_soon(writer.when_committed, action, failed)
+        writer.when_committed(action, failed)
 
     # Resumption and takeover --------------------------------------------------------------------
 
@@ -658,7 +702,8 @@ class LiveSession:
             self.log.info("ledger", **summary, empty=self.ledger.empty)
             self.hub.ledger_settled(summary)
             if self.journal is not None and self.ledger.empty:
-                self.journal.drop(self.core.id)  # nothing of it is left to recover
+                # nothing of it is left to recover, once the store holds what it stored
+                self._after_stored(functools.partial(self.journal.drop, self.core.id))
 
     async def finish(self, deadline: float) -> None:
         """The proxy is stopping while this ended session still waits for the server's

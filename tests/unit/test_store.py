@@ -512,3 +512,30 @@ def test_a_failed_commit_tells_the_waiters_and_is_tried_again(tmp_path: Path) ->
     assert later == ["done"]  # the writer tried again, in order, and it is on disk
     assert _on_disk(path, "SELECT jid FROM blocklist") == [("evil@x",)]
     store.close()
+
+
+def test_offline_and_pending_puts_do_not_wait_for_a_locked_database(tmp_path: Path) -> None:
+    """A session's end stores on the writer's thread: a database locked by another worker
+    holds up neither put; the account's puts count as unwritten until the commit, and a
+    take sees them (it waits for the commit, never reads behind it)."""
+    path = str(tmp_path / "s.sqlite3")
+    store = Store(path, new_epoch=epochs())
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        first = store.offline.offline_put(A, b"<message id='1'/>", 1e12)
+        second = store.offline.offline_put(A, b"<message id='2'/>", 1e12)
+        pending = store.pending.put(A, [b"<message id='p1'/>", b"<message id='p2'/>"], 1e12)
+        assert first < second < pending  # tickets, in order
+        assert store.writer.committed < first  # still queued: nothing waited
+        assert store.offline.unwritten(A) and store.pending.unwritten(A)
+        assert not store.offline.unwritten("other@x")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.offline.offline_take(A, 0.0) == [b"<message id='1'/>", b"<message id='2'/>"]
+    assert not store.offline.unwritten(A)
+    assert [s for s, _ in store.pending.take(A)] == [b"<message id='p1'/>",
+                                                    b"<message id='p2'/>"]
+    assert store.offline.count(A) == 0 and store.pending.count(A) == 0
+    store.close()
