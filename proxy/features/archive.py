@@ -359,6 +359,7 @@ def prefs_element(prefs: Prefs) -> Element:
 # ---------------------------------------------------------------------- the feature
 
 
+_FILLED_IN = b""  # ArchivePut.message.stanza when the shell stores the element's bytes
 _SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 
 
@@ -428,9 +429,11 @@ class Archive(Feature):
         if isinstance(key, str):
             return key  # a copy the server forked to another session: archived once
         archive_id, seq, nonce = key
+        # The bytes are the shell's: it serializes the message for the wire anyway, after
+        # the features that come later (and, for a received one, with the stanza-id stamped).
         out.commands.append(ArchivePut(ArchivedMessage(
-            archive_id, factory.now(), direction, with_bare, with_full, etree.tostring(el),
-            seq, nonce)))
+            archive_id, factory.now(), direction, with_bare, with_full, _FILLED_IN, seq,
+            nonce), el))
         return archive_id
 
     # -------------------------------------------------------------- requests
