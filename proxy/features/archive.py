@@ -125,13 +125,15 @@ def strip_spoofed_ids(el: Element, account: str,
     return len(spoofed)
 
 
-_STAMP_TEMPLATE = etree.Element(_STANZA_ID, nsmap={None: ns.SID})
+def stamp_template(account: str) -> Element:
+    """The account's stanza-id without its id: ``stamp_stanza_id`` copies it."""
+    return etree.Element(_STANZA_ID, {"by": account, "id": ""}, nsmap={None: ns.SID})
 
 
-def stamp_stanza_id(el: Element, account: str, archive_id: str) -> None:
-    # A copy of a ready element: cheaper than a new one with its namespace declaration.
-    sid = _STAMP_TEMPLATE.__copy__()
-    sid.set("by", account)
+def stamp_stanza_id(el: Element, template: Element, archive_id: str) -> None:
+    # A copy of a ready element (``stamp_template``): cheaper than a new one with its
+    # namespace declaration and its by.
+    sid = template.__copy__()
     sid.set("id", archive_id)
     el.append(sid)
 
@@ -375,6 +377,7 @@ class Archive(Feature):
         self.factory = factory
         self.config = factory.config
         self._account_text: str | None = None
+        self._stamp: Element | None = None  # stamp_template of the account, once needed
         # token -> (the query iq, what was asked)
         self._pending: dict[str, tuple[Element, ParsedQuery | None]] = {}
 
@@ -404,7 +407,10 @@ class Archive(Feature):
             if sender:
                 archive_id = self._archive(session, el, "in", sender, origin, out)
                 if archive_id is not None:
-                    stamp_stanza_id(el, self._account(session), archive_id)
+                    template = self._stamp
+                    if template is None:
+                        template = self._stamp = stamp_template(self._account(session))
+                    stamp_stanza_id(el, template, archive_id)
         return el
 
     def _account(self, session: SessionCore) -> str:
