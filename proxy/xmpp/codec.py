@@ -442,11 +442,6 @@ _REDUNDANT: dict[str, dict[str, tuple[str, str]]] = {
     space: {ns.qname(space, name): start for name in _STANZA_NAMES
             if (start := _redundant_start(ns.qname(space, name), space)) is not None}
     for space in (ns.CLIENT,)}
-# The same in UTF-8, for a stanza given as its document's bytes (cut without decoding).
-_REDUNDANT_BYTES: dict[str, dict[str, tuple[bytes, bytes]]] = {
-    space: {tag: (start.encode(), declaration.encode()) for tag, (start, declaration)
-            in by_tag.items()}
-    for space, by_tag in _REDUNDANT.items()}
 _tostring = etree.tostring
 
 
@@ -468,16 +463,9 @@ def serialize(el: Element, default_ns: str = ns.CLIENT, *,
     ``document``: ``el`` as :func:`document` made it, unchanged since (it is not
     serialized again).
     """
-    tag = el.tag
-    if document is not None:
-        by_tag_bytes = _REDUNDANT_BYTES.get(default_ns)
-        known = by_tag_bytes.get(tag) if by_tag_bytes is not None else None
-        if known is not None:  # nearly every stanza: cut in the bytes, as below in text
-            if document.startswith(known[0]):
-                return document.replace(known[1], b"", 1)
-            return document
     text: str = (_tostring(el, encoding="unicode") if document is None
                  else document.decode())
+    tag = el.tag
     if not isinstance(tag, str):
         return document if document is not None else text.encode()
     by_tag = _REDUNDANT.get(default_ns)
