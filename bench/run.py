@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from tests.peers.certs import make_cert
 from tests.peers.prosody import LegacyProsody
 
-from . import load, procs
+from . import load, memtrace, procs
 from .client import BenchClient, register_many
 from .load import Endpoint
 from .profile import format_hot_spots, py_spy_available, start_py_spy
@@ -558,7 +558,9 @@ class Bench:
         name = "memory-tls" if tls else "memory-plain"
         upstream = await self.started(procs.fast_upstream(
             self.workdir / name, cert=self.cert if tls else None, key=self.key if tls else None))
-        proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls))
+        trace = Path(self.opts.memtrace) / name if self.opts.memtrace else None
+        proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls,
+                                                          memtrace=trace))
         clients: list[BenchClient] = []
         run: dict[str, Any] = {}
         self.details["memory"]["runs"][label] = run
@@ -568,6 +570,8 @@ class Bench:
             clients += await load.login_many(ep, accounts[:WARM_SESSIONS], resource="idle")
             await asyncio.sleep(1.0)
             base = proxy.rss()
+            traced = (await asyncio.to_thread(proxy.memory_snapshot)
+                      if trace is not None else None)
             run["baseline_rss"] = base
             self.progress(f"{label}: proxy RSS with {WARM_SESSIONS} sessions "
                           f"{base / 2**20:.1f} MiB")
@@ -583,6 +587,9 @@ class Bench:
                 fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
                 have = len(clients)
                 per = (rss - base) / (have - WARM_SESSIONS)
+                if trace is not None and traced is not None:
+                    await self._memory_breakdown(proxy, trace, traced, have - WARM_SESSIONS,
+                                                 f"{label}, {n} sessions", run, str(n))
                 echoed = await load.echo_check(clients)
                 self.progress(f"{label}, {have}/{n} sessions: proxy RSS {rss / 2**20:.1f} MiB, "
                               f"{per / 1024:.1f} KiB per session, {fds} fds, "
@@ -606,6 +613,20 @@ class Bench:
             load.abort_all(clients)
             await self.stopped(proxy)
             await self.stopped(upstream)
+
+    async def _memory_breakdown(self, proxy: procs.Proxy, folder: Path,
+                                baseline: tuple[Path, dict[str, Any]], sessions: int,
+                                label: str, run: dict[str, Any], key: str) -> None:
+        """``--memtrace``: where the memory of the sessions added since the baseline went
+        (tracemalloc by line, and the C allocator's bytes that are not Python's)."""
+        snap, heap = await asyncio.to_thread(proxy.memory_snapshot)
+        result = await asyncio.to_thread(memtrace.analyse, baseline[0], snap, baseline[1],
+                                         heap, sessions, procs.REPO)
+        text = memtrace.report(result)
+        out = folder / f"breakdown-{key}.txt"
+        out.write_text(f"{label}\n{text}")
+        self.progress(f"{label}: breakdown in {out}\n{text}")
+        run.setdefault("breakdown", {})[key] = result
 
     async def case_restore(self) -> None:
         o = self.opts
@@ -914,6 +935,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy the proxy during the capacity case; samples and hot spots "
                         "go to DIR")
+    p.add_argument("--memtrace", metavar="DIR",
+                   help="memory: run the proxy under tracemalloc (bench/memtrace.py) and write "
+                        "where each idle session's memory goes to DIR; its RSS figures then "
+                        "include tracemalloc's own cost")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--workdir", metavar="DIR", help="keep configs and logs here")
     p.add_argument("--barrier-every", type=int, metavar="N", default=None,

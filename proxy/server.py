@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 import contextlib
-from asyncio import sslproto
 import functools
 import ipaddress
 import secrets
@@ -44,7 +43,7 @@ from .net.hub import Hub
 from .net.live import LiveSession
 from .net.upstream import client_tls_context
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
-from .net.xmlstream import ConnectionLost, XmlStream
+from .net.xmlstream import ConnectionLost, XmlStream, share_tls_read_buffer
 from .features.disco import DiscoveryFactory
 from .features.push import PushFactory, PushPolicy
 from .proxyproto import BadProxyHeader
@@ -80,9 +79,9 @@ def _trusted(address: tuple[str, int] | None, networks: list[str]) -> bool:
 def size_tls_buffers(read_buffer: int) -> None:
     """asyncio gives every TLS connection a read buffer of ``SSLProtocol.max_size`` bytes
     (256 KiB in 3.11) and offers no setting for it: a class attribute it is. A TLS record
-    carries at most 16 KiB, so a little more than that costs no throughput and saves
-    ~240 KiB on each of a session's two TLS legs."""
-    sslproto.SSLProtocol.max_size = read_buffer
+    carries at most 16 KiB, so a little more than that costs no throughput; and the buffer
+    is shared by all connections (``share_tls_read_buffer``)."""
+    share_tls_read_buffer(read_buffer)
 
 
 class ReloadRefused(Exception):
