@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.net.xmlstream import PARSER_IDLE
 from tests.peers.certs import make_cert
 from tests.peers.prosody import LegacyProsody
 
@@ -41,6 +42,9 @@ CASES = ("capacity", "rules", "throughput", "latency", "login", "resume", "memor
 C = TypeVar("C", bound=procs.Child)
 PROXY_OWN_FDS = 16  # listeners, epoll, the store, stdio: measured 10 with a few sessions
 WARM_SESSIONS = 10  # memory: sessions connected before the baseline RSS is read
+# memory: seconds sessions are left idle before the RSS is read; past the time after which
+# an idle stream drops its parser
+IDLE_WAIT = max(2.0, PARSER_IDLE + 1.0)
 
 FEATURES = ("carbons", "archive", "blocking", "push")  # --features off
 
@@ -568,7 +572,7 @@ class Bench:
             ep = self.ep("proxy", proxy.port)
             accounts = self.fake_accounts(sizes[-1], "idle")
             clients += await load.login_many(ep, accounts[:WARM_SESSIONS], resource="idle")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(IDLE_WAIT)
             base = proxy.rss()
             traced = (await asyncio.to_thread(proxy.memory_snapshot)
                       if trace is not None else None)
@@ -582,7 +586,7 @@ class Bench:
                                                     progress=self.progress)
                 clients += new
                 took = time.monotonic() - t
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(IDLE_WAIT)
                 rss = proxy.rss()
                 fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
                 have = len(clients)

@@ -33,6 +33,10 @@ CLOSE_DRAIN_TIMEOUT = 5.0  # seconds a closing stream waits for its last bytes t
 OVERFLOW_CHECK = 1.0
 OUTPUT_CHECK_EVERY = 8  # events between two looks at a client's pending output
 OVERFLOW_GRACE = 2.0  # seconds the policy-violation gets to go out before the cut
+# A stream that read nothing for this long drops its parser between stanzas (the codec's
+# release: ~13 KiB of libxml2 each) and gets a fresh one with its next bytes. Checked by one
+# timer per stream, re-armed at most once per period, so a busy stream pays nothing per read.
+PARSER_IDLE = 2.0
 
 
 class _ReadBuffer(threading.local):
@@ -118,6 +122,7 @@ class XmlStream:
         self.error_header = error_header or codec.stream_header()
         self.log = log
         self._overflow_check: asyncio.TimerHandle | None = None
+        self._idle_check: asyncio.TimerHandle | None = None
         # The peer's address: the socket's, or what a PROXY protocol header said.
         peer = writer.get_extra_info("peername")
         self.remote: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
@@ -205,7 +210,22 @@ class XmlStream:
                 raise ConnectionLost("eof")
             self.read_at = time.perf_counter()
             self._events.extend(self.parser.feed(data))
+            if self._idle_check is None:
+                self._idle_check = asyncio.get_running_loop().call_later(
+                    PARSER_IDLE, self._release_when_idle)
         return self._events.popleft()
+
+    def _release_when_idle(self) -> None:
+        """Drop the parser of a stream that has read nothing for PARSER_IDLE; look again
+        later while it reads or is inside a stanza."""
+        self._idle_check = None
+        if self.closing or self.dead:
+            return
+        quiet = time.perf_counter() - self.read_at
+        if quiet >= PARSER_IDLE and self.parser.release():
+            return  # the next read arms the check again
+        self._idle_check = asyncio.get_running_loop().call_later(
+            max(PARSER_IDLE - quiet, 0.0) or PARSER_IDLE, self._release_when_idle)
 
     def put_back(self, events: list[codec.StreamEvent]) -> None:
         """Events read ahead (while waiting for one answer) go first to the next reader."""
@@ -393,6 +413,9 @@ class XmlStream:
         if self._overflow_check is not None:
             self._overflow_check.cancel()
             self._overflow_check = None
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
         transport = self.writer.transport
         if hard:
             self._pending_out.clear()

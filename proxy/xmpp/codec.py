@@ -85,11 +85,18 @@ StreamEvent = StreamOpened | StanzaReceived | StreamClosed | StreamViolation
 class _RestrictedXmlScanner:
     """Finds what RFC 6120 §11.1 forbids in raw bytes, across chunk boundaries."""
 
+    __slots__ = ("_in_cdata", "_in_prolog", "_pending", "_sniffed")
+
     def __init__(self) -> None:
         self._pending = b""  # an incomplete token carried over from the last chunk
         self._in_cdata = False
         self._in_prolog = True  # only an XML declaration may look like a PI, and only first
         self._sniffed = False  # the first bytes were checked for a non-UTF-8 encoding
+
+    @property
+    def idle(self) -> bool:
+        """No partial token or CDATA section carried over."""
+        return not self._pending and not self._in_cdata
 
     def scan(self, data: bytes) -> tuple[StreamViolation, int] | None:
         """None if ``data`` is clean so far; else the violation and how many bytes of
@@ -204,10 +211,12 @@ class XmlStreamParser:
         self.reset()
 
     def reset(self) -> None:
-        # encoding="utf-8" overrides whatever the document declares (RFC 6120 §11.6).
-        self._parser = etree.XMLPullParser(
-            events=("start", "end"), resolve_entities=False, no_network=True,
-            load_dtd=False, huge_tree=False, remove_comments=False, encoding="utf-8")
+        # Made when bytes come (_prime), dropped while the stream is idle (release).
+        self._parser: etree.XMLPullParser | None = None
+        # The header's start tag with only its namespace declarations: what a fresh parser
+        # is fed first when the stream's own was released, so it parses in the same context.
+        self._context: bytes | None = None
+        self._between = False  # nothing fed since the last complete tag but whitespace
         self._scanner = _RestrictedXmlScanner()
         self._root: Element | None = None
         self._depth = 0
@@ -229,6 +238,11 @@ class XmlStreamParser:
         Exact only with ``track_trailing``."""
         return self._trailing
 
+    @property
+    def holds_parser(self) -> bool:
+        """An lxml parser is held (False once :meth:`release` dropped it)."""
+        return self._parser is not None
+
     def feed(self, data: bytes) -> list[StreamEvent]:
         events: list[StreamEvent] = []
         if self._done:
@@ -236,7 +250,43 @@ class XmlStreamParser:
         for offset in range(0, len(data), self._slice):
             if not self._feed_slice(data[offset:offset + self._slice], events):
                 break
+        if self._depth != 1:
+            self._between = False
+        else:
+            ended = _last_tag_ends(data)
+            if ended is not None:  # None: only whitespace, which changes nothing
+                self._between = ended
         return events
+
+    def release(self) -> bool:
+        """Drop the lxml parser while the stream is between stanzas: an idle stream then
+        holds none (its libxml2 context is about 13 KiB). Only when lxml holds nothing
+        unparsed: the last bytes fed ended a tag, with nothing but whitespace after it
+        (character data waits in lxml for the next ``<``), and the scanner carries no
+        partial token. The next bytes get a fresh parser primed with the header's namespace
+        declarations (:meth:`_prime`), so the events are the same. True if dropped."""
+        if (self._parser is None or self._done or self._context is None
+                or self._depth != 1 or not self._between or self.track_trailing
+                or not self._scanner.idle):
+            return False
+        self._parser = None
+        self._root = None
+        return True
+
+    def _prime(self) -> etree.XMLPullParser:
+        """A parser for the next bytes: a new one, or after a release one already inside
+        a stream element with the same namespace declarations (its events are discarded:
+        the peer's header was reported when it came)."""
+        # encoding="utf-8" overrides whatever the document declares (RFC 6120 §11.6).
+        parser = etree.XMLPullParser(
+            events=("start", "end"), resolve_entities=False, no_network=True,
+            load_dtd=False, huge_tree=False, remove_comments=False, encoding="utf-8")
+        if self._context is not None:
+            parser.feed(self._context)
+            for _action, root in parser.read_events():
+                self._root = root
+        self._parser = parser
+        return parser
 
     def _fail(self, events: list[StreamEvent], condition: str, text: str) -> bool:
         if not self._done:
@@ -282,7 +332,7 @@ class XmlStreamParser:
             return True  # whitespace keepalive between stanzas: nothing to parse or count
         self._unfinished_bytes += len(data)
         try:
-            self._parser.feed(data)
+            (self._parser or self._prime()).feed(data)
         except etree.XMLSyntaxError as exc:
             # Events lxml produced before the error still count (a stanza, a clean close).
             if not self._drain(events):
@@ -305,6 +355,7 @@ class XmlStreamParser:
         depth = self._depth
         root = self._root
         deepest = self.max_depth + 1  # the stream element is depth 1
+        assert self._parser is not None  # fed just before
         for action, el in self._parser.read_events():
             if action == "start":
                 depth += 1
@@ -374,8 +425,34 @@ class XmlStreamParser:
         if not _is_xmpp_1(el.get("version")):
             return self._fail(events, "unsupported-version", "only XMPP 1.0 streams")
         self._root = el
+        self._context = _context_tag(el)
         events.append(StreamOpened(dict(el.attrib), default_ns))
         return True
+
+
+def _context_tag(stream: Element) -> bytes:
+    """The stream element's start tag with its namespace declarations and nothing else."""
+    declared = " ".join(("xmlns" if prefix is None else f"xmlns:{prefix}") + "=" + quoteattr(uri)
+                        for prefix, uri in stream.nsmap.items())
+    return f"<{stream.prefix}:stream {declared}>".encode()
+
+
+_XML_SPACE = b" \t\r\n"
+
+
+def _last_tag_ends(data: bytes) -> bool | None:
+    """Whether the last non-whitespace byte of ``data`` closes a tag (``<...>``, no ``>``
+    inside it, not ``<!`` or ``<?``); None when ``data`` is only whitespace."""
+    end = len(data)
+    while end and data[end - 1] in _XML_SPACE:
+        end -= 1
+    if not end:
+        return None
+    if data[end - 1] != 0x3E:  # ">"
+        return False
+    start = data.rfind(b"<", 0, end)
+    return (start >= 0 and data.find(b">", start, end) == end - 1
+            and data[start + 1] not in b"!?")
 
 
 def _suspect_names(keys: list[str]) -> bool:

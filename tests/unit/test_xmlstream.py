@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from proxy.net import xmlstream
 from proxy.net.xmlstream import (ConnectionLost, PlaintextInjection, XmlStream,
                                  share_tls_read_buffer)
 from proxy.xmpp import codec, ns
@@ -322,3 +323,31 @@ def test_tls_connections_share_one_read_buffer_and_data_stays_intact(
         run(main())
     finally:
         share_tls_read_buffer(16896)
+
+
+def test_an_idle_stream_drops_its_parser_between_stanzas_and_reads_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After PARSER_IDLE without a byte, a stream between stanzas holds no lxml parser; one
+    inside a stanza keeps it; the next bytes are parsed as before, in the header's context."""
+    monkeypatch.setattr(xmlstream, "PARSER_IDLE", 0.05)
+
+    async def scenario() -> None:
+        async with pair() as (stream, _reader, writer):
+            writer.write(HEADER.replace(b" to=", b" xmlns:x='urn:example:x' to=")
+                         + b"<message><body>1</body></message>")
+            assert isinstance(await stream.next_event(5), codec.StreamOpened)
+            assert (await stream.next_element(5)).findtext("{jabber:client}body") == "1"
+            await until(lambda: not stream.parser.holds_parser)
+            writer.write(b"<message><x:item/><body>2")  # half a stanza, then silence
+            read = asyncio.ensure_future(stream.next_element(5))
+            await until(lambda: stream.parser.holds_parser)
+            await asyncio.sleep(0.2)  # several idle checks: it must keep what it has
+            assert stream.parser.holds_parser and not read.done()
+            writer.write(b"</body></message>")
+            el = await read
+            assert el.findtext("{jabber:client}body") == "2"
+            assert el[0].tag == "{urn:example:x}item"
+            await until(lambda: not stream.parser.holds_parser)
+            writer.write(b"</stream:stream>")
+            assert isinstance(await stream.next_event(5), codec.StreamClosed)
+    run(scenario())
