@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import json
 import os
 import signal
@@ -44,6 +45,23 @@ def heap() -> dict[str, int]:
             "tracemalloc_own": tracemalloc.get_tracemalloc_memory()}
 
 
+def parsers() -> dict[str, int]:
+    """The stream parsers alive, and how many hold an lxml parser (and why they keep it)."""
+    from proxy.xmpp.codec import XmlStreamParser
+    counts: dict[str, int] = {"streams": 0, "holding": 0}
+    for obj in gc.get_objects():
+        if isinstance(obj, XmlStreamParser):
+            counts["streams"] += 1
+            if obj.holds_parser:
+                counts["holding"] += 1
+                why = ("inside an element" if obj._depth != 1 else
+                       "no header" if obj._context is None else
+                       "before STARTTLS" if obj.track_trailing else
+                       "unparsed bytes" if not obj._between else "idle, not released yet")
+                counts[why] = counts.get(why, 0) + 1
+    return counts
+
+
 def _dump(signum: int, frame: object) -> None:
     global _seq
     folder = os.environ.get("BENCH_MEMTRACE_DIR")
@@ -54,7 +72,7 @@ def _dump(signum: int, frame: object) -> None:
     snapshot.dump(str(Path(folder) / f"snap-{_seq}.pickle"))
     info = heap()
     tmp = Path(folder) / f"heap-{_seq}.json.tmp"
-    tmp.write_text(json.dumps({"seq": _seq, **info}) + "\n")
+    tmp.write_text(json.dumps({"seq": _seq, **info, "parsers": parsers()}) + "\n")
     os.replace(tmp, Path(folder) / f"heap-{_seq}.json")
 
 

@@ -67,6 +67,7 @@ class Child:
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed = False  # it did not stop on SIGTERM within the timeout
         self.env: dict[str, str] = {}  # added to the environment it starts with
+        self.start_timeout = 20.0  # seconds until it must accept connections
 
     @property
     def pid(self) -> int:
@@ -77,7 +78,8 @@ class Child:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 20.0) -> Child:
+    def start(self, timeout: float | None = None) -> Child:
+        timeout = self.start_timeout if timeout is None else timeout
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -191,6 +193,7 @@ class Proxy(Child):
         if memtrace is not None:
             memtrace.mkdir(parents=True, exist_ok=True)
             self.env["BENCH_MEMTRACE_DIR"] = str(memtrace)
+            self.start_timeout = 120.0  # tracemalloc slows the imports down
         self.stats_path = workdir / f"{name}.stats.json" if stats else None
         if self.stats_path is not None:
             self.env["BENCH_STATS_FILE"] = str(self.stats_path)

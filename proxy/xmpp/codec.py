@@ -14,6 +14,7 @@ input is UTF-8 whatever it says, so it can never switch to an encoding the scann
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
@@ -208,11 +209,14 @@ class XmlStreamParser:
         self.max_depth = max_depth
         self.track_trailing = track_trailing
         self._slice = max(1, min(_SLICE_BYTES, max_stanza_bytes))
+        # Made when bytes come (_prime), dropped while the stream is idle (release).
+        self._parser: etree.XMLPullParser | None = None
         self.reset()
 
     def reset(self) -> None:
-        # Made when bytes come (_prime), dropped while the stream is idle (release).
-        self._parser: etree.XMLPullParser | None = None
+        if self._parser is not None:
+            _finish(self._parser, self._context)
+        self._parser = None
         # The header's start tag with only its namespace declarations: what a fresh parser
         # is fed first when the stream's own was released, so it parses in the same context.
         self._context: bytes | None = None
@@ -269,6 +273,7 @@ class XmlStreamParser:
                 or self._depth != 1 or not self._between or self.track_trailing
                 or not self._scanner.idle):
             return False
+        _finish(self._parser, self._context)
         self._parser = None
         self._root = None
         return True
@@ -428,6 +433,16 @@ class XmlStreamParser:
         self._context = _context_tag(el)
         events.append(StreamOpened(dict(el.attrib), default_ns))
         return True
+
+
+def _finish(parser: etree.XMLPullParser, context: bytes | None) -> None:
+    """End a parser's document before it is dropped. Elements handed out may keep it alive
+    (lxml gives a copy's document a reference to the parser of the original), and a parser
+    whose document ended frees most of its libxml2 state (13 KiB down to 3)."""
+    with contextlib.suppress(etree.XMLSyntaxError):
+        if context is not None:  # "<p:stream ...>": its end tag
+            parser.feed(b"</" + context[1:context.index(b" ")] + b">")
+        parser.close()
 
 
 def _context_tag(stream: Element) -> bytes:
