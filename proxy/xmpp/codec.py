@@ -443,6 +443,8 @@ def _finish(parser: etree.XMLPullParser, context: bytes | None) -> None:
         if context is not None:  # "<p:stream ...>": its end tag
             parser.feed(b"</" + context[1:context.index(b" ")] + b">")
         parser.close()
+    for _event in parser.read_events():  # the last events hold the stream's document
+        pass
 
 
 def _context_tag(stream: Element) -> bytes:
