@@ -62,6 +62,17 @@ def parsers() -> dict[str, int]:
     return counts
 
 
+def object_census() -> dict[str, list[int]]:
+    """The objects the collector tracks, by type: [count, bytes by sys.getsizeof]."""
+    census: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        cls = type(obj)
+        entry = census.setdefault(f"{cls.__module__}.{cls.__qualname__}", [0, 0])
+        entry[0] += 1
+        entry[1] += sys.getsizeof(obj)
+    return census
+
+
 def _dump(signum: int, frame: object) -> None:
     global _seq
     folder = os.environ.get("BENCH_MEMTRACE_DIR")
@@ -72,7 +83,8 @@ def _dump(signum: int, frame: object) -> None:
     snapshot.dump(str(Path(folder) / f"snap-{_seq}.pickle"))
     info = heap()
     tmp = Path(folder) / f"heap-{_seq}.json.tmp"
-    tmp.write_text(json.dumps({"seq": _seq, **info, "parsers": parsers()}) + "\n")
+    tmp.write_text(json.dumps({"seq": _seq, **info, "parsers": parsers(),
+                               "objects": object_census()}) + "\n")
     os.replace(tmp, Path(folder) / f"heap-{_seq}.json")
 
 
@@ -116,7 +128,12 @@ def analyse(before: Path, after: Path, heap_before: dict[str, Any], heap_after: 
         ((k, (v[0] - old_grouped.get(k, [0, 0])[0]) / sessions,
           (v[1] - old_grouped.get(k, [0, 0])[1]) / sessions) for k, v in grouped.items()),
         key=lambda row: -row[1])[:top]
+    objects = [(name, (n - heap_before.get("objects", {}).get(name, [0, 0])[0]) / sessions,
+                (size - heap_before.get("objects", {}).get(name, [0, 0])[1]) / sessions)
+               for name, (n, size) in heap_after.get("objects", {}).items()]
+    objects.sort(key=lambda row: -row[2])
     return {"sessions": sessions, "python_bytes": py_total / sessions,
+            "objects": objects[:top],
             "python_large_bytes": py_large / sessions,
             "malloc_in_use_bytes": malloc / sessions,
             "outside_python_bytes": outside / sessions,
@@ -136,6 +153,8 @@ def report(result: dict[str, Any]) -> str:
     lines += ["", "by the innermost frame in the repository (KiB, blocks):"]
     lines += [f"  {kib_:8.2f} {n:7.1f}  {where}" for where, kib_, n in
               ((w, b / kib, n) for w, b, n in result["by_proxy_line"])]
+    lines += ["", "objects the collector tracks, by type (bytes by sys.getsizeof, count):"]
+    lines += [f"  {size:8.0f} {n:7.1f}  {name}" for name, n, size in result["objects"]]
     return "\n".join(lines) + "\n"
 
 

@@ -549,6 +549,10 @@ class Proxy:
                     await auth.upstream.stream.close()
             if resumed:
                 self.counters.count(self.counters.resumes, "ok")
+            # This task lives as long as the connection: what only the negotiation needed
+            # (its core, the login's holder) goes now, not with the session.
+            del negotiation
+            auth = None
             # Every event of the connection from here on names its session too.
             log = log.bind(jid=session.jid, session=session.core.id,
                            account=str(session.core.account))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 import secrets
 import ssl
 from collections import Counter
@@ -81,6 +82,7 @@ class Hub:
         # The server domain's disco#info as the last bind found it (for the caps hash
         # offered before the next bind).
         self.domain_info: DiscoInfo | None = None
+        self.rng = random.Random()  # every session's reconnection jitter (ports.py)
 
     def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext | None,
                     inspector: Inspector | None) -> None:

@@ -240,6 +240,9 @@ class UpstreamSide:
                         else:
                             self.session.from_server(el)
                             await self.session.client_drain()
+                        del absorbed
+                    # Nothing read is kept while waiting: an element keeps its parser alive.
+                    del el, event
                 elif isinstance(event, codec.StreamClosed):
                     return ServerLost("the server closed the stream")
                 elif isinstance(event, codec.StreamViolation):
