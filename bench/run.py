@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.net.xmlstream import PARSER_IDLE
+from proxy.net.xmlstream import HEAP_TRIM_QUIET, PARSER_IDLE
 from tests.peers.certs import make_cert
 from tests.peers.prosody import LegacyProsody
 
@@ -43,8 +43,8 @@ C = TypeVar("C", bound=procs.Child)
 PROXY_OWN_FDS = 16  # listeners, epoll, the store, stdio: measured 10 with a few sessions
 WARM_SESSIONS = 10  # memory: sessions connected before the baseline RSS is read
 # memory: seconds sessions are left idle before the RSS is read; past the time after which
-# an idle stream drops its parser
-IDLE_WAIT = max(2.0, PARSER_IDLE + 1.0)
+# an idle stream drops its parser, and the heap trim that follows
+IDLE_WAIT = max(2.0, PARSER_IDLE + HEAP_TRIM_QUIET + 1.0)
 
 FEATURES = ("carbons", "archive", "blocking", "push")  # --features off
 

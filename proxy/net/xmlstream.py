@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import ssl
 import threading
 import time
 from asyncio import sslproto
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
@@ -37,6 +40,12 @@ OVERFLOW_GRACE = 2.0  # seconds the policy-violation gets to go out before the c
 # release: ~13 KiB of libxml2 each) and gets a fresh one with its next bytes. Checked by one
 # timer per stream, re-armed at most once per period, so a busy stream pays nothing per read.
 PARSER_IDLE = 2.0
+# What streams free while idle leaves holes in the C heap, which stay resident: the heap is
+# trimmed (glibc's malloc_trim: its free pages go back to the system) once releases have
+# stopped for HEAP_TRIM_QUIET seconds, and at least every HEAP_TRIM_EVERY while they go on
+# (a trim of a large heap takes tens of milliseconds, so never more often).
+HEAP_TRIM_QUIET = 1.0
+HEAP_TRIM_EVERY = 30.0
 
 
 class _ReadBuffer(threading.local):
@@ -46,6 +55,49 @@ class _ReadBuffer(threading.local):
 
 
 _read_buffer = _ReadBuffer()  # one per thread: each event loop reads into its own
+
+
+class _HeapTrim(threading.local):
+    """The trim this thread's event loop has scheduled, and since when one is owed."""
+
+    handle: asyncio.TimerHandle | None = None
+    owed_since: float | None = None
+
+
+_heap_trim = _HeapTrim()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, other systems)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap_soon() -> None:
+    """Memory was freed: trim the heap once things are quiet (HEAP_TRIM_QUIET), or after
+    HEAP_TRIM_EVERY at the latest."""
+    if _malloc_trim() is None:
+        return
+    loop = asyncio.get_running_loop()
+    state = _heap_trim
+    now = loop.time()
+    if state.owed_since is None:
+        state.owed_since = now
+    if state.handle is not None:
+        state.handle.cancel()
+    state.handle = loop.call_at(min(now + HEAP_TRIM_QUIET, state.owed_since + HEAP_TRIM_EVERY),
+                                _trim_heap)
+
+
+def _trim_heap() -> None:
+    _heap_trim.handle = None
+    _heap_trim.owed_since = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def share_tls_read_buffer(size: int) -> None:
@@ -223,6 +275,7 @@ class XmlStream:
             return
         quiet = time.perf_counter() - self.read_at
         if quiet >= PARSER_IDLE and self.parser.release():
+            trim_heap_soon()
             return  # the next read arms the check again
         self._idle_check = asyncio.get_running_loop().call_later(
             max(PARSER_IDLE - quiet, 0.0) or PARSER_IDLE, self._release_when_idle)
