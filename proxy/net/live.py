@@ -413,7 +413,8 @@ class LiveSession:
         """Attach ``stream`` and relay for it until it leaves; returns why it left.
 
         ``first`` are elements to write before anything else (bind result, takeover queue,
-        or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows).
+        or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows); the list
+        is emptied once they are written.
         """
         if self.client is not None and self.client is not stream:
             self.execute(self.edge.evict("another connection took this session over"))
@@ -423,8 +424,11 @@ class LiveSession:
         self.client_endpoints = stream.endpoints()  # for the PROXY header of a reconnection
         self.log = self._base_log.bind(conn=conn_id)
         self.upstream.log = self.log
-        _send_all(stream, first or ())
-        first = None  # this frame lives as long as the connection: it keeps no stanza
+        if first:
+            _send_all(stream, first)
+            # Emptied once written: the caller's frame lives as long as the connection, and
+            # a stanza kept there keeps its stream parser alive.
+            first.clear()
         self.execute(self.edge.attach(resumed=resumed))
         self.write(self.core.client_attached())  # a stream starts active (CSI)
         try:
