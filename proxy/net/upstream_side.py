@@ -120,6 +120,7 @@ class UpstreamSide:
         self.finished = Flag()  # set once this side is gone for good
         self.finished_callback: Callable[[], None] | None = None
         self._run_commands(self.edge.connected(link.features))
+        link.features = codec.detached(link.features)  # kept as long as the session
         self._task = asyncio.create_task(self._run())
 
     def password_is(self, password: str) -> bool:
@@ -341,6 +342,7 @@ class UpstreamSide:
             self.counters.upstream_restores += 1
             self.counters.outage_seconds += outage
         self._run_commands(self.edge.connected(link.features))
+        link.features = codec.detached(link.features)  # kept as long as the session
         # A finishing session's client is gone: nothing of its state is restored (its
         # contacts must not see it come back online), only what it sent is replayed.
         restore = (self.session.core.upstream_restored() if not self.edge.finishing

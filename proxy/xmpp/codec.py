@@ -489,6 +489,13 @@ def _is_xmpp_1(version: str | None) -> bool:
         return False
 
 
+def detached(el: Element) -> Element:
+    """A copy of ``el`` for keeping long: a stanza the parser handed out keeps that stream
+    parser alive (lxml gives a copy's document a reference to the parser of the original),
+    about 3 KiB once the parser is released; this copy is parsed afresh and keeps none."""
+    return etree.fromstring(etree.tostring(el))
+
+
 _STREAM_PREFIX_DECL = b' xmlns:stream="' + ns.STREAM.encode() + b'"'
 
 

@@ -16,6 +16,7 @@ from proxy.xmpp.codec import (
     StreamOpened,
     StreamViolation,
     XmlStreamParser,
+    detached,
 )
 from tests.unit.test_fuzz_codec import FAST, STREAMS, cut_points, stanzas
 
@@ -196,3 +197,30 @@ def test_reset_after_a_release_takes_a_new_header() -> None:
     events = parser.feed(b"<s:stream xmlns='jabber:client' xmlns:s='" + STREAM_NS.encode()
                          + b"' version='1.0'><presence/>")
     assert [type(e).__name__ for e in events] == ["StreamOpened", "StanzaReceived"]
+
+
+def test_a_detached_copy_is_equal_and_keeps_no_stream_parser_alive() -> None:
+    import gc
+
+    def lxml_parsers() -> int:
+        gc.collect()
+        return sum(isinstance(o, etree.XMLPullParser) for o in gc.get_objects())
+
+    def features(keep_detached: bool) -> object:
+        parser = XmlStreamParser()
+        parser.feed(b"<stream:stream xmlns='jabber:client' xmlns:stream='"
+                    + STREAM_NS.encode() + b"' version='1.0'>")
+        (event,) = parser.feed(b"<stream:features><sm xmlns='urn:xmpp:sm:3'/>"
+                               b"</stream:features>")
+        assert isinstance(event, StanzaReceived)
+        assert parser.release()
+        kept = detached(event.element) if keep_detached else event.element
+        assert etree.tostring(kept) == etree.tostring(event.element)
+        return kept
+
+    before = lxml_parsers()
+    original = features(keep_detached=False)
+    assert lxml_parsers() == before + 1  # the stanza as parsed keeps its parser alive
+    copy = features(keep_detached=True)
+    assert lxml_parsers() == before + 1  # the detached copy keeps none
+    assert original is not copy
