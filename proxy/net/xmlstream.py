@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from asyncio import sslproto
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -191,6 +192,7 @@ class XmlStream:
         # Bytes of what is sent, by element tag, for /metrics (proxy/metrics.py Counters).
         self.sent_bytes: dict[str, int] | None = None
         self._fit_write_buffer()
+        _lighten(writer)
 
     def _fit_write_buffer(self) -> None:
         """The transport must pause (so that a drain waits) before output_soft is passed."""
@@ -495,6 +497,15 @@ class XmlStream:
         with contextlib.suppress(Exception):
             self.writer.close()
             asyncio.get_running_loop().call_later(CLOSE_GRACE, _force_close, transport)
+
+
+def _lighten(writer: asyncio.StreamWriter) -> None:
+    """asyncio's stream protocol keeps its drain waiters in a deque, 760 bytes while empty,
+    which it nearly always is; it only appends, iterates and removes: a list does the same."""
+    protocol = writer.transport.get_protocol()
+    waiters = getattr(protocol, "_drain_waiters", None)
+    if isinstance(waiters, deque) and not waiters:
+        protocol._drain_waiters = []  # type: ignore[attr-defined]
 
 
 def _force_close(transport: asyncio.BaseTransport) -> None:
