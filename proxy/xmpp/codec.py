@@ -251,23 +251,31 @@ class XmlStreamParser:
         events: list[StreamEvent] = []
         if self._done:
             return events
-        for offset in range(0, len(data), self._slice):
-            if not self._feed_slice(data[offset:offset + self._slice], events):
-                break
-        if self._depth != 1:
-            self._between = False
-        else:
-            ended = _last_tag_ends(data)
-            if ended is not None:  # None: only whitespace, which changes nothing
-                self._between = ended
+        # The piece ending at the last ">" goes to lxml on its own: if a top-level element
+        # (or the header) ends in it, it ended at that ">" and lxml holds nothing unparsed
+        # but the whitespace after it (what release needs to know).
+        last = _last_tag_piece(data)
+        if last is not None and len(data) - last > self._slice:
+            last = None
+        head = data if last is None else data[:last]
+        for offset in range(0, len(head), self._slice):
+            if not self._feed_slice(head[offset:offset + self._slice], events):
+                return events
+        if last is None:
+            if data.strip(_XML_SPACE):  # only whitespace changes nothing
+                self._between = False
+            return events
+        before = self._boundaries
+        if self._feed_slice(data[last:], events):
+            self._between = self._boundaries != before and self._depth == 1
         return events
 
     def release(self) -> bool:
         """Drop the lxml parser while the stream is between stanzas: an idle stream then
-        holds none (its libxml2 context is about 13 KiB). Only when lxml holds nothing
-        unparsed: the last bytes fed ended a tag, with nothing but whitespace after it
-        (character data waits in lxml for the next ``<``), and the scanner carries no
-        partial token. The next bytes get a fresh parser primed with the header's namespace
+        holds none (its libxml2 context is about 11 KiB). Only when lxml holds nothing
+        unparsed: the last bytes fed ended a top-level element (or the header), with nothing
+        but whitespace after it (lxml keeps a partial tag or character data until it can
+        parse it), and the scanner carries no partial token. The next bytes get a fresh parser primed with the header's namespace
         declarations (:meth:`_prime`), so the events are the same. True if dropped."""
         if (self._parser is None or self._done or self._context is None
                 or self._depth != 1 or not self._between or self.track_trailing
@@ -457,19 +465,15 @@ def _context_tag(stream: Element) -> bytes:
 _XML_SPACE = b" \t\r\n"
 
 
-def _last_tag_ends(data: bytes) -> bool | None:
-    """Whether the last non-whitespace byte of ``data`` closes a tag (``<...>``, no ``>``
-    inside it, not ``<!`` or ``<?``); None when ``data`` is only whitespace."""
+def _last_tag_piece(data: bytes) -> int | None:
+    """Where the piece of ``data`` ending at its last ``>`` starts (just after the ``>``
+    before it), when nothing but XML whitespace follows that last ``>``; else None."""
     end = len(data)
     while end and data[end - 1] in _XML_SPACE:
         end -= 1
-    if not end:
+    if not end or data[end - 1] != 0x3E:  # ">"
         return None
-    if data[end - 1] != 0x3E:  # ">"
-        return False
-    start = data.rfind(b"<", 0, end)
-    return (start >= 0 and data.find(b">", start, end) == end - 1
-            and data[start + 1] not in b"!?")
+    return data.rfind(b">", 0, end - 1) + 1
 
 
 def _suspect_names(keys: list[str]) -> bool:

@@ -161,11 +161,16 @@ def test_the_parser_is_kept_while_anything_is_unfinished() -> None:
               + b"' version='1.0'>")
     for unfinished in (b"<message><body>half", b"<message", b"<message/>text",
                        b"<message/>text>", b"<message/>&am", b"<message/><![CDATA[x",
-                       b"<message/>\x0c", b"<message a='>'/>"):
+                       b"<message/>\x0c", b"<message/><x a=']]>", b"<message/><x a='a>b",
+                       b"<message/><x a='<y/>"):
         parser = XmlStreamParser()
         parser.feed(header + unfinished)
         assert not parser.release(), unfinished
-        assert parser.holds_parser
+        assert parser.holds_parser or parser.closed
+    for finished in (b"<message a='>'/>", b"<message/> \r\n", b"<message>a>b</message>"):
+        parser = XmlStreamParser()
+        parser.feed(header + finished)
+        assert parser.release(), finished
     before_tls = XmlStreamParser(track_trailing=True)
     before_tls.feed(header)
     assert not before_tls.release()  # the STARTTLS boundary needs its exact byte counts
