@@ -6,11 +6,13 @@ throughput cost of archiving.
     python3 -m bench.archive --no-throughput
 
 Query part: one account's archive filled directly through the store API (ArchiveArea, in
-one SQLite file like the proxy's), then each query shape timed through ArchiveArea.search,
-the call the archive's thread makes (median of --repeat runs, milliseconds). Throughput part:
-bench/run.py's throughput case (pairs of accounts chatting as fast as a window allows
-through a real proxy in front of a real Prosody), with the archive on and off, alternated in
-the same run.
+one SQLite file like the proxy's, with ids as the proxy hands them out), then each query
+shape timed through ArchiveArea.search, the call the archive's thread makes (median of
+--repeat runs, milliseconds). Throughput part: bench/run.py's throughput case (pairs of
+accounts chatting as fast as a window allows through a real proxy in front of a real
+Prosody), with the archive on and off, alternated in the same run; besides messages/s, the
+messages per proxy CPU-second (much steadier than the rate on a machine shared with other
+work).
 """
 
 from __future__ import annotations
@@ -33,18 +35,25 @@ ACCOUNT = "alice@localhost"
 CONTACTS = 50
 
 
-def fill(area: ArchiveArea, n: int, batch: int = 20000) -> None:
+def fill(area: ArchiveArea, n: int, batch: int = 20000) -> dict[int, str]:
+    """``n`` messages with the proxy's own ids (as ``ArchiveIds.new`` hands them out);
+    returns the ids of a few positions (0, the middle, the last)."""
     body = b"<message xmlns='jabber:client' type='chat'><body>" + b"x" * 80 + b"</body></message>"
     t = 1.6e9
+    marks = {0: "", n // 2: "", n - 1: ""}
     for start in range(0, n, batch):
         rows = []
         for k in range(start, min(n, start + batch)):
             other = f"c{k % CONTACTS}@localhost"
-            rows.append((ACCOUNT, ArchivedMessage(f"id{k:08d}", t + k, "in" if k % 2 else "out",
-                                                  other, other + "/r", body)))
+            archive_id, seq, nonce = area.ids.new()
+            if k in marks:
+                marks[k] = archive_id
+            rows.append((ACCOUNT, ArchivedMessage(archive_id, t + k, "in" if k % 2 else "out",
+                                                  other, other + "/r", body, seq, nonce)))
         area.conn.execute("BEGIN")
         area.put(rows)
         area.conn.execute("COMMIT")
+    return marks
 
 
 def timed(area: ArchiveArea, search: ArchiveSearch, repeat: int) -> float:
@@ -61,9 +70,9 @@ def query_figures(n: int, repeat: int, workdir: Path) -> dict[str, float]:
     conn = open_archive_connection(str(path))
     area = ArchiveArea(conn)
     t0 = time.perf_counter()
-    fill(area, n)
+    marks = fill(area, n)
     fill_s = time.perf_counter() - t0
-    middle = f"id{n // 2:08d}"
+    middle = marks[n // 2]
     shapes = {
         "first page (max 50)": ArchiveSearch(page=PageRequest(50)),
         "last page (<before/>, max 50)": ArchiveSearch(page=PageRequest(50, before="")),
@@ -95,6 +104,9 @@ async def throughput_figures(opts: argparse.Namespace) -> dict[str, Any]:
         await bench.prosody_server()
         accounts = await bench.prosody_accounts(2 * opts.pairs)
         results: dict[str, list[float]] = {"on": [], "off": []}
+        # Proxy CPU-seconds per message: on a machine shared with other work the rate
+        # swings with the neighbours' load; what the proxy spends per message much less.
+        cpu_per_msg: dict[str, list[float]] = {"on": [], "off": []}
         for run in range(opts.rounds):
             for mode in ("on", "off"):
                 proxy = await bench.started(bench.proxy_before_prosody(
@@ -105,11 +117,21 @@ async def throughput_figures(opts: argparse.Namespace) -> dict[str, Any]:
                                               seconds=opts.seconds, warmup=1.0,
                                               progress=bench.progress)
                     results[mode].append(r.messages_per_s)
+                    share = r.cpu.get(proxy.name)
+                    if share is not None and r.messages_per_s:
+                        cpu_per_msg[mode].append(share / r.messages_per_s)
                 finally:
                     await bench.stopped(proxy)
         on, off = statistics.median(results["on"]), statistics.median(results["off"])
-        return {"archive on messages/s": round(on), "archive off messages/s": round(off),
-                "on/off": round(on / off, 3), "runs": results}
+        out: dict[str, Any] = {"archive on messages/s": round(on),
+                               "archive off messages/s": round(off),
+                               "on/off": round(on / off, 3), "runs": results}
+        if cpu_per_msg["on"] and cpu_per_msg["off"]:
+            con, coff = (statistics.median(cpu_per_msg[m]) for m in ("on", "off"))
+            out.update({"archive on messages per proxy CPU-second": round(1 / con),
+                        "archive off messages per proxy CPU-second": round(1 / coff),
+                        "per CPU-second on/off": round(coff / con, 3)})
+        return out
     finally:
         bench.close()
 

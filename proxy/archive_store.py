@@ -6,7 +6,11 @@ queries it off the event loop.
   the ``archive_prefs`` table, a migration of ``proxy/store.py``. Every row belongs to one
   account; every index starts with it, so an account's query never reads another's rows,
   and ordering is by ``(ts, seq)``: the time the proxy archived the message, then the order
-  it was archived in.
+  it was archived in. Two indexes besides the table (by time, by contact), each entry the
+  account, a key and the row number: each archived message costs three B-tree inserts (a
+  third index holds only the ids of rows archived before version 2).
+- :class:`ArchiveIds`: the proxy's message ids, derived from the row number so that finding
+  a message by its id needs no index of its own.
 - :class:`ArchiveArea`: the SQL, synchronous, on whatever connection it is given (the
   writer thread's; tests and the benchmark call it directly).
 - :class:`ArchiveWriter`: the one thread that touches the archive at run time. Messages
@@ -22,34 +26,69 @@ I/O, so the pure feature (``proxy/features/archive.py``) and the commands can na
 from __future__ import annotations
 
 import asyncio
+import binascii
 import functools
+import itertools
 import json
+import os
 import queue
+import random
+import secrets
 import sqlite3
 import threading
 import time
+from base64 import urlsafe_b64decode
+from binascii import b2a_base64
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 # The messages: in a SQLite file of their own (``archive_path``), so that the archive's
 # writes never hold the lock the journal's commits (and so the clients' acks) wait for.
+# Version 2 (``PRAGMA user_version``; version 1 had no version, a random id per row in a
+# unique index, AUTOINCREMENT and an index by age: five B-trees per row, the random one the
+# dearest; ``_migrate`` rebuilds such a file, its ids kept).
+ARCHIVE_VERSION = 2
 MESSAGES_SCHEMA = """
     CREATE TABLE IF NOT EXISTS archive (          -- XEP-0313: the account's messages
-        seq        INTEGER PRIMARY KEY AUTOINCREMENT,  -- archiving order (ties of ts)
+        seq        INTEGER PRIMARY KEY,           -- archiving order (ties of ts); the row number
         account    TEXT NOT NULL,                 -- bare JID: whose archive
         archive_id TEXT NOT NULL,                 -- the stable id (XEP-0359 stanza-id)
+        nonce      INTEGER,                       -- set: the id is the proxy's (ArchiveIds),
+                                                  -- found through seq; null: found by index
         ts         REAL NOT NULL,                 -- wall-clock seconds when archived
         direction  TEXT NOT NULL,                 -- 'in' (received) or 'out' (sent)
         with_bare  TEXT NOT NULL,                 -- the other party, bare
-        with_full  TEXT NOT NULL,                 -- the other party as addressed
+        with_full  TEXT,                          -- the other party as addressed; null: bare
         stanza     BLOB NOT NULL                  -- the message as XML
     );
-    CREATE UNIQUE INDEX IF NOT EXISTS archive_by_id ON archive (account, archive_id);
-    CREATE INDEX IF NOT EXISTS archive_by_time ON archive (account, ts, seq);
-    CREATE INDEX IF NOT EXISTS archive_by_with ON archive (account, with_bare, ts, seq);
-    CREATE INDEX IF NOT EXISTS archive_by_age ON archive (ts);
+    -- Each index ends with the row number (seq) implicitly: (account, ts, seq), ...
+    CREATE INDEX IF NOT EXISTS archive_by_time ON archive (account, ts);
+    CREATE INDEX IF NOT EXISTS archive_by_with ON archive (account, with_bare, ts);
+    -- Only the ids that are not the proxy's own are in it (version 1 rows).
+    CREATE UNIQUE INDEX IF NOT EXISTS archive_by_stored_id ON archive (account, archive_id)
+        WHERE nonce IS NULL;
+    CREATE TABLE IF NOT EXISTS archive_meta (     -- the ids' key, the seqs reserved
+        name       TEXT PRIMARY KEY,
+        value      NOT NULL
+    );
+"""
+# Version 1 to 2: the rows copied with their seqs and ids into the new table.
+_MIGRATE_V1 = """
+    ALTER TABLE archive RENAME TO archive_v1;
+    DROP INDEX IF EXISTS archive_by_id;
+    DROP INDEX IF EXISTS archive_by_time;
+    DROP INDEX IF EXISTS archive_by_with;
+    DROP INDEX IF EXISTS archive_by_age;
+""" + MESSAGES_SCHEMA + """
+    INSERT INTO archive (seq, account, archive_id, nonce, ts, direction, with_bare, with_full,
+                         stanza)
+        SELECT seq, account, archive_id, NULL, ts, direction, with_bare,
+               nullif(with_full, with_bare), stanza FROM archive_v1 ORDER BY seq;
+    DROP TABLE archive_v1;
 """
 # The preferences: small, read at login, in the store (a migration of proxy/store.py).
 PREFS_SCHEMA = """
@@ -68,9 +107,11 @@ PrefsDefault = Literal["always", "never", "roster"]
 # ---------------------------------------------------------------------- values
 
 
-@dataclass(frozen=True, slots=True)
-class ArchivedMessage:
-    """One message to archive for the session's account (the shell adds the account)."""
+class ArchivedMessage(NamedTuple):
+    """One message to archive for the session's account (the shell adds the account).
+    ``seq`` and ``nonce``: what ``ArchiveIds.new`` derived ``archive_id`` from; without them
+    the id is stored as given and the store picks the seq. (A named tuple, immutable like
+    the other values, and made for every message: a third of a frozen dataclass's cost.)"""
 
     archive_id: str
     timestamp: float
@@ -78,6 +119,8 @@ class ArchivedMessage:
     with_bare: str
     with_full: str
     stanza: bytes
+    seq: int | None = None
+    nonce: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,15 +215,131 @@ class Prefs:
     never: frozenset[str] = frozenset()
 
 
+# ---------------------------------------------------------------------- ids
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64url (RFC 4648 §5), without padding
+# (archive_id, seq, nonce): what the feature stamps, and what the store derives it from.
+ArchiveKey = tuple[str, int | None, int | None]
+
+
+class ArchiveIds:
+    """The proxy's archive ids, derived from the row number (``seq``), so that a message is
+    found by its id through the table itself, with no index of ids: a random nonce, then the
+    seq masked with a keyed hash of the nonce (blake2b; the key is in the archive's file).
+    Without the key an id tells nothing of the seq, so nothing of the archive's size or
+    rate (XEP-0359 §5); each row has one id. Seqs come from a range reserved in the file
+    before any is handed out (``reserved``), so after a crash none is given out again."""
+
+    BLOCK = 1 << 20  # seqs reserved at a time
+    LENGTH = 22      # characters: 16 bytes, base64url (version 1 ids had 16)
+
+    def __init__(self, key: bytes, start: int, limit: int,
+                 rng: random.Random | None = None) -> None:
+        self._seqs = itertools.count(start)
+        self.last = start - 1  # the last seq taken, near enough (for reserving more in time)
+        self.limit = limit     # seqs below it are reserved in the file
+        self._rng = rng or random.Random(os.urandom(32))
+        self._hash = blake2b(key=key, digest_size=8)  # copied per id: cheaper than keying
+
+    def new(self) -> ArchiveKey:
+        """On the loop: an id for a message about to be archived."""
+        seq = self.last = next(self._seqs)
+        if seq >= self.limit:  # the writer has not reserved more yet: an id of the old kind
+            return secrets.token_urlsafe(12), None, None
+        nonce = self._rng.getrandbits(63)
+        return self.encode(seq, nonce), seq, nonce
+
+    def take(self) -> int:
+        """A seq for a row whose id is stored as given (the writer reserves past it)."""
+        seq = self.last = next(self._seqs)
+        return seq
+
+    def _mask(self, nonce_bytes: bytes) -> int:
+        h = self._hash.copy()
+        h.update(nonce_bytes)
+        return int.from_bytes(h.digest(), "big")
+
+    def encode(self, seq: int, nonce: int) -> str:
+        n = nonce.to_bytes(8, "big")
+        raw = n + (seq ^ self._mask(n)).to_bytes(8, "big")
+        return b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode()
+
+    def decode(self, archive_id: str) -> int | None:
+        """The seq of an id ``encode`` made (None for what cannot be one; the row found
+        must still have this very id: a forged one finds nothing)."""
+        if len(archive_id) != self.LENGTH:
+            return None
+        try:
+            raw = urlsafe_b64decode(archive_id + "==")
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) != 16:
+            return None
+        seq = int.from_bytes(raw[8:], "big") ^ self._mask(raw[:8])
+        return seq if seq < 1 << 63 else None
+
+
+def load_ids(conn: sqlite3.Connection) -> ArchiveIds:
+    """The archive file's ids: its key (made at first use) and a new range of seqs reserved
+    above every seq ever reserved or used (in the caller's transaction if one is open)."""
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("INSERT OR IGNORE INTO archive_meta (name, value) VALUES ('id_key', ?)",
+                     (os.urandom(32),))
+        key = bytes(conn.execute(
+            "SELECT value FROM archive_meta WHERE name = 'id_key'").fetchone()[0])
+        row = conn.execute("SELECT value FROM archive_meta WHERE name = 'reserved'").fetchone()
+        top = conn.execute("SELECT max(seq) FROM archive").fetchone()[0]
+        start = max(int(row[0]) if row else 1, int(top or 0) + 1)
+        limit = start + ArchiveIds.BLOCK
+        _set_reserved(conn, limit)
+        if own:
+            conn.execute("COMMIT")
+    except BaseException:
+        if own:
+            conn.execute("ROLLBACK")
+        raise
+    return ArchiveIds(key, start, limit)
+
+
+def _set_reserved(conn: sqlite3.Connection, limit: int) -> None:
+    conn.execute("INSERT INTO archive_meta (name, value) VALUES ('reserved', ?) ON CONFLICT"
+                 " (name) DO UPDATE SET value = excluded.value", (limit,))
+
+
 # ---------------------------------------------------------------------- the SQL
 
 
-_PUT_BATCH = (
-    "INSERT OR IGNORE INTO archive (account, archive_id, ts, direction, with_bare, with_full,"
-    " stanza) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
-    " json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'),"
-    " json_extract(value, '$[5]'), CAST(json_extract(value, '$[6]') AS BLOB)"
-    " FROM json_each(?)")
+# A batch is the account and the message's fields (``ArchivedMessage``'s order), row after
+# row, as the loop collected them: the statement puts each in its column (with_full only
+# when it is not the bare JID).
+_BATCH_FIELDS = ("account", *ArchivedMessage._fields)
+_WIDTH = len(_BATCH_FIELDS)
+_ACCOUNT = _BATCH_FIELDS.index("account")
+_SEQ = _BATCH_FIELDS.index("seq")
+_NONCE = _BATCH_FIELDS.index("nonce")
+_ROW = "(" + ", ".join("?" * _WIDTH) + ")"
+# Inserted by statements of these many rows (each a prepared statement kept in the
+# connection's cache): one step per statement, not one per row.
+_CHUNKS = (256, 64, 16, 4, 1)
+
+
+def _column(name: str) -> str:
+    return f"column{_BATCH_FIELDS.index(name) + 1}"
+
+
+_SELECT_BATCH = (
+    f"SELECT {_column('seq')}, {_column('nonce')}, {_column('archive_id')},"
+    f" {_column('account')}, {_column('timestamp')}, {_column('direction')},"
+    f" {_column('with_bare')}, nullif({_column('with_full')}, {_column('with_bare')}),"
+    f" {_column('stanza')} FROM (VALUES ")
+_INSERT = {n: "INSERT OR IGNORE INTO archive (seq, nonce, archive_id, account, ts, direction,"
+              " with_bare, with_full, stanza) " + _SELECT_BATCH + ", ".join([_ROW] * n) + ")"
+           for n in _CHUNKS}
+_ITEM = "archive_id, ts, stanza, seq"  # an ArchiveItem, and the seq for the first index
 
 
 class ArchiveArea:
@@ -188,20 +347,69 @@ class ArchiveArea:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._ids: ArchiveIds | None = None
+
+    @property
+    def ids(self) -> ArchiveIds:
+        """The file's ids (loaded at first use: the store's connection, which has the
+        preferences only, never needs them)."""
+        if self._ids is None:
+            self._ids = load_ids(self.conn)
+        return self._ids
 
     def put(self, rows: Sequence[tuple[str, ArchivedMessage]]) -> None:
-        """Insert (account, message) rows; the caller holds the transaction. An id already
-        in the account's archive is kept (ids never repeat: a replayed put is a no-op)."""
-        # One statement for the whole batch (the rows as one JSON array), not one step per
-        # row: each step lets go of the GIL and takes it back, and on a busy machine every
-        # such hand-over costs the event loop's thread far more than the insert itself.
-        self.conn.execute(_PUT_BATCH, (json.dumps(
-            [(account, m.archive_id, m.timestamp, m.direction, m.with_bare, m.with_full,
-              m.stanza.decode("utf-8")) for account, m in rows]),))
+        """Insert (account, message) rows; the caller holds the transaction. A seq already
+        in the archive is kept (a replayed put is a no-op), as is an id stored already."""
+        values: list[object] = []
+        for account, m in rows:
+            values.append(account)
+            values += m
+        self.insert(values)
+
+    def insert(self, values: list[object]) -> None:
+        """Insert rows given as the account and the message's fields, one row after
+        another (the writer's batches are built so on the loop: its own thread then holds
+        the GIL for little more than the statements' parameters)."""
+        width = _WIDTH
+        if None in values[_SEQ::width]:  # ids stored as given: their seqs are picked here
+            for at in range(_SEQ, len(values), width):
+                if values[at] is None:
+                    values[at] = self.ids.take()
+                    values[at - _SEQ + _NONCE] = None  # so the id is in the index
+        rows, at = len(values) // width, 0
+        # A few statements of many rows each, not one step per row: each step lets go of
+        # the GIL and takes it back, and on a busy machine every such hand-over costs the
+        # event loop's thread far more than the insert itself.
+        for n in _CHUNKS:
+            while rows - at >= n:
+                self.conn.execute(_INSERT[n], values[at * width:(at + n) * width])
+                at += n
+
+    def reserve_more(self) -> int | None:
+        """If the seqs reserved run low, reserve the next range (the caller holds the
+        transaction and, once it committed, sets ``ids.limit`` to what this returns)."""
+        ids = self.ids
+        if ids.limit - ids.last > ArchiveIds.BLOCK // 2:
+            return None
+        limit = max(ids.limit, ids.last + 1) + ArchiveIds.BLOCK
+        _set_reserved(self.conn, limit)
+        return limit
+
+    def _item(self, row: Sequence[Any]) -> ArchiveItem:
+        return ArchiveItem(str(row[0]), float(row[1]), bytes(row[2]))
 
     def _key(self, account: str, archive_id: str) -> tuple[float, int] | None:
+        """(ts, seq) of the account's message with this id."""
+        seq = self.ids.decode(archive_id)
+        if seq is not None:
+            row = self.conn.execute("SELECT ts, seq FROM archive WHERE seq = ? AND account = ?"
+                                    " AND archive_id = ?", (seq, account, archive_id)
+                                    ).fetchone()
+            if row is not None:
+                return float(row[0]), int(row[1])
         row = self.conn.execute("SELECT ts, seq FROM archive WHERE account = ? AND"
-                                " archive_id = ?", (account, archive_id)).fetchone()
+                                " archive_id = ? AND nonce IS NULL", (account, archive_id)
+                                ).fetchone()
         return (float(row[0]), int(row[1])) if row else None
 
     def search(self, account: str, search: ArchiveSearch) -> ArchivePage | ArchiveMissing:
@@ -229,14 +437,14 @@ class ArchiveArea:
                 where.append(f"(ts, seq) {op} (?, ?)")
                 args += key
         if f.ids:
-            found = {r[0] for r in self.conn.execute(
-                f"SELECT archive_id FROM archive WHERE account = ? AND archive_id IN"
-                f" ({', '.join('?' * len(f.ids))})", (account, *f.ids))}
+            seqs = []
             for name in f.ids:
-                if name not in found:
+                key = self._key(account, name)
+                if key is None:
                     return ArchiveMissing(name)
-            where.append(f"archive_id IN ({', '.join('?' * len(f.ids))})")
-            args += f.ids
+                seqs.append(key[1])
+            where.append(f"seq IN ({', '.join('?' * len(seqs))})")
+            args += seqs
         base_where, base_args = list(where), list(args)  # the whole result set
         anchor = page.after if page.after is not None else (page.before or None)
         if anchor is not None:
@@ -250,14 +458,14 @@ class ArchiveArea:
                                 and page.after is None) else 0
         limit = max(0, page.max)
         rows = self.conn.execute(
-            f"SELECT archive_id, ts, stanza, seq FROM archive WHERE {' AND '.join(where)}"
+            f"SELECT {_ITEM} FROM archive WHERE {' AND '.join(where)}"
             f" ORDER BY ts {order}, seq {order} LIMIT ? OFFSET ?",
             (*args, limit + 1, offset)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
         if page.backward:
             rows.reverse()
-        items = tuple(ArchiveItem(str(r[0]), float(r[1]), bytes(r[2])) for r in rows)
+        items = tuple(self._item(r) for r in rows)
         count = first_index = None
         if search.counts:
             count = int(self.conn.execute(
@@ -273,9 +481,9 @@ class ArchiveArea:
     def ends(self, account: str) -> ArchiveEnds:
         def one(order: str) -> ArchiveItem | None:
             row = self.conn.execute(
-                "SELECT archive_id, ts, stanza FROM archive WHERE account = ?"
+                f"SELECT {_ITEM} FROM archive WHERE account = ?"
                 f" ORDER BY ts {order}, seq {order} LIMIT 1", (account,)).fetchone()
-            return ArchiveItem(str(row[0]), float(row[1]), bytes(row[2])) if row else None
+            return self._item(row) if row else None
         return ArchiveEnds(one("ASC"), one("DESC"))
 
     def count(self, account: str) -> int:
@@ -295,11 +503,29 @@ class ArchiveArea:
             " AND (ts, seq) <= (?, ?) ORDER BY ts, seq LIMIT ?)",
             (account, row[0], row[1], chunk)).rowcount
 
+    def accounts(self) -> list[str]:
+        """Every account with messages: one index step each (no scan of the rows)."""
+        found: list[str] = []
+        while True:
+            row = self.conn.execute("SELECT account FROM archive WHERE account > ? ORDER BY"
+                                    " account LIMIT 1", (found[-1] if found else "",)
+                                    ).fetchone()
+            if row is None:
+                return found
+            found.append(str(row[0]))
+
     def expire(self, before: float, *, chunk: int = 5000) -> int:
-        """Delete messages archived before ``before`` (every account; at most ``chunk``)."""
-        return self.conn.execute(
-            "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE ts < ?"
-            " ORDER BY ts LIMIT ?)", (before, chunk)).rowcount
+        """Delete messages archived before ``before`` (every account; at most ``chunk``),
+        account by account through the time index (there is no index by age alone)."""
+        deleted = 0
+        for account in self.accounts():
+            deleted += self.conn.execute(
+                "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE account = ?"
+                " AND ts < ? ORDER BY ts LIMIT ?)", (account, before, chunk - deleted)
+            ).rowcount
+            if deleted >= chunk:
+                break
+        return deleted
 
     # -------------------------------------------------------------- preferences
 
@@ -343,7 +569,7 @@ class _Query:
     callback: Callable[[ArchiveResult], None]
 
 
-_Job = list[tuple[str, ArchivedMessage]] | _Query | None
+_Job = list[object] | _Query | None  # a batch: account and message fields, row after row
 
 RETRY_SECONDS = 1.0
 
@@ -359,19 +585,49 @@ def archive_path(store_path: str, configured: str | None = None) -> str:
     return str(p.with_name(f"{p.stem}-archive{p.suffix}"))
 
 
-def open_archive_connection(path: str) -> sqlite3.Connection:
-    """A connection to the archive's own file (made owner-only, schema created if new); an
-    in-memory archive for ``:memory:`` (gone at exit)."""
+def open_archive_connection(path: str, log: Any = None) -> sqlite3.Connection:
+    """A connection to the archive's own file (made owner-only, schema created if new, an
+    older version's rebuilt, logged on ``log``); an in-memory archive for ``:memory:``
+    (gone at exit)."""
     if path != ":memory:":
         from .store import create_private
         create_private(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     if path != ":memory:":
         conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: no fsync per commit, only at checkpoints. A crash of the process loses
+        # nothing committed; a crash of the machine may lose the last commits (never the
+        # file): the archive is not the journal, and no acknowledgement waits for it.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(MESSAGES_SCHEMA)
+        # Checkpoints every 4000 pages (16 MiB at 4 KiB), not SQLite's 1000: the pages the
+        # latest commits touched are copied into the file once per checkpoint, and more
+        # commits per checkpoint means fewer copies of the same index pages.
+        conn.execute("PRAGMA wal_autocheckpoint=4000")
+        conn.execute("PRAGMA journal_size_limit=67108864")
+    _migrate(conn, log)
     return conn
+
+
+def _migrate(conn: sqlite3.Connection, log: Any = None) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version >= ARCHIVE_VERSION:
+        return
+    columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(archive)")}
+    if not columns or "nonce" in columns:  # a new file
+        conn.executescript(f"BEGIN IMMEDIATE; {MESSAGES_SCHEMA}; PRAGMA user_version ="
+                           f" {ARCHIVE_VERSION}; COMMIT;")
+        return
+    # A version-1 file: rebuilt before the proxy starts (about half a minute a million rows).
+    rows = int(conn.execute("SELECT count(*) FROM archive").fetchone()[0])
+    if log is not None:
+        log.warning("archive_migrating", rows=rows, to_version=ARCHIVE_VERSION)
+    started = time.monotonic()
+    conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_V1}; PRAGMA user_version ="
+                       f" {ARCHIVE_VERSION}; COMMIT;")
+    if log is not None:
+        log.info("archive_migrated", rows=rows, to_version=ARCHIVE_VERSION,
+                 seconds=round(time.monotonic() - started, 1))
 
 
 # Messages are handed to the writer in batches at most this old: one transaction per batch
@@ -387,9 +643,10 @@ class ArchiveWriter:
         self.log = log
         self.retention = retention
         self.clock = clock
-        self._conn = open_archive_connection(path)
+        self._conn = open_archive_connection(path, log)
         self.area = ArchiveArea(self._conn)
-        self._batch: list[tuple[str, ArchivedMessage]] = []
+        self.ids = self.area.ids  # reserves this run's first range of seqs now
+        self._batch: list[object] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.Queue[_Job] = queue.Queue()
@@ -404,8 +661,14 @@ class ArchiveWriter:
 
     # On the event loop ---------------------------------------------------------------------------
 
+    def new_id(self) -> ArchiveKey:
+        """An id for a message about to be archived (the feature's ``new_id``)."""
+        return self.ids.new()
+
     def put(self, account: str, message: ArchivedMessage) -> None:
-        self._batch.append((account, message))
+        batch = self._batch
+        batch.append(account)
+        batch += message
         if not self._scheduled:
             self._scheduled = True
             self._loop = asyncio.get_running_loop()
@@ -447,11 +710,11 @@ class ArchiveWriter:
             if job is None:
                 return
             # Messages queued behind this one go into the same transaction.
-            rows: list[tuple[str, ArchivedMessage]] = []
+            values: list[object] = []
             pending: _Job = job
             stop = False
             while isinstance(pending, list):
-                rows.extend(pending)
+                values += pending
                 try:
                     pending = self._queue.get_nowait()
                 except queue.Empty:
@@ -459,8 +722,8 @@ class ArchiveWriter:
                     break
                 if pending is None:
                     stop = True
-            if rows:
-                self._with_retry(functools.partial(self._write, rows))
+            if values:
+                self._with_retry(functools.partial(self._write, values))
             if isinstance(pending, _Query):
                 self._answer(pending)
             if stop:
@@ -487,20 +750,30 @@ class ArchiveWriter:
             c.execute("ROLLBACK")
             raise
 
-    def _write(self, rows: list[tuple[str, ArchivedMessage]]) -> None:
-        self._transaction(lambda: self.area.put(rows))
-        self.written += len(rows)
-        self.commits += 1
-        self._enforce_limits(rows)
+    def _write(self, values: list[object]) -> None:
+        limit: int | None = None
 
-    def _enforce_limits(self, rows: list[tuple[str, ArchivedMessage]]) -> None:
+        def work() -> None:
+            nonlocal limit
+            self.area.insert(values)
+            limit = self.area.reserve_more()
+        self._transaction(work)
+        if limit is not None:  # reserved in the file now: the loop may hand them out
+            self.ids.limit = limit
+        accounts = values[_ACCOUNT::_WIDTH]
+        self.written += len(accounts)
+        self.commits += 1
+        self._enforce_limits(accounts)
+
+    def _enforce_limits(self, accounts: list[object]) -> None:
         r = self.retention
         if r.max_per_account is not None:
-            for account, _ in rows:
-                self._since_check[account] = self._since_check.get(account, 0) + 1
-            due = [a for a, n in self._since_check.items() if n >= r.check_every]
+            since = self._since_check
+            for account, n in Counter(accounts).items():
+                since[str(account)] = since.get(str(account), 0) + n
+            due = [a for a, n in since.items() if n >= r.check_every]
             for account in due:
-                del self._since_check[account]
+                del since[account]
                 self._trim_fully(functools.partial(self.area.trim, account,
                                                    r.max_per_account))
         now = self.clock()

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .archive_store import ArchivedMessage, ArchiveRequest
 from .xmpp.stanza import Element
+
+if TYPE_CHECKING:
+    from .session import Outputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +30,8 @@ class ToClient:
 
 @dataclass(frozen=True, slots=True)
 class ToServerDirect:
-    """Write to the server outside the outbox (an answer or a bounce of the proxy's)."""
+    """Write to the server outside the outbox (an answer or a bounce of the proxy's, or a
+    step of our negotiation with it)."""
 
     element: Element
 
@@ -158,6 +162,19 @@ class ToAccount:
 
 
 @dataclass(frozen=True, slots=True)
+class WhenStored:
+    """A reply that promises "stored": carry out ``then`` (stanzas for the client and
+    commands, as a feature's ``Outputs``) once the store's writer has committed everything
+    handed to it so far (the writes the feature just made among them); if a commit attempt
+    of those writes fails first, ``failed`` instead (the writer goes on trying them). The
+    shell adds the writer's ``error`` to the ``Log`` commands of ``failed``. Nothing else
+    of the session waits: only what is inside."""
+
+    then: Outputs
+    failed: Outputs
+
+
+@dataclass(frozen=True, slots=True)
 class MoreStored:
     """The client acknowledged enough: the next part of its stored backlog can go out."""
 
@@ -231,6 +248,97 @@ class Received:
 
 NegotiationCommand = (SendHeader | StartTls | CheckLogin | Pause | FailNegotiation
                       | Authenticated | Received | ToClient | Log | Count | StartTimer)
+
+
+# Our negotiation toward the server as a client (``proxy/upstream_negotiation.py``) ------
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Open the TCP connection to ``host``:``port`` within ``seconds``: ``proxy_header``
+    (a PROXY protocol header) first if any, then TLS at once when ``direct_tls``, checked
+    against ``server_hostname``. ``track_trailing``: the stream will be upgraded with
+    STARTTLS (its parser must know what follows the boundary). The core hears
+    ``connected`` or ``connect_failed``."""
+
+    host: str
+    port: int
+    seconds: float
+    direct_tls: bool
+    server_hostname: str
+    proxy_header: bytes | None = None
+    track_trailing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream:
+    """Send our stream header to ``to``; ``restart``: a fresh stream first (after SASL
+    success; TLS restarts the stream by itself)."""
+
+    to: str
+    restart: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StartTlsToServer:
+    """Start TLS as the client on the server's connection (``<proceed/>`` came), the
+    certificate checked against ``server_hostname``, within ``seconds``; the core hears
+    ``tls_started``, ``tls_failed`` or ``tls_injection``."""
+
+    server_hostname: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class PassOn:
+    """An event read from the server that is not the negotiation's (a stanza or the stream
+    ending while the discovery waited): the session's pump gets it, in order."""
+
+    event: Any  # proxy.xmpp.codec.StreamEvent
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReady:
+    """Authenticated with ``mechanism``; ``features`` are the restarted stream's."""
+
+    mechanism: str
+    features: Element
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamBound:
+    """The server bound ``jid`` (and opened the RFC 3921 session it needed)."""
+
+    jid: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerDiscovered:
+    """The disco#info discovery after the bind is over; ``info`` holds what answered (an
+    entity that answered an error or not in time is None: unknown, not fatal)."""
+
+    info: Any  # proxy.xmpp.disco.ServerInfo
+
+
+UpstreamFailure = Literal["unavailable", "auth", "loop", "bind"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """The negotiation with the server failed. ``kind``: ``auth`` (the server refused the
+    credentials with ``condition``), ``loop`` (the upstream is this proxy), ``bind`` (the
+    server answered the bind or the session with ``error_reply``), ``unavailable``
+    (anything else: unreachable, TLS, a timeout, a broken exchange)."""
+
+    kind: UpstreamFailure
+    reason: str
+    condition: str = ""
+    error_reply: Element | None = None
+
+
+UpstreamCommand = (Connect | OpenStream | ToServerDirect | StartTlsToServer | StartTimer | Log
+                   | PassOn | UpstreamReady | UpstreamBound | ServerDiscovered
+                   | UpstreamFailed)
 
 
 # The hub's decisions before bind (``proxy/registry.py``) ------------------------------------
@@ -320,4 +428,4 @@ class ArchiveQuery:
 Command = (ToClient | ToServerDirect | AckWhenDurable | StartTimer | CancelTimer | Log
            | CloseClient | AbortClient | ClientLeaves | EndSession | StoreOffline | StorePending
            | JournalPut | JournalCut | SmRegister | RulesMatched | CatchUp | ToAccount | MoreStored
-           | ArchivePut | ArchiveQuery)
+           | ArchivePut | ArchiveQuery | WhenStored)

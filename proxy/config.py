@@ -8,6 +8,7 @@ the key path (``upstream.port``) and the problem.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 import ipaddress
@@ -61,6 +62,21 @@ class UpstreamConfig:
     ping_timeout: float = 20.0  # seconds that ping may go unanswered: the server is dead
     max_buffer: int = 1000  # client stanzas held per session while unconfirmed or down
     barrier_every: int = 10  # a confirming barrier iq at least every this many stanzas
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One more domain the proxy serves (``domains:``), beside ``upstream.domain``.
+
+    ``upstream`` is built from the top-level ``upstream:`` section with this entry's own
+    ``upstream:`` keys over it (a key the entry does not give is inherited: two virtual
+    hosts of one server need only their names). ``tls``: this domain's own certificate and
+    key, given to a client whose TLS ClientHello names the domain (SNI); null: the default
+    ``tls:`` pair."""
+
+    domain: str = ""
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +268,9 @@ class Config:
     listen: list[Listener] = field(default_factory=lambda: [Listener()])
     tls: TlsConfig = field(default_factory=TlsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # Further served domains, each with its own upstream (and certificate); the stream
+    # header's "to" chooses. upstream.domain is served too, with upstream: and tls:.
+    domains: list[DomainConfig] = field(default_factory=list)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     limits: Limits = field(default_factory=Limits)
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
@@ -278,6 +297,73 @@ class Config:
             return Path(value)
         p = Path(value)
         return p if p.is_absolute() else self.base_dir / p
+
+    @functools.cached_property
+    def served(self) -> dict[str, ServedDomain]:
+        """Every served domain by its normalised name (``domain_key``), the default first."""
+        served = {domain_key(self.upstream.domain) or self.upstream.domain: ServedDomain(
+            jid_domain(self.upstream.domain), None, self, self.tls, own_tls=True)}
+        for i, entry in enumerate(self.domains):
+            # The view's own ``served`` is not this one's: ask the full configuration.
+            view = dataclasses.replace(self, upstream=entry.upstream)
+            key = domain_key(entry.domain) or entry.domain
+            if key in served:  # refused at load; a reload's kept upstream.domain may meet it
+                continue
+            served[key] = ServedDomain(
+                jid_domain(entry.domain), i, view, entry.tls or self.tls,
+                own_tls=entry.tls is not None)
+        return served
+
+    def domain(self, name: str) -> ServedDomain | None:
+        """The served domain a stream header's ``to`` (or a TLS server name) names."""
+        key = domain_key(name)
+        return self.served.get(key) if key is not None else None
+
+    @property
+    def default_domain(self) -> ServedDomain:
+        return next(iter(self.served.values()))
+
+
+@dataclass(frozen=True)
+class ServedDomain:
+    """A domain as the proxy serves it: the name its JIDs carry, ``domains[index]`` (None
+    for ``upstream.domain``), the configuration as its sessions see it (``config.upstream``
+    is this domain's) and the certificate its clients get."""
+
+    name: str  # lower case, as in the accounts' JIDs
+    index: int | None
+    config: Config = field(repr=False)
+    tls: TlsConfig
+    own_tls: bool  # tls is the domain's own pair, not the default one it falls back to
+
+    @property
+    def key_prefix(self) -> str:
+        """Where its settings are in the file: ``upstream`` or ``domains[i].upstream``."""
+        return "upstream" if self.index is None else f"domains[{self.index}].upstream"
+
+    @property
+    def tls_prefix(self) -> str:
+        return "tls" if self.index is None or not self.own_tls else f"domains[{self.index}].tls"
+
+
+def jid_domain(name: str) -> str:
+    """A configured domain as the JIDs of its accounts carry it (as ``Jid.parse`` makes it)."""
+    return name.strip().rstrip(".").lower()
+
+
+def domain_key(name: str) -> str | None:
+    """A domain name as compared: lower case, no trailing dot, internationalised labels in
+    their ASCII form (IDNA: a stream's ``to`` may carry U-labels, SNI carries A-labels).
+    None for a name that is not a valid domain."""
+    name = name.strip().rstrip(".").lower()
+    if not name or len(name) > 1023:
+        return None
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
 
 
 # Checks beyond types: (section, key) -> (predicate, what it must be).
@@ -431,13 +517,70 @@ def parse_config(data: Any, base_dir: Path = Path(".")) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the configuration must be a YAML mapping at the top level")
+    if "domains" in data:
+        data = {**data, "domains": _domain_entries(data)}
     config: Config = _build(Config, data, "")
     if not config.listen:
         raise ConfigError("listen: at least one listener is required")
     if config.limits.output_soft_bytes > config.limits.output_hard_bytes:
         raise ConfigError("limits.output_soft_bytes: must not be above output_hard_bytes "
                           f"({config.limits.output_hard_bytes})")
+    _check_domains(config)
     return dataclasses.replace(config, base_dir=base_dir)
+
+
+def _domain_entries(data: dict[str, Any]) -> Any:
+    """The ``domains:`` entries with each one's upstream keys laid over the top-level
+    ``upstream:`` ones (checked first, so a bad inherited value is named where it is)."""
+    entries = data["domains"]
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ConfigError("domains: must be a list of {domain: NAME, upstream: {...}, "
+                          "tls: {cert: ..., key: ...}}")
+    base = data.get("upstream") or {}
+    _convert(base, UpstreamConfig, "upstream")
+    merged = []
+    for i, entry in enumerate(entries):
+        where = f"domains[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a mapping with domain: NAME")
+        if not isinstance(entry.get("domain"), str) or not entry["domain"].strip():
+            raise ConfigError(f"{where}.domain: required: the domain name clients log in to")
+        own = entry.get("upstream")
+        if own is None:
+            own = {}
+        if not isinstance(own, dict):
+            raise ConfigError(f"{where}.upstream: must be a mapping")
+        if "domain" in own:
+            raise ConfigError(f"{where}.upstream.domain: not an option here: the domain is "
+                              f"{where}.domain")
+        tls = entry.get("tls")
+        if isinstance(tls, dict):
+            missing = [k for k in ("cert", "key") if k not in tls]
+            if missing:
+                raise ConfigError(f"{where}.tls.{missing[0]}: required with {where}.tls "
+                                  "(a domain's own certificate comes with its key)")
+        merged.append({**entry, "upstream": {**base, **own, "domain": entry["domain"]}})
+    return merged
+
+
+def _check_domains(config: Config) -> None:
+    """Each served domain once (compared as ``domain_key`` does), each a valid name."""
+    seen = {}
+    default = domain_key(config.upstream.domain)
+    if default is None:
+        raise ConfigError(f"upstream.domain: not a valid domain name: "
+                          f"{config.upstream.domain!r}")
+    seen[default] = "upstream.domain"
+    for i, entry in enumerate(config.domains):
+        key = domain_key(entry.domain)
+        where = f"domains[{i}].domain"
+        if key is None or "/" in entry.domain or "@" in entry.domain:
+            raise ConfigError(f"{where}: not a valid domain name: {entry.domain!r}")
+        if key in seen:
+            raise ConfigError(f"{where}: {entry.domain!r} is already served ({seen[key]})")
+        seen[key] = where
 
 
 def load_config(path: str | Path) -> Config:
@@ -456,8 +599,15 @@ def load_config(path: str | Path) -> Config:
 def check_files(config: Config) -> list[str]:
     """Problems with the files the configuration names (found at check and start)."""
     problems = []
-    for key, value in (("tls.cert", config.tls.cert), ("tls.key", config.tls.key),
-                       ("upstream.ca", config.upstream.ca)):
+    files: list[tuple[str, str | None]] = [
+        ("tls.cert", config.tls.cert), ("tls.key", config.tls.key),
+        ("upstream.ca", config.upstream.ca)]
+    for i, entry in enumerate(config.domains):
+        if entry.tls is not None:
+            files += [(f"domains[{i}].tls.cert", entry.tls.cert),
+                      (f"domains[{i}].tls.key", entry.tls.key)]
+        files.append((f"domains[{i}].upstream.ca", entry.upstream.ca))
+    for key, value in files:
         if value is not None and not config.path(value).is_file():
             problems.append(f"{key}: no such file: {config.path(value)}")
     return problems

@@ -255,7 +255,8 @@ def parse_stored(data: bytes) -> st.Element:
 def recover(store: Any, *, now: float, stored_ttl: float, domain: str,
             log: Any = None) -> dict[str, int]:
     """Settle every ledger left in the journal (after a crash or a graceful stop): server
-    stanzas for a client into the offline store (messages stamped with ``<delay/>``), client
+    stanzas for a client into the offline store (messages stamped with ``<delay/>`` from the
+    account's domain; ``domain`` for an account without one), client
     stanzas into the pending queue for the server; the rest is discarded, counted."""
     conn = store.conn
     cuts = {(session, lane): int(left) for session, lane, left in
@@ -279,7 +280,8 @@ def recover(store: Any, *, now: float, stored_ttl: float, domain: str,
                     counts["discarded"] += 1
                     continue
                 if lane == "s2c" and storable(el):
-                    delay_stamp(el, float(queued_at), domain)
+                    # The account's own domain stamps it (several may be served).
+                    delay_stamp(el, float(queued_at), account.rpartition("@")[2] or domain)
                     c.execute("INSERT INTO offline_messages (account, stanza, expires_at)"
                               " VALUES (?, ?, ?)", (account, etree.tostring(el),
                                                     now + stored_ttl))

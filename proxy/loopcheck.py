@@ -88,16 +88,18 @@ def _is_ip(address: str) -> bool:
 
 
 def upstream_loop_problems(config: Config, resolver: Resolve = resolve,
-                           is_local: IsLocal = is_local_address) -> list[str]:
-    """Configuration problems: the upstream is one of the proxy's own listeners."""
+                           is_local: IsLocal = is_local_address,
+                           key: str = "upstream") -> list[str]:
+    """Configuration problems: the upstream is one of the proxy's own listeners.
+    ``key``: where ``config.upstream`` is in the file (a domain's: ``domains[i].upstream``)."""
     upstream = config.upstream
     listeners = [(i, li) for i, li in enumerate(config.listen) if li.port == upstream.port]
     if not listeners:
         return []  # the common case: no resolving at all
     addresses = resolver(upstream.host, upstream.port)
-    return [f"upstream.host/upstream.port: {upstream.host}:{upstream.port} is this proxy's "
+    return [f"{key}.host/{key}.port: {upstream.host}:{upstream.port} is this proxy's "
             f"own listener listen[{i}] ({listener.host or '*'}:{listener.port}); the proxy "
-            f"would log in to itself. Set upstream.host and upstream.port to the legacy "
+            f"would log in to itself. Set {key}.host and {key}.port to the legacy "
             f"server's address, or move listen[{i}].port."
             for i, listener in listeners
             if _listener_catches(listener, addresses, resolver, is_local)]

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .xmpp import ns
@@ -34,14 +34,16 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 class MetricsServer:
     def __init__(self, host: str, port: int, *, gather: Callable[[], Iterable[str]],
-                 healthy: Callable[[], bool], upstream: tuple[str, int], log: Any) -> None:
+                 healthy: Callable[[], bool], upstreams: Mapping[str, tuple[str, int]],
+                 log: Any) -> None:
+        """``upstreams``: each served domain's server (host, port), by the domain."""
         self.host, self.port = host, port
         self.gather = gather
         self.healthy = healthy
-        self.upstream = upstream
+        self.upstreams = dict(upstreams)
         self.log = log
         self._server: asyncio.Server | None = None
-        self._ready: tuple[float, bool, str] | None = None  # (checked at, ready, detail)
+        self._ready: tuple[float, bool, str] | None = None  # (checked at, ready, body)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
@@ -73,9 +75,8 @@ class MetricsServer:
             status, body = ("200 OK", "ok\n") if ok else ("503 Service Unavailable",
                                                           "listeners down\n")
         elif path == "/readyz":
-            ready, detail = await self._upstream_ready()
-            status, body = (("200 OK", "ready\n") if ready else
-                            ("503 Service Unavailable", f"not ready: {detail}\n"))
+            ready, body = await self._upstream_ready()
+            status = "200 OK" if ready else "503 Service Unavailable"
         else:
             status, body = "404 Not Found", "try /metrics, /healthz or /readyz\n"
         payload = body.encode()
@@ -88,21 +89,35 @@ class MetricsServer:
         writer.close()
 
     async def _upstream_ready(self) -> tuple[bool, str]:
+        """Ready only while every served domain's server is reachable; the body's first
+        line says ``ready`` or ``not ready: ...`` (the unreachable ones), then one line
+        per domain: ``DOMAIN HOST:PORT ok`` or the reason."""
         now = time.monotonic()
         if self._ready is not None and now - self._ready[0] < READY_CACHE:
             return self._ready[1], self._ready[2]
-        host, port = self.upstream
-        try:
-            async with asyncio.timeout(2.0):
-                _, writer = await asyncio.open_connection(host, port)
-            writer.close()
-            ready, detail = True, ""
-        except (OSError, TimeoutError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-                type(exc).__name__
-            ready, detail = False, f"the legacy server at {host}:{port}: {why}"
-        self._ready = (now, ready, detail)
-        return ready, detail
+        domains = list(self.upstreams.items())
+        reasons = await asyncio.gather(*(_reachable(host, port) for _, (host, port) in domains))
+        lines = [f"{domain} {host}:{port} {why or 'ok'}"
+                 for (domain, (host, port)), why in zip(domains, reasons, strict=True)]
+        down = [f"the legacy server of {domain} at {host}:{port}: {why}"
+                for (domain, (host, port)), why in zip(domains, reasons, strict=True) if why]
+        ready = not down
+        body = "".join(f"{line}\n" for line in [
+            "ready" if ready else "not ready: " + "; ".join(down), *lines])
+        self._ready = (now, ready, body)
+        return ready, body
+
+
+async def _reachable(host: str, port: int) -> str | None:
+    """Why a TCP connection to host:port fails now, or None when it opens."""
+    try:
+        async with asyncio.timeout(2.0):
+            _, writer = await asyncio.open_connection(host, port)
+        writer.close()
+    except (OSError, TimeoutError) as exc:
+        return exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            type(exc).__name__
+    return None
 
 
 def prometheus(name: str, kind: str, help_text: str,

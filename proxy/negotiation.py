@@ -20,6 +20,7 @@ from typing import Literal
 from lxml import etree
 
 from .abuse import LoginThrottle, Refusal
+from .config import domain_key
 from .commands import (
     Authenticated,
     CheckLogin,
@@ -69,6 +70,7 @@ class LoginOutcome:
     detail: str = ""
     mechanism: str | None = None
     vouched: bool = False
+    upstream: tuple[str, int] | None = None  # the server tried (the chosen domain's)
 
 
 class NegotiationCore:
@@ -78,8 +80,15 @@ class NegotiationCore:
     def __init__(self, domain: str, *, direct_tls: bool, timeout: float,
                  throttle: LoginThrottle | None = None, client_address: str = "?",
                  upstream_host: str = "", upstream_port: int = 0,
-                 max_attempts: int = MAX_AUTH_ATTEMPTS) -> None:
+                 max_attempts: int = MAX_AUTH_ATTEMPTS,
+                 served: Mapping[str, str] | None = None) -> None:
+        """``domain``: the default domain (our header's ``from`` until the client's header
+        chose one). ``served``: every served domain, by ``domain_key`` to its name (None:
+        ``domain`` alone); the first header's ``to`` chooses, later ones must repeat it."""
         self.domain = domain
+        self.served = dict(served) if served is not None else {domain_key(domain) or domain:
+                                                                domain}
+        self.chosen = False  # whether the client's header chose self.domain yet
         self.direct_tls = direct_tls
         self.timeout = timeout
         self.throttle = throttle
@@ -157,9 +166,10 @@ class NegotiationCore:
                             Pause(delay)]
             return out + self._sasl_failed(outcome.condition)
         if outcome.kind == "loop":
-            return [Log("loop_refused", {"detail": outcome.detail,
-                                         "upstream_host": self.upstream[0],
-                                         "upstream_port": self.upstream[1]}, level="error"),
+            host, port = outcome.upstream or self.upstream
+            return [Log("loop_refused", {"detail": outcome.detail, "domain": self.domain,
+                                         "upstream_host": host, "upstream_port": port},
+                        level="error"),
                     *self._sasl_failed("temporary-auth-failure")]
         if outcome.vouched:
             return self._success(account, password, Log("auth_ok", {
@@ -187,9 +197,19 @@ class NegotiationCore:
         if not isinstance(event, codec.StreamOpened):
             return self._fail(FailNegotiation("expected a stream header"))
         to = event.attrs.get("to", "")
-        if to.lower() != self.domain:
+        key = domain_key(to)
+        name = self.served.get(key) if key is not None else None
+        if name is None or (self.chosen and name != self.domain):
+            # RFC 6120 §4.9.3.6: a 'to' we do not serve (or, on a restart, another domain
+            # than the stream's).
+            text = (f"this stream is for {self.domain}" if name is not None else
+                    f"this server serves {self.domain}" if len(self.served) == 1 else
+                    "this server does not serve that domain")
             return [SendHeader(event.attrs.get("from"), None),
-                    *self._fail(violation("host-unknown", f"this server serves {self.domain}"))]
+                    Log("host_unknown", {"to": to[:256], "phase": self.phase,
+                                         "address": self.client_address}, level="warning"),
+                    *self._fail(violation("host-unknown", text))]
+        self.domain, self.chosen = name, True
         if self.phase == "tls-header":
             starttls = st.element("starttls", namespace=ns.TLS)
             st.sub(starttls, "required")

@@ -11,6 +11,7 @@ upstream. Each problem is a :class:`Finding` naming the key; errors stop ``check
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, Listener
+from .config import Config, Listener, ServedDomain, TlsConfig
 from .loopcheck import is_local_address, upstream_loop_problems
 
 # (host, port) -> the addresses asyncio would bind; raises OSError (socket.gaierror) if the
@@ -205,20 +206,44 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
 
 
 def check_tls(config: Config) -> list[Finding]:
-    """The certificate clients see and its key: files that exist, can be read, are PEM,
-    hold what their key says, are not swapped, and belong together."""
-    cert_key, key_key = "tls.cert", "tls.key"
-    cert_path, key_path = config.path(config.tls.cert), config.path(config.tls.key)
-    cert = _read(config, cert_key, config.tls.cert)
-    key = _read(config, key_key, config.tls.key)
+    """Every certificate clients may see (the default ``tls:`` pair and each domain's own)
+    and its key; then, for each served domain, whether the certificate its clients get
+    names it."""
+    findings = check_pair(config, config.tls, "tls")
+    pairs = {"tls": findings}
+    for served in config.served.values():
+        if served.index is not None and served.own_tls:
+            pairs[served.tls_prefix] = check_pair(config, served.tls, served.tls_prefix)
+            findings += pairs[served.tls_prefix]
+    for served in config.served.values():
+        if not pairs[served.tls_prefix]:
+            findings += check_certificate_use(config, served)
+    return findings
+
+
+def _server_probe(config: Config, tls: TlsConfig) -> ssl.SSLContext:
+    probe = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # as the server makes it
+    probe.load_cert_chain(str(config.path(tls.cert)), str(config.path(tls.key)),
+                          password=lambda: b"")
+    return probe
+
+
+def check_pair(config: Config, tls: TlsConfig, prefix: str) -> list[Finding]:
+    """One certificate and its key (``prefix``: ``tls`` or ``domains[i].tls``): files that
+    exist, can be read, are PEM, hold what their key says, are not swapped, and belong
+    together."""
+    cert_key, key_key = f"{prefix}.cert", f"{prefix}.key"
+    cert_path, key_path = config.path(tls.cert), config.path(tls.key)
+    cert = _read(config, cert_key, tls.cert)
+    key = _read(config, key_key, tls.key)
     if isinstance(cert, Finding) or isinstance(key, Finding):
         return [f for f in (cert, key) if isinstance(f, Finding)]
     problems: list[Finding] = []
     cert_labels, key_labels = _labels(cert), _labels(key)
     if ("CERTIFICATE" not in cert_labels and _has_key(cert_labels)
             and "CERTIFICATE" in key_labels and not _has_key(key_labels)):
-        return [_error(cert_key, f"{cert_path} holds a private key and tls.key ({key_path}) "
-                                 "a certificate: tls.cert and tls.key are swapped")]
+        return [_error(cert_key, f"{cert_path} holds a private key and {key_key} ({key_path}) "
+                                 f"a certificate: {cert_key} and {key_key} are swapped")]
     if not cert_labels:
         problems.append(_error(cert_key, f"not a PEM file: {cert_path} (expected "
                                          "-----BEGIN CERTIFICATE-----)"))
@@ -251,11 +276,11 @@ def check_tls(config: Config) -> list[Finding]:
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             return [_error(key_key, f"{key_path} is not the key of the certificate in "
-                                    f"tls.cert ({cert_path}; its first certificate must be "
+                                    f"{cert_key} ({cert_path}; its first certificate must be "
                                     "the server's own)")]
-        return [_error(key_key, f"{key_path} cannot be loaded with tls.cert: "
+        return [_error(key_key, f"{key_path} cannot be loaded with {cert_key}: "
                                 f"{_ssl_reason(exc)}")]
-    return check_certificate_use(config, probe)
+    return []
 
 
 # What a client verifying the certificate for upstream.domain would refuse it for
@@ -264,14 +289,19 @@ def check_tls(config: Config) -> list[Finding]:
 _CLIENT_REFUSALS = {9: "is not valid yet", 10: "has expired", 62: "does not name"}
 
 
-def check_certificate_use(config: Config, server: ssl.SSLContext) -> list[Finding]:
-    """A TLS handshake in memory, as a client connecting for ``upstream.domain`` that
-    trusts this very certificate: warnings for an expired certificate or one that does not
-    name the domain (clients will refuse it)."""
+def check_certificate_use(config: Config, served: ServedDomain) -> list[Finding]:
+    """A TLS handshake in memory, as a client connecting for the served domain that trusts
+    the certificate it gets (its own, else the default): warnings for an expired
+    certificate or one that does not name the domain (clients will refuse it)."""
+    try:
+        server = _server_probe(config, served.tls)
+    except (ssl.SSLError, OSError):
+        return []  # check_pair reports it
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(cafile=str(config.path(config.tls.cert)))
+    client.load_verify_locations(cafile=str(config.path(served.tls.cert)))
     client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is trusted
-    domain = config.upstream.domain
+    domain = served.name
+    where = "upstream.domain" if served.index is None else f"domains[{served.index}].domain"
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     c = client.wrap_bio(c_in, c_out, server_hostname=domain)
     s = server.wrap_bio(s_in, s_out, server_side=True)
@@ -291,9 +321,9 @@ def check_certificate_use(config: Config, server: ssl.SSLContext) -> list[Findin
         what = _CLIENT_REFUSALS.get(exc.verify_code)
         if what is None:
             return []
-        text = (f"does not name upstream.domain {domain!r}" if exc.verify_code == 62 else what)
-        return [_warning("tls.cert", (
-            f"{config.path(config.tls.cert)} {text}: clients verifying it will refuse it"))]
+        text = (f"does not name {where} {domain!r}" if exc.verify_code == 62 else what)
+        return [_warning(f"{served.tls_prefix}.cert", (
+            f"{config.path(served.tls.cert)} {text}: clients verifying it will refuse it"))]
     except ssl.SSLError:
         return []  # not this check's business: the proxy loaded the pair
     return []
@@ -303,18 +333,39 @@ def check_certificate_use(config: Config, server: ssl.SSLContext) -> list[Findin
 
 
 def check_upstream(config: Config) -> list[Finding]:
-    """The CA file the server is verified with (loaded whenever TLS is on), the loop check,
-    and settings that do nothing or send passwords in clear."""
+    """Each served domain's upstream: the CA file the server is verified with (loaded
+    whenever TLS is on), the loop check, and settings that do nothing or send passwords in
+    clear."""
+    findings = _check_one_upstream(config, "upstream")
+    for served in config.served.values():
+        if served.index is None:
+            continue
+        # What a domain inherits (or repeats) was checked, and is named, as upstream's.
+        own = {f.name for f in dataclasses.fields(config.upstream)
+               if getattr(served.config.upstream, f.name) != getattr(config.upstream, f.name)}
+        prefix = served.key_prefix
+        findings += [f for f in _check_one_upstream(served.config, prefix)
+                     if own & _CHECKED_BY.get(f.key.replace(prefix + ".", ""), set())]
+    return findings
+
+
+# The upstream keys each finding of _check_one_upstream depends on.
+_CHECKED_BY: dict[str, set[str]] = {
+    "ca": {"ca", "tls", "verify"}, "tls": {"tls", "host"}, "host/port": {"host", "port"},
+}
+
+
+def _check_one_upstream(config: Config, prefix: str) -> list[Finding]:
     upstream = config.upstream
     findings: list[Finding] = []
     if upstream.ca is not None:
         if upstream.tls == "none":
-            findings.append(_warning("upstream.ca", "not used: upstream.tls is none"))
+            findings.append(_warning(f"{prefix}.ca", f"not used: {prefix}.tls is none"))
         else:
-            findings += _check_ca(config, upstream.ca)
+            findings += _check_ca(config, upstream.ca, f"{prefix}.ca")
             if not upstream.verify and not findings:
-                findings.append(_warning("upstream.ca", "not used: upstream.verify is false"))
-    findings += [Finding.parse(p) for p in upstream_loop_problems(config)]
+                findings.append(_warning(f"{prefix}.ca", f"not used: {prefix}.verify is false"))
+    findings += [Finding.parse(p) for p in upstream_loop_problems(config, key=prefix)]
     if upstream.tls == "none":
         try:
             addresses = {str(info[4][0]) for info in socket.getaddrinfo(
@@ -322,13 +373,12 @@ def check_upstream(config: Config) -> list[Finding]:
         except (OSError, UnicodeError):
             addresses = set()
         if addresses and not all(is_local_address(a) for a in addresses):
-            findings.append(_warning("upstream.tls", (
+            findings.append(_warning(f"{prefix}.tls", (
                 f"none: passwords go in clear to {upstream.host}, which is not this machine")))
     return findings
 
 
-def _check_ca(config: Config, value: str) -> list[Finding]:
-    key = "upstream.ca"
+def _check_ca(config: Config, value: str, key: str = "upstream.ca") -> list[Finding]:
     path = config.path(value)
     data = _read(config, key, value)
     if isinstance(data, Finding):
@@ -347,23 +397,39 @@ def _check_ca(config: Config, value: str) -> list[Finding]:
 
 
 def probe_upstream(config: Config, timeout: float | None = None) -> list[Finding]:
-    """A warning if a TCP connection to the upstream fails now (the proxy still starts:
-    logins fail with ``temporary-auth-failure`` until the server is up)."""
+    """A warning for each served domain whose server a TCP connection fails to now (the
+    proxy still starts: that domain's logins fail with ``temporary-auth-failure`` until
+    its server is up). A server several domains share is tried once."""
+    findings: list[Finding] = []
+    tried: dict[tuple[str, int], str | None] = {}
+    for served in config.served.values():
+        upstream = served.config.upstream
+        address = (upstream.host, upstream.port)
+        if address not in tried:
+            tried[address] = _probe(served.config, timeout)
+        reason = tried[address]
+        if reason is None:
+            continue
+        key = served.key_prefix
+        findings.append(_warning(f"{key}.host/{key}.port", (
+            f"cannot connect to {upstream.host}:{upstream.port} now ({reason}): logins "
+            f"to {served.name} will fail with temporary-auth-failure until the server is "
+            "reachable"), event="upstream_unreachable"))
+    return findings
+
+
+def _probe(config: Config, timeout: float | None) -> str | None:
+    """Why a TCP connection to ``config.upstream`` fails now, or None."""
     upstream = config.upstream
     timeout = min(upstream.connect_timeout, PROBE_TIMEOUT) if timeout is None else timeout
     try:
         with socket.create_connection((upstream.host, upstream.port), timeout=timeout):
             pass
     except TimeoutError:
-        reason = f"no answer within {timeout:g} s"
+        return f"no answer within {timeout:g} s"
     except (OSError, UnicodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-    else:
-        return []
-    return [_warning("upstream.host/upstream.port", (
-        f"cannot connect to {upstream.host}:{upstream.port} now ({reason}): logins will "
-        "fail with temporary-auth-failure until the server is reachable"),
-        event="upstream_unreachable")]
+        return getattr(exc, "strerror", None) or str(exc)
+    return None
 
 
 # ---------------------------------------------------------------------- folders
@@ -523,11 +589,14 @@ def _cross_checks(config: Config) -> Iterator[Finding]:
         yield _warning("reconnect.cap", (
             f"{_seconds(reconnect.cap)} is not below reconnect.max_outage "
             f"({_seconds(reconnect.max_outage)}): a session may give up after one wait"))
-    if upstream.connect_timeout >= limits.negotiation_timeout:
-        yield _warning("upstream.connect_timeout", (
-            f"{_seconds(upstream.connect_timeout)} is not below limits.negotiation_timeout "
-            f"({_seconds(limits.negotiation_timeout)}): a slow server ends a client's login "
-            "with connection-timeout instead of temporary-auth-failure"))
+    for served in config.served.values():
+        timeout = served.config.upstream.connect_timeout
+        inherited = served.index is not None and timeout == upstream.connect_timeout
+        if timeout >= limits.negotiation_timeout and not inherited:  # said once, where set
+            yield _warning(f"{served.key_prefix}.connect_timeout", (
+                f"{_seconds(timeout)} is not below limits.negotiation_timeout "
+                f"({_seconds(limits.negotiation_timeout)}): a slow server ends a client's "
+                "login with connection-timeout instead of temporary-auth-failure"))
     for i, listener in enumerate(config.listen):
         if listener.proxy_protocol and not listener.proxy_protocol_from:
             yield _warning(f"listen[{i}].proxy_protocol_from", (

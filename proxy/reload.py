@@ -4,7 +4,8 @@ configuration it runs with afterwards (the new one, except what needs a restart,
 its old value so the running objects and the configuration never disagree).
 
 Taken on: TLS certificate and key (new handshakes), limits, abuse limits, log level and
-inspection, rules, stream management, upstream (except the domain), reconnect, shutdown;
+inspection, rules, stream management, upstream (except the domain), the other served
+domains (``domains``: their servers and certificates), reconnect, shutdown;
 each for new connections and sessions, live ones keep what they started with. The rest is
 read once at start.
 """

@@ -22,7 +22,7 @@ from .config import Config, ConfigError, Listener, load_config
 from .features.blocking import BlockingFactory
 from .features.carbons import CarbonsFactory
 from .archive_store import ArchiveWriter, Prefs, Retention, archive_path
-from .features.archive import ArchiveFactory
+from .features.archive import ArchiveFactory, new_archive_id
 from .features.csi import ClientStateFactory
 from .features.dedupe import DedupeFactory
 from .features.presence_settle import PresenceSettlingFactory
@@ -41,7 +41,7 @@ from .loopcheck import OwnStreamIds
 from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
 from .net.hub import Hub
 from .net.live import LiveSession
-from .net.upstream import client_tls_context
+from .net.certificates import ServerCertificates, upstream_contexts
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream, share_tls_read_buffer
 from .features.disco import DiscoveryFactory
@@ -51,12 +51,6 @@ from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
 from .store import Store
 from .xmpp import codec
-
-
-def server_tls_context(config: Config) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.path(config.tls.cert), config.path(config.tls.key))
-    return context
 
 
 def _address_text(address: tuple[str, int] | None) -> str:
@@ -84,6 +78,12 @@ def size_tls_buffers(read_buffer: int) -> None:
     share_tls_read_buffer(read_buffer)
 
 
+def _upstream_addresses(config: Config) -> dict[str, tuple[str, int]]:
+    """Each served domain's server, for /readyz."""
+    return {served.name: (served.config.upstream.host, served.config.upstream.port)
+            for served in config.served.values()}
+
+
 class ReloadRefused(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
@@ -97,16 +97,10 @@ class PreparedReload:
     plan: ReloadPlan
     ruleset: RuleSet
     rule_paths: list[Path]
-    upstream_tls: ssl.SSLContext | None
+    upstream_tls: dict[str, ssl.SSLContext | None]
+    domain_certificates: dict[str, ssl.SSLContext]  # each domain's own pair, loaded
     inspector: Inspector | None
     warnings: list[Finding]
-
-
-def _upstream_tls_context(config: Config) -> ssl.SSLContext | None:
-    if config.upstream.tls == "none":
-        return None
-    ca = config.upstream.ca
-    return client_tls_context(config.upstream, str(config.path(ca)) if ca else None)
 
 
 class Proxy:
@@ -122,8 +116,10 @@ class Proxy:
         self.reload_lock = asyncio.Lock()
         size_tls_buffers(config.limits.tls_read_buffer)
         self.log = get_logger()
-        self.server_tls = server_tls_context(config)
-        self.upstream_tls = _upstream_tls_context(config)
+        # The default certificate's context; SNI moves a handshake to a domain's own.
+        self.certificates = ServerCertificates(config)
+        self.server_tls = self.certificates.context
+        self.upstream_tls = upstream_contexts(config)
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
@@ -133,6 +129,9 @@ class Proxy:
         self.login_throttle = LoginThrottle(config.abuse)
         self.own_stream_ids = OwnStreamIds()
         self.store = Store(str(config.path(config.store.path)), log=self.log)
+        if self.store.unclean:  # what the store's writer had not committed is gone: say so
+            self.log.warning("store_unclean_start", lost="the last moments of roster, "
+                             "blocklist and push registration changes, if any")
         self.roster = RosterFactory(self.store, max_changes=config.roster.max_changes)
         # Client edge first, server edge last: rules see what the client sent and what it
         # will get; the roster cache sees the server's stanzas before anything else and the
@@ -144,7 +143,8 @@ class Proxy:
         archive = ArchiveFactory(
             config.features.archive, config.archive, config.upstream.domain,
             load_prefs=self.store.archive.prefs, save_prefs=self._save_archive_prefs,
-            in_roster=lambda account, jid: self.store.roster.item(account, jid) is not None)
+            in_roster=lambda account, jid: self.store.roster.item(account, jid) is not None,
+            new_id=self.archive.new_id if self.archive is not None else new_archive_id)
         # Carbons sit on both sides of the rest: the tap (received copies) before rules,
         # so on the way in it copies what the client is given; the main part last, so on
         # the way out it copies what was sent after rules and blocking. Blocking is next to
@@ -158,7 +158,7 @@ class Proxy:
             min_interval=pc.min_interval, include_body=pc.include_body, max_body=pc.max_body,
             max_registrations=pc.max_registrations, max_errors=pc.max_errors), self.store.push)
         factories: list[FeatureFactory] = [self.carbons.tap, self.rules,
-                                           DiscoveryFactory(config.upstream.domain),
+                                           DiscoveryFactory(),
                                            push, archive, LegacySessionFactory(),
                                            PresenceMemoryFactory(), DedupeFactory(),
                                            self.roster, self.blocking, self.carbons]
@@ -180,15 +180,14 @@ class Proxy:
                                        synchronous=config.durability.fsync.upper(),
                                        log=self.log)
         self.counters = Counters()
-        self.hub = Hub(config, factories, store=self.store,
-                       upstream_tls=self.upstream_tls, inspector=inspector, log=self.log,
+        self.hub = Hub(config, factories, store=self.store, inspector=inspector, log=self.log,
                        journal=self.journal, counters=self.counters, archive=self.archive)
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
             host, port = parse_listen(config.metrics.listen)
             self.metrics = MetricsServer(host, port, gather=self.gather_metrics,
                                          healthy=self.healthy,
-                                         upstream=(config.upstream.host, config.upstream.port),
+                                         upstreams=_upstream_addresses(config),
                                          log=self.log)
         admin_path = socket_path(config)
         self.admin = AdminServer(admin_path, self.hub, self.log) if admin_path else None
@@ -235,6 +234,9 @@ class Proxy:
                           changed=plan.changed, applied=plan.applied,
                           needs_restart=plan.needs_restart,
                           cert=str(plan.config.path(plan.config.tls.cert)),
+                          domain_certs={s.name: str(plan.config.path(s.tls.cert))
+                                        for s in plan.config.served.values()
+                                        if s.index is not None and s.own_tls},
                           rules=len(prepared.ruleset))
             for warning in prepared.warnings:
                 self.log.warning(warning.event, key=warning.key, problem=warning.message,
@@ -261,11 +263,9 @@ class Proxy:
         plan = plan_reload(self.config, fresh)
         config = plan.config
         try:
-            server_tls_context(config)  # the pair loads together, into a scratch context
-            upstream_tls = self.upstream_tls
-            if any(k in plan.applied for k in ("upstream.tls", "upstream.verify",
-                                                "upstream.ca")):
-                upstream_tls = _upstream_tls_context(config)
+            # Every pair loads together, into scratch contexts.
+            domain_certificates = self.certificates.prepare(config)
+            upstream_tls = upstream_contexts(config, self.config, self.upstream_tls)
         except (ssl.SSLError, OSError) as exc:
             raise ReloadRefused([f"tls: {exc}"]) from exc
         paths = [config.path(p) for p in config.rules]
@@ -278,31 +278,27 @@ class Proxy:
                      else Inspector.from_config(config.log,
                                                 config.path(capture) if capture else None,
                                                 self.log))
-        return PreparedReload(plan, ruleset, paths, upstream_tls, inspector,
-                              [f for f in findings if f.warning])
+        return PreparedReload(plan, ruleset, paths, upstream_tls, domain_certificates,
+                              inspector, [f for f in findings if f.warning])
 
     def _take_on(self, prepared: PreparedReload) -> None:
         """Only the certificate can fail here, if its files changed again since they were
         checked a moment ago: then nothing is taken on and the old pair is loaded back."""
         config = prepared.plan.config
         try:
-            # The live context, which every TLS handshake uses.
-            self.server_tls.load_cert_chain(config.path(config.tls.cert),
-                                            config.path(config.tls.key))
+            # The live context, which every TLS handshake uses, and the domains' own.
+            self.certificates.take_on(config, self.config, prepared.domain_certificates)
         except (ssl.SSLError, OSError) as exc:
-            old = self.config
-            with contextlib.suppress(ssl.SSLError, OSError):
-                self.server_tls.load_cert_chain(old.path(old.tls.cert), old.path(old.tls.key))
             raise ReloadRefused([f"tls: {exc}"]) from exc
         self.rules.adopt(prepared.rule_paths, prepared.ruleset)
         self.config = config
         self.upstream_tls = prepared.upstream_tls
-        self.hub.reconfigure(config, prepared.upstream_tls, prepared.inspector)
+        self.hub.reconfigure(config, prepared.inspector)
         self.connection_limiter.config = config.abuse
         self.login_throttle.reconfigure(config.abuse)
         size_tls_buffers(config.limits.tls_read_buffer)
-        if self.metrics is not None:  # /readyz probes the server new sessions use
-            self.metrics.upstream = (config.upstream.host, config.upstream.port)
+        if self.metrics is not None:  # /readyz probes the servers new sessions use
+            self.metrics.upstreams = _upstream_addresses(config)
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
@@ -385,8 +381,11 @@ class Proxy:
                           port=server.sockets[0].getsockname()[1],
                           mode="direct_tls" if listener.direct_tls else "starttls",
                           proxy_protocol=listener.proxy_protocol)
-        self.log.info("upstream", host=self.config.upstream.host, port=self.config.upstream.port,
-                      domain=self.config.upstream.domain, tls=self.config.upstream.tls)
+        for served in self.config.served.values():
+            upstream = served.config.upstream
+            self.log.info("upstream", host=upstream.host, port=upstream.port,
+                          domain=upstream.domain, tls=upstream.tls,
+                          certificate=str(self.config.path(served.tls.cert)))
         # Always: a reload may name a capture folder later.
         self.background.add(asyncio.create_task(self._prune_transcripts()))
 

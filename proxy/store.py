@@ -13,7 +13,7 @@ shares the store's connection and is reached as an attribute:
 - ``store.push`` (:class:`PushArea`): per account, the app servers and nodes clients enabled
   push notifications for (XEP-0357), with their publish options.
 - ``store.blocklist`` (:class:`BlocklistArea`): per account, the JIDs it blocked (XEP-0191);
-  read once when an account logs in, written on each block or unblock.
+  read once when an account logs in, written on each block or unblock (by the writer).
 - ``store.archive`` (:class:`proxy.archive_store.ArchiveArea`): the archiving preferences
   (XEP-0313/0441); the messages are in the archive's own file, written and read by its
   writer thread (``proxy/archive_store.py``).
@@ -25,16 +25,27 @@ Adding an area: append a migration to
 in ``Store.__init__``. Every write goes through ``Store.transaction()``.
 
 The roster is read from memory (an account's :class:`RosterBook` is loaded at a session's
-login) and its writes go through the :class:`StoreWriter`: on its own thread and connection
-for a file, so the event loop never waits for them. The other areas are synchronous: each
-operation touches a handful of rows, at a session's start or end. Files use WAL mode with
-``synchronous=NORMAL``. A crash may lose the roster writes in flight; the next run then gives
-each account a new roster epoch (a full roster download for its clients, never a version
-that names two rosters).
+login); its writes, and those of the push registrations and the blocklists (made while
+stanzas are relayed), go through the :class:`StoreWriter`: on its own thread and connection
+for a file, so the event loop never waits for them. Those two areas are read once per
+account (at its first login) and see their own writes not yet committed
+(:class:`_Unwritten`). The other areas are synchronous: each operation touches a handful of
+rows, at a session's start or end. Files use WAL mode with ``synchronous=NORMAL``.
+
+The guarantee of the writer's areas: a change is on disk with the writer's next batch (the
+thread commits as soon as it is handed one, everything queued meanwhile together; a failed
+commit is logged, ``store_write_failed``, and tried again, in order); a graceful stop commits
+everything (``Store.close``). A crash of the process loses at most the batches not yet
+committed, a few milliseconds of changes: the next run says so (``unclean``, logged by the
+proxy as ``store_unclean_start``) and gives each account a new roster epoch (a full roster
+download for its clients, never a version that names two rosters). A block or a push
+registration of those last moments is gone, but its client was never told ``result``: that
+reply waits for the commit (``StoreWriter.when_committed``, the ``WhenStored`` command).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -42,14 +53,17 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .features.push import Registration as PushRegistration
 
 from .archive_store import PREFS_SCHEMA, ArchiveArea
+
+Op = TypeVar("Op")  # what an area's write does, to apply to its reads until committed
 
 DEFAULT_MAX_CHANGES = 1000
 WRITE_RETRY_SECONDS = 1.0  # after a failed commit of the writer: the batch is tried again
@@ -184,6 +198,9 @@ class Store:
             raise
         # PRAGMA user_version is 1 only between a clean close and the next open.
         self.clean_start = self._conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        # A run before this one stopped without closing the store (a crash): the writer's
+        # last batches may be missing.
+        self.unclean = not self.clean_start and not self._created
         self._conn.execute("PRAGMA user_version = 0")
         self.writer = StoreWriter(self, threaded=threaded_writes and self._is_file(), log=log)
         self.roster = RosterArea(self, new_epoch)
@@ -243,6 +260,7 @@ class Store:
             if c.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 0:
                 c.execute("INSERT INTO schema_version (version) VALUES (0)")
         current = self.schema_version()
+        self._created = current == 0
         known = MIGRATIONS[-1][0] if MIGRATIONS else 0
         if current > known:
             raise StoreError(f"database schema {current} is newer than this program ({known})")
@@ -264,12 +282,14 @@ class Store:
 
 
 class StoreWriter:
-    """Writes that need not be read back at once (the roster's), committed in order.
+    """Writes that need not be read back at once (the roster's, the push registrations',
+    the blocklists'), committed in order.
 
     For a file database they are committed on the writer's own thread and connection,
     everything queued meanwhile in one transaction, so the event loop never waits for the
     disk; for an in-memory database (one connection only) at once. ``committed`` is the
-    ticket of the last batch on disk; ``flush`` waits for all of them."""
+    ticket of the last batch on disk; ``flush`` waits for all of them; ``when_committed``
+    tells the event loop (a reply that promises "stored" waits for it)."""
 
     def __init__(self, store: Store, *, threaded: bool, log: Any = None) -> None:
         self._store = store
@@ -279,6 +299,9 @@ class StoreWriter:
         self._queue: queue.Queue[tuple[int, list[Write]] | None] | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Condition()
+        # On the loop: (ticket, done, failed) of what waits for a commit, in ticket order.
+        self._waiters: deque[tuple[int, Callable[[], None], Callable[[str], None]]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
         if threaded:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._run, name="xmpp-front-store",
@@ -296,6 +319,43 @@ class StoreWriter:
         else:
             self._queue.put((self.submitted, writes))
         return self.submitted
+
+    def when_committed(self, done: Callable[[], None], failed: Callable[[str], None]) -> None:
+        """On the event loop: call ``done`` once everything submitted so far is committed
+        (at once if it is), or ``failed(error)`` if a commit attempt of it fails first. The
+        writer goes on trying the failed batch, in order; the waiter hears only once."""
+        ticket = self.submitted
+        if self.committed >= ticket:
+            done()
+            return
+        self._loop = asyncio.get_running_loop()
+        self._waiters.append((ticket, done, failed))
+        # The thread may have committed between the check and the append (it tells the loop
+        # only when it sees a waiter): settle what it has already done.
+        if self.committed >= ticket:
+            self._settle_committed(self.committed)
+
+    def _settle_committed(self, committed: int) -> None:
+        """On the loop: the waiters of every ticket up to ``committed`` are done."""
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= committed:
+            waiters.popleft()[1]()
+
+    def _settle_failed(self, ticket: int, error: str) -> None:
+        """On the loop: a commit attempt of every ticket up to ``ticket`` failed."""
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= ticket:
+            waiters.popleft()[2](error)
+
+    def _tell_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """From the writer's thread: run ``callback`` on the loop, if anything waits."""
+        loop = self._loop
+        if not self._waiters or loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
+            pass
 
     def flush(self) -> None:
         """Block until everything submitted is committed (at close, and for tools)."""
@@ -354,10 +414,13 @@ class StoreWriter:
                 if self.log is not None:
                     self.log.error("store_write_failed", error=str(exc),
                                    retry_seconds=WRITE_RETRY_SECONDS)
+                # A reply held for these writes must not wait for the disk to come back.
+                self._tell_loop(self._settle_failed, batch[-1][0], str(exc))
                 time.sleep(WRITE_RETRY_SECONDS)
         with self._done:
             self.committed = batch[-1][0]
             self._done.notify_all()
+        self._tell_loop(self._settle_committed, self.committed)
 
 
 # ---------------------------------------------------------------------- roster area
@@ -834,41 +897,94 @@ class PendingArea:
         return int(row[0])
 
 
+# ---------------------------------------------------------------------- writes in flight
+
+
+class _Unwritten(Generic[Op]):
+    """The writes an area handed to the writer that may not be committed yet, per account,
+    so that its reads (on the loop's connection) see them at once.
+
+    A read takes ``committed`` first, then the rows, then applies again, in order, every op
+    after that ticket: some may be in the rows already, which changes nothing, since each op
+    sets its keys (adds, removes, moves to the end) whatever they held, so the last op on a
+    key decides either way."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self._writer = writer
+        self._ops: dict[str, list[tuple[int, Op]]] = {}
+
+    def submit(self, account: str, writes: list[Write], op: Op) -> None:
+        self._sweep()
+        self._ops.setdefault(account, []).append((self._writer.submit(writes), op))
+
+    def committed(self) -> int:
+        return self._writer.committed
+
+    def after(self, account: str, committed: int) -> list[Op]:
+        """The account's ops after ticket ``committed``, oldest first."""
+        return [op for ticket, op in self._ops.get(account, ()) if ticket > committed]
+
+    def _sweep(self) -> None:
+        done = self._writer.committed
+        for account in [a for a, ops in self._ops.items() if ops[-1][0] <= done]:
+            del self._ops[account]
+
+
 # ---------------------------------------------------------------------- push registrations
 
 
 class PushArea:
-    """XEP-0357 registrations per account, oldest first (``proxy/features/push.py``)."""
+    """XEP-0357 registrations per account, oldest first (``proxy/features/push.py``). Read
+    when an account's first session starts; written by the store's writer."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._unwritten: _Unwritten[tuple[str, PushRegistration | tuple[str, str | None]]] = \
+            _Unwritten(store.writer)
 
     def registrations(self, account: str) -> list[PushRegistration]:
+        committed = self._unwritten.committed()
         rows = self._store.conn.execute(
             "SELECT jid, node, options FROM push_registrations WHERE account = ? ORDER BY id",
             (account,)).fetchall()
-        return [PushRegistration(str(j), str(n), None if o is None else bytes(o))
-                for j, n, o in rows]
+        regs = {(str(j), str(n)): PushRegistration(str(j), str(n),
+                                                   None if o is None else bytes(o))
+                for j, n, o in rows}
+        for action, arg in self._unwritten.after(account, committed):
+            if action == "save":
+                assert isinstance(arg, PushRegistration)
+                regs.pop(arg.key, None)
+                regs[arg.key] = arg
+            else:
+                assert isinstance(arg, tuple)
+                jid, node = arg
+                for key in [k for k in regs if k[0] == jid and node in (None, k[1])]:
+                    del regs[key]
+        return list(regs.values())
 
     def save(self, account: str, registration: PushRegistration) -> None:
         """Add it, or move it to the newest with its new options (the last enable wins)."""
-        with self._store.transaction() as c:
-            c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ? AND node = ?",
-                      (account, registration.jid, registration.node))
-            c.execute("INSERT INTO push_registrations (account, jid, node, options)"
-                      " VALUES (?, ?, ?, ?)", (account, registration.jid, registration.node,
-                                               registration.options))
+        self._unwritten.submit(account, [
+            ("DELETE FROM push_registrations WHERE account = ? AND jid = ? AND node = ?",
+             (account, registration.jid, registration.node)),
+            ("INSERT INTO push_registrations (account, jid, node, options) VALUES (?, ?, ?, ?)",
+             (account, registration.jid, registration.node, registration.options))],
+            ("save", registration))
 
     def delete(self, account: str, jid: str, node: str | None = None) -> int:
-        """Remove one node of an app server, or all of them (no ``node``)."""
-        with self._store.transaction() as c:
-            if node is None:
-                cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?",
-                                (account, jid))
-            else:
-                cur = c.execute("DELETE FROM push_registrations WHERE account = ? AND jid = ?"
-                                " AND node = ?", (account, jid, node))
-            return cur.rowcount
+        """Remove one node of an app server, or all of them (no ``node``); returns how many
+        there were (counted on a read: a disable is rare, and a read never waits for the
+        writer in WAL mode)."""
+        gone = sum(1 for r in self.registrations(account)
+                   if r.jid == jid and node in (None, r.node))
+        if node is None:
+            write: Write = ("DELETE FROM push_registrations WHERE account = ? AND jid = ?",
+                            (account, jid))
+        else:
+            write = ("DELETE FROM push_registrations WHERE account = ? AND jid = ? AND node = ?",
+                     (account, jid, node))
+        self._unwritten.submit(account, [write], ("delete", (jid, node)))
+        return gone
 
 
 # ---------------------------------------------------------------------- blocklist
@@ -876,26 +992,39 @@ class PushArea:
 
 class BlocklistArea:
     """Per account (bare JID string): the JIDs it blocked (XEP-0191). Read at login into the
-    memory of the account's sessions; written (a few rows) on each block or unblock."""
+    memory of the account's sessions; written (a few rows) on each block or unblock by the
+    store's writer."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._unwritten: _Unwritten[tuple[str, tuple[str, ...]]] = _Unwritten(store.writer)
 
     def items(self, account: str) -> set[str]:
+        committed = self._unwritten.committed()
         rows = self._store.conn.execute(
             "SELECT jid FROM blocklist WHERE account = ?", (account,)).fetchall()
-        return {str(r[0]) for r in rows}
+        items = {str(r[0]) for r in rows}
+        for action, jids in self._unwritten.after(account, committed):
+            if action == "add":
+                items.update(jids)
+            elif action == "remove":
+                items.difference_update(jids)
+            else:
+                items.clear()
+        return items
 
     def add(self, account: str, jids: Iterable[str]) -> None:
-        with self._store.transaction() as c:
-            c.executemany("INSERT OR IGNORE INTO blocklist (account, jid) VALUES (?, ?)",
-                          [(account, j) for j in jids])
+        jids = tuple(jids)
+        self._unwritten.submit(account, [
+            ("INSERT OR IGNORE INTO blocklist (account, jid) VALUES (?, ?)", (account, j))
+            for j in jids], ("add", jids))
 
     def remove(self, account: str, jids: Iterable[str]) -> None:
-        with self._store.transaction() as c:
-            c.executemany("DELETE FROM blocklist WHERE account = ? AND jid = ?",
-                          [(account, j) for j in jids])
+        jids = tuple(jids)
+        self._unwritten.submit(account, [
+            ("DELETE FROM blocklist WHERE account = ? AND jid = ?", (account, j))
+            for j in jids], ("remove", jids))
 
     def clear(self, account: str) -> None:
-        with self._store.transaction() as c:
-            c.execute("DELETE FROM blocklist WHERE account = ?", (account,))
+        self._unwritten.submit(account, [("DELETE FROM blocklist WHERE account = ?", (account,))],
+                               ("clear", ()))

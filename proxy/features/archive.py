@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,8 +32,8 @@ from datetime import UTC, datetime
 from lxml import etree
 
 from ..archive_store import (ArchiveBounds, ArchivedMessage, ArchiveEnds, ArchiveFailed,
-                             ArchiveFilter, ArchiveItem, ArchiveMissing, ArchivePage,
-                             ArchiveSearch, PageRequest, Prefs)
+                             ArchiveFilter, ArchiveItem, ArchiveKey, ArchiveMissing,
+                             ArchivePage, ArchiveSearch, Direction, PageRequest, Prefs)
 from ..commands import ArchivePut, ArchiveQuery, Log
 from ..config import ArchiveConfig, FeatureMode, emulates
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
@@ -69,16 +68,39 @@ MAX_PENDING = 8  # queries of one session waiting for the store at once
 # ---------------------------------------------------------------------- what is archived
 
 
+_UNARCHIVED_TYPES = frozenset(("error", "groupchat", "headline"))
+
+
 def archivable(el: Element) -> bool:
     """A message for the user archive (XEP-0313 §6.1.1, XEP-0334 hints)?"""
-    if el.tag != st.MESSAGE:
-        return False
-    kind = el.get("type", "normal")
-    if kind in ("error", "groupchat", "headline"):
-        return False
-    if el.find(_NO_STORE) is not None or el.find(_NO_PERMANENT_STORE) is not None:
-        return False
-    return el.find(_BODY) is not None or el.find(_STORE) is not None
+    return el.tag == st.MESSAGE and _examine(el)[0]
+
+
+def _examine(el: Element) -> tuple[bool, str | None, list[Element] | None]:
+    """One pass over a message's children (each ``find`` is a path search of its own, and
+    this runs for every message both ways): whether it is archivable, its origin-id, and its
+    stanza-ids if it has any."""
+    body = store = refused = False
+    origin: str | None = None
+    stamps: list[Element] | None = None
+    for child in el:
+        tag = child.tag
+        if tag == _BODY:
+            body = True
+        elif tag == _STANZA_ID:
+            if stamps is None:
+                stamps = []
+            stamps.append(child)
+        elif tag == _ORIGIN_ID:
+            if origin is None:
+                origin = child.get("id") or ""
+        elif tag == _STORE:
+            store = True
+        elif tag == _NO_STORE or tag == _NO_PERMANENT_STORE:
+            refused = True
+    wanted = ((body or store) and not refused
+              and el.get("type", "normal") not in _UNARCHIVED_TYPES)
+    return wanted, origin, stamps
 
 
 def wanted(prefs: Prefs, with_bare: str, in_roster: Callable[[str], bool]) -> bool:
@@ -92,17 +114,26 @@ def wanted(prefs: Prefs, with_bare: str, in_roster: Callable[[str], bool]) -> bo
     return prefs.default == "always"
 
 
-def strip_spoofed_ids(el: Element, account: str) -> int:
-    """Remove every stanza-id claiming to be by the account (only the proxy stamps those)."""
-    spoofed = [c for c in el.findall(_STANZA_ID) if c.get("by") == account]
+def strip_spoofed_ids(el: Element, account: str,
+                      stamps: list[Element] | None = None) -> int:
+    """Remove every stanza-id claiming to be by the account (only the proxy stamps those);
+    ``stamps``: the message's stanza-ids if already found."""
+    candidates = el.findall(_STANZA_ID) if stamps is None else stamps
+    spoofed = [c for c in candidates if c.get("by") == account]
     for c in spoofed:
         el.remove(c)
     return len(spoofed)
 
 
+_STAMP_TEMPLATE = etree.Element(_STANZA_ID, nsmap={None: ns.SID})
+
+
 def stamp_stanza_id(el: Element, account: str, archive_id: str) -> None:
-    sid = st.sub(el, "stanza-id", {"by": account, "id": archive_id}, namespace=ns.SID)
-    sid.tail = None
+    # A copy of a ready element: cheaper than a new one with its namespace declaration.
+    sid = _STAMP_TEMPLATE.__copy__()
+    sid.set("by", account)
+    sid.set("id", archive_id)
+    el.append(sid)
 
 
 # ---------------------------------------------------------------------- times
@@ -339,56 +370,64 @@ class Archive(Feature):
     def __init__(self, factory: ArchiveFactory) -> None:
         self.factory = factory
         self.config = factory.config
+        self._account_text: str | None = None
         # token -> (the query iq, what was asked)
         self._pending: dict[str, tuple[Element, ParsedQuery | None]] = {}
 
     # -------------------------------------------------------------- messages
 
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
-        if el.tag == st.IQ:
+        tag = el.tag
+        if tag == st.IQ:
             return self._iq(session, el, out)
-        if el.tag == st.MESSAGE and archivable(el):
+        if tag == st.MESSAGE:
             to = el.get("to")
             if to:
-                self._archive(session, el, "out", to, out)
+                wanted, origin, _ = _examine(el)
+                if wanted:
+                    self._archive(session, el, "out", to, origin, out)
         return el
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         if el.tag != st.MESSAGE:
             return el
-        account = str(session.account)
-        if strip_spoofed_ids(el, account):
+        wanted, origin, stamps = _examine(el)
+        if stamps is not None and strip_spoofed_ids(el, self._account(session), stamps):
             out.commands.append(Log("stanza_id_spoof_removed", {"from": el.get("from")},
                                     "warning"))
-        if archivable(el):
+        if wanted:
             sender = el.get("from")
             if sender:
-                archive_id = self._archive(session, el, "in", sender, out)
+                archive_id = self._archive(session, el, "in", sender, origin, out)
                 if archive_id is not None:
-                    stamp_stanza_id(el, account, archive_id)
+                    stamp_stanza_id(el, self._account(session), archive_id)
         return el
 
-    def _archive(self, session: SessionCore, el: Element, direction: str, other: str,
-                 out: Outputs) -> str | None:
-        try:
-            jid = Jid.parse(other)
-        except InvalidJid:
+    def _account(self, session: SessionCore) -> str:
+        if self._account_text is None:
+            self._account_text = str(session.account)
+        return self._account_text
+
+    def _archive(self, session: SessionCore, el: Element, direction: Direction, other: str,
+                 origin: str | None, out: Outputs) -> str | None:
+        factory = self.factory
+        parts = factory.jid_parts(other)
+        if parts is None:
             return None
-        account = str(session.account)
-        with_bare = str(jid.bare)
-        if not wanted(self.factory.prefs(account), with_bare,
-                      lambda j: self.factory.in_roster(account, j)):
+        with_bare, with_full = parts
+        account = self._account_text or self._account(session)
+        prefs = factory.prefs(account)
+        if prefs is not _ARCHIVE_ALL and not wanted(
+                prefs, with_bare, lambda j: factory.in_roster(account, j)):
             return None
-        key = self.factory.fork_key(account, el)
-        known = self.factory.seen(key)
-        if known is not None:
-            return known  # a copy the server forked to another session: archived once
-        archive_id = self.factory.new_archive_id()
-        self.factory.remember(key, archive_id)
+        ident = origin or el.get("id")
+        key = factory.key_for((account, el.get("from", ""), ident) if ident else None)
+        if isinstance(key, str):
+            return key  # a copy the server forked to another session: archived once
+        archive_id, seq, nonce = key
         out.commands.append(ArchivePut(ArchivedMessage(
-            archive_id=archive_id, timestamp=self.factory.now(),
-            direction="in" if direction == "in" else "out", with_bare=with_bare,
-            with_full=str(jid), stanza=etree.tostring(el))))
+            archive_id, factory.now(), direction, with_bare, with_full, etree.tostring(el),
+            seq, nonce)))
         return archive_id
 
     # -------------------------------------------------------------- requests
@@ -434,7 +473,8 @@ class Archive(Feature):
             jid = Jid.parse(to)
         except InvalidJid:
             return False
-        return (jid.is_bare and bool(jid.local) and jid.domain == self.factory.domain
+        # Another account of this account's own domain (each served domain has its server).
+        return (jid.is_bare and bool(jid.local) and jid.domain == account.rpartition("@")[2]
                 and str(jid) != account)
 
     def _ask(self, session: SessionCore, el: Element, parsed: ParsedQuery | None,
@@ -491,8 +531,14 @@ def _own_reply(reply: Element, request: Element) -> Element:
     return reply
 
 
-def _new_archive_id() -> str:
-    return secrets.token_urlsafe(12)
+def new_archive_id() -> ArchiveKey:
+    """An id of the kind stored as it is (without an archive that derives its own)."""
+    return secrets.token_urlsafe(12), None, None
+
+
+# The preferences of an account that never set any, with the default default: archive
+# everything (checked by identity first: most accounts never set preferences).
+_ARCHIVE_ALL = Prefs("always")
 
 
 class ArchiveFactory(FeatureFactory):
@@ -507,7 +553,7 @@ class ArchiveFactory(FeatureFactory):
                  load_prefs: Callable[[str], Prefs | None] = lambda account: None,
                  save_prefs: Callable[[str, Prefs], None] = lambda account, prefs: None,
                  in_roster: Callable[[str, str], bool] = lambda account, jid: False,
-                 new_id: Callable[[], str] = _new_archive_id,
+                 new_id: Callable[[], ArchiveKey] = new_archive_id,
                  now: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.mode = mode
@@ -519,7 +565,9 @@ class ArchiveFactory(FeatureFactory):
         self.now = now
         self.clock = clock
         self._prefs: dict[str, Prefs] = {}
-        self._recent: OrderedDict[tuple[str, ...], tuple[str, float]] = OrderedDict()
+        # Insertion-ordered: oldest first.
+        self._recent: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._jids: dict[str, tuple[str, str] | None] = {}
 
     def emulated(self, server: ServerInfo) -> bool:
         return emulates(self.mode, server.account_has(MAM))
@@ -536,7 +584,9 @@ class ArchiveFactory(FeatureFactory):
     def prefs(self, account: str) -> Prefs:
         prefs = self._prefs.get(account)
         if prefs is None:
-            prefs = self._load_prefs(account) or Prefs(self.config.default_prefs)
+            prefs = self._load_prefs(account) or (
+                _ARCHIVE_ALL if self.config.default_prefs == "always"
+                else Prefs(self.config.default_prefs))
             self._prefs[account] = prefs
         return prefs
 
@@ -544,28 +594,47 @@ class ArchiveFactory(FeatureFactory):
         self._save_prefs(account, prefs)
         self._prefs[account] = prefs
 
+    # -------------------------------------------------------------- addresses
+
+    JID_CACHE = 10000  # the other parties' addresses parsed, kept (then forgotten at once)
+
+    def jid_parts(self, text: str) -> tuple[str, str] | None:
+        """(bare, full) of a message's other party; None if it is not a JID. Parsed once
+        (a chat is many messages between the same two addresses)."""
+        try:
+            return self._jids[text]
+        except KeyError:
+            pass
+        try:
+            jid = Jid.parse(text)
+            parts: tuple[str, str] | None = (str(jid.bare), str(jid))
+        except InvalidJid:
+            parts = None
+        if len(self._jids) >= self.JID_CACHE:
+            self._jids.clear()
+        self._jids[text] = parts
+        return parts
+
     # -------------------------------------------------------------- forked copies
 
-    @staticmethod
-    def fork_key(account: str, el: Element) -> tuple[str, ...] | None:
-        """Sender and id (or origin-id): the same message, however many copies."""
-        origin = el.find(_ORIGIN_ID)
-        ident = origin.get("id") if origin is not None else None
-        ident = ident or el.get("id")
-        if not ident:
-            return None
-        return (account, el.get("from", ""), ident)
-
-    def seen(self, key: tuple[str, ...] | None) -> str | None:
-        if key is None:
-            return None
+    def key_for(self, fork: tuple[str, str, str] | None) -> ArchiveKey | str:
+        """A new key for a message, or just its id if it was archived within the window:
+        the same message (``fork``: account, sender and id or origin-id), however many
+        copies the server made."""
+        recent = self._recent
         now = self.clock()
-        while self._recent and (len(self._recent) > self.FORK_MAX
-                                or next(iter(self._recent.values()))[1] < now - self.FORK_WINDOW):
-            self._recent.popitem(last=False)
-        hit = self._recent.get(key)
-        return hit[0] if hit is not None else None
-
-    def remember(self, key: tuple[str, ...] | None, archive_id: str) -> None:
-        if key is not None:
-            self._recent[key] = (archive_id, self.clock())
+        if fork is not None:
+            hit = recent.get(fork)
+            if hit is not None and hit[1] >= now - self.FORK_WINDOW:
+                return hit[0]
+        key = self.new_archive_id()
+        if fork is not None:
+            recent.pop(fork, None)  # a stale entry of the same key goes to the end, as new
+            recent[fork] = (key[0], now)
+            if len(recent) > self.FORK_MAX:
+                # Now and then, not per message: keep the newer half of what is in the
+                # window.
+                window_start = now - self.FORK_WINDOW
+                keep = list(recent.items())[-(self.FORK_MAX // 2):]
+                self._recent = {k: v for k, v in keep if v[1] >= window_start}
+        return key

@@ -6,11 +6,14 @@ account's sessions through it:
 
 - the blocklist is per account, in the store (``store.blocklist``), read once when the
   account's first session starts and kept in memory, shared by its sessions (each stanza is
-  checked against that set; the store is written only on a block or unblock);
+  checked against that set; a block or an unblock hands its rows to the store's writer
+  thread, so the event loop never waits for SQLite);
 - ``<blocklist/>`` gets: the list; the session then gets pushes (§3.3: only resources that
   requested the list);
-- ``<block/>``, ``<unblock/>`` (empty: unblock all) sets: stored, answered, pushed to every
-  interested session of the account, the asking one included; a block sends unavailable
+- ``<block/>``, ``<unblock/>`` (empty: unblock all) sets: in force at once, stored, then
+  answered and pushed to every interested session of the account, the asking one included,
+  once the store's writer committed the change (``WhenStored``; a failed commit answers
+  ``internal-server-error``, type wait, and pushes nothing); a block sends unavailable
   presence from each available session to the contacts it hides from (those the roster says
   may see the user's presence), an unblock sends them the session's current presence;
 - §3.3 inbound: from a blocked JID, presence is dropped, a message (normal or chat) and an
@@ -32,7 +35,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 
-from ..commands import Log, ToAccount
+from ..commands import Log, ToAccount, WhenStored
 from ..config import FeatureMode, emulates
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..store import Store
@@ -248,10 +251,10 @@ class Blocking(Feature):
             factory.store.blocklist.add(acct.name, new)
         hidden_from = self._watchers(new)
         acct.blocked.update(new)
-        out.to_client.append(st.iq_result(el))
         out.commands.append(Log("blocklist_changed", {"blocked": len(new),
                                                       "items": len(acct.blocked)}))
-        self._announce(session, "block", dict.fromkeys(jids), hidden_from, out)
+        self._reply_when_stored(session, el, "block", dict.fromkeys(jids), out)
+        self._presence_change("block", hidden_from, out)
 
     def _unblock(self, session: SessionCore, el: Element, jids: list[str],
                  out: Outputs) -> None:
@@ -267,10 +270,10 @@ class Blocking(Feature):
             acct.blocked.clear()
         shown_to = [c for c in self._watchers(list(before - acct.blocked))
                     if not is_blocked(acct.blocked, c)]
-        out.to_client.append(st.iq_result(el))
         out.commands.append(Log("blocklist_changed", {"unblocked": len(before) - len(acct.blocked),
                                                       "items": len(acct.blocked)}))
-        self._announce(session, "unblock", dict.fromkeys(jids), shown_to, out)
+        self._reply_when_stored(session, el, "unblock", dict.fromkeys(jids), out)
+        self._presence_change("unblock", shown_to, out)
 
     def _watchers(self, items: list[str]) -> list[str]:
         """The contacts allowed to see the user's presence that ``items`` match (when the
@@ -282,15 +285,29 @@ class Blocking(Feature):
             return [j for j in items if "@" in j]
         return [c for c in watchers if any(_item_matches(i, c) for i in items)]
 
-    def _announce(self, session: SessionCore, action: str, jids: Iterable[str],
-                  contacts: list[str], out: Outputs) -> None:
-        """Pushes to the interested sessions (this one included) and the presence that
-        follows a change, from this session and, through ``ToAccount``, the others."""
+    def _reply_when_stored(self, session: SessionCore, el: Element, action: str,
+                           jids: Iterable[str], out: Outputs) -> None:
+        """The result, then (§3.3) the pushes to the interested sessions (this one
+        included), once the store's writer committed the change (and every write before
+        it: a repeated block waits for the first one's); if the commit fails, an error
+        instead and no push. The change is in force at once either way (see im.md)."""
         push = st.element(action, namespace=BLOCKING)
         for jid in jids:
             st.sub(push, "item", {"jid": jid})
-        self.deliver_push(session, push, out)
-        out.commands.append(ToAccount(PUSH, push))
+        then = Outputs()
+        then.to_client.append(st.iq_result(el))
+        self.deliver_push(session, push, then)
+        then.commands.append(ToAccount(PUSH, push))
+        failed = Outputs()
+        failed.to_client.append(st.error_reply(
+            el, "internal-server-error", error_type="wait",
+            text="The blocklist could not be stored; try again"))
+        failed.commands.append(Log("blocklist_not_stored", {"action": action}, "error"))
+        out.commands.append(WhenStored(then, failed))
+
+    def _presence_change(self, action: str, contacts: list[str], out: Outputs) -> None:
+        """The presence that follows a change, from this session and, through
+        ``ToAccount``, the others (at once: the change is in force)."""
         if contacts:
             targets = st.element("targets", {"action": action},
                                  namespace="urn:xmpp-front:internal")

@@ -126,8 +126,6 @@ def _own_reply(reply: Element, request: Element) -> Element:
 
 
 class DiscoveryFactory(FeatureFactory):
-    def __init__(self, domain: str) -> None:
-        self.domain = domain
-
     def create(self, session: SessionCore) -> Feature:
-        return Discovery(self.domain)
+        # The session's own server domain: with several served domains, each its own.
+        return Discovery(session.account.domain)

@@ -19,8 +19,11 @@ app server (§8) does too.
 
 Pure: the shared state (registrations and counts per account) lives in the factory; each
 session's feature returns commands (``ToServerDirect``, ``StartTimer``, ``ToAccount``,
-``Log``). The store is read and written synchronously, a few rows per change (like the
-roster's).
+``Log``, ``WhenStored``). The registrations are read from the store once per account (its
+first session) and each change hands its rows to the store's writer thread (``StoreWriter``),
+like the roster's: the event loop never waits for SQLite. The client's result waits for
+the writer's commit (``WhenStored``); a failed commit answers ``internal-server-error``
+(type wait) instead.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Protocol
 
 from lxml import etree
 
-from ..commands import Log, StartTimer, ToAccount, ToServerDirect
+from ..commands import Log, StartTimer, ToAccount, ToServerDirect, WhenStored
 from ..config import FeatureMode, emulates
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import ns
@@ -241,7 +244,17 @@ class Push(Feature):
                 return None
             self.factory.disable(self.state, jid, request.get("node"), "disabled by the client",
                                  out)
-        out.to_client.append(_own(st.iq_result(el), el))
+        # The result once the writer committed the registration's rows (a disable's too:
+        # the client must not believe it gone while a restart would bring it back).
+        then, failed = Outputs(), Outputs()
+        then.to_client.append(_own(st.iq_result(el), el))
+        failed.to_client.append(_own(st.error_reply(
+            el, "internal-server-error", error_type="wait",
+            text="The push registration could not be stored; try again"), el))
+        failed.commands.append(Log("push_not_stored", {
+            "action": "enable" if request.tag == _ENABLE else "disable",
+            "app_server": request.get("jid")}, "error"))
+        out.commands.append(WhenStored(then, failed))
         return None
 
     # What the server sends -----------------------------------------------------------------

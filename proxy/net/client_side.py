@@ -13,8 +13,8 @@ import asyncio
 import secrets
 import ssl
 from dataclasses import dataclass, field
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 from ..abuse import LoginThrottle
 from ..commands import (
@@ -31,7 +31,7 @@ from ..commands import (
     StartTls,
     ToClient,
 )
-from ..config import Config, Listener
+from ..config import Config, Listener, ServedDomain
 from ..loopcheck import OwnStreamIds
 from ..metrics import Counters
 from ..negotiation import LoginOutcome, NegotiationCore
@@ -47,6 +47,10 @@ from .upstream import (
 from .preamble import tls_failure_reason
 from .xmlstream import PlaintextInjection, XmlStream, features_element
 from ..xmpp.stanza import Element
+
+
+# The TLS context for each served domain's upstream, by its name (None: upstream.tls none).
+UpstreamTls: TypeAlias = Mapping[str, ssl.SSLContext | None]
 
 
 class NegotiationFailed(Exception):
@@ -68,6 +72,16 @@ class AuthenticatedClient:
     # the password: such a client can resume or take over, not bind anew.
     upstream: UpstreamLink | None
     password: str = field(repr=False)  # kept to log in again after an upstream outage
+    # The domain the stream's header chose: its upstream is the session's server, reached
+    # with this TLS context (the one the login used) for every reconnection.
+    domain: ServedDomain | None = None
+    upstream_tls: ssl.SSLContext | None = None
+
+    @property
+    def config(self) -> Config:
+        """The configuration as this client's session sees it (its domain's upstream)."""
+        assert self.domain is not None
+        return self.domain.config
 
 
 class ClientNegotiation:
@@ -75,7 +89,7 @@ class ClientNegotiation:
     events go to the ``NegotiationCore``, its commands are carried out here."""
 
     def __init__(self, stream: XmlStream, listener: Listener, config: Config,
-                 server_tls: ssl.SSLContext, upstream_tls: ssl.SSLContext | None,
+                 server_tls: ssl.SSLContext, upstream_tls: UpstreamTls,
                  log: Any, *, throttle: LoginThrottle | None = None,
                  own_stream_ids: OwnStreamIds | None = None,
                  vouch: Callable[[str, str], bool] | None = None,
@@ -94,12 +108,14 @@ class ClientNegotiation:
         self.own_stream_ids = own_stream_ids
         self._issued_ids: list[str] = []
         self.counters = counters  # for /metrics: logins by result, STARTTLS handshakes
+        default = config.default_domain
         self.core = NegotiationCore(
-            config.upstream.domain, direct_tls=listener.direct_tls,
+            default.name, direct_tls=listener.direct_tls,
             timeout=config.limits.negotiation_timeout, throttle=throttle,
             # The socket's peer, or the client a PROXY protocol header named.
             client_address=stream.peer_host,
-            upstream_host=config.upstream.host, upstream_port=config.upstream.port)
+            upstream_host=config.upstream.host, upstream_port=config.upstream.port,
+            served={key: served.name for key, served in config.served.items()})
         self.deadline: float | None = None  # seconds, from the core's timer
         self._authenticated: Authenticated | None = None
         self._received: list[Element] = []
@@ -121,7 +137,9 @@ class ClientNegotiation:
                 await self._step()
             self.stream.restart()
             auth = self._authenticated
-            return AuthenticatedClient(self.stream, auth.account, self.upstream, auth.password)
+            return AuthenticatedClient(self.stream, auth.account, self.upstream, auth.password,
+                                       domain=self.domain,
+                                       upstream_tls=self.upstream_tls.get(self.domain.name))
         except BaseException:
             if self.upstream is not None:
                 await self.upstream.stream.close(wait_for_peer=0)
@@ -129,6 +147,13 @@ class ClientNegotiation:
         finally:
             if self.own_stream_ids is not None:
                 self.own_stream_ids.retire(self._issued_ids)
+
+    @property
+    def domain(self) -> ServedDomain:
+        """The served domain the client's header chose (the default one before it)."""
+        served = self.config.domain(self.core.domain)
+        assert served is not None  # the core chooses among config.served only
+        return served
 
     async def open_bound_stream(self, features: list[Element]) -> None:
         """The post-authentication stream header and features (bind, sm, ...)."""
@@ -202,9 +227,11 @@ class ClientNegotiation:
 
     async def _login(self, check: CheckLogin) -> LoginOutcome:
         """The upstream login that checks the client's credentials."""
+        served = self.domain
+        upstream = served.config.upstream
         try:
             self.upstream = await connect_upstream(
-                self.config.upstream, self.upstream_tls, check.authcid, check.password,
+                upstream, self.upstream_tls.get(served.name), check.authcid, check.password,
                 client=self.stream.endpoints(),
                 max_stanza_bytes=self.config.limits.max_stanza_bytes, log=self.log,
                 own_stream_ids=(self.own_stream_ids if self.own_stream_ids is not None
@@ -212,7 +239,7 @@ class ClientNegotiation:
         except UpstreamAuthFailed as exc:
             return LoginOutcome("refused", condition=exc.condition)
         except UpstreamLoop as exc:
-            return LoginOutcome("loop", detail=str(exc))
+            return LoginOutcome("loop", detail=str(exc), upstream=(upstream.host, upstream.port))
         except UpstreamUnavailable as exc:
             vouched = self.vouch is not None and self.vouch(str(check.account), check.password)
             return LoginOutcome("unavailable", detail=str(exc), vouched=vouched)

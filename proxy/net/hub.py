@@ -13,7 +13,6 @@ import asyncio
 import copy
 import random
 import secrets
-import ssl
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +56,7 @@ _CAPS = ns.qname(ns.CAPS, "c")
 
 class Hub:
     def __init__(self, config: Config, factories: Sequence[FeatureFactory],
-                 store: SessionStore | None, upstream_tls: ssl.SSLContext | None,
+                 store: SessionStore | None,
                  log: Any, inspector: Inspector | None = None,
                  journal: Journal | None = None, counters: Counters | None = None,
                  archive: ArchiveWriter | None = None) -> None:
@@ -66,7 +65,6 @@ class Hub:
         self.counters = counters  # for /metrics: resumptions, and what sessions relay
         self.archive = archive
         self.inspector = inspector
-        self.upstream_tls = upstream_tls
         self.factories = list(factories)
         self.store = store
         self.log = log
@@ -79,17 +77,16 @@ class Hub:
         # The decisions on bind, takeover and resume, and the ended sessions' last counts.
         self.registry = Registry(config.abuse, max_resume_timeout=(
             config.stream_management.max_resume_timeout))
-        # The server domain's disco#info as the last bind found it (for the caps hash
-        # offered before the next bind).
-        self.domain_info: DiscoInfo | None = None
+        # Each served domain's disco#info as the last bind of one of its accounts found it
+        # (for the caps hash offered before the next bind), by the domain's name.
+        self.domain_info: dict[str, DiscoInfo] = {}
         self.rng = random.Random()  # every session's reconnection jitter (ports.py)
 
-    def reconfigure(self, config: Config, upstream_tls: ssl.SSLContext | None,
-                    inspector: Inspector | None) -> None:
+    def reconfigure(self, config: Config, inspector: Inspector | None) -> None:
         """A reload: binds, resumptions and new sessions from now on use these; live
-        sessions keep the configuration they were made with."""
+        sessions keep the configuration they were made with (a new session takes its
+        domain's configuration and upstream TLS context from its login)."""
         self.config = config
-        self.upstream_tls = upstream_tls
         self.inspector = inspector
         self.registry.reconfigure(config.abuse, max_resume_timeout=(
             config.stream_management.max_resume_timeout))
@@ -160,7 +157,8 @@ class Hub:
 
     # After SASL ---------------------------------------------------------------------------------
 
-    def _post_auth_features(self, upstream: UpstreamLink | None) -> list[Element]:
+    def _post_auth_features(self, upstream: UpstreamLink | None,
+                            domain: str) -> list[Element]:
         bind = st.element("bind", namespace=ns.BIND)
         session = st.element("session", namespace=ns.SESSION)
         st.sub(session, "optional")
@@ -171,7 +169,7 @@ class Hub:
             # Entity capabilities (XEP-0115): the server's while the proxy adds nothing to
             # its disco#info, else recomputed from what the last bind learnt of the domain.
             server_caps = next((el for el in upstream.features if el.tag == _CAPS), None)
-            server = ServerInfo(domain=self.domain_info)
+            server = ServerInfo(domain=self.domain_info.get(domain))
             caps = caps_for(server, disco_additions(self.factories, server).domain,
                             server_caps)
             if caps is not None:
@@ -183,7 +181,8 @@ class Hub:
         """Bind, take over or resume, as the ``Registry`` decides; returns the session, what
         to write to the client first, and whether it was a resumption. Raises
         NegotiationFailed when the client breaks the rules."""
-        await negotiation.open_bound_stream(self._post_auth_features(auth.upstream))
+        domain = auth.domain.name if auth.domain is not None else auth.account.domain
+        await negotiation.open_bound_stream(self._post_auth_features(auth.upstream, domain))
         while True:
             el = await negotiation.next_element()
             outcome = await self._carry_out(self.registry.element(el), el, auth, log)
@@ -243,14 +242,16 @@ class Hub:
     async def _bind(self, auth: AuthenticatedClient, el: Element, command: BindUpstream,
                     log: Any) -> tuple[LiveSession, list[Element], bool] | None:
         """The upstream bind and disco the registry asked for, then a new session."""
-        assert auth.upstream is not None
+        assert auth.upstream is not None and auth.domain is not None
         owed = await self._hand_over(command.hand_over_from) \
             if command.hand_over_from is not None else []
+        # The session's server is its domain's: bind, discovery and every reconnection.
+        config = auth.config
         try:
             full = await auth.upstream.bind(command.resource,
-                                            self.config.upstream.connect_timeout)
-            server = await auth.upstream.discover(self.config.upstream.domain,
-                                                  self.config.upstream.discovery_timeout)
+                                            config.upstream.connect_timeout)
+            server = await auth.upstream.discover(config.upstream.domain,
+                                                  config.upstream.discovery_timeout)
         except UpstreamBindFailed as exc:
             await self._carry_out(self.registry.bind_refused_upstream(
                 el, exc.error_reply, str(exc)), el, auth, log)
@@ -261,7 +262,8 @@ class Hub:
             except NegotiationFailed as failure:
                 raise failure from exc
             return None
-        self.domain_info = server.domain or self.domain_info
+        if server.domain is not None:
+            self.domain_info[auth.domain.name] = server.domain
         commands = self.registry.bound(el, auth.account, full, previous=full in self.by_jid,
                                        domain_known=server.domain is not None,
                                        account_known=server.account is not None)
@@ -270,9 +272,10 @@ class Hub:
         (new,) = [c for c in commands if isinstance(c, NewSession)]
         jid = new.jid
         core = SessionCore(jid, self.factories, server)
-        session = LiveSession(self, core, auth.upstream, self.config, self.store,
+        session = LiveSession(self, core, auth.upstream, config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
-                              tls_context=self.upstream_tls, inspector=self.inspector,
+                              tls_context=auth.upstream_tls,
+                              inspector=self.inspector,
                               journal=self.journal, counters=self.counters,
                               archive=self.archive)
         self.by_jid[str(jid)] = session

@@ -25,7 +25,7 @@ from ..commands import (AbortClient, AckWhenDurable, ArchivePut, ArchiveQuery, C
                         CatchUp, ClientLeaves, CloseClient,
                         Command, EndSession, JournalCut, JournalPut, Log, RulesMatched,
                         MoreStored, SmRegister, StartTimer, StoreOffline, StorePending,
-                        ToAccount, ToClient, ToServerDirect)
+                        ToAccount, ToClient, ToServerDirect, WhenStored)
 from ..config import Config
 from ..features.stream_management import StreamManagement
 from ..inspection import Inspector
@@ -59,6 +59,11 @@ class PendingStore(Protocol):
     def take(self, account: str) -> list[tuple[bytes, float]]: ...
 
 
+class CommitWaiter(Protocol):
+    def when_committed(self, done: Callable[[], None],
+                       failed: Callable[[str], None]) -> None: ...
+
+
 class SessionStore(Protocol):
     """What a session keeps in the store: see proxy/store.py."""
 
@@ -67,6 +72,9 @@ class SessionStore(Protocol):
 
     @property
     def pending(self) -> PendingStore: ...
+
+    @property
+    def writer(self) -> CommitWaiter: ...
 
 
 class ClientLeft(Exception):
@@ -286,6 +294,33 @@ class LiveSession:
                     self.archive.put(self._account, command.message)
             elif isinstance(command, ArchiveQuery):
                 self._archive_query(command)
+            elif isinstance(command, WhenStored):
+                self._when_stored(command)
+
+    def _when_stored(self, command: WhenStored) -> None:
+        """Hold a feature's reply until the store's writer committed what it wrote."""
+        def done() -> None:
+            self._write_held(command.then)
+
+        def failed(error: str) -> None:
+            out = command.failed
+            commands = [Log(c.event, {**c.fields, "error": error}, c.level)
+                        if isinstance(c, Log) else c for c in out.commands]
+            self._write_held(Outputs(list(out.to_client), list(out.to_upstream), commands))
+        if self.store is None:  # nothing is written, so nothing to wait for
+            done()
+        else:
+            self.store.writer.when_committed(done, failed)
+
+    def _write_held(self, out: Outputs) -> None:
+        if self.state == "ended":
+            # No client to answer; the account's other sessions (a blocklist push) still
+            # hear of it.
+            self.write(Outputs(commands=out.commands))
+            return
+        for el in out.to_client:  # the proxy's own answers, as the pipeline's are
+            self.inspect_own("s2c", el)
+        self.write(out)
 
     def _archive_query(self, command: ArchiveQuery) -> None:
         token = command.token

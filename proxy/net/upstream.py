@@ -1,38 +1,61 @@
-"""The upstream side: the proxy logs in to the legacy server as an ordinary client.
+"""The upstream link's shell: the proxy logs in to the legacy server as an ordinary client.
 
-Connect (plain, STARTTLS or direct TLS), authenticate with the client's own credentials using
-the best SASL mechanism the server offers, then bind and open a session when asked to.
+The decisions (the connection's plan, STARTTLS required, the SASL mechanism and exchange,
+the loop check, bind and session, the discovery after the bind, every timeout) are the pure
+``proxy.upstream_negotiation.UpstreamNegotiation``'s; this shell connects, reads the stream's
+events, writes, starts TLS (offering the last TLS session for resumption) and carries out the
+core's commands, turning its failures into the exceptions below.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
 import ssl
-import uuid
-from collections.abc import Container
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Container, Iterable
 from typing import Any
 
-from lxml import etree
-
-from .. import proxyproto
+from ..commands import (
+    Connect,
+    Log,
+    OpenStream,
+    PassOn,
+    ServerDiscovered,
+    StartTimer,
+    StartTlsToServer,
+    ToServerDirect,
+    UpstreamBound,
+    UpstreamCommand,
+    UpstreamFailed,
+    UpstreamReady,
+)
 from ..config import UpstreamConfig
-from ..xmpp import codec, disco, ns, sasl
-from ..xmpp.disco import DiscoInfo, ServerInfo
-from ..xmpp.jid import Jid
+from ..upstream_negotiation import Address, Endpoints, UpstreamNegotiation
+from ..xmpp import codec
+from ..xmpp.disco import ServerInfo
 from ..xmpp import stanza as st
-from .xmlstream import ConnectionLost, PlaintextInjection, UnexpectedEvent, XmlStream
+from .preamble import tls_failure_reason
+from .xmlstream import ConnectionLost, PlaintextInjection, XmlStream
 from ..xmpp.stanza import Element
 
+__all__ = [
+    "Address",
+    "Endpoints",
+    "ResumableTlsContext",
+    "UpstreamAuthFailed",
+    "UpstreamBindFailed",
+    "UpstreamError",
+    "UpstreamLink",
+    "UpstreamLoop",
+    "UpstreamUnavailable",
+    "client_tls_context",
+    "connect_upstream",
+    "tls_session",
+    "tls_session_reused",
+]
 
-Address = tuple[str, int]
-Endpoints = tuple[Address | None, Address | None]  # (the client's, the one it connected to)
-
-# SASL failures from the server that mean "these credentials will not do"; the client is told
-# the same condition. Anything else is the proxy's or the server's trouble.
-_CREDENTIAL_FAILURES = frozenset(("not-authorized", "account-disabled", "credentials-expired"))
+Outcome = UpstreamReady | UpstreamBound | ServerDiscovered
 
 
 class UpstreamError(Exception):
@@ -103,86 +126,160 @@ def tls_session_reused(stream: XmlStream) -> bool:
     return bool(sslobj is not None and sslobj.session_reused)
 
 
-@dataclass
 class UpstreamLink:
-    """An authenticated upstream stream, after the post-SASL restart."""
+    """Our stream to the legacy server and the core that negotiates it: authenticated once
+    ``connect_upstream`` returns it, then bound (``bind``) and discovered (``discover``).
 
-    stream: XmlStream
-    features: Element
-    mechanism: str
-    jid: str = ""
-    server_info: ServerInfo = field(default_factory=ServerInfo)  # after discover()
+    ``config`` is the one upstream configuration the link is made for (its host, domain,
+    TLS and timeouts)."""
 
-    def _needs_session(self) -> bool:
-        session = self.features.find(ns.qname(ns.SESSION, "session"))
-        return session is not None and session.find(ns.qname(ns.SESSION, "optional")) is None
+    def __init__(self, config: UpstreamConfig, negotiation: UpstreamNegotiation, *,
+                 tls_context: ssl.SSLContext | None, max_stanza_bytes: int,
+                 log: Any = None) -> None:
+        self.config = config
+        self.negotiation = negotiation
+        self.tls_context = tls_context
+        self.max_stanza_bytes = max_stanza_bytes
+        self.log = log
+        # A plain attribute (read per stanza by the session), set once connected.
+        self.stream: XmlStream
+        self.connected = False
+        self._deadline: float | None = None  # loop.time() the current wait ends at
+        self.server_info = ServerInfo()  # after discover()
 
-    async def bind(self, resource: str | None, timeout: float) -> str:
-        """Bind ``resource`` (or let the server pick); returns the full JID it bound."""
-        iq = st.element("iq", {"type": "set", "id": "bind-" + uuid.uuid4().hex[:8]})
-        bind = st.sub(iq, "bind", namespace=ns.BIND)
-        if resource:
-            st.sub(bind, "resource", text=resource)
-        reply = await self._request(iq, timeout)
-        if reply.get("type") != "result":
-            raise UpstreamBindFailed(reply)
-        jid_el = reply.find(f"{{{ns.BIND}}}bind/{{{ns.BIND}}}jid")
-        if jid_el is None or not jid_el.text:
-            raise UpstreamUnavailable("the server's bind result carries no JID")
-        self.jid = jid_el.text
-        if self._needs_session():
-            iq = st.element("iq", {"type": "set", "id": "sess-" + uuid.uuid4().hex[:8]})
-            st.sub(iq, "session", namespace=ns.SESSION)
-            reply = await self._request(iq, timeout)
-            if reply.get("type") != "result":
-                raise UpstreamBindFailed(reply)
-        return self.jid
+    @property
+    def features(self) -> Element:
+        """The authenticated stream's features."""
+        assert self.negotiation.features is not None
+        return self.negotiation.features
 
-    async def discover(self, domain: str, timeout: float) -> ServerInfo:
+    @property
+    def mechanism(self) -> str:
+        return self.negotiation.mechanism
+
+    @property
+    def jid(self) -> str:
+        return self.negotiation.jid
+
+    async def bind(self, resource: str | None, timeout: float | None = None) -> str:
+        """Bind ``resource`` (or let the server pick); returns the full JID it bound.
+        Raises UpstreamBindFailed when the server refuses, UpstreamUnavailable when the
+        stream breaks or the answer does not come."""
+        outcome = await self._carry_out(self.negotiation.bind(resource, timeout))
+        assert isinstance(outcome, UpstreamBound)
+        return outcome.jid
+
+    async def discover(self, domain: str | None = None,
+                       timeout: float | None = None) -> ServerInfo:
         """The domain's and the account's disco#info (XEP-0030), asked together after the
-        bind; what else arrives meanwhile is put back for the session to relay. An entity
-        that answers an error or not in time is unknown (None), not fatal."""
-        account = Jid.parse(self.jid).bare if self.jid else None
-        asked: dict[str, str] = {}
-        for target in (domain, str(account) if account else None):
-            if target:
-                iq_id = "disco-" + uuid.uuid4().hex[:8]
-                asked[iq_id] = target
-                self.stream.send(disco.info_query(target, iq_id))
-        answers: dict[str, DiscoInfo | None] = {}
-        other: list[codec.StreamEvent] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            while len(answers) < len(asked):
-                event = await self.stream.next_event(max(0.0, deadline - loop.time()))
-                el = event.element if isinstance(event, codec.StanzaReceived) else None
-                if el is not None and el.tag == st.IQ and el.get("id") in asked \
-                        and el.get("type") in ("result", "error"):
-                    answers[asked[el.get("id", "")]] = disco.parse_info(el)
-                else:
-                    other.append(event)
-                    if not isinstance(event, codec.StanzaReceived):
-                        break  # the stream closed or broke: the session's pump will see it
-        except TimeoutError:
-            pass
-        except ConnectionLost as exc:
-            raise UpstreamUnavailable(f"lost during discovery: {exc!r}") from exc
-        finally:
-            self.stream.put_back(other)
-        self.server_info = ServerInfo(domain=answers.get(domain),
-                                      account=answers.get(str(account)) if account else None)
+        bind; what else arrives meanwhile is put back for the session to relay."""
+        outcome = await self._carry_out(self.negotiation.discover(domain, timeout))
+        assert isinstance(outcome, ServerDiscovered)
+        self.server_info = outcome.info
         return self.server_info
 
-    async def _request(self, iq: Element, timeout: float) -> Element:
-        self.stream.send(iq)
+    # Carrying out -------------------------------------------------------------------------------
+
+    async def _carry_out(self, commands: Iterable[UpstreamCommand]) -> Outcome:
+        """The core's commands, and the events they wait for, until an outcome."""
+        core = self.negotiation
+        pending = deque(commands)
+        passed_on: list[codec.StreamEvent] = []
+        outcome: Outcome | None = None
         try:
             while True:
-                el = await self.stream.next_element(timeout)
-                if el.tag == st.IQ and el.get("id") == iq.get("id"):
-                    return el
-        except (ConnectionLost, UnexpectedEvent, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"lost during bind: {exc!r}") from exc
+                while pending:
+                    command = pending.popleft()
+                    if isinstance(command, ToServerDirect):
+                        self.stream.send(command.element)
+                    elif isinstance(command, StartTimer):
+                        self._deadline = asyncio.get_running_loop().time() + command.seconds
+                    elif isinstance(command, OpenStream):
+                        if command.restart:
+                            self.stream.restart()
+                        self.stream.send_header(codec.stream_header(to=command.to))
+                    elif isinstance(command, Log):
+                        if self.log is not None:
+                            getattr(self.log, command.level)(command.event, **command.fields)
+                    elif isinstance(command, PassOn):
+                        passed_on.append(command.event)
+                    elif isinstance(command, Connect):
+                        pending.extend(await self._connect(command))
+                    elif isinstance(command, StartTlsToServer):
+                        pending.extend(await self._start_tls(command))
+                    elif isinstance(command, UpstreamFailed):
+                        raise _failure(command)
+                    else:
+                        outcome = command
+                if outcome is not None:
+                    return outcome
+                pending.extend(await self._next_event(core))
+        finally:
+            if passed_on:
+                self.stream.put_back(passed_on)
+
+    async def _next_event(self, core: UpstreamNegotiation) -> list[UpstreamCommand]:
+        timeout = None
+        if self._deadline is not None:
+            timeout = max(0.0, self._deadline - asyncio.get_running_loop().time())
+        try:
+            event = await self.stream.next_event(timeout)
+        except TimeoutError:
+            return core.timed_out()
+        except ConnectionLost as exc:
+            return core.lost(str(exc))
+        return core.receive(event)
+
+    async def _connect(self, command: Connect) -> list[UpstreamCommand]:
+        context = self.tls_context if command.direct_tls else None
+        writer: asyncio.StreamWriter | None = None
+        try:
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
+            # that races with a finished connect, and an ended session would go on logging in.
+            async with asyncio.timeout(command.seconds):
+                if command.proxy_header is None:
+                    reader, writer = await asyncio.open_connection(
+                        command.host, command.port, ssl=context,
+                        server_hostname=command.server_hostname if context else None)
+                else:  # the header goes first, before TLS
+                    reader, writer = await asyncio.open_connection(command.host, command.port)
+                    writer.write(command.proxy_header)
+                    if context is not None:
+                        await writer.start_tls(context, server_hostname=command.server_hostname)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            if writer is not None:
+                writer.transport.abort()
+            return self.negotiation.connect_failed(str(exc) or type(exc).__name__)
+        # The server relays what other users send: its stanzas may nest as deep as the
+        # parser allows, so one odd message from someone else cannot cut this user's link.
+        self.stream = XmlStream(reader, writer, max_stanza_bytes=self.max_stanza_bytes,
+                                max_depth=codec.MAX_DEPTH_LIMIT,
+                                track_trailing=command.track_trailing)
+        self.connected = True
+        return self.negotiation.connected()
+
+    async def _start_tls(self, command: StartTlsToServer) -> list[UpstreamCommand]:
+        core = self.negotiation
+        if self.tls_context is None:
+            return core.tls_failed("no TLS context for the upstream")
+        try:
+            await self.stream.start_tls(self.tls_context, server_hostname=command.server_hostname,
+                                        timeout=command.seconds)
+        except PlaintextInjection as exc:
+            return core.tls_injection(exc.buffered + exc.parsed, exc.events)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            return core.tls_failed(tls_failure_reason(exc))
+        return core.tls_started()
+
+
+def _failure(command: UpstreamFailed) -> UpstreamError:
+    if command.kind == "auth":
+        return UpstreamAuthFailed(command.condition)
+    if command.kind == "loop":
+        return UpstreamLoop(command.reason)
+    if command.kind == "bind" and command.error_reply is not None:
+        return UpstreamBindFailed(command.error_reply)
+    return UpstreamUnavailable(command.reason)
 
 
 async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext | None,
@@ -202,126 +299,16 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     UpstreamUnavailable for everything else (refused, TLS failure, timeout, stream error).
     """
     _RESUME_SESSION.set(resume_tls)
-    timeout = config.connect_timeout
+    core = UpstreamNegotiation(config, username, password, own_stream_ids=own_stream_ids,
+                               client=client)
+    link = UpstreamLink(config, core, tls_context=tls_context,
+                        max_stanza_bytes=max_stanza_bytes, log=log)
     try:
-        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
-        # races with a finished connect, and an ended session would go on logging in.
-        async with asyncio.timeout(timeout):
-            if config.proxy_protocol == "off":
-                reader, writer = await asyncio.open_connection(
-                    config.host, config.port,
-                    ssl=tls_context if config.tls == "direct" else None,
-                    server_hostname=config.domain if config.tls == "direct" else None)
-            else:  # the header goes first, before TLS
-                reader, writer = await asyncio.open_connection(config.host, config.port)
-                encode = proxyproto.encode_v1 if config.proxy_protocol == "v1" \
-                    else proxyproto.encode_v2
-                writer.write(encode(*client))
-                if config.tls == "direct" and tls_context is not None:
-                    await writer.start_tls(tls_context, server_hostname=config.domain)
-    except (TimeoutError, OSError, ssl.SSLError) as exc:
-        raise UpstreamUnavailable(f"cannot connect to {config.host}:{config.port}: "
-                                  f"{exc or type(exc).__name__}") from exc
-    # The server relays what other users send: its stanzas may nest as deep as the parser
-    # allows, so one odd message from someone else cannot cut this user's link.
-    stream = XmlStream(reader, writer, max_stanza_bytes=max_stanza_bytes,
-                       max_depth=codec.MAX_DEPTH_LIMIT, track_trailing=config.tls == "starttls")
-    try:
-        return await _negotiate(stream, config, tls_context, username, password, timeout,
-                                own_stream_ids, log)
-    except UpstreamError:
-        stream.abort()
+        await link._carry_out(core.start())
+    except BaseException as exc:
+        if link.connected:
+            link.stream.abort()
+        if isinstance(exc, (ssl.SSLError, OSError)):
+            raise UpstreamUnavailable(f"negotiation with the server failed: {exc!r}") from exc
         raise
-    except (TimeoutError, ConnectionLost, UnexpectedEvent, ssl.SSLError, OSError) as exc:
-        stream.abort()
-        raise UpstreamUnavailable(f"negotiation with the server failed: {exc!r}") from exc
-
-
-async def _open(stream: XmlStream, domain: str, timeout: float,
-                own_stream_ids: Container[str] = frozenset()) -> Element:
-    """Send our header and return the server's stream features."""
-    stream.send_header(codec.stream_header(to=domain))
-    event = await stream.next_event(timeout)
-    if not isinstance(event, codec.StreamOpened):
-        raise UpstreamUnavailable(f"the server did not open a stream: {event}")
-    if event.attrs.get("id") in own_stream_ids:
-        raise UpstreamLoop("the upstream answered with this proxy's own stream id: "
-                           "upstream.host/upstream.port lead back to this proxy")
-    features = await stream.next_element(timeout)
-    if features.tag == ns.qname(ns.STREAM, "error"):
-        raise UpstreamUnavailable(f"stream error from the server: {st.error_condition(features)}")
-    if features.tag != ns.qname(ns.STREAM, "features"):
-        raise UpstreamUnavailable(f"expected stream features, got {features.tag}")
-    return features
-
-
-async def _negotiate(stream: XmlStream, config: UpstreamConfig,
-                     tls_context: ssl.SSLContext | None, username: str, password: str,
-                     timeout: float, own_stream_ids: Container[str],
-                     log: Any = None) -> UpstreamLink:
-    features = await _open(stream, config.domain, timeout, own_stream_ids)
-    if config.tls == "starttls":
-        if features.find(ns.qname(ns.TLS, "starttls")) is None:
-            raise UpstreamUnavailable("the server does not offer STARTTLS")
-        stream.send(st.element("starttls", namespace=ns.TLS))
-        answer = await stream.next_element(timeout)
-        if answer.tag != ns.qname(ns.TLS, "proceed"):
-            raise UpstreamUnavailable("the server refused STARTTLS")
-        assert tls_context is not None
-        try:
-            await stream.start_tls(tls_context, server_hostname=config.domain, timeout=timeout)
-        except PlaintextInjection as exc:
-            # RFC 6120 §5.4.3.3, the initiating side: nothing after <proceed/> may be used.
-            if log is not None:
-                log.warning("starttls_injection", side="upstream", bytes=exc.buffered
-                            + exc.parsed, elements=exc.events)
-            raise UpstreamUnavailable(f"starttls_injection: {exc}") from None
-        features = await _open(stream, config.domain, timeout)
-
-    offered = [m.text or "" for m in features.iterfind(
-        f"{{{ns.SASL}}}mechanisms/{{{ns.SASL}}}mechanism")]
-    name = sasl.choose_mechanism(offered)
-    if name is None:
-        raise UpstreamUnavailable(f"no usable SASL mechanism among {offered}")
-    mechanism = sasl.client_mechanism(name, username, password, domain=config.domain)
-    await _authenticate(stream, mechanism, timeout)
-    stream.restart()
-    features = await _open(stream, config.domain, timeout)
-    return UpstreamLink(stream=stream, features=features, mechanism=name)
-
-
-def _b64(data: bytes | None) -> str:
-    if data is None:
-        return ""
-    return base64.b64encode(data).decode() if data else "="
-
-
-async def _authenticate(stream: XmlStream, mechanism: sasl.ClientMechanism,
-                        timeout: float) -> None:
-    auth = st.element("auth", {"mechanism": mechanism.name}, namespace=ns.SASL,
-                      text=_b64(mechanism.initial_response()) or None)
-    stream.send(auth)
-    while True:
-        el = await stream.next_element(timeout)
-        local = etree.QName(el).localname
-        data = base64.b64decode(el.text or "") if el.text and el.text != "=" else b""
-        if el.tag == ns.qname(ns.SASL, "challenge"):
-            try:
-                response = mechanism.respond(data)
-            except sasl.SaslError as exc:
-                stream.send(st.element("abort", namespace=ns.SASL))
-                raise UpstreamUnavailable(f"SASL exchange broken by the server: {exc}") from exc
-            stream.send(st.element("response", namespace=ns.SASL, text=_b64(response) or None))
-        elif el.tag == ns.qname(ns.SASL, "success"):
-            try:
-                mechanism.verify_success(data or None)
-            except sasl.SaslError as exc:
-                raise UpstreamUnavailable(f"the server failed SASL mutual auth: {exc}") from exc
-            return
-        elif el.tag == ns.qname(ns.SASL, "failure"):
-            condition = st.error_condition(el) or "not-authorized"
-            if condition in _CREDENTIAL_FAILURES:
-                raise UpstreamAuthFailed(condition)
-            raise UpstreamUnavailable(f"SASL failure from the server: {condition}")
-        else:
-            raise UpstreamUnavailable(f"unexpected <{local}/> during SASL")
+    return link

@@ -326,7 +326,7 @@ class UpstreamSide:
     async def _restore(self, link: UpstreamLink) -> None:
         resource = self.session.core.jid.resource
         try:
-            full = await link.bind(resource, self.config.upstream.connect_timeout)
+            full = await link.bind(resource)
         except (UpstreamBindFailed, UpstreamUnavailable) as exc:
             await link.stream.close()
             raise _Stop(self.edge.bind_refused(resource, str(exc))) from exc

@@ -275,8 +275,9 @@ class XmlStreamParser:
         holds none (its libxml2 context is about 11 KiB). Only when lxml holds nothing
         unparsed: the last bytes fed ended a top-level element (or the header), with nothing
         but whitespace after it (lxml keeps a partial tag or character data until it can
-        parse it), and the scanner carries no partial token. The next bytes get a fresh parser primed with the header's namespace
-        declarations (:meth:`_prime`), so the events are the same. True if dropped."""
+        parse it), and the scanner carries no partial token. The next bytes get a fresh
+        parser primed with the header's namespace declarations (:meth:`_prime`), so the
+        events are the same. True if dropped."""
         if (self._parser is None or self._done or self._context is None
                 or self._depth != 1 or not self._between or self.track_trailing
                 or not self._scanner.idle):

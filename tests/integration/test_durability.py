@@ -371,7 +371,10 @@ def test_a_silently_dead_client_link_is_declared_dead(tmp_path: Path, certs) -> 
                     b.message(alice[0] + "/phone", "into the void")
                     await wait_for(lambda: s.proxy.events("session_ended"), 15,
                                    "session_ended")
-                    return loop.time() - started
+                    took = loop.time() - started
+                    # The ledger is logged once the session's upstream stream has closed.
+                    await wait_for(lambda: s.proxy.events("ledger"), 15, "ledger")
+                    return took
                 finally:
                     a.abort()
                     b.abort()

@@ -66,11 +66,14 @@ class LegacyProsody:
         close_timeout: float | None = None,
         mam: bool = False,
         pubsub_component: str | None = None,
+        extra_hosts: Sequence[str] = (),
     ) -> None:
         """`pubsub_component`: a pubsub service at that address (a XEP-0357 app server
         stand-in; only server admins, `admins` in `extra_config`, create nodes).
         `disabled_sasl_mechanisms` adds to Prosody's (DIGEST-MD5), e.g. ["SCRAM-SHA-1"]
-        to leave PLAIN; `extra_config` is raw Lua appended to the global section."""
+        to leave PLAIN; `extra_config` is raw Lua appended to the global section.
+        `extra_hosts`: more VirtualHosts beside `domain`, each with its own certificate
+        (`host_certs[host]`), for a proxy serving several domains."""
         for tool in ("prosody", "prosodyctl"):
             if shutil.which(tool) is None:
                 raise ProsodyError(f"`{tool}` not found on PATH. {_INSTALL_HINT}")
@@ -105,6 +108,9 @@ class LegacyProsody:
         self.data_dir.mkdir(exist_ok=True)
         self.cert_dir = self.workdir / "certs"
         self.cert, self.key = make_cert(self.cert_dir, domain)
+        self.extra_hosts = list(extra_hosts)
+        self.host_certs = {domain: (self.cert, self.key), **{
+            host: make_cert(self.cert_dir, host) for host in self.extra_hosts}}
         if muc:
             make_cert(self.cert_dir, f"conference.{domain}")
         self.config_path = self.workdir / "prosody.cfg.lua"
@@ -176,6 +182,10 @@ class LegacyProsody:
         lines.append(f"VirtualHost {_lua_str(self.domain)}")
         if self.muc_domain:
             lines.append(f"Component {_lua_str(self.muc_domain)} \"muc\"")
+        for host in self.extra_hosts:
+            cert, key = self.host_certs[host]
+            lines.append(f"VirtualHost {_lua_str(host)}")
+            lines.append(f"  ssl = {{ certificate = {_lua_str(cert)}; key = {_lua_str(key)} }}")
         if self.pubsub_component:
             lines.append(f"Component {_lua_str(self.pubsub_component)} \"pubsub\"")
         return "\n".join(lines) + "\n"
@@ -335,10 +345,12 @@ class LegacyProsody:
                 f"{shown} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
             )
 
-    def register(self, user: str, password: str) -> str:
-        """Create an account with prosodyctl (works while Prosody runs); returns the bare JID."""
-        self._prosodyctl("register", user, self.domain, password)
-        return f"{user}@{self.domain}"
+    def register(self, user: str, password: str, host: str | None = None) -> str:
+        """Create an account with prosodyctl (works while Prosody runs) on `host` (default:
+        `domain`); returns the bare JID."""
+        host = host or self.domain
+        self._prosodyctl("register", user, host, password)
+        return f"{user}@{host}"
 
     def unregister(self, user: str) -> None:
         """Delete an account (prosodyctl deluser)."""

@@ -39,9 +39,10 @@ class SmPeer:
     @classmethod
     async def login(cls, host: str, port: int, user: str, password: str, resource: str, *,
                     sm: bool = True, resume_max: int | None = None, presence: bool = True,
-                    direct_tls: bool = False, timeout: float = 10.0) -> SmPeer:
+                    direct_tls: bool = False, timeout: float = 10.0,
+                    to: str = "localhost") -> SmPeer:
         raw = await raw_login(host, port, user, password, direct_tls=direct_tls,
-                              resource=resource, timeout=timeout)
+                              resource=resource, timeout=timeout, to=to)
         peer = cls(raw)
         try:
             if sm:

@@ -164,8 +164,8 @@ class Ids:
     def __init__(self) -> None:
         self.n = itertools.count(1)
 
-    def __call__(self) -> str:
-        return f"A{next(self.n)}"
+    def __call__(self) -> tuple[str, None, None]:
+        return f"A{next(self.n)}", None, None
 
 
 def factory(**kw: object) -> mam.ArchiveFactory:
@@ -309,6 +309,16 @@ def test_another_users_archive_is_forbidden_and_a_rooms_passes() -> None:
     assert out.to_upstream and not out.commands
     out = s.from_client(query_iq(to=ALICE))  # its own, addressed explicitly
     assert any(isinstance(c, ArchiveQuery) for c in out.commands)
+
+
+def test_another_user_is_one_of_the_sessions_own_domain() -> None:
+    # Several served domains: a user of beta.example asks about its own domain's users.
+    f = factory()
+    s = SessionCore(Jid.parse("carol@beta.example/phone"), [f], None)
+    out = s.from_client(query_iq(to="dave@beta.example"))
+    assert st_condition(out.to_client[0]) == "forbidden" and not out.to_upstream
+    out = s.from_client(query_iq(to=BOB))  # another server's user: that server's to answer
+    assert out.to_upstream and not out.commands
 
 
 def test_form_and_metadata_requests() -> None:
@@ -490,3 +500,159 @@ def test_writer_enforces_the_size_limit(tmp_path: Path) -> None:
         assert ids_of(result) == [f"w{k}" for k in range(7, 12)]
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------------- ids and the file
+
+
+def put_new(area: ArchiveArea, n: int, *, account: str = ALICE, start: float = 1000.0,
+            with_: str = BOB) -> list[str]:
+    """``n`` messages with ids as the proxy hands them out (``ArchiveIds.new``)."""
+    rows, ids = [], []
+    for k in range(n):
+        archive_id, seq, nonce = area.ids.new()
+        ids.append(archive_id)
+        rows.append((account, ArchivedMessage(archive_id, start + k, "in", with_, with_,
+                                              f"<m n='{k}'/>".encode(), seq, nonce)))
+    area.put(rows)
+    return ids
+
+
+def test_the_proxys_ids_are_found_without_an_index_of_ids(area: ArchiveArea) -> None:
+    ids = put_new(area, 6)
+    fill(area, BOB, 2, prefix="b")
+    assert ids_of(search(area)) == ids
+    assert ids_of(search(area, max=2, after=ids[1])) == ids[2:4]
+    assert ids_of(search(area, max=2, before=ids[2])) == ids[:2]
+    assert ids_of(search(area, after_id=ids[0], before_id=ids[3])) == ids[1:3]
+    assert ids_of(search(area, ids=(ids[4], ids[1]))) == [ids[1], ids[4]]
+    # Found through the row number: no row of them is in the index of stored ids.
+    assert area.conn.execute("SELECT count(*) FROM archive WHERE account = ? AND"
+                             " nonce IS NULL", (ALICE,)).fetchone()[0] == 0
+    assert len(set(ids)) == 6 and all(len(i) == mam_ids_length() for i in ids)
+    # Another account's id, a tampered one and one of another archive's key are not found.
+    bob_id = put_new(area, 1, account=BOB)[0]
+    assert area.search(ALICE, ArchiveSearch(page=PageRequest(2, after=bob_id))) == \
+        ArchiveMissing(bob_id)
+    flipped = ids[0][:-2] + ("A" if ids[0][-2] != "A" else "B") + ids[0][-1]
+    assert area.search(ALICE, ArchiveSearch(ArchiveFilter(ids=(flipped,)))) == \
+        ArchiveMissing(flipped)
+    other = ArchiveArea(open_archive_connection(":memory:"))
+    foreign = put_new(other, 1)[0]
+    assert area.search(ALICE, ArchiveSearch(ArchiveFilter(after_id=foreign))) == \
+        ArchiveMissing(foreign)
+
+
+def mam_ids_length() -> int:
+    from proxy.archive_store import ArchiveIds
+    return ArchiveIds.LENGTH
+
+
+def test_ids_handed_out_are_never_handed_out_again_after_a_crash(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.sqlite3")
+    conn = open_archive_connection(path)
+    area = ArchiveArea(conn)
+    kept = put_new(area, 3)
+    lost = [area.ids.new() for _ in range(5)]  # stamped on messages, never written: a crash
+    conn.close()
+    conn = open_archive_connection(path)
+    again = ArchiveArea(conn)
+    assert ids_of(search(again)) == kept
+    fresh = [again.ids.new() for _ in range(5)]
+    assert {k[1] for k in fresh}.isdisjoint({k[1] for k in lost})
+    assert min(k[1] for k in fresh if k[1] is not None) > max(
+        k[1] for k in lost if k[1] is not None)
+    conn.close()
+
+
+class EventLog:
+    """Records the structured events the archive logs."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def warning(self, event: str, **kw: object) -> None:
+        self.events.append((event, kw))
+
+    info = warning
+
+
+def test_a_version_1_archive_is_rebuilt_and_its_ids_still_work(tmp_path: Path) -> None:
+    path = str(tmp_path / "old-archive.sqlite3")
+    import sqlite3
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE archive (seq INTEGER PRIMARY KEY AUTOINCREMENT, account TEXT NOT NULL,
+            archive_id TEXT NOT NULL, ts REAL NOT NULL, direction TEXT NOT NULL,
+            with_bare TEXT NOT NULL, with_full TEXT NOT NULL, stanza BLOB NOT NULL);
+        CREATE UNIQUE INDEX archive_by_id ON archive (account, archive_id);
+        CREATE INDEX archive_by_time ON archive (account, ts, seq);
+        CREATE INDEX archive_by_with ON archive (account, with_bare, ts, seq);
+        CREATE INDEX archive_by_age ON archive (ts);
+    """)
+    old.executemany("INSERT INTO archive (account, archive_id, ts, direction, with_bare,"
+                    " with_full, stanza) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(ALICE, f"oldid{k:011d}", 1000.0 + k, "in", BOB, BOB + "/r",
+                      f"<m n='{k}'/>".encode()) for k in range(5)]
+                    + [(BOB, "bobsoldid000000", 1000.0, "out", ALICE, ALICE, b"<m/>")])
+    old.commit()
+    old.close()
+    log = EventLog()
+    conn = open_archive_connection(path, log)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [(e, kw["rows"]) for e, kw in log.events] == [("archive_migrating", 6),
+                                                         ("archive_migrated", 6)]
+    indexes = {r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'archive'"
+        " AND sql IS NOT NULL")}
+    assert indexes == {"archive_by_time", "archive_by_with", "archive_by_stored_id"}
+    area = ArchiveArea(conn)
+    old_ids = [f"oldid{k:011d}" for k in range(5)]
+    assert ids_of(search(area)) == old_ids
+    assert ids_of(search(area, with_jid=BOB + "/r", with_bare=False)) == old_ids
+    assert ids_of(search(area, max=2, after=old_ids[2])) == old_ids[3:]
+    assert ids_of(search(area, ids=(old_ids[1],))) == [old_ids[1]]
+    new = put_new(area, 2, start=2000.0)
+    assert ids_of(search(area)) == old_ids + new
+    assert ids_of(search(area, after_id=old_ids[4])) == new
+    assert ids_of(search(area, account=BOB)) == ["bobsoldid000000"]
+    conn.close()
+    reopened = open_archive_connection(path, log)  # version 2 now: opened as it is
+    assert ids_of(search(ArchiveArea(reopened))) == old_ids + new
+    assert len(log.events) == 2
+    reopened.close()
+
+
+def test_writer_reserves_more_ids_before_they_run_out(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.archive_store import ArchiveIds
+    monkeypatch.setattr(ArchiveIds, "BLOCK", 8)
+    path = str(tmp_path / "store.db")
+
+    async def run() -> list[str]:
+        writer = ArchiveWriter(archive_path(path))
+        given = []
+        for k in range(40):
+            archive_id, seq, nonce = writer.new_id()
+            given.append(archive_id)
+            writer.put(ALICE, ArchivedMessage(archive_id, 1000.0 + k, "out", BOB, BOB,
+                                              b"<m/>", seq, nonce))
+            if k % 4 == 3:  # let the writer commit now and then, as the loop turns
+                writer.flush()
+                await asyncio.sleep(0.05)
+        got: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        writer.query(ALICE, ArchiveSearch(page=PageRequest(100)), got.set_result)
+        result = await asyncio.wait_for(got, 10)
+        reserved = writer.area.conn.execute(
+            "SELECT value FROM archive_meta WHERE name = 'reserved'").fetchone()[0]
+        top = writer.area.conn.execute("SELECT max(seq) FROM archive").fetchone()[0]
+        await writer.close()
+        assert isinstance(result, ArchivePage)
+        assert reserved > top
+        assert ids_of(result) == given
+        return given
+
+    given = asyncio.run(run())
+    assert len(set(given)) == 40
+    # The writer kept ahead: (nearly) every id is one of the proxy's own kind.
+    assert sum(len(i) == ArchiveIds.LENGTH for i in given) >= 36

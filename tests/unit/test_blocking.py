@@ -8,7 +8,7 @@ import copy
 import pytest
 from lxml import etree
 
-from proxy.commands import ToAccount
+from proxy.commands import Log, ToAccount, WhenStored
 from proxy.config import ConfigError, parse_config
 from proxy.features.blocking import BLOCKING, BLOCKING_ERRORS, BlockingFactory, is_blocked
 from proxy.session import Outputs, SessionCore
@@ -40,12 +40,24 @@ class Account:
                          for r in resources}
         self.client: dict[str, list[Element]] = {r: [] for r in resources}
         self.upstream: dict[str, list[Element]] = {r: [] for r in resources}
+        # WhenStored as the shell carries it out: at once (the writer committed), unless
+        # the test holds them to commit or fail them itself.
+        self.hold = False
+        self.held: list[tuple[str, WhenStored]] = []
+        self.logs: list[Log] = []
 
     def _run(self, resource: str, out: Outputs) -> None:
         self.client[resource].extend(out.to_client)
         self.upstream[resource].extend(out.to_upstream)
         for command in out.commands:
-            if isinstance(command, ToAccount):
+            if isinstance(command, Log):
+                self.logs.append(command)
+            elif isinstance(command, WhenStored):
+                if self.hold:
+                    self.held.append((resource, command))
+                else:
+                    self._run(resource, command.then)
+            elif isinstance(command, ToAccount):
                 for other, core in self.sessions.items():
                     if other != resource:
                         self._run(other, core.from_account(command.kind,
@@ -70,6 +82,12 @@ class Account:
         items = "".join(f"<item jid='{j}'/>" for j in jids)
         return self.send(resource, f"<iq type='set' id='{iq_id}'><block xmlns='{BLOCKING}'>"
                                    f"{items}</block></iq>")
+
+    def release(self, *, committed: bool = True) -> None:
+        """The writer committed (or failed to commit) what the held replies wait for."""
+        held, self.held = self.held, []
+        for resource, command in held:
+            self._run(resource, command.then if committed else command.failed)
 
     def close(self) -> None:
         for core in self.sessions.values():
@@ -130,6 +148,46 @@ def test_pushes_only_to_sessions_that_asked_for_the_list() -> None:
     acct.send("chamber", f"<iq type='set' id='u'><unblock xmlns='{BLOCKING}'/></iq>")
     unblock = acct.client["balcony"][-1]
     assert unblock.find(f"{{{BLOCKING}}}unblock") is not None and len(unblock[0]) == 0
+
+
+def test_the_result_and_the_pushes_wait_for_the_store_and_the_block_is_in_force_at_once(
+        ) -> None:
+    acct = Account("chamber", "balcony")
+    acct.blocklist("chamber")
+    acct.blocklist("balcony")
+    acct.hold = True
+    assert acct.block("chamber", "romeo@montague.net") == []  # held: not yet stored
+    assert acct.client["balcony"][1:] == []  # nor pushed (§3.3: the result comes first)
+    # In force meanwhile: a message to the contact is refused, and the list says so.
+    (refused,) = acct.send("chamber", "<message to='romeo@montague.net'><body>hi</body>"
+                                      "</message>")
+    assert error_condition(refused) == "not-acceptable"
+    assert acct.blocklist("balcony") == ["romeo@montague.net"]
+    before = len(acct.client["chamber"])
+    acct.release()  # the writer committed
+    answer, push = acct.client["chamber"][before:]
+    assert answer.get("type") == "result" and answer.get("id") == "b"
+    assert push.get("type") == "set" and push.find(f"{{{BLOCKING}}}block") is not None
+    (other,) = acct.client["balcony"][2:]
+    assert [i.get("jid") for i in other.iter(ITEM)] == ["romeo@montague.net"]
+
+
+def test_a_block_the_store_failed_to_write_gets_an_error_and_no_push() -> None:
+    acct = Account("chamber", "balcony")
+    acct.blocklist("balcony")
+    acct.hold = True
+    acct.send("chamber", f"<iq type='set' id='u'><unblock xmlns='{BLOCKING}'/></iq>")
+    acct.block("chamber", "romeo@montague.net", iq_id="b2")
+    acct.release(committed=False)
+    unblocked, error = acct.client["chamber"]
+    assert unblocked.get("type") == "error" and unblocked.get("id") == "u"
+    assert error.get("type") == "error" and error.get("id") == "b2"
+    assert error_condition(error) == "internal-server-error"
+    assert error.find("{jabber:client}error").get("type") == "wait"  # try again later
+    assert acct.client["balcony"][1:] == []  # nothing pushed: nothing was stored
+    assert [(c.event, c.fields.get("action"), c.level) for c in acct.logs
+            if c.event == "blocklist_not_stored"] == [
+        ("blocklist_not_stored", "unblock", "error"), ("blocklist_not_stored", "block", "error")]
 
 
 def test_bad_requests() -> None:

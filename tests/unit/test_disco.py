@@ -80,7 +80,7 @@ ACCOUNT = DiscoInfo((Identity("account", "registered"),), frozenset())
 
 
 def session(server: ServerInfo) -> tuple[SessionCore, Discovery]:
-    core = SessionCore(Jid.parse("me@x/phone"), [Adds(), DiscoveryFactory("x")], server)
+    core = SessionCore(Jid.parse("me@x/phone"), [Adds(), DiscoveryFactory()], server)
     feature = core.features[1]
     assert isinstance(feature, Discovery)
     return core, feature

@@ -212,3 +212,15 @@ def test_merged_batches_keep_the_furthest_cut_and_many_stanzas_fit_one_row(
     assert [n for _, lane, n in held_in_journal(store) if lane == "c2s"] == [4]
     asyncio.run(journal.close())
     store.close()
+
+
+def test_recovery_stamps_a_message_from_its_accounts_own_domain(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "domains.sqlite3"))
+    with store.transaction() as c:
+        c.execute("INSERT INTO ledger_journal (session, lane, first_n, last_n, account,"
+                  " queued_at, stanzas) VALUES ('s1', 's2c', 0, 0, 'carol@beta.test',"
+                  " 1000000.0, ?)", (etree.tostring(message(5, **{"from": "a@localhost/x"})),))
+    recover(store, now=2_000_000.0, stored_ttl=60, domain="localhost")  # the default domain
+    [offline] = store.offline.offline_take("carol@beta.test", now=2_000_000.0)
+    assert etree.fromstring(offline).find("{urn:xmpp:delay}delay").get("from") == "beta.test"
+    store.close()

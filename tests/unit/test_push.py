@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lxml import etree
 
-from proxy.commands import Log, StartTimer, ToAccount, ToServerDirect
+from proxy.commands import Log, StartTimer, ToAccount, ToServerDirect, WhenStored
 from proxy.config import parse_config
 from proxy.features.push import (PUBLISH_OPTIONS, PUSH, SUMMARY, TIMER, PushFactory,
                                  PushPolicy, Registration)
@@ -71,6 +71,12 @@ def summary(iq: etree._Element) -> dict[str, str]:
     return {f.get("var"): f.findtext(f"{{{DATA}}}value") for f in form.iter(f"{{{DATA}}}field")}
 
 
+def held(out: Outputs) -> WhenStored:
+    """The one reply held until the store's writer committed."""
+    (when,) = [c for c in out.commands if isinstance(c, WhenStored)]
+    return when
+
+
 def hibernate(core: SessionCore, unacked: list[etree._Element] | None = None) -> Outputs:
     return core.client_detached(unacked or [])
 
@@ -83,13 +89,26 @@ def test_enable_is_answered_by_the_proxy_and_kept_in_the_store(tmp_path) -> None
     core, _factory, _ = make(store=store)
     out = enable(core)
     assert out.to_upstream == []  # never forwarded
-    (answer,) = out.to_client
+    # The result is a promise that it is stored: held until the writer's commit.
+    assert out.to_client == []
+    when = held(out)
+    (answer,) = when.then.to_client
     assert answer.get("type") == "result" and answer.get("id") == "e1"
     assert answer.get("to") == f"{ACCOUNT}/phone" and answer.get("from") is None
+    # If the commit fails: an error to retry later, and an event saying so.
+    (error,) = when.failed.to_client
+    assert error.get("type") == "error" and error.get("id") == "e1"
+    assert error.get("from") is None
+    assert error.find(f"{{{CLIENT}}}error").get("type") == "wait"
+    assert error.find(f"{{{CLIENT}}}error/{{urn:ietf:params:xml:ns:xmpp-stanzas}}"
+                      "internal-server-error") is not None
+    assert [c.event for c in when.failed.commands if isinstance(c, Log)] == ["push_not_stored"]
     (reg,) = store.push.registrations(ACCOUNT)
     assert (reg.jid, reg.node) == ("push.example", "N1")
     assert reg.options is not None and b"s3cr3t" in reg.options
-    # Another proxy run (a new factory on the same store) knows it.
+    # Another proxy run (a new factory on the same store) knows it, once the store's
+    # writer has committed it (this run's next batch; at the latest its close).
+    store.writer.flush()
     again = Store(str(tmp_path / "s.sqlite3"))
     core2, _, _ = make(store=again)
     hibernate(core2)
@@ -124,7 +143,8 @@ def test_disable_one_node_or_every_node_of_a_service() -> None:
     enable(core, jid="other.example", node="N3", iq_id="e3")
     out = core.from_client(xml(f"<iq type='set' id='d1'><disable xmlns='{PUSH}' "
                                "jid='push.example' node='N1'/></iq>"))
-    assert out.to_client[0].get("type") == "result"
+    assert out.to_client == []
+    assert held(out).then.to_client[0].get("type") == "result"
     assert set(factory.accounts[ACCOUNT].targets) == {("push.example", "N2"),
                                                       ("other.example", "N3")}
     core.from_client(xml(f"<iq type='set' id='d2'><disable xmlns='{PUSH}' "

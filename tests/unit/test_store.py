@@ -338,3 +338,177 @@ def test_a_reloaded_book_equals_the_one_that_wrote_it(tmp_path: Path) -> None:
     assert loaded.changes_since(loaded.version.floor) == book.changes_since(book.version.floor)
     assert loaded.preapprovals() == {"q@x"}
     again.close()
+
+
+# ---------------------------------------------------------------- push and blocklist writes
+
+
+def _on_disk(path: str, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """What another connection (another process, the next run) reads."""
+    other = sqlite3.connect(path)
+    try:
+        return [tuple(r) for r in other.execute(sql, params).fetchall()]
+    finally:
+        other.close()
+
+
+def test_blocks_and_push_registrations_do_not_wait_for_a_locked_database(
+        tmp_path: Path) -> None:
+    """Written by the store's writer thread, like the roster: a database locked by someone
+    else holds up neither the block nor the registration (a write on the loop would wait
+    for the lock and then fail), and the area's own reads see them at once."""
+    from proxy.features.push import Registration
+    path = str(tmp_path / "s.sqlite3")
+    store = Store(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        store.blocklist.add(A, ["evil@x", "spam.example"])
+        store.push.save(A, Registration("push.example", "N1", b"<x/>"))
+        assert store.writer.committed < store.writer.submitted  # still queued
+        assert store.blocklist.items(A) == {"evil@x", "spam.example"}
+        assert store.push.registrations(A) == [Registration("push.example", "N1", b"<x/>")]
+        assert store.blocklist.items(B) == set() and store.push.registrations(B) == []
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    store.writer.flush()
+    assert _on_disk(path, "SELECT jid FROM blocklist ORDER BY jid") == [
+        ("evil@x",), ("spam.example",)]
+    assert _on_disk(path, "SELECT jid, node FROM push_registrations") == [
+        ("push.example", "N1")]
+    store.close()
+
+
+def test_reads_before_the_commit_apply_the_queued_changes_in_order(tmp_path: Path) -> None:
+    from proxy.features.push import Registration
+    path = str(tmp_path / "s.sqlite3")
+    store = Store(path)
+    store.blocklist.add(A, ["old@x", "keep@x"])
+    store.push.save(A, Registration("a.example", "1"))
+    store.push.save(A, Registration("b.example", "1"))
+    store.writer.flush()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        store.blocklist.remove(A, ["old@x"])
+        store.blocklist.add(A, ["new@x", "old@x"])
+        store.blocklist.clear(A)
+        store.blocklist.add(A, ["last@x"])
+        assert store.blocklist.items(A) == {"last@x"}
+        store.push.save(A, Registration("a.example", "1", b"<renewed/>"))  # moves to the end
+        store.push.save(A, Registration("c.example", "2"))
+        store.push.delete(A, "b.example")
+        store.push.delete(A, "c.example", "other-node")  # matches nothing
+        assert [(r.jid, r.options) for r in store.push.registrations(A)] == [
+            ("a.example", b"<renewed/>"), ("c.example", None)]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    store.writer.flush()
+    # Committed now: the database says the same as the reads did.
+    assert _on_disk(path, "SELECT jid FROM blocklist WHERE account = ?", A) == [("last@x",)]
+    assert _on_disk(path, "SELECT jid, options FROM push_registrations ORDER BY id") == [
+        ("a.example", b"<renewed/>"), ("c.example", None)]
+    assert store.blocklist.items(A) == {"last@x"}
+    assert [r.jid for r in store.push.registrations(A)] == ["a.example", "c.example"]
+    store.close()
+
+
+def test_a_committed_block_survives_a_crash_and_the_next_run_says_it_was_unclean(
+        tmp_path: Path) -> None:
+    """The guarantee: a block is on disk with the writer's next batch; a crash after that
+    loses nothing, and the next run knows its predecessor did not close the store."""
+    path = str(tmp_path / "s.sqlite3")
+    first = Store(path)
+    assert first.unclean is False  # a new file: nothing was lost
+    first.blocklist.add(A, ["evil@x"])
+    first.writer.flush()  # the batch is committed; the process dies here: no close()
+    crashed = Store(path)
+    assert crashed.unclean is True
+    assert crashed.blocklist.items(A) == {"evil@x"}
+    crashed.close()
+    clean = Store(path)
+    assert clean.unclean is False and clean.blocklist.items(A) == {"evil@x"}
+    clean.close()
+
+
+# ---------------------------------------------------------------- the writer tells the loop
+
+
+def _refuse_blocks(path: str) -> None:
+    """Fault injection: every insert into the blocklist fails (as a full disk would)."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TRIGGER refuse BEFORE INSERT ON blocklist"
+                  " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    other.close()
+
+
+def _allow_blocks(path: str) -> None:
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("DROP TRIGGER refuse")
+    other.close()
+
+
+def test_the_writer_tells_the_loop_once_what_was_queued_is_committed(tmp_path: Path) -> None:
+    """``when_committed``: called on the loop after the writer's thread committed every
+    write handed to it before (not at the submit: the database is locked meanwhile)."""
+    import asyncio
+    path = str(tmp_path / "s.sqlite3")
+    store = Store(path)
+
+    async def main() -> list[str]:
+        heard: list[str] = []
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        store.blocklist.add(A, ["evil@x"])
+        store.writer.when_committed(lambda: heard.append(
+            "first" if _on_disk(path, "SELECT jid FROM blocklist WHERE jid = 'evil@x'")
+            else "first, not on disk"), lambda error: heard.append("failed"))
+        store.blocklist.add(A, ["spam.example"])
+        store.writer.when_committed(lambda: heard.append("second"),
+                                    lambda error: heard.append("failed"))
+        await asyncio.sleep(0.3)
+        assert heard == []  # the writer waits for the lock: nothing is promised yet
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        for _ in range(200):
+            if len(heard) == 2:
+                break
+            await asyncio.sleep(0.02)
+        # Nothing waits any more: at once, before returning.
+        store.writer.when_committed(lambda: heard.append("now"), lambda error: None)
+        return heard
+    # In order, and the row was on disk when the first one heard.
+    assert asyncio.run(main()) == ["first", "second", "now"]
+    store.close()
+
+
+def test_a_failed_commit_tells_the_waiters_and_is_tried_again(tmp_path: Path) -> None:
+    import asyncio
+    path = str(tmp_path / "s.sqlite3")
+    store = Store(path)
+    _refuse_blocks(path)
+
+    async def main() -> tuple[list[str], list[str]]:
+        first: list[str] = []
+        store.blocklist.add(A, ["evil@x"])
+        store.writer.when_committed(lambda: first.append("done"), first.append)
+        for _ in range(200):
+            if first:
+                break
+            await asyncio.sleep(0.02)
+        assert store.writer.committed < store.writer.submitted  # not given up
+        _allow_blocks(path)
+        later: list[str] = []
+        store.writer.when_committed(lambda: later.append("done"), later.append)
+        for _ in range(300):
+            if later:
+                break
+            await asyncio.sleep(0.02)
+        return first, later
+    first, later = asyncio.run(main())
+    assert len(first) == 1 and "refused by the test" in first[0]  # heard once: the error
+    assert later == ["done"]  # the writer tried again, in order, and it is on disk
+    assert _on_disk(path, "SELECT jid FROM blocklist") == [("evil@x",)]
+    store.close()
