@@ -120,7 +120,8 @@ class UpstreamSide:
         self.finished = Flag()  # set once this side is gone for good
         self.finished_callback: Callable[[], None] | None = None
         self._run_commands(self.edge.connected(link.features))
-        link.features = codec.detached(link.features)  # kept as long as the session
+        # Kept as long as the session: a copy that keeps no stream parser alive.
+        link.negotiation.features = codec.detached(link.features)
         self._task = asyncio.create_task(self._run())
 
     def password_is(self, password: str) -> bool:
@@ -342,7 +343,8 @@ class UpstreamSide:
             self.counters.upstream_restores += 1
             self.counters.outage_seconds += outage
         self._run_commands(self.edge.connected(link.features))
-        link.features = codec.detached(link.features)  # kept as long as the session
+        # Kept as long as the session: a copy that keeps no stream parser alive.
+        link.negotiation.features = codec.detached(link.features)
         # A finishing session's client is gone: nothing of its state is restored (its
         # contacts must not see it come back online), only what it sent is replayed.
         restore = (self.session.core.upstream_restored() if not self.edge.finishing
