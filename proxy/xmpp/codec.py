@@ -257,9 +257,10 @@ class XmlStreamParser:
         last = _last_tag_piece(data)
         if last is not None and len(data) - last > self._slice:
             last = None
-        head = data if last is None else data[:last]
-        for offset in range(0, len(head), self._slice):
-            if not self._feed_slice(head[offset:offset + self._slice], events):
+        end = len(data) if last is None else last
+        step = self._slice
+        for offset in range(0, end, step):
+            if not self._feed_slice(data[offset:min(offset + step, end)], events):
                 return events
         if last is None:
             if data.strip(_XML_SPACE):  # only whitespace changes nothing
