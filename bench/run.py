@@ -408,12 +408,18 @@ class Bench:
                             f"{run + 1}")
                     proxy = await self.started(self.proxy_before_fast(
                         name, upstream, stats=True, **overrides))
+                    # --profile: the first run of each variant too (the relay without the
+                    # journal is where the per-stanza path shows best)
+                    tag = f"capacity-{variant_tag(variant)}{'-sm' if sm else ''}"
                     try:
                         vias[(variant, sm)].append(await load.throughput(
                             self.ep(proxy_label(variant, sm).removeprefix("via "),
                                     proxy.port, watch=proxy,
                                     also={upstream.name: upstream.pid}),
-                            accounts, sm=sm, sample=proxy.journal_stats, **kw))
+                            accounts, sm=sm, sample=proxy.journal_stats,
+                            on_window=self._profiler(proxy, tag) if run == 0 else None,
+                            **kw))
+                        self._finish_profile(tag)
                     finally:
                         await self.stopped(proxy)
         finally:
@@ -937,8 +943,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--restore-timeout", type=float, default=180.0,
                    help="seconds to wait for every session to be restored (180)")
     p.add_argument("--profile", metavar="DIR",
-                   help="py-spy the proxy during the capacity case; samples and hot spots "
-                        "go to DIR")
+                   help="py-spy the proxy during the capacity case (and the first run of "
+                        "each --durability variant); samples and hot spots go to DIR")
     p.add_argument("--memtrace", metavar="DIR",
                    help="memory: run the proxy under tracemalloc (bench/memtrace.py) and write "
                         "where each idle session's memory goes to DIR; its RSS figures then "

@@ -86,11 +86,12 @@ class ClientEdge:
             number = lane.enter()
             sm.track(el, written=self.attached)
             out: list[Command] = []
+            document = None
             if self.policy.journal:
-                out.append(JournalPut("s2c", number, etree.tostring(el),
-                                      sm.unacked[-1].queued_at))
+                document = codec.document(el)
+                out.append(JournalPut("s2c", number, document, sm.unacked[-1].queued_at))
             if self.attached:
-                out.append(ToClient(el, own))
+                out.append(ToClient(el, own, document))
             if sm.overflowing:
                 out += [Log("sm_queue_overflow", {"queued": len(sm.unacked)}, "warning"),
                         EndSession("stream management queue overflow")]
@@ -377,7 +378,7 @@ class ClientEdge:
             return []
         # After a crash this one may be sent twice: an origin-id lets receivers tell.
         ensure_origin_id(el)
-        return [JournalPut("c2s", number, etree.tostring(el), self.wall_clock())]
+        return [JournalPut("c2s", number, codec.document(el), self.wall_clock())]
 
     def c2s_left(self, count: int, exit: Exit) -> list[Command]:
         if not count:
@@ -463,10 +464,13 @@ def ensure_origin_id(el: Element) -> None:
     """Give a message with an id an XEP-0359 ``<origin-id/>`` of the same value unless it
     carries one already. A message without an id is left as it is (a rule may have removed
     it on purpose), and so are errors."""
-    if el.tag != st.MESSAGE or el.get("type") == "error" or el.find(_ORIGIN_ID) is not None:
+    if el.tag != st.MESSAGE:
         return
     msg_id = el.get("id")
-    if not msg_id:
+    if not msg_id or el.get("type") == "error":
         return
+    for child in el:  # not find(): it parses its path on every call
+        if child.tag == _ORIGIN_ID:
+            return
     origin = st.sub(el, "origin-id", {"id": msg_id}, namespace=ns.SID)
     origin.tail = None

@@ -22,10 +22,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class ToClient:
     """Write to the client's connection now (a stanza already tracked, or a nonza).
-    ``own``: the proxy made it (for the inspection log)."""
+    ``own``: the proxy made it (for the inspection log). ``document``: the element as
+    ``codec.document`` made it for the journal just now, so the write does not serialize
+    it again."""
 
     element: Element
     own: bool = False
+    document: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

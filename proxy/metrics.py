@@ -195,7 +195,11 @@ class Counters:
     def relayed(self, stanzas: dict[str, int], tag: str, read_at: float) -> None:
         """One stanza through the pipeline (the relay path: keep it this small)."""
         stanzas[tag] = stanzas.get(tag, 0) + 1
-        self.relay_seconds.observe(time.perf_counter() - read_at)
+        # Histogram.observe, inline: two calls less per stanza
+        histogram = self.relay_seconds
+        seconds = time.perf_counter() - read_at
+        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+        histogram.sum += seconds
 
     def lines(self) -> list[str]:
         lines = prometheus("xmpp_front_logins_total", "counter",

@@ -14,29 +14,47 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .xmpp.disco import Additions, ServerInfo
 from .xmpp.jid import Jid
-from .xmpp.stanza import Element
+from .xmpp.stanza import IQ, MESSAGE, PRESENCE, Element
 
 if TYPE_CHECKING:
     from .commands import Command
 
 
+STANZA_TAGS = (MESSAGE, PRESENCE, IQ)
 # Stanzas the proxy sends itself carry ids with this prefix; their replies are its own.
 OWN_ID_PREFIX = "xf-"
 
 
-@dataclass
 class Outputs:
     """What one input produced, in order, per direction, and any other commands for the
-    shell (``proxy/commands.py``: what the rules matched and asked to log, ...)."""
+    shell (``proxy/commands.py``: what the rules matched and asked to log, ...).
 
-    to_client: list[Element] = field(default_factory=list)
-    to_upstream: list[Element] = field(default_factory=list)
-    commands: list[Command] = field(default_factory=list)
+    A plain slotted class, not a dataclass: one is made per stanza in each direction."""
+
+    __slots__ = ("commands", "to_client", "to_upstream")
+
+    def __init__(self, to_client: list[Element] | None = None,
+                 to_upstream: list[Element] | None = None,
+                 commands: list[Command] | None = None) -> None:
+        self.to_client: list[Element] = [] if to_client is None else to_client
+        self.to_upstream: list[Element] = [] if to_upstream is None else to_upstream
+        self.commands: list[Command] = [] if commands is None else commands
+
+    def __repr__(self) -> str:
+        return (f"Outputs(to_client={self.to_client!r}, to_upstream={self.to_upstream!r}, "
+                f"commands={self.commands!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Outputs):
+            return NotImplemented
+        return (self.to_client, self.to_upstream, self.commands) == (
+            other.to_client, other.to_upstream, other.commands)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
 
     def extend(self, other: Outputs) -> None:
         self.to_client.extend(other.to_client)
@@ -49,7 +67,14 @@ class Feature:
 
     ``from_client``/``from_upstream`` return the stanza (maybe changed) to pass it on, or
     None when the feature consumed it; answers and stanzas of its own go into ``out``.
+
+    ``client_tags``/``upstream_tags``: the stanza tags a feature's hook is about (e.g.
+    ``{st.IQ}``), when it returns every other stanza unchanged at once; the relay path then
+    does not call it for those. None: every stanza.
     """
+
+    client_tags: ClassVar[frozenset[str] | None] = None
+    upstream_tags: ClassVar[frozenset[str] | None] = None
 
     def stream_features(self) -> Iterable[Element]:
         """Children for the post-authentication ``<stream:features/>``."""
@@ -155,11 +180,20 @@ class SessionCore:
         self.additions = disco_additions(factories, self.server)
         self.features: list[Feature] = [factory.create(self) for factory in factories]
         # The relay path calls only the features that have a stanza hook of their own (the
-        # others would return the stanza unchanged): bound methods, in pipeline order.
-        self._client_hooks = [f.from_client for f in self.features
-                              if type(f).from_client is not Feature.from_client]
-        self._upstream_hooks = [f.from_upstream for f in reversed(self.features)
-                                if type(f).from_upstream is not Feature.from_upstream]
+        # others would return the stanza unchanged): bound methods, in pipeline order, and
+        # per stanza tag only those about it (``Feature.client_tags``/``upstream_tags``).
+        client = [f for f in self.features if type(f).from_client is not Feature.from_client]
+        upstream = [f for f in reversed(self.features)
+                    if type(f).from_upstream is not Feature.from_upstream]
+        self._client_hooks = [f.from_client for f in client]
+        self._upstream_hooks = [f.from_upstream for f in upstream]
+        self._client_hooks_by_tag = {
+            tag: [f.from_client for f in client if f.client_tags is None or tag in f.client_tags]
+            for tag in STANZA_TAGS}
+        self._upstream_hooks_by_tag = {
+            tag: [f.from_upstream for f in upstream
+                  if f.upstream_tags is None or tag in f.upstream_tags]
+            for tag in STANZA_TAGS}
 
     def new_id(self, purpose: str) -> str:
         """An id for a stanza the proxy itself sends (unique within the session)."""
@@ -178,7 +212,7 @@ class SessionCore:
         # speak as anybody else, whatever it wrote.
         el.set("from", self._jid_text)
         result: Element | None = el
-        for hook in self._client_hooks:
+        for hook in self._client_hooks_by_tag.get(el.tag, self._client_hooks):
             result = hook(self, result, out)
             if result is None:
                 return out
@@ -188,7 +222,7 @@ class SessionCore:
     def from_upstream(self, el: Element) -> Outputs:
         out = Outputs()
         result: Element | None = el
-        for hook in self._upstream_hooks:
+        for hook in self._upstream_hooks_by_tag.get(el.tag, self._upstream_hooks):
             result = hook(self, result, out)
             if result is None:
                 return out

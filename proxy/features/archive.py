@@ -367,6 +367,9 @@ def _parse_archived(data: bytes) -> Element:
 
 
 class Archive(Feature):
+    client_tags = frozenset((st.IQ, st.MESSAGE))
+    upstream_tags = frozenset((st.MESSAGE,))
+
     def __init__(self, factory: ArchiveFactory) -> None:
         self.factory = factory
         self.config = factory.config

@@ -258,14 +258,16 @@ class Carbons(_CarbonsPart):
 
 class CarbonsTap(_CarbonsPart):
     """Received copies, made from what the client is given (after rules and blocking)."""
+    upstream_tags = frozenset((st.MESSAGE,))
+
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         if el.tag != st.MESSAGE:
             return el
-        private = el.find(_PRIVATE)
-        if private is not None:
-            el.remove(private)  # §7: the receiving server removes it; never copied
-            return el
+        for child in el:  # not find(): it parses its path on every call
+            if child.tag == _PRIVATE:
+                el.remove(child)  # §7: the receiving server removes it; never copied
+                return el
         if not self._acct.anyone_enabled():
             return el  # (this session too: an enabled one must note what it got itself)
         if bare_of(el.get("from")) == self._account:

@@ -18,22 +18,33 @@ from ..xmpp.stanza import Element
 _ORIGIN_ID = "{urn:xmpp:sid:0}origin-id"
 
 
+PRUNE_EVERY = 64  # messages between two sweeps of what fell out of the window
+
+
 class Dedupe(Feature):
+    upstream_tags = frozenset((st.MESSAGE,))
+
     def __init__(self, window: float, max_entries: int, clock: Callable[[], float]) -> None:
         self.window = window
         self.max_entries = max_entries
         self.clock = clock
+        # key -> when the client was given it, oldest first
         self.seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._until_prune = PRUNE_EVERY
 
     @staticmethod
     def key(el: Element) -> tuple[str, str, str] | None:
         # The sender is part of the key: nobody can suppress another's message by reusing
         # its id or origin-id.
-        origin = el.find(_ORIGIN_ID)
-        if origin is not None and origin.get("id"):
-            return ("origin-id", el.get("from", ""), origin.get("id", ""))
-        if el.get("id"):
-            return ("id", el.get("from", ""), el.get("id", ""))
+        for child in el:  # the first origin-id, as find() would give, without its path parser
+            if child.tag == _ORIGIN_ID:
+                origin = child.get("id")
+                if origin:
+                    return ("origin-id", el.get("from", ""), origin)
+                break
+        msg_id = el.get("id")
+        if msg_id:
+            return ("id", el.get("from", ""), msg_id)
         return None
 
     def from_store(self, session: SessionCore, el: Element) -> Element | None:
@@ -48,12 +59,22 @@ class Dedupe(Feature):
         if key is None:
             return el
         now = self.clock()
-        while self.seen and (len(self.seen) >= self.max_entries
-                             or next(iter(self.seen.values())) < now - self.window):
-            self.seen.popitem(last=False)
-        if key in self.seen:
-            return None
-        self.seen[key] = now
+        seen = self.seen
+        given = seen.get(key)
+        if given is not None:
+            if given >= now - self.window:
+                return None
+            del seen[key]  # out of the window: a new message after all
+        # What fell out of the window is swept every PRUNE_EVERY messages, not on each one
+        # (a stale entry never drops anything: its time is checked above).
+        self._until_prune -= 1
+        if self._until_prune <= 0 or len(seen) >= self.max_entries:
+            self._until_prune = PRUNE_EVERY
+            oldest = now - self.window
+            while seen and (len(seen) >= self.max_entries
+                            or next(iter(seen.values())) < oldest):
+                seen.popitem(last=False)
+        seen[key] = now
         return el
 
 

@@ -39,6 +39,9 @@ def caps_for(server: ServerInfo, additions: set[str],
 
 
 class Discovery(Feature):
+    client_tags = frozenset((st.IQ,))
+    upstream_tags = frozenset((st.IQ,))
+
     def __init__(self, domain: str) -> None:
         self.domain = domain
         self._asked: dict[str, str] = {}  # iq id -> "domain" | "account", awaiting the server

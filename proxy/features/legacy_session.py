@@ -13,6 +13,8 @@ _SESSION = ns.qname(ns.SESSION, "session")
 
 
 class LegacySession(Feature):
+    client_tags = frozenset((st.IQ,))
+
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
         if el.tag == st.IQ and el.get("type") == "set" and el.find(_SESSION) is not None:
             reply = st.iq_result(el)

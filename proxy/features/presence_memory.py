@@ -21,6 +21,9 @@ _MUC_X = ns.qname(ns.MUC, "x")
 
 
 class PresenceMemory(Feature):
+    client_tags = frozenset((st.PRESENCE,))
+    upstream_tags = frozenset((st.PRESENCE,))
+
     def __init__(self) -> None:
         self.broadcast: Element | None = None  # last available broadcast presence
         self.rooms: dict[str, Element] = {}  # room bare JID -> the join presence

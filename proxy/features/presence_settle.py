@@ -21,6 +21,8 @@ TIMER = "presence-settle"
 
 
 class PresenceSettling(Feature):
+    upstream_tags = frozenset((st.PRESENCE,))
+
     def __init__(self, settle: float) -> None:
         self.settle = settle
         self.settling = False

@@ -214,6 +214,9 @@ def publish_iq(target: Target, policy: PushPolicy, from_jid: str, iq_id: str) ->
 
 
 class Push(Feature):
+    client_tags = frozenset((st.IQ,))
+    upstream_tags = frozenset((st.IQ, st.MESSAGE))
+
     def __init__(self, factory: PushFactory, state: AccountPush, active: bool) -> None:
         self.factory = factory
         self.state = state

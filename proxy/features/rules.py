@@ -65,14 +65,20 @@ class RulesFeature(Feature):
         self.factory = factory
 
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
-        outcome = self.factory.ruleset.apply("c2s", el)
+        ruleset = self.factory.ruleset
+        if not ruleset.covers("c2s", el.tag):
+            return el
+        outcome = ruleset.apply("c2s", el)
         if outcome.matched:
             out.commands.append(RulesMatched(tuple(outcome.matched), tuple(outcome.log_events)))
             out.to_client.extend(outcome.replies)  # an error answers the client itself
         return outcome.stanza
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:
-        outcome = self.factory.ruleset.apply("s2c", el)
+        ruleset = self.factory.ruleset
+        if not ruleset.covers("s2c", el.tag):
+            return el
+        outcome = ruleset.apply("s2c", el)
         if outcome.matched:
             out.commands.append(RulesMatched(tuple(outcome.matched), tuple(outcome.log_events)))
             out.to_upstream.extend(outcome.replies)  # back to the sender, via the server

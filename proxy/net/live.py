@@ -153,22 +153,22 @@ class LiveSession:
 
     def _upstream_up(self) -> bool:
         up = self.upstream
-        return up.state == "up" and not up.link.stream.closing
+        return up.edge.state == "up" and not up.link.stream.closing
 
     # Carrying out commands ----------------------------------------------------------------------
 
     def execute(self, commands: list[Command]) -> list[Awaitable[Any]]:
         """Do what the cores asked, in order; returns what is still running (a polite close,
         the end of the session) for callers that wait for it."""
-        running: list[Awaitable[Any]] = []
         if not commands:  # the common case on the relay path: nothing to do
-            return running
+            return []
+        running: list[Awaitable[Any]] = []
         for c in commands:
             if isinstance(c, ToClient):
                 if self.client is not None:
                     if c.own:
                         self.inspect_own("s2c", c.element)
-                    self.client.send(c.element)
+                    self.client.send(c.element, c.document)
             elif isinstance(c, JournalPut):
                 assert self.journal is not None
                 self.journal.put(self.core.id, c.lane, c.number, self._account, c.stanza,
@@ -277,6 +277,8 @@ class LiveSession:
             self.to_upstream(el)
         for el in out.to_client:
             self.to_client(el)
+        if not out.commands:
+            return
         for command in out.commands:
             if isinstance(command, CatchUp):
                 self.hub.wake(command.session_id)
@@ -350,7 +352,9 @@ class LiveSession:
         started = time.perf_counter() if inspecting else 0.0
         out = self.core.from_upstream(el)
         self.write(out)
-        self.execute(self.edge.request_ack())
+        commands = self.edge.request_ack()
+        if commands:
+            self.execute(commands)
         counters = self.counters
         if counters is not None:  # every stanza, whatever the pipeline did with it
             counters.relayed(counters.s2c_stanzas, el.tag, self.upstream.link.stream.read_at)
@@ -406,10 +410,17 @@ class LiveSession:
 
     # The ledger, for the upstream side ---------------------------------------------------------
 
-    def c2s_taken(self, el: Element) -> None:
+    def c2s_taken(self, el: Element) -> bytes | None:
+        """``el`` entered the outbox; returns it as the journal just serialized it, if it
+        did (the write to the server then uses those bytes)."""
         commands = self.edge.c2s_taken(el)
-        if commands:
-            self.execute(commands)
+        if not commands:
+            return None
+        self.execute(commands)
+        for c in commands:
+            if isinstance(c, JournalPut):
+                return c.stanza
+        return None
 
     def c2s_left(self, count: int, exit: Exit) -> None:
         self.execute(self.edge.c2s_left(count, exit))
@@ -498,18 +509,25 @@ class LiveSession:
 
     async def _pump_client(self, stream: XmlStream) -> None:
         edge = self.edge
+        upstream = self.upstream
+        room = upstream.room
         while True:
             # Backpressure while the server is away and the buffer is full: stop reading
             # (stanzas already received were counted and are acked as usual).
-            await self.upstream.room.wait()
-            event = await self._next_client_event(stream)
-            if isinstance(event, codec.StanzaReceived):
+            if not room.is_set():
+                await room.wait()
+            event = stream.ready_event()  # the rest of a read: no await per stanza
+            if event is None:
+                # The server's buffer only grows when a loop turn flushes it: once before
+                # each read is as often as it can change.
+                if upstream.congested:
+                    await upstream.drain()
+                event = await self._next_client_event(stream)
+            if type(event) is codec.StanzaReceived:
                 el = event.element
-                if st.is_stanza(el):
+                if el.tag in st.STANZA_TAGS:
                     edge.client_stanza()
                     self._from_client(el)
-                    if self.upstream.congested:
-                        await self.upstream.drain()
                 else:
                     handled = self.core.client_nonza(el)  # a feature's (CSI) or the edge's
                     if handled is not None:
@@ -517,7 +535,9 @@ class LiveSession:
                     else:
                         self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
                     del handled
-                self.execute(edge.request_ack())
+                commands = edge.request_ack()
+                if commands:
+                    self.execute(commands)
                 # Nothing read is kept while waiting: an element keeps its parser alive.
                 del event, el
             else:

@@ -137,12 +137,15 @@ class UpstreamSide:
 
     # Carrying out the core's commands -----------------------------------------------------------
 
-    def _run_commands(self, commands: Sequence[ServerCommand]) -> None:
+    def _run_commands(self, commands: Sequence[ServerCommand], submitted: Element | None = None,
+                      document: bytes | None = None) -> None:
         """Do what the core asked; the end of the connection (lost, finished, given up)
-        stops the reading loop (raised as _Stop)."""
+        stops the reading loop (raised as _Stop). ``document``: ``submitted`` as the journal
+        serialized it (written as it is)."""
         for c in commands:
             if isinstance(c, ToServer):
-                self.link.stream.send(c.element)
+                el = c.element
+                self.link.stream.send(el, document if el is submitted else None)
             elif isinstance(c, Confirmed):
                 # The server handled these: they leave the ledger as delivered.
                 self.session.c2s_left(c.left - self.session.ledger.c2s.left, "delivered")
@@ -162,10 +165,10 @@ class UpstreamSide:
         outcome = self.edge.submit(el)
         if not isinstance(outcome, list):
             return outcome
-        self.session.c2s_taken(el)
-        self._run_commands(outcome)
+        document = self.session.c2s_taken(el)
+        self._run_commands(outcome, el, document)
         self._update_room()
-        if self.state == "up" and self.outbox.unbarriered and self._flush is None:
+        if self._flush is None and self.edge.state == "up" and self.outbox.unbarriered:
             self._flush = asyncio.get_running_loop().call_later(BARRIER_FLUSH,
                                                                 self._flush_barrier)
         return None
@@ -187,14 +190,16 @@ class UpstreamSide:
         self._flush_barrier()
 
     def _update_room(self) -> None:
+        room = self.room
         if self.outbox.full:
-            self.room.clear()  # backpressure: the client pump waits, acks are not withheld
-        else:
-            self.room.set()
+            if room.is_set():
+                room.clear()  # backpressure: the client pump waits, acks are not withheld
+        elif not room.is_set():
+            room.set()
 
     @property
     def congested(self) -> bool:
-        return self.state == "up" and self.link.stream.congested
+        return self.edge.state == "up" and self.link.stream.congested
 
     async def drain(self) -> None:
         if self.state == "up":
@@ -248,34 +253,41 @@ class UpstreamSide:
         """Relay from the server until it goes away or the core says stop."""
         stream = self.link.stream
         edge = self.edge
+        session = self.session
         while True:
             try:
-                try:
-                    event = await stream.next_event(edge.read_timeout())
-                except TimeoutError:
-                    self._run_commands(edge.silence())
-                    continue
-                except ConnectionLost as exc:
-                    return ServerLost(f"connection lost ({exc})")
-                edge.heard()
-                if self._tls_fresh:
-                    self._tls_fresh = False
-                    self._tls_session = tls_session(stream) or self._tls_session
-                if isinstance(event, codec.StanzaReceived):
+                event = stream.ready_event()  # the rest of a read: no await per stanza
+                if event is None:
+                    # Backpressure toward the server: no more reading while the client's
+                    # buffer is full (it only grows when a loop turn flushes, so once
+                    # before each read is as often as it can change).
+                    await session.client_drain()
+                    try:
+                        event = await stream.next_event(edge.read_timeout())
+                    except TimeoutError:
+                        self._run_commands(edge.silence())
+                        continue
+                    except ConnectionLost as exc:
+                        return ServerLost(f"connection lost ({exc})")
+                    edge.heard()  # what a read brought in: nothing else arrives meanwhile
+                    if self._tls_fresh:
+                        self._tls_fresh = False
+                        self._tls_session = tls_session(stream) or self._tls_session
+                if type(event) is codec.StanzaReceived:
                     el = event.element
-                    if el.tag == _STREAM_ERROR:
+                    tag = el.tag
+                    if tag == _STREAM_ERROR:
                         self._run_commands(edge.stream_error(el))
-                    elif el.tag.startswith(_SM_PREFIX):  # not QName(el): one lookup per stanza
+                    elif tag.startswith(_SM_PREFIX):  # not QName(el): one lookup per stanza
                         self._run_commands(edge.server_nonza(el))
-                    elif st.is_stanza(el):
+                    elif tag in st.STANZA_TAGS:
                         absorbed = edge.server_stanza(el)
                         if absorbed is not None:
                             self._run_commands(absorbed)
                         elif edge.finishing:
-                            self.session.settle_from_server(el)
+                            session.settle_from_server(el)
                         else:
-                            self.session.from_server(el)
-                            await self.session.client_drain()
+                            session.from_server(el)
                         del absorbed
                     # Nothing read is kept while waiting: an element keeps its parser alive.
                     del el, event

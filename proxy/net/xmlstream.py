@@ -296,6 +296,22 @@ class XmlStream:
         self._idle_check = asyncio.get_running_loop().call_later(
             max(PARSER_IDLE - quiet, 0.0) or PARSER_IDLE, self._release_when_idle)
 
+    def ready_event(self) -> codec.StreamEvent | None:
+        """The next event if it is already parsed and nothing is due before it (a look at
+        the pending output: ``next_event`` does that); None: call ``next_event``. The relay
+        loops take a read's stanzas this way, without an await (a coroutine) per stanza."""
+        events, at = self._events, self._next
+        if at >= len(events):
+            return None
+        if self.output_soft is not None:
+            if self._since_output_check + 1 >= OUTPUT_CHECK_EVERY:
+                return None
+            self._since_output_check += 1
+        self._next = at + 1
+        if at + 1 == len(events):
+            self._events, self._next = _NO_EVENTS, 0
+        return events[at]
+
     def put_back(self, events: list[codec.StreamEvent]) -> None:
         """Events read ahead (while waiting for one answer) go first to the next reader."""
         self._events, self._next = [*events, *self._events[self._next:]], 0
@@ -330,8 +346,9 @@ class XmlStream:
             if self.output_bytes > soft:
                 await asyncio.sleep(0.05)  # drain returns at once if the transport never paused
 
-    def send(self, el: Element) -> None:
-        data = codec.serialize(el)
+    def send(self, el: Element, document: bytes | None = None) -> None:
+        """``document``: ``el`` as ``codec.document`` made it (not serialized again)."""
+        data = codec.serialize(el, document=document)
         counts = self.sent_bytes
         if counts is not None:
             tag = el.tag

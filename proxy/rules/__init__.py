@@ -96,6 +96,11 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self._rules)
 
+    def covers(self, direction: Direction, tag: object) -> bool:
+        """Whether any rule is about stanzas of this tag in this direction (the relay path
+        skips ``apply`` and its outcome object for the others)."""
+        return tag in self._index[direction]
+
     def apply(self, direction: Direction, stanza: Element) -> RuleOutcome:
         """Run the rules on one stanza (changed in place). Anything that is not a message,
         presence or iq in ``jabber:client`` (nonzas) passes untouched."""

@@ -36,7 +36,7 @@ _SLICE_BYTES = 8192
 
 _PREDEFINED_ENTITIES = frozenset((b"lt", b"gt", b"amp", b"quot", b"apos"))
 # What the restricted-XML scanner must look at: markup declarations, PIs and references.
-_SUSPECT = re.compile(rb"<[!?]|&|<\Z")
+_UNKNOWN = -2  # the scanner's "not looked up yet" (bytes.find's -1 is "none left")
 _CDATA_OPEN = b"<![CDATA["
 _LONGEST_REFERENCE = 12  # "&#x10FFFF;" and the predefined names fit; anything longer is bad
 _REFERENCE_NAME = re.compile(rb"#[0-9]+|#x[0-9A-Fa-f]+|[A-Za-z_:][-\w.:]*")
@@ -57,7 +57,7 @@ class StreamOpened:
     default_ns: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per stanza, and a frozen __init__ costs twice
 class StanzaReceived:
     """A complete top-level element: a stanza, or a nonza such as ``<starttls/>``."""
 
@@ -146,6 +146,10 @@ class _RestrictedXmlScanner:
                                    + name[:40].decode("ascii", "replace"), 0)
                 i = close + 2
             self._in_prolog = False
+        # Where the next "&", "<!" and "<?" are (-1: none left): bytes.find runs at memchr
+        # speed, where a regular expression stopped at every "<"; each is looked up again
+        # only once the scan has passed it.
+        amp = bang = query = _UNKNOWN
         while i < end:
             if self._in_cdata:
                 close = buf.find(b"]]>", i)
@@ -154,10 +158,20 @@ class _RestrictedXmlScanner:
                     return None
                 i, self._in_cdata = close + 3, False
                 continue
-            m = _SUSPECT.search(buf, i)
-            if m is None:
+            if amp < i and amp != -1:  # passed, or not looked up yet
+                amp = buf.find(b"&", i)
+            if bang < i and bang != -1:  # passed, or not looked up yet
+                bang = buf.find(b"<!", i)
+            if query < i and query != -1:  # passed, or not looked up yet
+                query = buf.find(b"<?", i)
+            k = end
+            for at in (amp, bang, query):
+                if 0 <= at < k:
+                    k = at
+            if k == end:
+                if buf[end - 1] == 0x3C:  # a "<" at the very end: maybe "<!" cut short
+                    self._pending = buf[end - 1:]
                 return None
-            k = m.start()
             if buf[k] == 0x3C:  # "<"
                 head = buf[k:k + len(_CDATA_OPEN)]
                 if head == _CDATA_OPEN:
@@ -340,11 +354,15 @@ class XmlStreamParser:
         return True
 
     def _parse(self, data: bytes, events: list[StreamEvent]) -> bool:
-        blank = data.rstrip()
-        if blank:
-            self._tag_closed = blank[-1] == 0x3E  # ">"
-        elif self._depth == 1 and self._tag_closed:
-            return True  # whitespace keepalive between stanzas: nothing to parse or count
+        last = data[-1:]
+        if last == b">":
+            self._tag_closed = True
+        else:
+            blank = data.rstrip() if last.isspace() else data
+            if blank:
+                self._tag_closed = blank[-1] == 0x3E  # ">"
+            elif self._depth == 1 and self._tag_closed:
+                return True  # whitespace keepalive between stanzas: nothing to parse or count
         self._unfinished_bytes += len(data)
         try:
             (self._parser or self._prime()).feed(data)
@@ -371,6 +389,7 @@ class XmlStreamParser:
         root = self._root
         deepest = self.max_depth + 1  # the stream element is depth 1
         assert self._parser is not None  # fed just before
+        finished = 0  # top-level elements completed in this pass
         for action, el in self._parser.read_events():
             if action == "start":
                 depth += 1
@@ -380,19 +399,24 @@ class XmlStreamParser:
                 # A "}" in a namespace name (never valid in a URI) makes lxml's Clark
                 # notation ambiguous, and lxml itself raises on such names later.
                 keys = el.keys()  # cheaper than el.attrib, which builds a proxy object
-                if (tag[0] != "{" and ":" in tag) or tag.count("}") > 1 or (
+                if (tag.count("}") > 1 if tag[0] == "{" else ":" in tag) or (
                         keys and _suspect_names(keys)):
                     self._depth = depth
                     return self._fail(events, "not-well-formed",
                                       "undeclared namespace prefix or invalid namespace name")
-                if depth == 1:
+                if depth > 2:
+                    if depth > deepest:
+                        self._depth = depth
+                        return self._fail(events, "policy-violation",
+                                          f"elements nested deeper than {self.max_depth}")
+                elif depth == 1:
                     self._depth = depth
                     self._unfinished_bytes = 0
                     self._boundaries += 1
                     if not self._on_stream_open(el, events):
                         return False
                     root = self._root
-                elif depth == 2 and tag == _STREAM_TAG:
+                elif tag == _STREAM_TAG:
                     # A header where a stanza belongs: only a restart (after TLS or SASL,
                     # with a fresh parser) may open a stream. As an element it is a
                     # first-level child no server supports (RFC 6120 §4.9.3.24).
@@ -400,20 +424,16 @@ class XmlStreamParser:
                     return self._fail(events, "unsupported-stanza-type",
                                       "a stream header inside the stream (no restart "
                                       "is due here)")
-                elif depth > deepest:
-                    self._depth = depth
-                    return self._fail(events, "policy-violation",
-                                      f"elements nested deeper than {self.max_depth}")
                 continue
             depth -= 1
             if depth == 1:
-                assert root is not None
-                # The copy carries only the namespace declarations it uses.
+                # The copy carries only the namespace declarations it uses, so it
+                # serializes on its own as it came (no xmlns:stream, no ns0: prefix, which
+                # is what lxml makes of a default namespace when an element is detached).
                 stanza = el.__deepcopy__(None)
                 stanza.tail = None
                 events.append(StanzaReceived(stanza))
-                root.remove(el)
-                root.text = None  # whitespace keepalives between stanzas
+                finished += 1
                 self._unfinished_bytes = 0
                 self._boundaries += 1
             elif depth == 0:
@@ -422,6 +442,14 @@ class XmlStreamParser:
                 self._done = True
                 return False
         self._depth = depth
+        if finished:
+            # The parser's copies go once the events are consumed: with no Python object
+            # left on them, lxml frees them outright instead of moving each one to a
+            # document of its own (a walk of its tree) as removing it one by one would.
+            el = None
+            assert root is not None
+            del root[:finished]
+            root.text = None  # whitespace keepalives between stanzas
         return True
 
     def _on_stream_open(self, el: Element, events: list[StreamEvent]) -> bool:
@@ -502,31 +530,66 @@ def detached(el: Element) -> Element:
     return etree.fromstring(etree.tostring(el))
 
 
-_STREAM_PREFIX_DECL = b' xmlns:stream="' + ns.STREAM.encode() + b'"'
+_STREAM_PREFIX_DECL = ' xmlns:stream="' + ns.STREAM + '"'
+_STREAM_TAG_PREFIX = "{" + ns.STREAM + "}"
+# How lxml starts a stanza in a stream's default namespace (``<message
+# xmlns="jabber:client"``), and the declaration to cut from it: made once for the tags that
+# make up nearly all traffic; others are worked out per call (nothing is cached at run time).
+_STANZA_NAMES = ("message", "presence", "iq")
 
 
-def serialize(el: Element, default_ns: str = ns.CLIENT) -> bytes:
+def _redundant_start(tag: str, default_ns: str) -> tuple[str, str] | None:
+    if not tag.startswith("{" + default_ns + "}"):
+        return None
+    declaration = ' xmlns="' + default_ns + '"'
+    return "<" + tag[len(default_ns) + 2:] + declaration, declaration
+
+
+_REDUNDANT: dict[str, dict[str, tuple[str, str]]] = {
+    space: {ns.qname(space, name): start for name in _STANZA_NAMES
+            if (start := _redundant_start(ns.qname(space, name), space)) is not None}
+    for space in (ns.CLIENT,)}
+_tostring = etree.tostring
+
+
+def document(el: Element) -> bytes:
+    """``el`` as a document of its own (every namespace it uses declared), in UTF-8: what
+    the journal and the store keep. ``serialize(el, document=...)`` derives the wire form
+    from it, so a stanza that is both journaled and sent is serialized once."""
+    # lxml's text output encoded here is the same UTF-8 as its bytes output (non-ASCII
+    # stays text, not &#NNN; references), and cheaper: lxml's own encoder is slower.
+    return _tostring(el, encoding="unicode").encode()
+
+
+def serialize(el: Element, default_ns: str = ns.CLIENT, *,
+              document: bytes | None = None) -> bytes:
     """One element as it goes on a stream whose default namespace is ``default_ns``.
 
     Declarations the stream header already made are left out: a stanza's own
     ``xmlns="jabber:client"`` and, on ``stream:``-prefixed elements, ``xmlns:stream``.
+    ``document``: ``el`` as :func:`document` made it, unchanged since (it is not
+    serialized again).
     """
-    # UTF-8, not lxml's default ASCII: non-ASCII text stays text, not &#NNN; references.
-    data: bytes = etree.tostring(el, encoding="utf-8")
+    text: str = (_tostring(el, encoding="unicode") if document is None
+                 else document.decode())
     tag = el.tag
     if not isinstance(tag, str):
-        return data
-    if tag.startswith("{" + default_ns + "}"):
-        local = tag[len(default_ns) + 2:].encode()
-        redundant = b"<" + local + b' xmlns="' + default_ns.encode() + b'"'
-        if data.startswith(redundant):
-            return b"<" + local + data[len(redundant):]
-    elif tag.startswith(_STREAM_TAG[:len(ns.STREAM) + 2]):
-        end_of_tag = data.find(b">")
-        at = data.find(_STREAM_PREFIX_DECL, 0, end_of_tag)
+        return document if document is not None else text.encode()
+    by_tag = _REDUNDANT.get(default_ns)
+    redundant = by_tag.get(tag) if by_tag is not None else None
+    if redundant is None:
+        redundant = _redundant_start(tag, default_ns)
+    if redundant is not None:
+        start, declaration = redundant
+        if text.startswith(start):
+            # The first occurrence is the one in the start tag, right after the name.
+            return text.replace(declaration, "", 1).encode()
+    elif tag.startswith(_STREAM_TAG_PREFIX):
+        end_of_tag = text.find(">")
+        at = text.find(_STREAM_PREFIX_DECL, 0, end_of_tag)
         if at >= 0:
-            return data[:at] + data[at + len(_STREAM_PREFIX_DECL):]
-    return data
+            return (text[:at] + text[at + len(_STREAM_PREFIX_DECL):]).encode()
+    return document if document is not None else text.encode()
 
 
 def stream_header(*, to: str | None = None, from_: str | None = None,

@@ -15,6 +15,7 @@ from proxy.client_edge import ACK_TIMER, CLOSE_GRACE, HIBERNATION_TIMER, ClientE
 from proxy.commands import (AbortClient, AckWhenDurable, CancelTimer, ClientLeaves, CloseClient,
                             Command, EndSession, JournalCut, JournalPut, Log, SmRegister,
                             StartTimer, StoreOffline, StorePending, ToClient, ToServerDirect)
+from proxy.journal import parse_stored
 from proxy.xmpp import codec
 from proxy.xmpp import stanza as st
 
@@ -109,6 +110,23 @@ def test_journal_puts_what_enters_and_cuts_what_leaves() -> None:
     put = core.c2s_taken(message(2))
     assert isinstance(put[0], JournalPut) and put[0].lane == "c2s"
     assert core.c2s_left(1, "delivered") == [JournalCut("c2s", 1)]
+
+
+def test_a_journaled_stanza_is_written_from_the_bytes_the_journal_got() -> None:
+    """Serialized once: the write to the client derives its bytes from the journal's, which
+    parse back to the stanza as it was sent."""
+    core, _ = edge(journal=True)
+    enabled(core)
+    el = message(1)
+    put, write = core.for_client(el, upstream_up=True)
+    assert isinstance(put, JournalPut) and isinstance(write, ToClient)
+    assert write.element is el and write.document == put.stanza
+    assert codec.serialize(el, document=write.document) == codec.serialize(el)
+    assert etree.tostring(parse_stored(put.stanza)) == etree.tostring(el)
+    plain, _ = edge()
+    enabled(plain)
+    (write,) = plain.for_client(message(2), upstream_up=True)
+    assert isinstance(write, ToClient) and write.document is None  # nothing to reuse
 
 
 def test_h_too_high_and_a_bad_a_end_the_session_with_the_right_error() -> None:

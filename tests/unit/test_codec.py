@@ -16,6 +16,7 @@ from proxy.xmpp.codec import (
     StreamOpened,
     StreamViolation,
     XmlStreamParser,
+    document,
     serialize,
     stream_error,
     stream_header,
@@ -198,6 +199,55 @@ def test_detached_stanza_survives_the_parser_moving_on_and_resetting() -> None:
     gc.collect()
     assert serialize(first) == before
     assert first.findtext(ns.qname(ns.CLIENT, "body")) == "one"
+
+
+# What a stanza taken out of the parser's tree serializes to: only the declarations it
+# uses (those made on the header included), never the header's xmlns:stream, never an
+# ns0: prefix for the default namespace (what lxml makes of it when an element is detached
+# from its parent instead of copied).
+OUT_OF_THE_TREE = [
+    (b"<message to='a@b' id='1'><body>caf\xc3\xa9 &amp; &lt;3</body></message>",
+     b'<message to="a@b" id="1"><body>caf\xc3\xa9 &amp; &lt;3</body></message>'),
+    (b"<message><h:x h:a='1'/></message>",
+     b'<message xmlns:h="urn:from-the-header"><h:x h:a="1"/></message>'),
+    (b"<c:iq xmlns:c='jabber:client' type='get'><c:query xmlns='jabber:iq:version'/></c:iq>",
+     b'<c:iq xmlns:c="jabber:client" type="get"><c:query xmlns="jabber:iq:version"/></c:iq>'),
+    (b"<presence xml:lang='de'><status>x</status><c xmlns='urn:caps'/></presence>",
+     b'<presence xml:lang="de"><status>x</status><c xmlns="urn:caps"/></presence>'),
+    (b"<message><x xmlns='urn:y'><body xmlns='jabber:client'>in</body></x></message>",
+     b'<message><x xmlns="urn:y"><body xmlns="jabber:client">in</body></x></message>'),
+    (b"<stream:features><h:x/><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>"
+     b"</stream:features>",
+     b'<stream:features xmlns:h="urn:from-the-header"><h:x/>'
+     b'<bind xmlns="urn:ietf:params:xml:ns:xmpp-bind"/></stream:features>'),
+    (b"<r xmlns='urn:xmpp:sm:3'/>", b'<r xmlns="urn:xmpp:sm:3"/>'),
+    (b"<message><![CDATA[a<b]]></message>", b"<message>a&lt;b</message>"),
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_a_stanza_out_of_the_tree_serializes_as_it_came(chunk: int | None) -> None:
+    header = HEADER.replace(b" to=", b" xmlns:h='urn:from-the-header' to=")
+    parser = XmlStreamParser()
+    events = feed(parser, header + b"\n ".join(raw for raw, _ in OUT_OF_THE_TREE) + b"\n",
+                  chunk)
+    assert [serialize(el) for el in stanzas(events)] == [out for _, out in OUT_OF_THE_TREE]
+    for el in stanzas(events):
+        assert el.getparent() is None and el.tail is None
+    root = parser._root
+    assert root is not None and len(root) == 0  # the parser keeps none of them
+
+
+def test_the_wire_form_made_from_a_document_is_the_serialization() -> None:
+    """What the journal keeps (a document of its own, UTF-8) gives the same bytes on the
+    wire as serializing the element, and parses back to the same element."""
+    header = HEADER.replace(b" to=", b" xmlns:h='urn:from-the-header' to=")
+    for el in stanzas(parse(header + b"".join(raw for raw, _ in OUT_OF_THE_TREE))):
+        doc = document(el)
+        assert serialize(el, document=doc) == serialize(el)
+        (again,) = stanzas(parse(HEADER + serialize(el, document=doc)))
+        assert_same_element(el, again)
+        assert_same_element(el, etree.fromstring(doc))
 
 
 def test_stream_prefixed_element_relies_on_the_header_for_its_prefix() -> None:

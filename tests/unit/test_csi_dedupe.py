@@ -71,3 +71,44 @@ def test_dedupe_counts_stored_copies_and_keys_by_sender() -> None:
     assert dedupe.from_upstream(core, el(origin.format(f="a@x/1", i="p2")), Outputs()) is None
     other = el(origin.format(f="b@x/1", i="p3"))
     assert dedupe.from_upstream(core, other, Outputs()) is other
+
+
+def test_dedupe_forgets_a_message_once_its_window_has_passed() -> None:
+    """Entries are swept only every few messages; a stale one must still let the message
+    through (its time is checked on the hit)."""
+    from proxy.features.dedupe import PRUNE_EVERY, Dedupe
+
+    now = [0.0]
+    core = SessionCore(Jid.parse("me@x/phone"))
+    dedupe = Dedupe(window=60, max_entries=100, clock=lambda: now[0])
+
+    def message(i: str) -> etree._Element:
+        return el(f"<message from='a@x/1' id='{i}'><body>hi</body></message>")
+
+    assert dedupe.from_upstream(core, message("m1"), Outputs()) is not None
+    now[0] = 59.0
+    assert dedupe.from_upstream(core, message("m1"), Outputs()) is None  # within the window
+    now[0] = 61.0
+    late = message("m1")
+    assert dedupe.from_upstream(core, late, Outputs()) is late  # past it: a new message
+    assert dedupe.from_upstream(core, message("m1"), Outputs()) is None  # and counted anew
+    for i in range(300):  # one a second: the sweeps keep about the window's worth
+        now[0] = 200.0 + i
+        dedupe.from_upstream(core, message(f"n{i}"), Outputs())
+    stale = [t for t in dedupe.seen.values() if t < now[0] - 60]
+    assert len(stale) < PRUNE_EVERY
+    assert len(dedupe.seen) <= 61 + PRUNE_EVERY
+
+
+def test_dedupe_holds_at_most_max_entries_oldest_forgotten_first() -> None:
+    from proxy.features.dedupe import Dedupe
+
+    core = SessionCore(Jid.parse("me@x/phone"))
+    dedupe = Dedupe(window=600, max_entries=10, clock=lambda: 0.0)
+    for i in range(25):
+        dedupe.from_upstream(core, el(f"<message from='a@x/1' id='m{i}'/>"), Outputs())
+    assert len(dedupe.seen) <= 10
+    newest = el("<message from='a@x/1' id='m24'/>")
+    assert dedupe.from_upstream(core, newest, Outputs()) is None
+    oldest = el("<message from='a@x/1' id='m0'/>")
+    assert dedupe.from_upstream(core, oldest, Outputs()) is oldest
