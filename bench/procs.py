@@ -54,6 +54,21 @@ def write_bytes(pid: int) -> int | None:
     return None
 
 
+def family(pid: int) -> list[int]:
+    """The processes ``pid`` started (its children, e.g. a supervisor's workers)."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 class Child:
     """A child process listening on ``port``, in its own process group."""
 

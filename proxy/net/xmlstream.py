@@ -312,6 +312,12 @@ class XmlStream:
             self._events, self._next = _NO_EVENTS, 0
         return events[at]
 
+    def take_events(self) -> list[codec.StreamEvent]:
+        """The events parsed but not yet read (a connection handed to another worker)."""
+        events = list(self._events[self._next:])
+        self._events, self._next = _NO_EVENTS, 0
+        return events
+
     def put_back(self, events: list[codec.StreamEvent]) -> None:
         """Events read ahead (while waiting for one answer) go first to the next reader."""
         self._events, self._next = [*events, *self._events[self._next:]], 0
