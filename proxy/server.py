@@ -680,7 +680,7 @@ class Proxy:
             stream.send(failure)
             await stream.close(None)
             return
-        log.info("handed_over", worker=role.index, home=home)
+        log.info("handoff_sent", worker=role.index, home=home)
         task = asyncio.current_task()
         assert task is not None
         self.relays.add(task)  # type: ignore[arg-type]
@@ -713,7 +713,7 @@ class Proxy:
                                    from_=self.config.upstream.domain))
         stream.sent_bytes = self.counters.s2c_bytes
         stream.log = log
-        log.info("taken_over", worker=role.index, accepted_by=handoff.accepted_by,
+        log.info("handoff_received", worker=role.index, accepted_by=handoff.accepted_by,
                  listener_port=listener.port, direct_tls=listener.direct_tls, **stream.tls_info)
         task = asyncio.current_task()
         if task is not None:

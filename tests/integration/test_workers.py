@@ -113,9 +113,9 @@ def test_a_login_accepted_by_the_other_worker_is_relayed_to_the_home(
     run(scenario(), timeout=120)
     assert set(seen) == {"relayed", "local"}, seen
     relayed = seen["relayed"]
-    handed = [e for e in proxy.events("handed_over") if e.get("home") == home_of(relayed, 2)]
+    handed = [e for e in proxy.events("handoff_sent") if e.get("home") == home_of(relayed, 2)]
     assert handed, "the accepting worker logged no handover"
-    assert proxy.events("taken_over"), "the home logged no connection taken over"
+    assert proxy.events("handoff_received"), "the home logged no connection taken over"
 
 
 def accepted_since(proxy: ProxyProcess, after: int) -> list[int]:
