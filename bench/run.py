@@ -28,19 +28,24 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.net.xmlstream import HEAP_TRIM_QUIET, PARSER_IDLE
 from tests.peers.certs import make_cert
 from tests.peers.prosody import LegacyProsody
 
-from . import load, procs
+from . import load, memtrace, procs
 from .client import BenchClient, register_many
 from .load import Endpoint
 from .profile import format_hot_spots, py_spy_available, start_py_spy
 from .rules50 import write_fifty_rules
 
-CASES = ("capacity", "rules", "throughput", "latency", "login", "resume", "memory", "restore")
+CASES = ("capacity", "rules", "throughput", "latency", "login", "resume", "memory", "restore",
+         "workers")
 C = TypeVar("C", bound=procs.Child)
 PROXY_OWN_FDS = 16  # listeners, epoll, the store, stdio: measured 10 with a few sessions
 WARM_SESSIONS = 10  # memory: sessions connected before the baseline RSS is read
+# memory: seconds sessions are left idle before the RSS is read; past the time after which
+# an idle stream drops its parser, and the heap trim that follows
+IDLE_WAIT = max(2.0, PARSER_IDLE + HEAP_TRIM_QUIET + 1.0)
 
 FEATURES = ("carbons", "archive", "blocking", "push")  # --features off
 
@@ -481,6 +486,63 @@ class Bench:
                                                        "summary": summary}
         self.progress(f"profile of {tag} written to {raw.parent}")
 
+    async def case_workers(self) -> None:
+        """``workers: N`` in front of the fast upstream: messages/s and stanzas per proxy
+        CPU-second (the supervisor and every worker summed) for each count of
+        ``--workers``, ``--repeat`` times interleaved. The accounts spread over the homes;
+        which worker accepts a connection is the kernel's choice, so about 1 in N is
+        accepted by its home and the rest are relayed by another worker."""
+        from proxy.workers import home_of
+
+        o = self.opts
+        kw = dict(seconds=o.seconds, warmup=o.warmup, window=o.window, batch=o.batch,
+                  progress=self.progress)
+        accounts = balanced_accounts(2 * o.pairs, max(o.workers))
+        upstream = await self.started(procs.fast_upstream(self.workdir / "workers"))
+        runs: dict[int, list[load.ThroughputResult]] = {n: [] for n in o.workers}
+        try:
+            for run in range(o.repeat):
+                for count in o.workers:
+                    name = f"proxy-workers{count}-{run + 1}"
+                    proxy = await self.started(self.proxy_before_fast(
+                        name, upstream, workers=count, log_level="info"))
+                    try:
+                        # The supervisor says "listening" once every worker accepts.
+                        ok = await asyncio.to_thread(
+                            procs.wait_until, lambda p=proxy: p.events("listening"), 30)
+                        if not ok:
+                            raise RuntimeError(f"{name} did not start:\n{proxy.log_tail()}")
+                        watch = {f"{name}-{pid}": pid for pid in procs.family(proxy.pid)}
+                        ep = Endpoint(name, "127.0.0.1", proxy.port,
+                                      watch={"supervisor": proxy.pid, **watch,
+                                             upstream.name: upstream.pid})
+                        runs[count].append(await load.throughput(ep, accounts, **kw))
+                    finally:
+                        await self.stopped(proxy)
+        finally:
+            await self.stopped(upstream)
+        base: float | None = None
+        details: dict[str, Any] = {}
+        for count, results in runs.items():
+            mps = _median([r.messages_per_s for r in results])
+            cpu = _median([sum(v for k, v in r.cpu.items()
+                               if k != "harness" and k != upstream.name) for r in results])
+            per_cpu = 2 * mps / cpu if cpu else float("nan")
+            base = mps if base is None else base
+            homes = sorted(home_of(f"{u}@localhost", count) for u, _ in accounts)
+            label = f"proxy, workers: {count}"
+            self.row("workers", label, "messages/s", round(mps),
+                     vs=f"{mps / base:.2f}x workers: {o.workers[0]}" + _spread(results))
+            self.row("workers", label, "stanzas per proxy CPU-second", round(per_cpu),
+                     vs=f"proxy CPU {cpu:.0%} (all its processes); upstream CPU "
+                        f"{_median([r.cpu.get(upstream.name, 0) for r in results]):.0%}; "
+                        f"harness {_median([r.cpu.get('harness', 0) for r in results]):.0%}")
+            details[str(count)] = {"runs": [r.as_dict() for r in results],
+                                   "messages_per_s": mps, "proxy_cpu": cpu,
+                                   "stanzas_per_proxy_cpu_second": per_cpu,
+                                   "accounts_per_home": {h: homes.count(h) for h in set(homes)}}
+        self.details["workers"] = details
+
     async def case_rules(self) -> None:
         o = self.opts
         rules_file = write_fifty_rules(self.workdir / "rules50.yaml")
@@ -564,7 +626,15 @@ class Bench:
         name = "memory-tls" if tls else "memory-plain"
         upstream = await self.started(procs.fast_upstream(
             self.workdir / name, cert=self.cert if tls else None, key=self.key if tls else None))
-        proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls))
+        trace = Path(self.opts.memtrace) / name if self.opts.memtrace else None
+        workers = self.opts.memory_workers
+        extra: dict[str, Any] = {"workers": workers, "log_level": "info"} if workers > 1 else {}
+        proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls,
+                                                          memtrace=trace, **extra))
+        if workers > 1 and not await asyncio.to_thread(
+                procs.wait_until, lambda: proxy.events("listening"), 30):
+            raise RuntimeError(f"the proxy's workers did not start:\n{proxy.log_tail()}")
+        family = [proxy.pid, *procs.family(proxy.pid)]  # the supervisor and its workers
         clients: list[BenchClient] = []
         run: dict[str, Any] = {}
         self.details["memory"]["runs"][label] = run
@@ -572,8 +642,10 @@ class Bench:
             ep = self.ep("proxy", proxy.port)
             accounts = self.fake_accounts(sizes[-1], "idle")
             clients += await load.login_many(ep, accounts[:WARM_SESSIONS], resource="idle")
-            await asyncio.sleep(1.0)
-            base = proxy.rss()
+            await asyncio.sleep(IDLE_WAIT)
+            base = sum(procs.rss_bytes(pid) for pid in family)
+            traced = (await asyncio.to_thread(proxy.memory_snapshot)
+                      if trace is not None else None)
             run["baseline_rss"] = base
             self.progress(f"{label}: proxy RSS with {WARM_SESSIONS} sessions "
                           f"{base / 2**20:.1f} MiB")
@@ -584,11 +656,15 @@ class Bench:
                                                     progress=self.progress)
                 clients += new
                 took = time.monotonic() - t
-                await asyncio.sleep(2.0)
-                rss = proxy.rss()
-                fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
+                await asyncio.sleep(IDLE_WAIT)
+                rss = sum(procs.rss_bytes(pid) for pid in family)
+                each = [len(os.listdir(f"/proc/{pid}/fd")) for pid in family]
+                fds = max(each)  # the limit is per process
                 have = len(clients)
                 per = (rss - base) / (have - WARM_SESSIONS)
+                if trace is not None and traced is not None:
+                    await self._memory_breakdown(proxy, trace, traced, have - WARM_SESSIONS,
+                                                 f"{label}, {n} sessions", run, str(n))
                 echoed = await load.echo_check(clients)
                 self.progress(f"{label}, {have}/{n} sessions: proxy RSS {rss / 2**20:.1f} MiB, "
                               f"{per / 1024:.1f} KiB per session, {fds} fds, "
@@ -601,8 +677,11 @@ class Bench:
                 self.row("memory", f"{n} idle sessions, {label}", "RSS per session",
                          round(per / 1024, 1), "KiB",
                          vs=f"total {rss / 2**20:.0f} MiB; {echoed}/{n} working; "
-                            f"{fds} fds{failed}")
+                            f"{fds} fds{failed}"
+                            + (f"; {workers} workers (fds {'/'.join(map(str, each[1:]))})"
+                               if workers > 1 else ""))
                 run[str(n)] = {"rss": rss, "per_session": per, "fds": fds, "echoed": echoed,
+                               "fds_per_process": each, "workers": workers,
                                "sessions": have, "failed_logins": len(errors),
                                "first_error": repr(errors[0]) if errors else None,
                                "login_seconds": took}
@@ -612,6 +691,20 @@ class Bench:
             load.abort_all(clients)
             await self.stopped(proxy)
             await self.stopped(upstream)
+
+    async def _memory_breakdown(self, proxy: procs.Proxy, folder: Path,
+                                baseline: tuple[Path, dict[str, Any]], sessions: int,
+                                label: str, run: dict[str, Any], key: str) -> None:
+        """``--memtrace``: where the memory of the sessions added since the baseline went
+        (tracemalloc by line, and the C allocator's bytes that are not Python's)."""
+        snap, heap = await asyncio.to_thread(proxy.memory_snapshot)
+        result = await asyncio.to_thread(memtrace.analyse, baseline[0], snap, baseline[1],
+                                         heap, sessions, procs.REPO)
+        text = memtrace.report(result)
+        out = folder / f"breakdown-{key}.txt"
+        out.write_text(f"{label}\n{text}")
+        self.progress(f"{label}: breakdown in {out}\n{text}")
+        run.setdefault("breakdown", {})[key] = result
 
     async def case_restore(self) -> None:
         o = self.opts
@@ -865,6 +958,31 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def balanced_accounts(n: int, workers: int) -> list[tuple[str, str]]:
+    """``n`` fast-upstream accounts, as many homed in each of ``workers`` as can be (the
+    same set for every worker count of a run, so the figures compare)."""
+    from proxy.workers import home_of
+
+    want = {h: n // workers + (1 if h < n % workers else 0) for h in range(workers)}
+    out: list[tuple[str, str]] = []
+    k = 0
+    while len(out) < n:
+        name = f"fast{k}"
+        home = home_of(f"{name}@localhost", workers)
+        if want[home] > 0:
+            want[home] -= 1
+            out.append((name, "any"))
+        k += 1
+    return out
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(s) for s in text.split(",") if s.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("worker counts are 1 or more")
+    return counts
+
+
 def _sizes(text: str) -> list[int]:
     sizes = [int(s) for s in text.split(",") if s.strip()]
     if not sizes or min(sizes) <= WARM_SESSIONS:
@@ -920,6 +1038,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy the proxy during the capacity case (and the first run of "
                         "each --durability variant); samples and hot spots go to DIR")
+    p.add_argument("--memtrace", metavar="DIR",
+                   help="memory: run the proxy under tracemalloc (bench/memtrace.py) and write "
+                        "where each idle session's memory goes to DIR; its RSS figures then "
+                        "include tracemalloc's own cost")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--workdir", metavar="DIR", help="keep configs and logs here")
     p.add_argument("--barrier-every", type=int, metavar="N", default=None,
@@ -928,6 +1050,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--features", choices=("default", "off"), default="default",
                    help="off: every emulated IM and mobile feature off in the proxies "
                         "(carbons, archive, blocking, push), for the relay's own cost")
+    p.add_argument("--workers", type=_counts, default=[1, 2], metavar="N,...",
+                   help="the workers case: proxies with each of these worker counts (1,2)")
+    p.add_argument("--memory-workers", type=int, default=1, metavar="N",
+                   help="the memory case through a proxy with workers: N (1); RSS summed "
+                        "over its processes, descriptors counted per process")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     opts = p.parse_args(argv)
     for name in ("pairs", "loggers", "resumes", "restore_sessions", "window", "batch",

@@ -11,12 +11,13 @@ import contextlib
 import os
 import socket
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .admin_protocol import (KICK_CONDITION, KICK_TEXT, MAX_REQUEST_BYTES, BadRequest,
-                             KickRequest, SessionSnapshot, encode, error, kick_targets,
-                             parse_request, session_row)
+                             KickRequest, MetricsRequest, SessionSnapshot, encode, error,
+                             kick_targets, parse_request, session_row)
 from .net.hub import Hub
 from .net.live import LiveSession
 from .xmpp import codec
@@ -98,9 +99,12 @@ def snapshot(session: LiveSession, *, finishing: bool = False) -> SessionSnapsho
 
 
 class AdminServer:
-    def __init__(self, path: Path, hub: Hub, log: Any) -> None:
+    def __init__(self, path: Path, hub: Hub, log: Any,
+                 gather: Callable[[], Iterable[str]] | None = None) -> None:
+        """``gather``: the process's metrics, for a ``metrics`` request (a worker's)."""
         self.path = path
         self.hub = hub
+        self.gather = gather
         self.log = log.bind(admin_socket=str(path))
         self.server: asyncio.Server | None = None
 
@@ -144,6 +148,10 @@ class AdminServer:
     async def answer(self, request: Any) -> dict[str, Any]:
         if isinstance(request, KickRequest):
             return await self.kick(request)
+        if isinstance(request, MetricsRequest):
+            if self.gather is None:
+                return error("no metrics here")
+            return {"ok": True, "metrics": "".join(f"{line}\n" for line in self.gather())}
         rows = [session_row(snapshot(s)) for s in self.hub.sessions]
         rows += [session_row(snapshot(s, finishing=True))
                  for s in self.hub.finishing_sessions if isinstance(s, LiveSession)]

@@ -51,7 +51,12 @@ class KickRequest:
     jid: Jid
 
 
-Request = SessionsRequest | KickRequest
+@dataclass(frozen=True)
+class MetricsRequest:
+    """The process's /metrics text (a worker's, asked by its supervisor)."""
+
+
+Request = SessionsRequest | KickRequest | MetricsRequest
 
 
 class BadRequest(ValueError):
@@ -68,6 +73,8 @@ def parse_request(line: bytes) -> Request:
     command = data.get("command")
     if command == "sessions":
         return SessionsRequest()
+    if command == "metrics":
+        return MetricsRequest()
     if command == "kick":
         text = data.get("jid")
         if not isinstance(text, str) or not text:
@@ -79,7 +86,7 @@ def parse_request(line: bytes) -> Request:
         if not jid.local:
             raise BadRequest(f"not an account's JID: {text!r}")
         return KickRequest(jid)
-    raise BadRequest(f"unknown command {command!r} (known: sessions, kick)")
+    raise BadRequest(f"unknown command {command!r} (known: sessions, kick, metrics)")
 
 
 def encode(response: dict[str, Any]) -> bytes:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+import structlog
+
 from .admin_protocol import encode, sessions_table, socket_path
 from .config import Config, ConfigError, LogConfig, load_config
 from .logsetup import get_logger, setup_logging
@@ -63,23 +65,52 @@ def _refuse(log: Any, path: str, problems: list[Finding]) -> int:
     return EXIT_INVALID_CONFIG
 
 
-def _run(path: str) -> int:
+def _worker_role(args: argparse.Namespace, config: Config) -> Any:
+    """The role a supervisor gave this process (``--worker I/N``), or None."""
+    if args.worker is None:
+        return None
+    from .workers import WorkerRole, worker_paths
+
+    index, count = (int(x) for x in args.worker.split("/"))
+    return WorkerRole(index=index, count=count, paths=worker_paths(config),
+                      listen_fds=tuple(int(fd) for fd in args.listen_fds.split(",")),
+                      clean_start=args.clean_start, ready_fd=args.ready_fd,
+                      lifeline_fd=args.lifeline_fd)
+
+
+def _run(path: str, args: argparse.Namespace | None = None) -> int:
     config, findings = _load(path, bind_ports=False)  # run binds them for real
     level = setup_logging(config.log if config is not None else LogConfig(),
                           stream=cast(TextIO, _Stdout()))
     log = get_logger()
     if config is None or errors(findings):
         return _refuse(log, path, errors(findings))
-    # The first line an operator reads: what runs, from which file.
-    log.info("starting", version=package_version(), config=str(Path(path).resolve()),
-             durability=config.durability.mode)
-    for warning in findings:
-        log.warning(warning.event, key=warning.key, problem=warning.message, config=path)
+    role = _worker_role(args, config) if args is not None else None
+    if role is not None:  # every event of this process names its worker
+        structlog.contextvars.bind_contextvars(worker=role.index)
+    else:
+        from .workers import resolve_workers
+
+        workers = resolve_workers(config.workers)
+        # The first line an operator reads: what runs, from which file.
+        log.info("starting", version=package_version(), config=str(Path(path).resolve()),
+                 durability=config.durability.mode, workers=workers)
+        for warning in findings:
+            log.warning(warning.event, key=warning.key, problem=warning.message, config=path)
+        if workers > 1:
+            from .supervisor import supervise
+
+            try:
+                return asyncio.run(supervise(config, Path(path), workers, log))
+            except OSError as exc:  # e.g. the listen port is taken
+                print(f"xmpp-front: cannot start: {exc}", file=sys.stderr)
+                log.error("cannot_start", error=str(exc), config=path)
+                return 1
     from .admin import AdminSocketError
     from .server import serve  # imported late: `check` needs no network code
 
     try:
-        asyncio.run(serve(config, source=Path(path), log_level=level))
+        asyncio.run(serve(config, source=Path(path), log_level=level, worker=role))
     except AdminSocketError as exc:
         return _refuse(log, path, [Finding("admin.socket", str(exc))])
     except ssl.SSLError as exc:  # what the preflight did not foresee, still one line
@@ -195,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    # Given by the supervisor to its workers (workers: N), not by people.
+    run.add_argument("--worker", help=argparse.SUPPRESS)
+    run.add_argument("--listen-fds", help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--clean-start", action="store_true", help=argparse.SUPPRESS)
     check = commands.add_parser(
         "check", help="validate a configuration (files, names, folders, settings) and exit")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
@@ -224,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return _sessions(args)
     if args.command == "kick":
         return _kick(args)
-    return _run(args.config)
+    return _run(args.config, args)
 
 
 if __name__ == "__main__":

@@ -249,8 +249,22 @@ class Received:
     element: Element
 
 
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """``workers: N``: the account this ``<auth/>`` names lives in another worker; hand the
+    connection to it (``home``), which continues the negotiation from ``auth`` (a PLAIN
+    ``<auth/>`` with the credentials as its initial response) after ``failures`` failed
+    attempts."""
+
+    account: Any  # proxy.xmpp.jid.Jid
+    home: int
+    auth: Element
+    failures: int
+
+
 NegotiationCommand = (SendHeader | StartTls | CheckLogin | Pause | FailNegotiation
-                      | Authenticated | Received | ToClient | Log | Count | StartTimer)
+                      | Authenticated | Received | ToClient | Log | Count | StartTimer
+                      | HandOver)
 
 
 # Our negotiation toward the server as a client (``proxy/upstream_negotiation.py``) ------

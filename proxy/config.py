@@ -289,6 +289,9 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     rules: list[str] = field(default_factory=list)  # rule files, applied in order
+    # Worker processes sharing the listeners (each account lives in one of them); 1: the
+    # single process; "auto": one per CPU.
+    workers: int | Literal["auto"] = 1
     # Relative paths in the file are resolved against the file's own folder.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
@@ -433,6 +436,7 @@ _RANGES: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("archive", "max_messages_per_account"): (lambda v: v >= 0, "zero (no limit) or more"),
     ("archive", "max_page"): (lambda v: 1 <= v <= 1000, "between 1 and 1000"),
     ("shutdown", "ack_wait"): (lambda v: v >= 0, "zero or more seconds"),
+    ("", "workers"): (lambda v: v == "auto" or 1 <= v <= 256, "1 to 256, or \"auto\""),
 }
 
 
@@ -468,7 +472,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [t for t in options if t is not type(None)]
-        return _convert(value, inner[0], where)
+        for option in inner[:-1]:  # the first that takes the value (e.g. 4 or "auto")
+            try:
+                return _convert(value, option, where)
+            except ConfigError:
+                pass
+        return _convert(value, inner[-1], where)
     if origin is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean

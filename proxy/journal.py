@@ -39,6 +39,31 @@ SUBSCRIPTION_PRESENCE = frozenset(("subscribe", "subscribed", "unsubscribe", "un
 
 Key = tuple[str, str]  # (session, lane)
 
+# A worker's journal in a file of its own (``workers: N``): the store's ledger tables
+# (migration 3), so a worker's commits never wait for another's.
+JOURNAL_TABLES = """
+    CREATE TABLE IF NOT EXISTS ledger_journal (
+        session TEXT NOT NULL, lane TEXT NOT NULL, first_n INTEGER NOT NULL,
+        last_n INTEGER NOT NULL, account TEXT NOT NULL, queued_at REAL NOT NULL,
+        stanzas BLOB NOT NULL, PRIMARY KEY (session, lane, first_n)) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS ledger_cuts (
+        session TEXT NOT NULL, lane TEXT NOT NULL, left_n INTEGER NOT NULL,
+        PRIMARY KEY (session, lane)) WITHOUT ROWID;
+"""
+
+
+def create_journal_file(path: str) -> None:
+    """A worker's own journal file with its two tables (kept if it exists)."""
+    from .store import create_private
+
+    create_private(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(JOURNAL_TABLES)
+    finally:
+        conn.close()
+
 
 @dataclass
 class _Batch:
@@ -253,12 +278,30 @@ def parse_stored(data: bytes) -> st.Element:
 
 
 def recover(store: Any, *, now: float, stored_ttl: float, domain: str,
-            log: Any = None) -> dict[str, int]:
+            log: Any = None, journal_path: str | None = None) -> dict[str, int]:
     """Settle every ledger left in the journal (after a crash or a graceful stop): server
     stanzas for a client into the offline store (messages stamped with ``<delay/>`` from the
     account's domain; ``domain`` for an account without one), client
-    stanzas into the pending queue for the server; the rest is discarded, counted."""
-    conn = store.conn
+    stanzas into the pending queue for the server; the rest is discarded, counted.
+
+    ``journal_path``: a worker's journal file instead of the store's own tables. The store's
+    commit comes first, the journal's emptying second: a crash between them settles the
+    same stanzas twice (a duplicate the client's dedupe may catch), never none."""
+    if journal_path is not None:
+        conn = sqlite3.connect(journal_path, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            counts = _recover_from(conn, store, now=now, stored_ttl=stored_ttl,
+                                   domain=domain, log=log, same_file=False)
+        finally:
+            conn.close()
+        return counts
+    return _recover_from(store.conn, store, now=now, stored_ttl=stored_ttl, domain=domain,
+                         log=log, same_file=True)
+
+
+def _recover_from(conn: sqlite3.Connection, store: Any, *, now: float, stored_ttl: float,
+                  domain: str, log: Any, same_file: bool) -> dict[str, int]:
     cuts = {(session, lane): int(left) for session, lane, left in
             conn.execute("SELECT session, lane, left_n FROM ledger_cuts").fetchall()}
     rows = conn.execute("SELECT session, lane, first_n, account, queued_at, stanzas"
@@ -292,8 +335,14 @@ def recover(store: Any, *, now: float, stored_ttl: float, domain: str,
                     counts["pending"] += 1
                 else:
                     counts["discarded"] += 1
-        c.execute("DELETE FROM ledger_journal")
-        c.execute("DELETE FROM ledger_cuts")
+        if same_file:
+            c.execute("DELETE FROM ledger_journal")
+            c.execute("DELETE FROM ledger_cuts")
+    if not same_file:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM ledger_journal")
+        conn.execute("DELETE FROM ledger_cuts")
+        conn.execute("COMMIT")
     if not rows:
         return counts
     if log is not None:

@@ -11,10 +11,11 @@ happens in :class:`Counters`: a dict increment, nothing allocated per stanza.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import contextlib
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from .xmpp import ns
@@ -33,10 +34,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 class MetricsServer:
-    def __init__(self, host: str, port: int, *, gather: Callable[[], Iterable[str]],
+    def __init__(self, host: str, port: int, *,
+                 gather: Callable[[], Iterable[str] | Awaitable[list[str]]],
                  healthy: Callable[[], bool], upstreams: Mapping[str, tuple[str, int]],
                  log: Any) -> None:
-        """``upstreams``: each served domain's server (host, port), by the domain."""
+        """``upstreams``: each served domain's server (host, port), by the domain.
+        ``gather`` may be a coroutine function (a supervisor asks its workers)."""
         self.host, self.port = host, port
         self.gather = gather
         self.healthy = healthy
@@ -69,7 +72,10 @@ class MetricsServer:
         if len(line) < 2 or line[0] not in ("GET", "HEAD"):
             status, body = "405 Method Not Allowed", "only GET\n"
         elif path == "/metrics":
-            status, body = "200 OK", "".join(f"{x}\n" for x in self.gather())
+            lines = self.gather()
+            if inspect.isawaitable(lines):  # a supervisor asks its workers
+                lines = await lines
+            status, body = "200 OK", "".join(f"{x}\n" for x in lines)
         elif path == "/healthz":
             ok = self.healthy()
             status, body = ("200 OK", "ok\n") if ok else ("503 Service Unavailable",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +26,7 @@ from .commands import (
     CheckLogin,
     Count,
     FailNegotiation,
+    HandOver,
     Log,
     NegotiationCommand,
     Pause,
@@ -81,10 +82,14 @@ class NegotiationCore:
                  throttle: LoginThrottle | None = None, client_address: str = "?",
                  upstream_host: str = "", upstream_port: int = 0,
                  max_attempts: int = MAX_AUTH_ATTEMPTS,
-                 served: Mapping[str, str] | None = None) -> None:
+                 served: Mapping[str, str] | None = None,
+                 home_of: Callable[[str], int] | None = None, worker: int = 0) -> None:
         """``domain``: the default domain (our header's ``from`` until the client's header
         chose one). ``served``: every served domain, by ``domain_key`` to its name (None:
-        ``domain`` alone); the first header's ``to`` chooses, later ones must repeat it."""
+        ``domain`` alone); the first header's ``to`` chooses, later ones must repeat it.
+        ``home_of`` (``workers: N``): the worker an account (a bare JID) lives in; an
+        ``<auth/>`` naming an account of another is handed over to it (``HandOver``)
+        instead of being checked here, the ``worker``."""
         self.domain = domain
         self.served = dict(served) if served is not None else {domain_key(domain) or domain:
                                                                 domain}
@@ -100,6 +105,9 @@ class NegotiationCore:
         self.account: Jid | None = None
         self._pending: tuple[Jid, str] | None = None  # (account, password) being checked
         self._bound_features: tuple[Element, ...] = ()
+        self.home_of = home_of
+        self.worker = worker
+        self.handed_over = False  # this connection came from the worker that accepted it
 
     # Events ---------------------------------------------------------------------------------
 
@@ -143,6 +151,21 @@ class NegotiationCore:
                                            "elements": events}, level="warning"),
                 *self._fail(violation("not-authorized",
                                       "data sent after <starttls/> before the TLS handshake"))]
+
+    def taken_over(self, auth: Element, failures: int,
+                   domain: str) -> list[NegotiationCommand]:
+        """At the account's home: the connection another worker accepted (TLS, headers and
+        features done there, its header chose ``domain``) continues from its ``<auth/>``
+        as if it had been read here."""
+        self.handed_over = True
+        name = self.served.get(domain_key(domain) or "")
+        if name is None:  # the workers run one configuration: only a reload between
+            return self._fail(violation("host-unknown", "this server does not serve that "
+                                        "domain"))
+        self.domain, self.chosen = name, True
+        self.phase = "sasl"
+        self.failures = failures
+        return self._sasl(auth)
 
     def login_result(self, outcome: LoginOutcome) -> list[NegotiationCommand]:
         """The outcome of the ``CheckLogin`` asked for."""
@@ -280,6 +303,17 @@ class NegotiationCore:
         if authzid and authzid.lower() not in (str(account), authcid.lower()):
             return [Log("auth_failed", {"reason": "invalid-authzid", "account": str(account)}),
                     *self._sasl_failed("invalid-authzid")]
+        if self.home_of is not None:
+            home = self.home_of(str(account))
+            if home != self.worker:
+                if self.handed_over:
+                    # It came here for another account; a second hop is not made.
+                    return [Log("auth_failed", {"reason": "another account's worker",
+                                                "account": str(account)}),
+                            *self._sasl_failed("temporary-auth-failure")]
+                auth = st.element("auth", namespace=ns.SASL, text=text)
+                auth.set("mechanism", "PLAIN")
+                return [HandOver(account, home, auth, self.failures)]
         refusal = (self.throttle.check(str(account), self.client_address)
                    if self.throttle is not None else None)
         if refusal is not None:  # answered without asking the server: it costs no login

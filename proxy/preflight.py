@@ -82,6 +82,7 @@ def preflight(config: Config, *, probe: bool = True, bind_ports: bool = True,
     findings += check_store(config)
     findings += check_capture_dir(config)
     findings += check_admin_socket(config)
+    findings += check_worker_sockets(config)
     findings += check_rules(config)
     findings += cross_checks(config)
     if probe and not errors(findings):
@@ -531,6 +532,22 @@ def check_admin_socket(config: Config) -> list[Finding]:
     problem = _writable_folder(folder.parent)
     return [] if problem is None else [
         _error(key, f"cannot create {folder}: {folder.parent} is not writable ({problem})")]
+
+
+def check_worker_sockets(config: Config) -> list[Finding]:
+    """``workers`` above 1: the workers' own sockets (beside the store) fit a Unix socket
+    address."""
+    from .workers import resolve_workers, worker_paths
+
+    count = resolve_workers(config.workers)
+    if count <= 1:
+        return []
+    longest = worker_paths(config).admin(count - 1)
+    if len(str(longest).encode()) > MAX_UNIX_PATH:
+        return [_error("workers", f"the workers' sockets would be in {longest.parent}, longer "
+                                  f"than a Unix socket path may be ({MAX_UNIX_PATH} bytes): "
+                                  "put the store in a shorter folder")]
+    return []
 
 
 def check_rules(config: Config) -> list[Finding]:

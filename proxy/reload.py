@@ -21,6 +21,7 @@ from .config import Config
 # Keys (a section or section.key) that only a restart takes on, and why.
 RESTART_KEYS: dict[str, str] = {
     "listen": "listeners are bound at start",
+    "workers": "the worker processes are started at start",
     "store": "the store is opened at start",
     "durability": "the journal is opened at start",
     "metrics": "the metrics listener is bound at start",

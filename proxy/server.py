@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 import contextlib
-from asyncio import sslproto
+import dataclasses
 import functools
 import ipaddress
+import os
 import secrets
 import signal
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -36,22 +38,30 @@ from .metrics import Counters, MetricsServer, parse_listen, prometheus
 from .preflight import Finding, errors, preflight
 from .reload import ReloadPlan, plan_reload
 from .rules import RuleError, RuleSet
-from .journal import Journal, recover
+from .journal import Journal, create_journal_file, parse_stored, recover
 from .logsetup import LevelFilter, get_logger
 from .loopcheck import OwnStreamIds
-from .net.client_side import AuthenticatedClient, ClientNegotiation, NegotiationFailed
+from .net.client_side import (
+    AuthenticatedClient,
+    ClientNegotiation,
+    HandOverNeeded,
+    NegotiationFailed,
+)
+from .net.worker_link import HandoffServer, RelayedStream, open_link, relay
 from .net.hub import Hub
 from .net.live import LiveSession
 from .net.certificates import ServerCertificates, upstream_contexts
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
-from .net.xmlstream import ConnectionLost, XmlStream
+from .net.xmlstream import ConnectionLost, XmlStream, share_tls_read_buffer
 from .features.disco import DiscoveryFactory
 from .features.push import PushFactory, PushPolicy
 from .proxyproto import BadProxyHeader
 from .retention import PRUNE_EVERY, prune_transcripts
 from .session import FeatureFactory
 from .store import Store
-from .xmpp import codec
+from .workers import Handoff, WorkerRole
+from .xmpp import codec, ns
+from .xmpp import stanza as st
 
 
 def _address_text(address: tuple[str, int] | None) -> str:
@@ -74,12 +84,12 @@ def _trusted(address: tuple[str, int] | None, networks: list[str]) -> bool:
 def size_tls_buffers(read_buffer: int) -> None:
     """asyncio gives every TLS connection a read buffer of ``SSLProtocol.max_size`` bytes
     (256 KiB in 3.11) and offers no setting for it: a class attribute it is. A TLS record
-    carries at most 16 KiB, so a little more than that costs no throughput and saves
-    ~240 KiB on each of a session's two TLS legs."""
-    sslproto.SSLProtocol.max_size = read_buffer
+    carries at most 16 KiB, so a little more than that costs no throughput; and the buffer
+    is shared by all connections (``share_tls_read_buffer``)."""
+    share_tls_read_buffer(read_buffer)
 
 
-def _upstream_addresses(config: Config) -> dict[str, tuple[str, int]]:
+def upstream_addresses(config: Config) -> dict[str, tuple[str, int]]:
     """Each served domain's server, for /readyz."""
     return {served.name: (served.config.upstream.host, served.config.upstream.port)
             for served in config.served.values()}
@@ -104,12 +114,26 @@ class PreparedReload:
     warnings: list[Finding]
 
 
+def as_worker(config: Config, role: WorkerRole | None) -> Config:
+    """A worker's view of the configuration: its admin socket is its own (the supervisor
+    answers on the configured one and serves /metrics), no metrics listener of its own."""
+    if role is None:
+        return config
+    return dataclasses.replace(
+        config, metrics=dataclasses.replace(config.metrics, listen=None),
+        admin=dataclasses.replace(config.admin, socket=str(role.paths.admin(role.index))))
+
+
 class Proxy:
     def __init__(self, config: Config, *, source: Path | None = None,
-                 log_level: LevelFilter | None = None) -> None:
+                 log_level: LevelFilter | None = None, worker: WorkerRole | None = None
+                 ) -> None:
         """``source``: the configuration file, read again on SIGHUP (without one a reload
         reads the rule, certificate and key files again). ``log_level``: the filter the
-        log was set up with, so a reload can change the level."""
+        log was set up with, so a reload can change the level. ``worker``: this process is
+        one of ``workers: N`` (``proxy/supervisor.py``); None: the one process."""
+        self.worker = worker
+        config = as_worker(config, worker)
         self.config = config
         self.source = source
         self.log_level = log_level
@@ -125,11 +149,16 @@ class Proxy:
         self.connections: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
         self.clients: set[XmlStream] = set()
+        self.relays: set[asyncio.Task[None]] = set()  # connections relayed to their home
         self.stopping = False
         self.connection_limiter = ConnectionLimiter(config.abuse)
         self.login_throttle = LoginThrottle(config.abuse)
         self.own_stream_ids = OwnStreamIds()
-        self.store = Store(str(config.path(config.store.path)), log=self.log)
+        if worker is None:
+            self.store = Store(str(config.path(config.store.path)), log=self.log)
+        else:  # the supervisor owns the file's clean-stop mark
+            self.store = Store(str(config.path(config.store.path)), log=self.log,
+                               clean_start=worker.clean_start, mark_clean=False)
         if self.store.unclean:  # what the store's writer had not committed is gone: say so
             self.log.warning("store_unclean_start", lost="the last moments of roster, "
                              "blocklist and push registration changes, if any")
@@ -177,7 +206,7 @@ class Proxy:
             if self.store.path == ":memory:":
                 self.log.warning("journal_disabled", reason="store.path is :memory:")
             else:
-                self.journal = Journal(self.store.path,
+                self.journal = Journal(self._journal_path(),
                                        synchronous=config.durability.fsync.upper(),
                                        log=self.log)
         self.counters = Counters()
@@ -188,10 +217,23 @@ class Proxy:
             host, port = parse_listen(config.metrics.listen)
             self.metrics = MetricsServer(host, port, gather=self.gather_metrics,
                                          healthy=self.healthy,
-                                         upstreams=_upstream_addresses(config),
+                                         upstreams=upstream_addresses(config),
                                          log=self.log)
         admin_path = socket_path(config)
-        self.admin = AdminServer(admin_path, self.hub, self.log) if admin_path else None
+        self.admin = (AdminServer(admin_path, self.hub, self.log,
+                                  gather=self.gather_metrics if worker is not None else None)
+                      if admin_path else None)
+        self.handoffs = (HandoffServer(worker.paths.handoff(worker.index),
+                                       self.serve_handed_off, self.log)
+                         if worker is not None else None)
+
+    def _journal_path(self) -> str:
+        """The store's own tables, or a worker's file of its own (``workers: N``)."""
+        if self.worker is None:
+            return self.store.path
+        path = str(self.worker.paths.journal(self.worker.index))
+        create_journal_file(path)
+        return path
 
     def _archive_writer(self, config: Config) -> ArchiveWriter | None:
         """The archive's writer thread, unless archiving is off altogether."""
@@ -254,7 +296,8 @@ class Proxy:
         """Everything that can fail, done before anything changes (in a thread: it reads
         files, resolves names and probes the upstream)."""
         try:
-            fresh = load_config(self.source) if self.source is not None else self.config
+            fresh = (as_worker(load_config(self.source), self.worker)
+                     if self.source is not None else self.config)
         except ConfigError as exc:
             raise ReloadRefused([str(exc)]) from exc
         findings = preflight(fresh, bind_ports=False)
@@ -299,7 +342,7 @@ class Proxy:
         self.login_throttle.reconfigure(config.abuse)
         size_tls_buffers(config.limits.tls_read_buffer)
         if self.metrics is not None:  # /readyz probes the servers new sessions use
-            self.metrics.upstreams = _upstream_addresses(config)
+            self.metrics.upstreams = upstream_addresses(config)
 
     def healthy(self) -> bool:
         return bool(self.servers) and all(s.is_serving() for s in self.servers)
@@ -361,9 +404,13 @@ class Proxy:
     def recover(self) -> dict[str, int]:
         """Settle the ledgers an earlier run left in the journal (a crash, or anything a
         graceful stop could not settle itself)."""
+        journal = None
+        if self.worker is not None and self.store.path != ":memory:":
+            journal = self._journal_path()
         return recover(self.store, now=time.time(),
                        stored_ttl=self.config.stream_management.stored_ttl,
-                       domain=self.config.upstream.domain, log=self.log)
+                       domain=self.config.upstream.domain, log=self.log,
+                       journal_path=journal)
 
     async def start(self) -> None:
         self.recover()  # before any client can log in and want what it holds
@@ -371,6 +418,9 @@ class Proxy:
             await self.metrics.start()
         if self.admin is not None:
             await self.admin.start()
+        if self.worker is not None:
+            await self._start_worker()
+            return
         for listener in self.config.listen:
             # Direct TLS is started per connection (_serve), not by asyncio's listener: a
             # PROXY header may come first, and a failed handshake is logged.
@@ -389,6 +439,24 @@ class Proxy:
                           certificate=str(self.config.path(served.tls.cert)))
         # Always: a reload may name a capture folder later.
         self.background.add(asyncio.create_task(self._prune_transcripts()))
+
+    async def _start_worker(self) -> None:
+        """One of ``workers: N``: the handoff socket first (the others may hand this one
+        connections as soon as they accept), then the supervisor's listening sockets."""
+        role = self.worker
+        assert role is not None and self.handoffs is not None
+        await self.handoffs.start()
+        for listener, fd in zip(self.config.listen, role.listen_fds, strict=True):
+            sock = socket.socket(fileno=fd)
+            server = await asyncio.start_server(
+                functools.partial(self._accept, listener=listener), sock=sock)
+            self.servers.append(server)
+        self.log.info("worker_accepting", worker=role.index, workers=role.count,
+                      listeners=len(self.servers))
+        self.background.add(asyncio.create_task(self._prune_transcripts()))
+        if role.ready_fd is not None:
+            os.write(role.ready_fd, b"r")
+            os.close(role.ready_fd)
 
     async def _prune_transcripts(self) -> None:
         """Transcript retention, now and every PRUNE_EVERY seconds (off the event loop:
@@ -513,21 +581,31 @@ class Proxy:
         stream.abort()
 
     async def _serve_admitted(self, stream: XmlStream, listener: Listener, conn_id: str,
-                              log: Any) -> None:
-        log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
-                 **stream.tls_info)
+                              log: Any, handoff: Handoff | None = None) -> None:
+        """``handoff``: the connection was accepted by another worker, which relays it
+        here from the client's ``<auth/>`` on."""
+        if handoff is None:
+            log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
+                     **stream.tls_info, **self._worker_fields())
         self.clients.add(stream)
         auth: AuthenticatedClient | None = None
         session: LiveSession | None = None
+        role = self.worker
         try:
             try:
                 negotiation = ClientNegotiation(stream, listener, self.config, self.server_tls,
                                                 self.upstream_tls, log,
                                                 throttle=self.login_throttle,
                                                 own_stream_ids=self.own_stream_ids,
-                                                vouch=self.hub.vouch, counters=self.counters)
+                                                vouch=self.hub.vouch, counters=self.counters,
+                                                home_of=role.home_of if role else None,
+                                                worker=role.index if role else 0)
                 try:
                     async with asyncio.timeout(negotiation.start()):
+                        if handoff is not None:
+                            await negotiation.take_over(
+                                parse_stored(handoff.auth.encode()), handoff.failures,
+                                handoff.domain or self.config.default_domain.name)
                         auth = await negotiation.run()
                         session, first, resumed = await self.hub.establish(
                             negotiation, auth, log)
@@ -536,6 +614,12 @@ class Proxy:
             except NegotiationFailed as exc:
                 log.info("closed", reason=exc.reason, phase="negotiation")
                 await stream.close(exc.error)
+                return
+            except HandOverNeeded as exc:
+                self.clients.discard(stream)
+                await self._hand_over(stream, negotiation, exc.command.home,
+                                      exc.command.auth, exc.command.failures,
+                                      listener, conn_id, log)
                 return
             except (ConnectionLost, ssl.SSLError, OSError) as exc:
                 log.info("closed", phase="negotiation", reason=f"connection lost: {exc!r}")
@@ -549,6 +633,10 @@ class Proxy:
                     await auth.upstream.stream.close()
             if resumed:
                 self.counters.count(self.counters.resumes, "ok")
+            # This task lives as long as the connection: what only the negotiation needed
+            # (its core, the login's holder) goes now, not with the session.
+            del negotiation
+            auth = None
             # Every event of the connection from here on names its session too.
             log = log.bind(jid=session.jid, session=session.core.id,
                            account=str(session.core.account))
@@ -565,6 +653,74 @@ class Proxy:
         finally:
             self.clients.discard(stream)
 
+    def _worker_fields(self) -> dict[str, int]:
+        return {"worker": self.worker.index} if self.worker is not None else {}
+
+    async def _hand_over(self, stream: XmlStream, negotiation: ClientNegotiation, home: int,
+                         auth: st.Element, failures: int, listener: Listener, conn_id: str,
+                         log: Any) -> None:
+        """The account lives in worker ``home``: it gets the connection (the handoff) and
+        this worker relays the decrypted bytes both ways until either side closes."""
+        role = self.worker
+        assert role is not None
+        handoff = Handoff(
+            conn=conn_id, accepted_by=role.index, listener=self.config.listen.index(listener),
+            remote=stream.remote, local=stream.endpoints()[1], tls=stream.tls_info,
+            header=negotiation.header, auth=codec.serialize(auth).decode(),
+            domain=negotiation.domain.name, failures=failures,
+            after="".join(codec.serialize(e.element).decode() for e in stream.take_events()
+                          if isinstance(e, codec.StanzaReceived)))
+        done: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
+        try:
+            link = await open_link(role.paths.handoff(home), handoff.encode(), done)
+        except OSError as exc:
+            log.warning("handoff_failed", worker=role.index, home=home, error=str(exc))
+            failure = st.element("failure", namespace=ns.SASL)
+            st.sub(failure, "temporary-auth-failure")
+            stream.send(failure)
+            await stream.close(None)
+            return
+        log.info("handoff_sent", worker=role.index, home=home)
+        task = asyncio.current_task()
+        assert task is not None
+        self.relays.add(task)  # type: ignore[arg-type]
+        try:
+            why = await relay(stream, link, done)
+        finally:
+            self.relays.discard(task)  # type: ignore[arg-type]
+        log.info("relay_closed", worker=role.index, home=home, reason=why)
+
+    async def serve_handed_off(self, handoff: Handoff, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        """A connection another worker accepted, for an account that lives here."""
+        limits = self.config.limits
+        role = self.worker
+        assert role is not None
+        try:
+            listener = self.config.listen[handoff.listener]
+        except IndexError:
+            self.log.warning("handoff_refused", reason=f"no listener {handoff.listener}")
+            writer.transport.abort()
+            return
+        remote = handoff.remote
+        log = self.log.bind(conn=handoff.conn, peer=_address_text(remote))
+        stream = RelayedStream(reader, writer, handoff,
+                               max_stanza_bytes=limits.max_stanza_bytes,
+                               max_depth=limits.max_depth,
+                               output_soft=limits.output_soft_bytes,
+                               output_hard=limits.output_hard_bytes,
+                               error_header=codec.stream_header(
+                                   from_=self.config.upstream.domain))
+        stream.sent_bytes = self.counters.s2c_bytes
+        stream.log = log
+        log.info("handoff_received", worker=role.index, accepted_by=handoff.accepted_by,
+                 listener_port=listener.port, direct_tls=listener.direct_tls, **stream.tls_info)
+        task = asyncio.current_task()
+        if task is not None:
+            self.connections.add(task)  # type: ignore[arg-type]
+            task.add_done_callback(self.connections.discard)  # type: ignore[arg-type]
+        await self._serve_admitted(stream, listener, handoff.conn, log, handoff=handoff)
+
     async def stop(self) -> None:
         """Graceful stop: no new connections; every client gets ``<system-shutdown/>``."""
         if self.stopping:
@@ -573,6 +729,8 @@ class Proxy:
         self.log.info("stopping", connections=len(self.connections))
         for server in self.servers:
             server.close()
+        if self.handoffs is not None:
+            await self.handoffs.stop()
         if self.admin is not None:
             await self.admin.stop()
         for reload in list(self.reloads):
@@ -586,6 +744,9 @@ class Proxy:
             stream.send_bytes(stream.framed(shutdown) + codec.STREAM_CLOSE)
             stream.closing = True
         await asyncio.sleep(0.2)  # let those writes go out before tearing down
+        if self.relays:  # the homes stop too: their last words pass through here
+            await asyncio.wait(list(self.relays),
+                               timeout=self.config.shutdown.drain_timeout + 2.0)
         for task in list(self.connections):
             task.cancel()
         with contextlib.suppress(Exception):
@@ -615,9 +776,9 @@ async def _watch_rules(rules: RulesFactory) -> None:
 
 
 async def serve(config: Config, ready: Any = None, *, source: Path | None = None,
-                log_level: LevelFilter | None = None) -> None:
+                log_level: LevelFilter | None = None, worker: WorkerRole | None = None) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration (``source``)."""
-    proxy = Proxy(config, source=source, log_level=log_level)
+    proxy = Proxy(config, source=source, log_level=log_level, worker=worker)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -626,6 +787,18 @@ async def serve(config: Config, ready: Any = None, *, source: Path | None = None
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, proxy.reload, "SIGHUP")
+    if worker is not None and worker.lifeline_fd is not None:
+        lifeline = worker.lifeline_fd
+
+        def supervisor_gone() -> None:
+            with contextlib.suppress(OSError):
+                if os.read(lifeline, 1):
+                    return
+            loop.remove_reader(lifeline)
+            proxy.log.error("supervisor_gone", note="stopping this worker")
+            stop.set()
+
+        loop.add_reader(lifeline, supervisor_gone)
     watcher = asyncio.create_task(_watch_rules(proxy.rules))  # a reload may add rules
     if ready is not None:
         ready(proxy)

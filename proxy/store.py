@@ -66,6 +66,7 @@ from .archive_store import PREFS_SCHEMA, ArchiveArea
 Op = TypeVar("Op")  # what an area's write does, to apply to its reads until committed
 
 DEFAULT_MAX_CHANGES = 1000
+BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another connection's commit
 WRITE_RETRY_SECONDS = 1.0  # after a failed commit of the writer: the batch is tried again
 
 # (version, SQL). Applied in order, each in its own transaction, on open. Append only.
@@ -182,22 +183,30 @@ class Store:
     """The database. ``path`` is a file name or ``":memory:"``."""
 
     def __init__(self, path: str, *, new_epoch: Callable[[], str] = _new_epoch,
-                 threaded_writes: bool = True, log: Any = None) -> None:
+                 threaded_writes: bool = True, log: Any = None,
+                 clean_start: bool | None = None, mark_clean: bool = True) -> None:
+        """``clean_start``/``mark_clean`` (``workers: N``): several processes share the
+        file, so the supervisor says whether the last run stopped cleanly and marks the
+        clean stop itself once every worker has closed."""
         self.path = path
         create_private(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._depth = 0
+        self.mark_clean = mark_clean
         try:
             if self._is_file():
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=NORMAL")
+                # Other processes (workers) write the same file: wait for their commits.
+                self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except Exception:
             self._conn.close()
             raise
         # PRAGMA user_version is 1 only between a clean close and the next open.
-        self.clean_start = self._conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        self.clean_start = (self._conn.execute("PRAGMA user_version").fetchone()[0] == 1
+                            if clean_start is None else clean_start)
         # A run before this one stopped without closing the store (a crash): the writer's
         # last batches may be missing.
         self.unclean = not self.clean_start and not self._created
@@ -224,7 +233,8 @@ class Store:
     def close(self) -> None:
         """Commit what the writer holds, mark the stop clean, close."""
         self.writer.close()
-        self._conn.execute("PRAGMA user_version = 1")
+        if self.mark_clean:
+            self._conn.execute("PRAGMA user_version = 1")
         self._conn.close()
 
     @contextmanager

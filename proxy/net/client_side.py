@@ -22,6 +22,7 @@ from ..commands import (
     CheckLogin,
     Count,
     FailNegotiation,
+    HandOver,
     Log,
     NegotiationCommand,
     Pause,
@@ -51,6 +52,14 @@ from ..xmpp.stanza import Element
 
 # The TLS context for each served domain's upstream, by its name (None: upstream.tls none).
 UpstreamTls: TypeAlias = Mapping[str, ssl.SSLContext | None]
+
+
+class HandOverNeeded(Exception):
+    """``workers: N``: the client's ``<auth/>`` names an account of another worker."""
+
+    def __init__(self, command: HandOver) -> None:
+        super().__init__(f"{command.account} lives in worker {command.home}")
+        self.command = command
 
 
 class NegotiationFailed(Exception):
@@ -93,7 +102,8 @@ class ClientNegotiation:
                  log: Any, *, throttle: LoginThrottle | None = None,
                  own_stream_ids: OwnStreamIds | None = None,
                  vouch: Callable[[str, str], bool] | None = None,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None,
+                 home_of: Callable[[str], int] | None = None, worker: int = 0) -> None:
         self.stream = stream
         # While the server is unreachable: does a live session of this account hold this
         # password (so a client whose link dropped can still resume)?
@@ -115,10 +125,12 @@ class ClientNegotiation:
             # The socket's peer, or the client a PROXY protocol header named.
             client_address=stream.peer_host,
             upstream_host=config.upstream.host, upstream_port=config.upstream.port,
-            served={key: served.name for key, served in config.served.items()})
+            served={key: served.name for key, served in config.served.items()},
+            home_of=home_of, worker=worker)
         self.deadline: float | None = None  # seconds, from the core's timer
         self._authenticated: Authenticated | None = None
         self._received: list[Element] = []
+        self.header: dict[str, str] = {}  # the attributes of the client's last header
 
     def start(self) -> float:
         """The negotiation's time limit in seconds (the caller bounds the whole of it)."""
@@ -148,6 +160,10 @@ class ClientNegotiation:
             if self.own_stream_ids is not None:
                 self.own_stream_ids.retire(self._issued_ids)
 
+    async def take_over(self, auth: Element, failures: int, domain: str) -> None:
+        """At the account's home: go on from the ``<auth/>`` the accepting worker read."""
+        await self._execute(self.core.taken_over(auth, failures, domain))
+
     @property
     def domain(self) -> ServedDomain:
         """The served domain the client's header chose (the default one before it)."""
@@ -169,7 +185,10 @@ class ClientNegotiation:
 
     async def _step(self) -> None:
         """One event of the client's stream through the core."""
-        await self._execute(self.core.receive(await self.stream.next_event()))
+        event = await self.stream.next_event()
+        if isinstance(event, codec.StreamOpened):
+            self.header = event.attrs  # for a handover to another worker
+        await self._execute(self.core.receive(event))
 
     def _execute_now(self, commands: Sequence[NegotiationCommand]) -> None:
         for command in commands:
@@ -205,6 +224,8 @@ class ClientNegotiation:
                 self._received.append(command.element)
             elif isinstance(command, StartTimer):
                 self.deadline = command.seconds
+            elif isinstance(command, HandOver):
+                raise HandOverNeeded(command)
 
     def _send_header(self, command: SendHeader) -> None:
         stream_id = secrets.token_urlsafe(12)

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from ..archive_store import ArchiveFailed, ArchiveResult, ArchiveWriter
@@ -137,7 +137,7 @@ class LiveSession:
                            if inspector is not None else None)
         self.upstream = UpstreamSide(self, link, config=config, tls_context=tls_context,
                                      username=core.jid.local, password=password, log=self.log,
-                                     counters=counters)
+                                     counters=counters, rng=hub.rng)
 
     @property
     def jid(self) -> str:
@@ -487,7 +487,8 @@ class LiveSession:
         """Attach ``stream`` and relay for it until it leaves; returns why it left.
 
         ``first`` are elements to write before anything else (bind result, takeover queue,
-        or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows).
+        or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows); the list
+        is emptied once they are written.
         """
         if self.client is not None and self.client is not stream:
             self.execute(self.edge.evict("another connection took this session over"))
@@ -497,8 +498,11 @@ class LiveSession:
         self.client_endpoints = stream.endpoints()  # for the PROXY header of a reconnection
         self.log = self._base_log.bind(conn=conn_id)
         self.upstream.log = self.log
-        for el in first or ():
-            stream.send(el)
+        if first:
+            _send_all(stream, first)
+            # Emptied once written: the caller's frame lives as long as the connection, and
+            # a stanza kept there keeps its stream parser alive.
+            first.clear()
         self.execute(self.edge.attach(resumed=resumed))
         self.write(self.core.client_attached())  # a stream starts active (CSI)
         try:
@@ -558,9 +562,12 @@ class LiveSession:
                         self.write(handled)
                     else:
                         self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
+                    del handled
                 commands = edge.request_ack()
                 if commands:
                     self.execute(commands)
+                # Nothing read is kept while waiting: an element keeps its parser alive.
+                del event, el
             else:
                 leaves = edge.stream_event(event)
                 raise ClientLeft(leaves.reason, error=leaves.error, end_session=True,
@@ -723,6 +730,11 @@ class LiveSession:
 
 
 _FEATURE_TIMER = "feature:"  # the features' timers, apart from the client edge's
+
+
+def _send_all(stream: XmlStream, elements: Iterable[Element]) -> None:
+    for el in elements:
+        stream.send(el)
 
 
 async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:

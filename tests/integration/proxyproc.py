@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from tests.peers.prosody import LegacyProsody
 from tests.peers.util import LOCALHOST, free_port
 
 REPO = Path(__file__).resolve().parents[2]
+# A listener's "listening" event: JSON, or the console format's "[info     ] listening".
+_LISTENING = re.compile(r'"event": "listening"|\]\s+listening\s')
 
 
 def merge_config(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +67,9 @@ class ProxyProcess:
         # Wait for its "listening" events rather than probing the ports, which would put
         # a spurious connection in the log.
         deadline = time.monotonic() + timeout
-        while self.log_path.read_text(errors="replace").count("listening") < len(
+        # The event itself, not "admin_listening" (a supervisor's workers have their own),
+        # in either log format (the demo logs for people to read).
+        while len(_LISTENING.findall(self.log_path.read_text(errors="replace"))) < len(
                 self.config["listen"]):
             if not self.running or time.monotonic() > deadline:
                 self.stop()
