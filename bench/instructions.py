@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="durability.mode (default: the proxy's own default)")
     p.add_argument("--features", choices=("on", "off"), default="on",
                    help="off: carbons, archive, blocking and push off, as bench --features")
+    p.add_argument("--off", action="append", choices=FEATURES, default=[], metavar="FEATURE",
+                   help="turn this feature off (repeatable; e.g. --off archive: what it costs)")
     p.add_argument("--workdir", metavar="DIR", help="keep configs and logs here")
     p.add_argument("--profile", metavar="DIR",
                    help="keep callgrind's data of both runs here (callgrind_annotate "
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["durability"] = {"mode": opts.durability}
     if opts.features == "off":
         overrides["features"] = {k: "off" for k in FEATURES}
+    elif opts.off:
+        overrides["features"] = {k: "off" for k in opts.off}
     workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="xmpp-front-ir-")).resolve()
     cert, key = make_cert(workdir / "certs", "localhost")
     upstream = procs.fast_upstream(workdir)
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     stanzas = 2 * opts.pairs * 2 * opts.messages
     per = (large - small) / stanzas
     print(f"{per:,.0f} instructions per relayed stanza ({small:,} and {large:,} in all; "
-          f"{stanzas:,} stanzas apart; features {opts.features}, durability "
+          f"{stanzas:,} stanzas apart; features {opts.features}"
+          f"{''.join(f' but {k} off' for k in opts.off if opts.features == 'on')}, durability "
           f"{opts.durability or 'default'})")
     return 0
 

@@ -82,6 +82,7 @@ class Child:
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed = False  # it did not stop on SIGTERM within the timeout
         self.env: dict[str, str] = {}  # added to the environment it starts with
+        self.start_timeout = 20.0  # seconds until it must accept connections
 
     @property
     def pid(self) -> int:
@@ -92,7 +93,8 @@ class Child:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 20.0) -> Child:
+    def start(self, timeout: float | None = None) -> Child:
+        timeout = self.start_timeout if timeout is None else timeout
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -180,7 +182,7 @@ class Proxy(Child):
 
     def __init__(self, workdir: Path, cert: Path, key: Path, upstream: dict[str, Any], *,
                  name: str = "proxy", log_level: str = "warning", stats: bool = False,
-                 **overrides: Any) -> None:
+                 memtrace: Path | None = None, **overrides: Any) -> None:
         port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         self.config: dict[str, Any] = merge_config({
@@ -197,9 +199,16 @@ class Proxy(Child):
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.store_path = Path(self.config["store"]["path"])
-        module = "bench.proxystats" if stats else "proxy"
+        module = ("bench.memtrace" if memtrace is not None
+                  else "bench.proxystats" if stats else "proxy")
         super().__init__(name, [sys.executable, "-m", module, "run", "-c",
                                 str(self.config_path)], port, workdir)
+        self.memtrace = memtrace
+        self._memtrace_seq = 0
+        if memtrace is not None:
+            memtrace.mkdir(parents=True, exist_ok=True)
+            self.env["BENCH_MEMTRACE_DIR"] = str(memtrace)
+            self.start_timeout = 120.0  # tracemalloc slows the imports down
         self.stats_path = workdir / f"{name}.stats.json" if stats else None
         if self.stats_path is not None:
             self.env["BENCH_STATS_FILE"] = str(self.stats_path)
@@ -241,6 +250,17 @@ class Proxy(Child):
         wal = Path(f"{self.store_path}-wal")
         out["wal_bytes"] = wal.stat().st_size if wal.exists() else 0
         return out
+
+    def memory_snapshot(self, timeout: float = 120.0) -> tuple[Path, dict[str, Any]]:
+        """A tracemalloc snapshot and the C heap's figures now (SIGUSR2; only for a proxy
+        started with ``memtrace``): the snapshot's path and the heap figures."""
+        assert self.memtrace is not None
+        self._memtrace_seq += 1
+        os.kill(self.pid, signal.SIGUSR2)
+        heap = self.memtrace / f"heap-{self._memtrace_seq}.json"
+        if not wait_until(heap.exists, timeout):
+            raise RuntimeError(f"{self.name}: no memory snapshot within {timeout:g} s")
+        return self.memtrace / f"snap-{self._memtrace_seq}.pickle", json.loads(heap.read_text())
 
     def events(self, name: str) -> list[str]:
         """Raw JSON log lines of the events called ``name``."""

@@ -28,10 +28,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.net.xmlstream import HEAP_TRIM_QUIET, PARSER_IDLE
 from tests.peers.certs import make_cert
 from tests.peers.prosody import LegacyProsody
 
-from . import load, procs
+from . import load, memtrace, procs
 from .client import BenchClient, register_many
 from .load import Endpoint
 from .profile import format_hot_spots, py_spy_available, start_py_spy
@@ -42,6 +43,9 @@ CASES = ("capacity", "rules", "throughput", "latency", "login", "resume", "memor
 C = TypeVar("C", bound=procs.Child)
 PROXY_OWN_FDS = 16  # listeners, epoll, the store, stdio: measured 10 with a few sessions
 WARM_SESSIONS = 10  # memory: sessions connected before the baseline RSS is read
+# memory: seconds sessions are left idle before the RSS is read; past the time after which
+# an idle stream drops its parser, and the heap trim that follows
+IDLE_WAIT = max(2.0, PARSER_IDLE + HEAP_TRIM_QUIET + 1.0)
 
 FEATURES = ("carbons", "archive", "blocking", "push")  # --features off
 
@@ -622,10 +626,11 @@ class Bench:
         name = "memory-tls" if tls else "memory-plain"
         upstream = await self.started(procs.fast_upstream(
             self.workdir / name, cert=self.cert if tls else None, key=self.key if tls else None))
+        trace = Path(self.opts.memtrace) / name if self.opts.memtrace else None
         workers = self.opts.memory_workers
         extra: dict[str, Any] = {"workers": workers, "log_level": "info"} if workers > 1 else {}
         proxy = await self.started(self.proxy_before_fast(f"proxy-{name}", upstream, tls=tls,
-                                                          **extra))
+                                                          memtrace=trace, **extra))
         if workers > 1 and not await asyncio.to_thread(
                 procs.wait_until, lambda: proxy.events("listening"), 30):
             raise RuntimeError(f"the proxy's workers did not start:\n{proxy.log_tail()}")
@@ -637,8 +642,10 @@ class Bench:
             ep = self.ep("proxy", proxy.port)
             accounts = self.fake_accounts(sizes[-1], "idle")
             clients += await load.login_many(ep, accounts[:WARM_SESSIONS], resource="idle")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(IDLE_WAIT)
             base = sum(procs.rss_bytes(pid) for pid in family)
+            traced = (await asyncio.to_thread(proxy.memory_snapshot)
+                      if trace is not None else None)
             run["baseline_rss"] = base
             self.progress(f"{label}: proxy RSS with {WARM_SESSIONS} sessions "
                           f"{base / 2**20:.1f} MiB")
@@ -649,12 +656,15 @@ class Bench:
                                                     progress=self.progress)
                 clients += new
                 took = time.monotonic() - t
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(IDLE_WAIT)
                 rss = sum(procs.rss_bytes(pid) for pid in family)
                 each = [len(os.listdir(f"/proc/{pid}/fd")) for pid in family]
                 fds = max(each)  # the limit is per process
                 have = len(clients)
                 per = (rss - base) / (have - WARM_SESSIONS)
+                if trace is not None and traced is not None:
+                    await self._memory_breakdown(proxy, trace, traced, have - WARM_SESSIONS,
+                                                 f"{label}, {n} sessions", run, str(n))
                 echoed = await load.echo_check(clients)
                 self.progress(f"{label}, {have}/{n} sessions: proxy RSS {rss / 2**20:.1f} MiB, "
                               f"{per / 1024:.1f} KiB per session, {fds} fds, "
@@ -681,6 +691,20 @@ class Bench:
             load.abort_all(clients)
             await self.stopped(proxy)
             await self.stopped(upstream)
+
+    async def _memory_breakdown(self, proxy: procs.Proxy, folder: Path,
+                                baseline: tuple[Path, dict[str, Any]], sessions: int,
+                                label: str, run: dict[str, Any], key: str) -> None:
+        """``--memtrace``: where the memory of the sessions added since the baseline went
+        (tracemalloc by line, and the C allocator's bytes that are not Python's)."""
+        snap, heap = await asyncio.to_thread(proxy.memory_snapshot)
+        result = await asyncio.to_thread(memtrace.analyse, baseline[0], snap, baseline[1],
+                                         heap, sessions, procs.REPO)
+        text = memtrace.report(result)
+        out = folder / f"breakdown-{key}.txt"
+        out.write_text(f"{label}\n{text}")
+        self.progress(f"{label}: breakdown in {out}\n{text}")
+        run.setdefault("breakdown", {})[key] = result
 
     async def case_restore(self) -> None:
         o = self.opts
@@ -1014,6 +1038,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy the proxy during the capacity case (and the first run of "
                         "each --durability variant); samples and hot spots go to DIR")
+    p.add_argument("--memtrace", metavar="DIR",
+                   help="memory: run the proxy under tracemalloc (bench/memtrace.py) and write "
+                        "where each idle session's memory goes to DIR; its RSS figures then "
+                        "include tracemalloc's own cost")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--workdir", metavar="DIR", help="keep configs and logs here")
     p.add_argument("--barrier-every", type=int, metavar="N", default=None,

@@ -321,6 +321,7 @@ _WIDTH = len(_BATCH_FIELDS)
 _ACCOUNT = _BATCH_FIELDS.index("account")
 _SEQ = _BATCH_FIELDS.index("seq")
 _NONCE = _BATCH_FIELDS.index("nonce")
+_STANZA_FROM_END = _BATCH_FIELDS.index("stanza") - _WIDTH
 _ROW = "(" + ", ".join("?" * _WIDTH) + ")"
 # Inserted by statements of these many rows (each a prepared statement kept in the
 # connection's cache): one step per statement, not one per row.
@@ -665,10 +666,14 @@ class ArchiveWriter:
         """An id for a message about to be archived (the feature's ``new_id``)."""
         return self.ids.new()
 
-    def put(self, account: str, message: ArchivedMessage) -> None:
+    def put(self, account: str, message: ArchivedMessage, stanza: bytes | None = None) -> None:
+        """``stanza``: the message's bytes instead of ``message.stanza`` (the shell's, as it
+        serialized the message for the wire)."""
         batch = self._batch
         batch.append(account)
         batch += message
+        if stanza is not None:
+            batch[_STANZA_FROM_END] = stanza
         if not self._scheduled:
             self._scheduled = True
             self._loop = asyncio.get_running_loop()

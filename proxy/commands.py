@@ -427,9 +427,13 @@ RegistryCommand = (LookUpResume | LookUpBind | Resume | TakeOver | BindUpstream
 class ArchivePut:
     """Archive a message in the session's account's archive (XEP-0313; the shell adds the
     account, so a session writes its own archive only). Batched per loop turn and written
-    on the archive's thread."""
+    on the archive's thread. ``element``: the message itself, when ``message.stanza`` is
+    left for the shell to fill in: it stores the bytes it serialized the element into for
+    the wire (the journal's and the write's, after every later feature), so an archived
+    message is serialized once, not once more for the archive."""
 
     message: ArchivedMessage
+    element: Element | None = None
 
 
 @dataclass(frozen=True, slots=True)

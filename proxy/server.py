@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 import contextlib
-from asyncio import sslproto
 import dataclasses
 import functools
 import ipaddress
@@ -53,7 +52,7 @@ from .net.hub import Hub
 from .net.live import LiveSession
 from .net.certificates import ServerCertificates, upstream_contexts
 from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
-from .net.xmlstream import ConnectionLost, XmlStream
+from .net.xmlstream import ConnectionLost, XmlStream, share_tls_read_buffer
 from .features.disco import DiscoveryFactory
 from .features.push import PushFactory, PushPolicy
 from .proxyproto import BadProxyHeader
@@ -85,9 +84,9 @@ def _trusted(address: tuple[str, int] | None, networks: list[str]) -> bool:
 def size_tls_buffers(read_buffer: int) -> None:
     """asyncio gives every TLS connection a read buffer of ``SSLProtocol.max_size`` bytes
     (256 KiB in 3.11) and offers no setting for it: a class attribute it is. A TLS record
-    carries at most 16 KiB, so a little more than that costs no throughput and saves
-    ~240 KiB on each of a session's two TLS legs."""
-    sslproto.SSLProtocol.max_size = read_buffer
+    carries at most 16 KiB, so a little more than that costs no throughput; and the buffer
+    is shared by all connections (``share_tls_read_buffer``)."""
+    share_tls_read_buffer(read_buffer)
 
 
 def upstream_addresses(config: Config) -> dict[str, tuple[str, int]]:
@@ -650,6 +649,10 @@ class Proxy:
                     await auth.upstream.stream.close()
             if resumed:
                 self.counters.count(self.counters.resumes, "ok")
+            # This task lives as long as the connection: what only the negotiation needed
+            # (its core, the login's holder) goes now, not with the session.
+            del negotiation
+            auth = None
             # Every event of the connection from here on names its session too.
             log = log.bind(jid=session.jid, session=session.core.id,
                            account=str(session.core.account))

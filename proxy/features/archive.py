@@ -125,13 +125,15 @@ def strip_spoofed_ids(el: Element, account: str,
     return len(spoofed)
 
 
-_STAMP_TEMPLATE = etree.Element(_STANZA_ID, nsmap={None: ns.SID})
+def stamp_template(account: str) -> Element:
+    """The account's stanza-id without its id: ``stamp_stanza_id`` copies it."""
+    return etree.Element(_STANZA_ID, {"by": account, "id": ""}, nsmap={None: ns.SID})
 
 
-def stamp_stanza_id(el: Element, account: str, archive_id: str) -> None:
-    # A copy of a ready element: cheaper than a new one with its namespace declaration.
-    sid = _STAMP_TEMPLATE.__copy__()
-    sid.set("by", account)
+def stamp_stanza_id(el: Element, template: Element, archive_id: str) -> None:
+    # A copy of a ready element (``stamp_template``): cheaper than a new one with its
+    # namespace declaration and its by.
+    sid = template.__copy__()
     sid.set("id", archive_id)
     el.append(sid)
 
@@ -359,6 +361,7 @@ def prefs_element(prefs: Prefs) -> Element:
 # ---------------------------------------------------------------------- the feature
 
 
+_FILLED_IN = b""  # ArchivePut.message.stanza when the shell stores the element's bytes
 _SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 
 
@@ -374,6 +377,7 @@ class Archive(Feature):
         self.factory = factory
         self.config = factory.config
         self._account_text: str | None = None
+        self._stamp: Element | None = None  # stamp_template of the account, once needed
         # token -> (the query iq, what was asked)
         self._pending: dict[str, tuple[Element, ParsedQuery | None]] = {}
 
@@ -403,7 +407,10 @@ class Archive(Feature):
             if sender:
                 archive_id = self._archive(session, el, "in", sender, origin, out)
                 if archive_id is not None:
-                    stamp_stanza_id(el, self._account(session), archive_id)
+                    template = self._stamp
+                    if template is None:
+                        template = self._stamp = stamp_template(self._account(session))
+                    stamp_stanza_id(el, template, archive_id)
         return el
 
     def _account(self, session: SessionCore) -> str:
@@ -428,9 +435,11 @@ class Archive(Feature):
         if isinstance(key, str):
             return key  # a copy the server forked to another session: archived once
         archive_id, seq, nonce = key
+        # The bytes are the shell's: it serializes the message for the wire anyway, after
+        # the features that come later (and, for a received one, with the stanza-id stamped).
         out.commands.append(ArchivePut(ArchivedMessage(
-            archive_id, factory.now(), direction, with_bare, with_full, etree.tostring(el),
-            seq, nonce)))
+            archive_id, factory.now(), direction, with_bare, with_full, _FILLED_IN, seq,
+            nonce), el))
         return archive_id
 
     # -------------------------------------------------------------- requests

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 import secrets
 from collections import Counter
 from collections.abc import Sequence
@@ -79,6 +80,7 @@ class Hub:
         # Each served domain's disco#info as the last bind of one of its accounts found it
         # (for the caps hash offered before the next bind), by the domain's name.
         self.domain_info: dict[str, DiscoInfo] = {}
+        self.rng = random.Random()  # every session's reconnection jitter (ports.py)
 
     def reconfigure(self, config: Config, inspector: Inspector | None) -> None:
         """A reload: binds, resumptions and new sessions from now on use these; live

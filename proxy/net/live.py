@@ -17,7 +17,7 @@ import contextlib
 import functools
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from ..archive_store import ArchiveFailed, ArchiveResult, ArchiveWriter
@@ -124,6 +124,10 @@ class LiveSession:
             journal=journal is not None, store=store is not None),
             new_sm_id=hub.new_sm_id, clock=clock)
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # The message an ArchivePut of the outputs being written wants stored, and its bytes
+        # once the write serialized it (the archive then stores those: serialized once).
+        self._archiving: Element | None = None
+        self._serialized: tuple[Element, bytes] | None = None
         self._ledger_logged = False
         # The writer's ticket of this session's last offline or pending put: until it is
         # committed, the journal's cuts (and drop) wait, so no crash in between loses it.
@@ -141,7 +145,7 @@ class LiveSession:
                            if inspector is not None else None)
         self.upstream = UpstreamSide(self, link, config=config, tls_context=tls_context,
                                      username=core.jid.local, password=password, log=self.log,
-                                     counters=counters)
+                                     counters=counters, rng=hub.rng)
 
     @property
     def jid(self) -> str:
@@ -176,7 +180,12 @@ class LiveSession:
                 if self.client is not None:
                     if c.own:
                         self.inspect_own("s2c", c.element)
-                    self.client.send(c.element, c.document)
+                    document = c.document
+                    if c.element is self._archiving:
+                        if document is None:
+                            document = codec.document(c.element)
+                        self._serialized = (c.element, document)
+                    self.client.send(c.element, document)
             elif isinstance(c, JournalPut):
                 assert self.journal is not None
                 self.journal.put(self.core.id, c.lane, c.number, self._account, c.stanza,
@@ -297,13 +306,16 @@ class LiveSession:
             self.to_client(answer)
 
     def write(self, out: Outputs) -> None:
+        commands = out.commands
+        if commands and self.archive is not None:
+            self._archiving = _archived_element(commands)
         for el in out.to_upstream:
             self.to_upstream(el)
         for el in out.to_client:
             self.to_client(el)
-        if not out.commands:
+        if not commands:
             return
-        for command in out.commands:
+        for command in commands:
             if isinstance(command, CatchUp):
                 self.hub.wake(command.session_id)
             elif isinstance(command, ToAccount):
@@ -317,11 +329,22 @@ class LiveSession:
                 self.execute([command])
             elif isinstance(command, ArchivePut):
                 if self.archive is not None:  # always this session's own account
-                    self.archive.put(self._account, command.message)
+                    el = command.element
+                    self.archive.put(self._account, command.message,
+                                     None if el is None else self._serialized_as(el))
             elif isinstance(command, ArchiveQuery):
                 self._archive_query(command)
             elif isinstance(command, WhenStored):
                 self._when_stored(command)
+
+    def _serialized_as(self, el: Element) -> bytes:
+        """``el`` as the write just serialized it (a document of its own, as the journal
+        keeps); serialized here if it was not written (an outbox waiting, no client)."""
+        serialized, self._serialized = self._serialized, None
+        self._archiving = None
+        if serialized is not None and serialized[0] is el:
+            return serialized[1]
+        return codec.document(el)
 
     def _when_stored(self, command: WhenStored) -> None:
         """Hold a feature's reply until the store's writer committed what it wrote."""
@@ -438,13 +461,18 @@ class LiveSession:
         """``el`` entered the outbox; returns it as the journal just serialized it, if it
         did (the write to the server then uses those bytes)."""
         commands = self.edge.c2s_taken(el)
-        if not commands:
-            return None
-        self.execute(commands)
-        for c in commands:
-            if isinstance(c, JournalPut):
-                return c.stanza
-        return None
+        document = None
+        if commands:
+            self.execute(commands)
+            for c in commands:
+                if isinstance(c, JournalPut):
+                    document = c.stanza
+                    break
+        if el is self._archiving:
+            if document is None:  # no journal: serialized here for the wire and the archive
+                document = codec.document(el)
+            self._serialized = (el, document)
+        return document
 
     def c2s_left(self, count: int, exit: Exit) -> None:
         self.execute(self.edge.c2s_left(count, exit))
@@ -483,7 +511,8 @@ class LiveSession:
         """Attach ``stream`` and relay for it until it leaves; returns why it left.
 
         ``first`` are elements to write before anything else (bind result, takeover queue,
-        or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows).
+        or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows); the list
+        is emptied once they are written.
         """
         if self.client is not None and self.client is not stream:
             self.execute(self.edge.evict("another connection took this session over"))
@@ -493,8 +522,11 @@ class LiveSession:
         self.client_endpoints = stream.endpoints()  # for the PROXY header of a reconnection
         self.log = self._base_log.bind(conn=conn_id)
         self.upstream.log = self.log
-        for el in first or ():
-            stream.send(el)
+        if first:
+            _send_all(stream, first)
+            # Emptied once written: the caller's frame lives as long as the connection, and
+            # a stanza kept there keeps its stream parser alive.
+            first.clear()
         self.execute(self.edge.attach(resumed=resumed))
         self.write(self.core.client_attached())  # a stream starts active (CSI)
         try:
@@ -554,9 +586,12 @@ class LiveSession:
                         self.write(handled)
                     else:
                         self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
+                    del handled
                 commands = edge.request_ack()
                 if commands:
                     self.execute(commands)
+                # Nothing read is kept while waiting: an element keeps its parser alive.
+                del event, el
             else:
                 leaves = edge.stream_event(event)
                 raise ClientLeft(leaves.reason, error=leaves.error, end_session=True,
@@ -746,8 +781,21 @@ class LiveSession:
 _FEATURE_TIMER = "feature:"  # the features' timers, apart from the client edge's
 
 
+def _send_all(stream: XmlStream, elements: Iterable[Element]) -> None:
+    for el in elements:
+        stream.send(el)
+
+
 async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:
     """Poll ``condition`` until it holds or the loop time ``until`` passes (shutdown only)."""
     loop = asyncio.get_running_loop()
     while not condition() and loop.time() < until:
         await asyncio.sleep(min(step, max(0.0, until - loop.time())))
+
+
+def _archived_element(commands: list[Command]) -> Element | None:
+    """The message an ArchivePut among a feature's commands wants stored as it is written."""
+    for c in commands:
+        if isinstance(c, ArchivePut):
+            return c.element
+    return None

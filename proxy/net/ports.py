@@ -4,6 +4,7 @@ each knows the one above it only through these protocols."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Protocol
 
@@ -24,6 +25,10 @@ class RegisteredSession(Protocol):
 
 class SessionRegistry(Protocol):
     """What a session needs of the hub."""
+
+    # The reconnection jitter's random source, one for all sessions (a Random holds 2.5 KiB
+    # of state: one per session would be a fair share of an idle session's memory).
+    rng: random.Random
 
     def new_sm_id(self) -> str: ...
 

@@ -46,6 +46,41 @@ CLOSE_WAIT = 1.0  # seconds the reading task gets to stop when the session ends
 CLOSE_READ = 2.0  # seconds the server gets to close its stream after ours (RFC 6120 §4.4)
 
 
+class Flag:
+    """``asyncio.Event``'s ``set``/``clear``/``is_set``/``wait``, with nothing allocated for
+    waiters until one waits: an Event's empty deque of waiters is 760 bytes, and every
+    session has two that are nearly never waited on."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self, value: bool = False) -> None:
+        self._set = value
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        """Return once set (at once if it is): like Event.wait, a set() wakes every waiter
+        even if a clear() follows."""
+        if self._set:
+            return
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        # Shielded: one waiter's cancellation must not cancel the others' wait.
+        await asyncio.shield(self._waiter)
+
+
 class _Stop(Exception):
     """The core said the server is gone (reconnect), finished, or given up."""
 
@@ -76,16 +111,17 @@ class UpstreamSide:
             max_outage=rc.max_outage), new_id=lambda: session.core.new_id("barrier"),
             rng=rng, clock=clock)
         self.outbox = self.edge.outbox
-        self.room = asyncio.Event()  # set while the outbox can take more client stanzas
-        self.room.set()
+        self.room = Flag(True)  # set while the outbox can take more client stanzas
         self._flush: asyncio.TimerHandle | None = None
         # The TLS session to offer when reconnecting; taken once the server has spoken on a
         # connection (a TLS 1.3 ticket arrives after the handshake).
         self._tls_session: ssl.SSLSession | None = None
         self._tls_fresh = True
-        self.finished = asyncio.Event()  # set once this side is gone for good
+        self.finished = Flag()  # set once this side is gone for good
         self.finished_callback: Callable[[], None] | None = None
         self._run_commands(self.edge.connected(link.features))
+        # Kept as long as the session: a copy that keeps no stream parser alive.
+        link.negotiation.features = codec.detached(link.features)
         self._task = asyncio.create_task(self._run())
 
     def password_is(self, password: str) -> bool:
@@ -252,6 +288,9 @@ class UpstreamSide:
                             session.settle_from_server(el)
                         else:
                             session.from_server(el)
+                        del absorbed
+                    # Nothing read is kept while waiting: an element keeps its parser alive.
+                    del el, event
                 elif isinstance(event, codec.StreamClosed):
                     return ServerLost("the server closed the stream")
                 elif isinstance(event, codec.StreamViolation):
@@ -316,6 +355,8 @@ class UpstreamSide:
             self.counters.upstream_restores += 1
             self.counters.outage_seconds += outage
         self._run_commands(self.edge.connected(link.features))
+        # Kept as long as the session: a copy that keeps no stream parser alive.
+        link.negotiation.features = codec.detached(link.features)
         # A finishing session's client is gone: nothing of its state is restored (its
         # contacts must not see it come back online), only what it sent is replayed.
         restore = (self.session.core.upstream_restored() if not self.edge.finishing

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import ssl
+import threading
 import time
+from asyncio import sslproto
 from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lxml import etree
@@ -31,6 +36,99 @@ CLOSE_DRAIN_TIMEOUT = 5.0  # seconds a closing stream waits for its last bytes t
 OVERFLOW_CHECK = 1.0
 OUTPUT_CHECK_EVERY = 8  # events between two looks at a client's pending output
 OVERFLOW_GRACE = 2.0  # seconds the policy-violation gets to go out before the cut
+# A stream that read nothing for this long drops its parser between stanzas (the codec's
+# release: ~13 KiB of libxml2 each) and gets a fresh one with its next bytes. Checked by one
+# timer per stream, re-armed at most once per period, so a busy stream pays nothing per read.
+PARSER_IDLE = 2.0
+# What streams free while idle leaves holes in the C heap, which stay resident: the heap is
+# trimmed (glibc's malloc_trim: its free pages go back to the system) once releases have
+# stopped for HEAP_TRIM_QUIET seconds, and at least every HEAP_TRIM_EVERY while they go on
+# (a trim of a large heap takes tens of milliseconds, so never more often).
+HEAP_TRIM_QUIET = 1.0
+HEAP_TRIM_EVERY = 30.0
+
+
+_NO_EVENTS: tuple[codec.StreamEvent, ...] = ()
+
+
+class _ReadBuffer(threading.local):
+    """The read buffer every TLS connection of this thread's event loop shares."""
+
+    view: memoryview | None = None
+
+
+_read_buffer = _ReadBuffer()  # one per thread: each event loop reads into its own
+
+
+class _HeapTrim(threading.local):
+    """The trim this thread's event loop has scheduled, and since when one is owed."""
+
+    handle: asyncio.TimerHandle | None = None
+    owed_since: float | None = None
+
+
+_heap_trim = _HeapTrim()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, other systems)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap_soon() -> None:
+    """Memory was freed: trim the heap once things are quiet (HEAP_TRIM_QUIET), or after
+    HEAP_TRIM_EVERY at the latest."""
+    if _malloc_trim() is None:
+        return
+    loop = asyncio.get_running_loop()
+    state = _heap_trim
+    now = loop.time()
+    if state.owed_since is None:
+        state.owed_since = now
+    if state.handle is not None:
+        state.handle.cancel()
+    state.handle = loop.call_at(min(now + HEAP_TRIM_QUIET, state.owed_since + HEAP_TRIM_EVERY),
+                                _trim_heap)
+
+
+def _trim_heap() -> None:
+    _heap_trim.handle = None
+    _heap_trim.owed_since = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def share_tls_read_buffer(size: int) -> None:
+    """Every asyncio TLS connection reads through a buffer of ``SSLProtocol.max_size``
+    bytes, its own, allocated (zero-filled, so resident) when the connection is made: 256
+    KiB in 3.11, ``size`` here. asyncio fills it (``get_buffer``, ``recv_into``) and copies it
+    into OpenSSL's input (``buffer_updated``) in one synchronous step, so one buffer per
+    thread serves every connection: each connection's own is dropped as soon as it is made
+    (16.5 KiB on each TLS leg of an idle session). ``size`` stays the largest read. Its
+    write backlog is a list (an empty deque holds a 64-slot block)."""
+    cls = sslproto.SSLProtocol
+    cls.max_size = size
+    if getattr(cls.__init__, "_shares_read_buffer", False):
+        return
+    made = cls.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        view = _read_buffer.view
+        if view is None or len(view) < self.max_size:
+            view = _read_buffer.view = memoryview(bytearray(self.max_size))
+        self._ssl_buffer, self._ssl_buffer_view = view.obj, view
+        # asyncio only appends to it, reads and deletes its head, clears it: a list does,
+        # in 56 bytes instead of an empty deque's 760 (it is nearly always empty).
+        self._write_backlog = []
+
+    init._shares_read_buffer = True  # type: ignore[attr-defined]
+    cls.__init__ = init  # type: ignore[method-assign]
 
 
 class ConnectionLost(Exception):
@@ -70,7 +168,10 @@ class XmlStream:
         self.parser = codec.XmlStreamParser(max_stanza_bytes=max_stanza_bytes,
                                             max_depth=max_depth,
                                             track_trailing=track_trailing)
-        self._events: deque[codec.StreamEvent] = deque()
+        # Events parsed and not yet handed out: self._events[self._next:]. The list a read
+        # produced is dropped once handed out, so an idle stream holds none.
+        self._events: Sequence[codec.StreamEvent] = _NO_EVENTS
+        self._next = 0
         self.closing = False
         self.dead = False  # the connection ended under us (EOF, reset)
         self.overflowed = False  # cut off past output_hard
@@ -83,6 +184,7 @@ class XmlStream:
         self.error_header = error_header or codec.stream_header()
         self.log = log
         self._overflow_check: asyncio.TimerHandle | None = None
+        self._idle_check: asyncio.TimerHandle | None = None
         # The peer's address: the socket's, or what a PROXY protocol header said.
         peer = writer.get_extra_info("peername")
         self.remote: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
@@ -90,6 +192,7 @@ class XmlStream:
         # Bytes of what is sent, by element tag, for /metrics (proxy/metrics.py Counters).
         self.sent_bytes: dict[str, int] | None = None
         self._fit_write_buffer()
+        _lighten(writer)
 
     def _fit_write_buffer(self) -> None:
         """The transport must pause (so that a drain waits) before output_soft is passed."""
@@ -140,11 +243,12 @@ class XmlStream:
             # OUTPUT_CHECK_EVERY elements can pass the soft limit, and a batch of stanzas
             # does not pay for a look at the transport per stanza.
             self._since_output_check += 1
-            if not self._events or self._since_output_check >= OUTPUT_CHECK_EVERY:
+            if self._next >= len(self._events) or \
+                    self._since_output_check >= OUTPUT_CHECK_EVERY:
                 self._since_output_check = 0
                 if self.output_bytes > self.output_soft:
                     await self._output_room()
-        while not self._events:
+        while self._next >= len(self._events):
             deadline = None
             if self.overflowed:
                 raise ConnectionLost("output overflow")
@@ -169,31 +273,54 @@ class XmlStream:
                 self.dead = True
                 raise ConnectionLost("eof")
             self.read_at = time.perf_counter()
-            self._events.extend(self.parser.feed(data))
-        return self._events.popleft()
+            self._events, self._next = self.parser.feed(data), 0
+            if self._idle_check is None:
+                self._idle_check = asyncio.get_running_loop().call_later(
+                    PARSER_IDLE, self._release_when_idle)
+        events, at = self._events, self._next
+        self._next = at + 1
+        if self._next == len(events):
+            self._events, self._next = _NO_EVENTS, 0
+        return events[at]
+
+    def _release_when_idle(self) -> None:
+        """Drop the parser of a stream that has read nothing for PARSER_IDLE; look again
+        later while it reads or is inside a stanza."""
+        self._idle_check = None
+        if self.closing or self.dead:
+            return
+        quiet = time.perf_counter() - self.read_at
+        if quiet >= PARSER_IDLE and self.parser.release():
+            trim_heap_soon()
+            return  # the next read arms the check again
+        self._idle_check = asyncio.get_running_loop().call_later(
+            max(PARSER_IDLE - quiet, 0.0) or PARSER_IDLE, self._release_when_idle)
 
     def ready_event(self) -> codec.StreamEvent | None:
         """The next event if it is already parsed and nothing is due before it (a look at
         the pending output: ``next_event`` does that); None: call ``next_event``. The relay
         loops take a read's stanzas this way, without an await (a coroutine) per stanza."""
-        events = self._events
-        if not events:
+        events, at = self._events, self._next
+        if at >= len(events):
             return None
         if self.output_soft is not None:
             if self._since_output_check + 1 >= OUTPUT_CHECK_EVERY:
                 return None
             self._since_output_check += 1
-        return events.popleft()
+        self._next = at + 1
+        if at + 1 == len(events):
+            self._events, self._next = _NO_EVENTS, 0
+        return events[at]
 
     def take_events(self) -> list[codec.StreamEvent]:
         """The events parsed but not yet read (a connection handed to another worker)."""
-        events = list(self._events)
-        self._events.clear()
+        events = list(self._events[self._next:])
+        self._events, self._next = _NO_EVENTS, 0
         return events
 
     def put_back(self, events: list[codec.StreamEvent]) -> None:
         """Events read ahead (while waiting for one answer) go first to the next reader."""
-        self._events.extendleft(reversed(events))
+        self._events, self._next = [*events, *self._events[self._next:]], 0
 
     async def next_element(self, timeout: float | None = None) -> Element:
         """The next top-level element; anything else (close, violation) is raised."""
@@ -313,7 +440,7 @@ class XmlStream:
     def restart(self) -> None:
         """Stream restart (after TLS or SASL): a fresh parser for the new header."""
         self.parser.reset()
-        self._events.clear()
+        self._events, self._next = _NO_EVENTS, 0
         self.header_sent = False
 
     def _plaintext_after_boundary(self) -> PlaintextInjection | None:
@@ -322,7 +449,7 @@ class XmlStream:
         buffered = len(bytes(buffer).strip()) if buffer else 0
         if buffer and not buffered:
             buffer.clear()  # only whitespace: dropping it is safe
-        parsed, events = self.parser.trailing_bytes, len(self._events)
+        parsed, events = self.parser.trailing_bytes, len(self._events) - self._next
         if buffered or parsed or events:
             return PlaintextInjection(buffered=buffered, parsed=parsed, events=events)
         return None
@@ -378,6 +505,9 @@ class XmlStream:
         if self._overflow_check is not None:
             self._overflow_check.cancel()
             self._overflow_check = None
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
         transport = self.writer.transport
         if hard:
             self._pending_out.clear()
@@ -390,6 +520,15 @@ class XmlStream:
         with contextlib.suppress(Exception):
             self.writer.close()
             asyncio.get_running_loop().call_later(CLOSE_GRACE, _force_close, transport)
+
+
+def _lighten(writer: asyncio.StreamWriter) -> None:
+    """asyncio's stream protocol keeps its drain waiters in a deque, 760 bytes while empty,
+    which it nearly always is; it only appends, iterates and removes: a list does the same."""
+    protocol = writer.transport.get_protocol()
+    waiters = getattr(protocol, "_drain_waiters", None)
+    if isinstance(waiters, deque) and not waiters:
+        protocol._drain_waiters = []  # type: ignore[attr-defined]
 
 
 def _force_close(transport: asyncio.BaseTransport) -> None:

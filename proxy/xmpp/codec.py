@@ -14,6 +14,7 @@ input is UTF-8 whatever it says, so it can never switch to an encoding the scann
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
@@ -85,11 +86,18 @@ StreamEvent = StreamOpened | StanzaReceived | StreamClosed | StreamViolation
 class _RestrictedXmlScanner:
     """Finds what RFC 6120 §11.1 forbids in raw bytes, across chunk boundaries."""
 
+    __slots__ = ("_in_cdata", "_in_prolog", "_pending", "_sniffed")
+
     def __init__(self) -> None:
         self._pending = b""  # an incomplete token carried over from the last chunk
         self._in_cdata = False
         self._in_prolog = True  # only an XML declaration may look like a PI, and only first
         self._sniffed = False  # the first bytes were checked for a non-UTF-8 encoding
+
+    @property
+    def idle(self) -> bool:
+        """No partial token or CDATA section carried over."""
+        return not self._pending and not self._in_cdata
 
     def scan(self, data: bytes) -> tuple[StreamViolation, int] | None:
         """None if ``data`` is clean so far; else the violation and how many bytes of
@@ -215,13 +223,18 @@ class XmlStreamParser:
         self.max_depth = max_depth
         self.track_trailing = track_trailing
         self._slice = max(1, min(_SLICE_BYTES, max_stanza_bytes))
+        # Made when bytes come (_prime), dropped while the stream is idle (release).
+        self._parser: etree.XMLPullParser | None = None
         self.reset()
 
     def reset(self) -> None:
-        # encoding="utf-8" overrides whatever the document declares (RFC 6120 §11.6).
-        self._parser = etree.XMLPullParser(
-            events=("start", "end"), resolve_entities=False, no_network=True,
-            load_dtd=False, huge_tree=False, remove_comments=False, encoding="utf-8")
+        if self._parser is not None:
+            _finish(self._parser, self._context)
+        self._parser = None
+        # The header's start tag with only its namespace declarations: what a fresh parser
+        # is fed first when the stream's own was released, so it parses in the same context.
+        self._context: bytes | None = None
+        self._between = False  # nothing fed since the last complete tag but whitespace
         self._scanner = _RestrictedXmlScanner()
         self._root: Element | None = None
         self._depth = 0
@@ -243,14 +256,66 @@ class XmlStreamParser:
         Exact only with ``track_trailing``."""
         return self._trailing
 
+    @property
+    def holds_parser(self) -> bool:
+        """An lxml parser is held (False once :meth:`release` dropped it)."""
+        return self._parser is not None
+
     def feed(self, data: bytes) -> list[StreamEvent]:
         events: list[StreamEvent] = []
         if self._done:
             return events
-        for offset in range(0, len(data), self._slice):
-            if not self._feed_slice(data[offset:offset + self._slice], events):
-                break
+        # The piece ending at the last ">" goes to lxml on its own: if a top-level element
+        # (or the header) ends in it, it ended at that ">" and lxml holds nothing unparsed
+        # but the whitespace after it (what release needs to know).
+        last = _last_tag_piece(data)
+        if last is not None and len(data) - last > self._slice:
+            last = None
+        end = len(data) if last is None else last
+        step = self._slice
+        for offset in range(0, end, step):
+            if not self._feed_slice(data[offset:min(offset + step, end)], events):
+                return events
+        if last is None:
+            if data.strip(_XML_SPACE):  # only whitespace changes nothing
+                self._between = False
+            return events
+        before = self._boundaries
+        if self._feed_slice(data[last:], events):
+            self._between = self._boundaries != before and self._depth == 1
         return events
+
+    def release(self) -> bool:
+        """Drop the lxml parser while the stream is between stanzas: an idle stream then
+        holds none (its libxml2 context is about 11 KiB). Only when lxml holds nothing
+        unparsed: the last bytes fed ended a top-level element (or the header), with nothing
+        but whitespace after it (lxml keeps a partial tag or character data until it can
+        parse it), and the scanner carries no partial token. The next bytes get a fresh
+        parser primed with the header's namespace declarations (:meth:`_prime`), so the
+        events are the same. True if dropped."""
+        if (self._parser is None or self._done or self._context is None
+                or self._depth != 1 or not self._between or self.track_trailing
+                or not self._scanner.idle):
+            return False
+        _finish(self._parser, self._context)
+        self._parser = None
+        self._root = None
+        return True
+
+    def _prime(self) -> etree.XMLPullParser:
+        """A parser for the next bytes: a new one, or after a release one already inside
+        a stream element with the same namespace declarations (its events are discarded:
+        the peer's header was reported when it came)."""
+        # encoding="utf-8" overrides whatever the document declares (RFC 6120 §11.6).
+        parser = etree.XMLPullParser(
+            events=("start", "end"), resolve_entities=False, no_network=True,
+            load_dtd=False, huge_tree=False, remove_comments=False, encoding="utf-8")
+        if self._context is not None:
+            parser.feed(self._context)
+            for _action, root in parser.read_events():
+                self._root = root
+        self._parser = parser
+        return parser
 
     def _fail(self, events: list[StreamEvent], condition: str, text: str) -> bool:
         if not self._done:
@@ -300,7 +365,7 @@ class XmlStreamParser:
                 return True  # whitespace keepalive between stanzas: nothing to parse or count
         self._unfinished_bytes += len(data)
         try:
-            self._parser.feed(data)
+            (self._parser or self._prime()).feed(data)
         except etree.XMLSyntaxError as exc:
             # Events lxml produced before the error still count (a stanza, a clean close).
             if not self._drain(events):
@@ -323,6 +388,7 @@ class XmlStreamParser:
         depth = self._depth
         root = self._root
         deepest = self.max_depth + 1  # the stream element is depth 1
+        assert self._parser is not None  # fed just before
         finished = 0  # top-level elements completed in this pass
         for action, el in self._parser.read_events():
             if action == "start":
@@ -402,8 +468,42 @@ class XmlStreamParser:
         if not _is_xmpp_1(el.get("version")):
             return self._fail(events, "unsupported-version", "only XMPP 1.0 streams")
         self._root = el
+        self._context = _context_tag(el)
         events.append(StreamOpened(dict(el.attrib), default_ns))
         return True
+
+
+def _finish(parser: etree.XMLPullParser, context: bytes | None) -> None:
+    """End a parser's document before it is dropped. Elements handed out may keep it alive
+    (lxml gives a copy's document a reference to the parser of the original), and a parser
+    whose document ended frees most of its libxml2 state (13 KiB down to 3)."""
+    with contextlib.suppress(etree.XMLSyntaxError):
+        if context is not None:  # "<p:stream ...>": its end tag
+            parser.feed(b"</" + context[1:context.index(b" ")] + b">")
+        parser.close()
+    for _event in parser.read_events():  # the last events hold the stream's document
+        pass
+
+
+def _context_tag(stream: Element) -> bytes:
+    """The stream element's start tag with its namespace declarations and nothing else."""
+    declared = " ".join(("xmlns" if prefix is None else f"xmlns:{prefix}") + "=" + quoteattr(uri)
+                        for prefix, uri in stream.nsmap.items())
+    return f"<{stream.prefix}:stream {declared}>".encode()
+
+
+_XML_SPACE = b" \t\r\n"
+
+
+def _last_tag_piece(data: bytes) -> int | None:
+    """Where the piece of ``data`` ending at its last ``>`` starts (just after the ``>``
+    before it), when nothing but XML whitespace follows that last ``>``; else None."""
+    end = len(data)
+    while end and data[end - 1] in _XML_SPACE:
+        end -= 1
+    if not end or data[end - 1] != 0x3E:  # ">"
+        return None
+    return data.rfind(b">", 0, end - 1) + 1
 
 
 def _suspect_names(keys: list[str]) -> bool:
@@ -421,6 +521,13 @@ def _is_xmpp_1(version: str | None) -> bool:
         return version is not None and int(version.split(".")[0]) == 1
     except ValueError:
         return False
+
+
+def detached(el: Element) -> Element:
+    """A copy of ``el`` for keeping long: a stanza the parser handed out keeps that stream
+    parser alive (lxml gives a copy's document a reference to the parser of the original),
+    about 3 KiB once the parser is released; this copy is parsed afresh and keeps none."""
+    return etree.fromstring(etree.tostring(el))
 
 
 _STREAM_PREFIX_DECL = ' xmlns:stream="' + ns.STREAM + '"'

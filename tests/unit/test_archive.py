@@ -23,6 +23,7 @@ from proxy.config import ArchiveConfig
 from proxy.features import archive as mam
 from proxy.session import SessionCore
 from proxy.store import Store
+from proxy.xmpp import codec
 from proxy.xmpp.disco import DiscoInfo, ServerInfo
 from proxy.xmpp.jid import Jid
 
@@ -183,7 +184,11 @@ def session(f: mam.ArchiveFactory, resource: str = "phone",
 
 
 def puts(commands: list[object]) -> list[ArchivedMessage]:
-    return [c.message for c in commands if isinstance(c, ArchivePut)]
+    """What is archived: the message with the bytes the shell stores for it (the element as
+    the write serializes it, after the pipeline)."""
+    return [c.message if c.element is None
+            else c.message._replace(stanza=codec.document(c.element))
+            for c in commands if isinstance(c, ArchivePut)]
 
 
 def test_sent_and_received_messages_are_archived_and_received_ones_stamped() -> None:
@@ -204,6 +209,23 @@ def test_sent_and_received_messages_are_archived_and_received_ones_stamped() -> 
     ids = {(e.get("by"), e.get("id")) for e in delivered.findall("{urn:xmpp:sid:0}stanza-id")}
     assert ids == {(ALICE, received.archive_id), ("room@muc", "keep")}
     assert b"evil" not in received.stanza
+
+
+def test_the_archived_bytes_are_the_messages_as_they_go_on() -> None:
+    """The feature leaves the bytes to the shell (ArchivePut.element: the very element that
+    goes on), so a message is serialized once; a received one is stored as the client gets
+    it, with the stanza-id, which is its archive id (so a result's message agrees with it)."""
+    s = session(factory())
+    out = s.from_client(msg("to bob"))
+    [put] = [c for c in out.commands if isinstance(c, ArchivePut)]
+    assert put.element is out.to_upstream[0] and put.message.stanza == b""
+    out = s.from_upstream(msg("from bob", to=ALICE, from_=BOB + "/laptop"))
+    [put] = [c for c in out.commands if isinstance(c, ArchivePut)]
+    assert put.element is out.to_client[0]
+    stored = etree.fromstring(codec.document(put.element))
+    [sid] = stored.findall("{urn:xmpp:sid:0}stanza-id")
+    assert (sid.get("by"), sid.get("id")) == (ALICE, put.message.archive_id)
+    assert stored.findtext("{jabber:client}body") == "from bob"
 
 
 def test_groupchat_no_store_and_bodiless_are_not_archived() -> None:

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from proxy.net.xmlstream import ConnectionLost, PlaintextInjection, XmlStream
+from proxy.net import xmlstream
+from proxy.net.xmlstream import (ConnectionLost, PlaintextInjection, XmlStream,
+                                 share_tls_read_buffer)
 from proxy.xmpp import codec, ns
 from tests.peers.certs import make_cert
 
@@ -274,3 +276,78 @@ def test_limits_off_by_default() -> None:
             assert stream.output_soft is None and stream.output_hard is None
     run(scenario())
 
+
+
+def test_tls_connections_share_one_read_buffer_and_data_stays_intact(
+        server_tls: ssl.SSLContext) -> None:
+    """With the read buffer shared (share_tls_read_buffer), twenty TLS connections sending
+    different bytes at once in both directions each get exactly their own, and no connection
+    keeps a buffer of its own."""
+    share_tls_read_buffer(4096)  # smaller than what is sent: many reads through it
+    size = 200_000
+
+    def payload(i: int, way: bytes) -> bytes:
+        return (way + b"%03d" % i) * (size // 6)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.readexactly(6)
+        i = int(first[3:])
+        writer.write(payload(i, b"dow"))
+        rest = await reader.readexactly(len(payload(i, b"up-")) - 6)
+        writer.write(b"ok" if first + rest == payload(i, b"up-") else b"no")
+        await writer.drain()
+        writer.close()
+
+    async def one(port: int, i: int) -> tuple[bytes, bytes, Any]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls())
+        writer.write(payload(i, b"up-"))
+        down = await reader.readexactly(len(payload(i, b"dow")))
+        verdict = await reader.read()
+        protocol = writer.transport._ssl_protocol  # type: ignore[attr-defined]
+        writer.close()
+        return down, verdict, protocol._ssl_buffer
+
+    async def main() -> None:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            results = await asyncio.gather(*(one(port, i) for i in range(20)))
+        finally:
+            server.close()
+        for i, (down, verdict, _) in enumerate(results):
+            assert down == payload(i, b"dow")
+            assert verdict == b"ok"
+        assert len({id(buffer) for *_, buffer in results}) == 1
+
+    try:
+        run(main())
+    finally:
+        share_tls_read_buffer(16896)
+
+
+def test_an_idle_stream_drops_its_parser_between_stanzas_and_reads_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After PARSER_IDLE without a byte, a stream between stanzas holds no lxml parser; one
+    inside a stanza keeps it; the next bytes are parsed as before, in the header's context."""
+    monkeypatch.setattr(xmlstream, "PARSER_IDLE", 0.05)
+
+    async def scenario() -> None:
+        async with pair() as (stream, _reader, writer):
+            writer.write(HEADER.replace(b" to=", b" xmlns:x='urn:example:x' to=")
+                         + b"<message><body>1</body></message>")
+            assert isinstance(await stream.next_event(5), codec.StreamOpened)
+            assert (await stream.next_element(5)).findtext("{jabber:client}body") == "1"
+            await until(lambda: not stream.parser.holds_parser)
+            writer.write(b"<message><x:item/><body>2")  # half a stanza, then silence
+            read = asyncio.ensure_future(stream.next_element(5))
+            await until(lambda: stream.parser.holds_parser)
+            await asyncio.sleep(0.2)  # several idle checks: it must keep what it has
+            assert stream.parser.holds_parser and not read.done()
+            writer.write(b"</body></message>")
+            el = await read
+            assert el.findtext("{jabber:client}body") == "2"
+            assert el[0].tag == "{urn:example:x}item"
+            await until(lambda: not stream.parser.holds_parser)
+            writer.write(b"</stream:stream>")
+            assert isinstance(await stream.next_event(5), codec.StreamClosed)
+    run(scenario())
