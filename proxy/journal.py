@@ -27,6 +27,7 @@ from typing import Any
 
 from lxml import etree
 
+from .batching import take_queued
 from .features.stream_management import delay_stamp
 from .session import OWN_ID_PREFIX
 from .xmpp import stanza as st
@@ -162,16 +163,7 @@ class Journal:
                 return
             # What queued up meanwhile goes into the same transaction: one commit (one
             # fsync with ``fsync: full``) however far the disk fell behind.
-            batches, stop = [batch], False
-            while True:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batches.append(more)
+            batches, stop = take_queued(self._queue, batch)
             merged = _merge(batches)
             while True:
                 try:

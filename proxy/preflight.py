@@ -290,6 +290,27 @@ def check_pair(config: Config, tls: TlsConfig, prefix: str) -> list[Finding]:
 _CLIENT_REFUSALS = {9: "is not valid yet", 10: "has expired", 62: "does not name"}
 
 
+def handshake_in_memory(client: ssl.SSLContext, server: ssl.SSLContext,
+                        server_name: str | None) -> ssl.SSLObject:
+    """A TLS handshake between two contexts through memory buffers, no socket; the client's
+    end (``getpeercert``). Raises what the client or the server refused with."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname=server_name)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(8):  # a handshake takes two or three flights each way
+        done = True
+        for side in (c, s):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                done = False
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if done:
+            break
+    return c
+
+
 def check_certificate_use(config: Config, served: ServedDomain) -> list[Finding]:
     """A TLS handshake in memory, as a client connecting for the served domain that trusts
     the certificate it gets (its own, else the default): warnings for an expired
@@ -303,21 +324,8 @@ def check_certificate_use(config: Config, served: ServedDomain) -> list[Finding]
     client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is trusted
     domain = served.name
     where = "upstream.domain" if served.index is None else f"domains[{served.index}].domain"
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out, server_hostname=domain)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
     try:
-        for _ in range(8):  # a handshake takes two or three flights each way
-            done = True
-            for side in (c, s):
-                try:
-                    side.do_handshake()
-                except ssl.SSLWantReadError:
-                    done = False
-            s_in.write(c_out.read())
-            c_in.write(s_out.read())
-            if done:
-                break
+        handshake_in_memory(client, server, domain)
     except ssl.SSLCertVerificationError as exc:
         what = _CLIENT_REFUSALS.get(exc.verify_code)
         if what is None:

@@ -64,6 +64,7 @@ from typing import Any, Generic, TypeVar
 from .features.push import Registration as PushRegistration
 
 from .archive_store import PREFS_SCHEMA, ArchiveArea
+from .batching import take_queued
 
 Op = TypeVar("Op")  # what an area's write does, to apply to its reads until committed
 
@@ -393,16 +394,7 @@ class StoreWriter:
                 first = self._queue.get()
                 if first is None:
                     return
-                batch, stop = [first], False
-                while True:  # what queued up meanwhile: the same transaction
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                        break
-                    batch.append(more)
+                batch, stop = take_queued(self._queue, first)  # one transaction
                 self._commit(conn, batch)
                 if stop:
                     return

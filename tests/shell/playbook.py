@@ -39,9 +39,10 @@ import asyncio
 import contextlib
 import json
 import shutil
+import sqlite3
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -451,3 +452,19 @@ def playbook(*, timeout: float = 8.0, accounts: dict[str, str] | None = None,
         test.__doc__, test.__module__ = case.__doc__, case.__module__
         return test
     return decorate
+
+
+@contextlib.contextmanager
+def inserts_refused(h: Harness, table: str) -> Iterator[None]:
+    """Fault injection: every insert into ``table`` of the harness's store fails (as a full
+    disk would); the store's writer keeps trying until the trigger goes."""
+    path = str(h.workdir / "store.sqlite3")
+    with sqlite3.connect(path, isolation_level=None) as other:
+        other.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON {table}"
+                      " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    try:
+        yield
+    finally:
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("DROP TRIGGER IF EXISTS refuse")
+

@@ -6,27 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from .playbook import Harness, playbook
+from .playbook import inserts_refused, Harness, playbook
 
 BOB = "bob@localhost/desk"
-
-
-@contextmanager
-def offline_refused(h: Harness) -> Iterator[None]:
-    """Fault injection: every insert into the offline store fails (as a full disk would);
-    the writer keeps trying until the trigger goes."""
-    path = str(h.workdir / "store.sqlite3")
-    with sqlite3.connect(path, isolation_level=None) as other:
-        other.execute("CREATE TRIGGER refuse BEFORE INSERT ON offline_messages"
-                      " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
-    try:
-        yield
-    finally:
-        with sqlite3.connect(path, isolation_level=None) as other:
-            other.execute("DROP TRIGGER IF EXISTS refuse")
 
 
 def rows(h: Harness, sql: str) -> list[tuple[object, ...]]:
@@ -59,7 +42,7 @@ async def test_the_journal_keeps_a_stored_message_until_the_store_committed_it(
     h.server.push_message(alice.jid, "kept", frm=BOB, id="kept")
     await alice.expect(kind="message", id="kept")  # written, never acknowledged
     await until(lambda: journaled_s2c(h) == 1, 3.0)
-    with offline_refused(h):
+    with inserts_refused(h, "offline_messages"):
         await alice.close()  # the session ends: the message goes to the offline store
         await h.logged("session_ended", timeout=2.0)
         await h.logged("store_write_failed", timeout=3.0)

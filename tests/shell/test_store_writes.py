@@ -15,7 +15,7 @@ import pytest
 
 from proxy.store import Store
 
-from .playbook import Client, Harness, playbook, run_bounded
+from .playbook import inserts_refused, Client, Harness, playbook, run_bounded
 from .xmlpeer import error_condition, q
 
 BLOCKING = "urn:xmpp:blocking"
@@ -80,21 +80,6 @@ def store_locked(h: Harness) -> Iterator[None]:
         blocker.close()
 
 
-@contextmanager
-def blocks_refused(h: Harness) -> Iterator[None]:
-    """Fault injection: every insert into the blocklist fails (as a full disk would); the
-    writer keeps trying, so the trigger goes before the proxy stops."""
-    path = str(h.workdir / "store.sqlite3")
-    with sqlite3.connect(path, isolation_level=None) as other:
-        other.execute("CREATE TRIGGER refuse BEFORE INSERT ON blocklist"
-                      " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
-    try:
-        yield
-    finally:
-        with sqlite3.connect(path, isolation_level=None) as other:
-            other.execute("DROP TRIGGER IF EXISTS refuse")
-
-
 async def not_yet(client: Client, iq_id: str) -> None:
     with pytest.raises(AssertionError):
         await client.expect(kind="iq", id=iq_id, timeout=0.3)
@@ -157,7 +142,7 @@ async def test_a_block_the_store_cannot_write_is_answered_with_an_error(h: Harne
     laptop = await h.client("alice", resource="laptop")
     asked = laptop.iq(f"<blocklist xmlns='{BLOCKING}'/>")
     await laptop.expect(kind="iq", id=asked, type="result")
-    with blocks_refused(h):
+    with inserts_refused(h, "blocklist"):
         block = alice.iq(f"<block xmlns='{BLOCKING}'><item jid='romeo@localhost'/></block>",
                          type="set")
         error = await alice.expect(kind="iq", id=block, type="error", timeout=3.0)

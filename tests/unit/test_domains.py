@@ -19,7 +19,7 @@ from proxy.config import (ConfigError, DomainConfig, UpstreamConfig, check_files
 from proxy.negotiation import NegotiationCore
 from proxy.net.certificates import ServerCertificates, upstream_contexts
 from proxy.reload import plan_reload
-from proxy.preflight import errors, preflight
+from proxy.preflight import errors, handshake_in_memory, preflight
 from proxy.xmpp import codec, ns
 from tests.peers.certs import make_cert
 
@@ -292,20 +292,7 @@ def handshake(server: ssl.SSLContext, server_name: str | None) -> bytes:
     """A TLS handshake in memory; the certificate the client got (DER)."""
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(c_in, c_out, server_hostname=server_name)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(8):
-        done = True
-        for side in (c, s):
-            try:
-                side.do_handshake()
-            except ssl.SSLWantReadError:
-                done = False
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-        if done:
-            break
+    c = handshake_in_memory(client, server, server_name)
     der = c.getpeercert(binary_form=True)
     assert der is not None
     return der
