@@ -140,6 +140,7 @@ class Bench:
         t = time.monotonic()
         await asyncio.to_thread(child.stop)
         took = time.monotonic() - t
+        self.details.setdefault("stop_seconds", {})[child.name] = round(took, 3)
         if child.killed:
             self.progress(f"{child.name} did not stop on SIGTERM within {took:.0f} s: killed")
             self.details.setdefault("stop_hung", []).append(child.name)

@@ -14,7 +14,7 @@ import copy
 import random
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -72,6 +72,9 @@ class Hub:
         self.by_sm_id: dict[tuple[str, str], LiveSession] = {}
         # Ended sessions whose upstream side still waits for the server's confirmations.
         self.finishing_sessions: set[FinishingSession] = set()
+        # Sessions whose end is under way (closing their upstream stream): a stop waits
+        # for them as for the live ones.
+        self.ending: set[RegisteredSession] = set()
         # How the stanzas of every session that is gone left its ledger (for /metrics).
         self.settled: Counter[tuple[str, str]] = Counter()
         # The decisions on bind, takeover and resume, and the ended sessions' last counts.
@@ -150,6 +153,10 @@ class Hub:
     def session_ended(self, session: RegisteredSession) -> None:
         if self.by_jid.get(session.jid) is session:
             del self.by_jid[session.jid]
+        self.ending.add(session)
+
+    def session_gone(self, session: RegisteredSession) -> None:
+        self.ending.discard(session)
 
     @property
     def sessions(self) -> list[LiveSession]:
@@ -300,20 +307,43 @@ class Hub:
 
     async def stop(self) -> dict[str, int]:
         """Every session ends within ``shutdown.drain_timeout``: acks collected, the server's
-        confirmations and last stanzas read, the rest stored. Returns the ledgers' totals."""
+        confirmations and last stanzas read, the rest stored. Returns the ledgers' totals
+        and how many sessions were settled (``sessions``).
+
+        All sessions are worked on at once: a stop takes as long as the slowest session's
+        wait, not the sum of them (a client or server that does not answer costs the
+        deadline once, not once per session)."""
         shutdown = codec.stream_error("system-shutdown", "xmpp-front is stopping")
-        deadline = asyncio.get_running_loop().time() + self.config.shutdown.drain_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown.drain_timeout
         live, finishing = self.sessions, list(self.finishing_sessions)
+        # Ended on their own just before the stop (a client gone): their ends are awaited
+        # too, so their ledgers are settled and counted here, not cut short.
+        ending = [s for s in self.ending if isinstance(s, LiveSession)]
         results = await asyncio.gather(
             *(s.shutdown(deadline, shutdown) for s in live),
-            *(s.finish(deadline) for s in finishing), return_exceptions=True)
+            *(s.finish(deadline) for s in finishing),
+            _wait_until(lambda: not self.ending, deadline), return_exceptions=True)
+        # An end under way may have left its upstream side finishing meanwhile.
+        late = [f for f in self.finishing_sessions if f not in finishing]
+        results += await asyncio.gather(*(f.finish(deadline) for f in late),
+                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 self.log.error("shutdown_failed", error=repr(result))
-        totals: dict[str, int] = {}
-        for s in (*live, *finishing):
+        settled = {id(s): s for s in (*live, *finishing, *ending, *late)}
+        totals: dict[str, int] = {"sessions": len(settled)}
+        for s in settled.values():
             for lane, counts in s.ledger.summary().items():
                 for name, value in counts.items():
                     if name != "entered":
                         totals[f"{lane}_{name}"] = totals.get(f"{lane}_{name}", 0) + value
         return totals
+
+
+async def _wait_until(condition: Callable[[], bool], until: float) -> None:
+    """Poll ``condition`` until it holds or the loop time ``until`` passes (the stop only:
+    one poller for all the sessions ending meanwhile)."""
+    loop = asyncio.get_running_loop()
+    while not condition() and loop.time() < until:
+        await asyncio.sleep(min(0.02, max(0.0, until - loop.time())))

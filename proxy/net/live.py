@@ -684,6 +684,14 @@ class LiveSession:
             self.settle_outbox(client_here=True)  # nothing will confirm it now
         self.execute(self.edge.end(upstream_up=upstream_up, stopping=stopping))
         self.hub.session_ended(self)
+        try:
+            await self._end(reason, client_error, upstream_up, stopping, deadline)
+        finally:
+            self.hub.session_gone(self)
+
+    async def _end(self, reason: str, client_error: bytes | None, upstream_up: bool,
+                   stopping: bool, deadline: float | None) -> None:
+        upstream = self.upstream
         self.log.info("session_ended", reason=reason)
         for timer in self._timers.values():
             timer.cancel()
@@ -787,10 +795,17 @@ def _send_all(stream: XmlStream, elements: Iterable[Element]) -> None:
 
 
 async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:
-    """Poll ``condition`` until it holds or the loop time ``until`` passes (shutdown only)."""
+    """Poll ``condition`` until it holds or the loop time ``until`` passes (shutdown only).
+    Every session of a stop polls at once, so the step doubles up to ``_POLL_MAX``: 5,000
+    sessions waiting for acks that do not come would otherwise be 250,000 wake-ups a
+    second, and the loop would spend the stop's time on them."""
     loop = asyncio.get_running_loop()
     while not condition() and loop.time() < until:
         await asyncio.sleep(min(step, max(0.0, until - loop.time())))
+        step = min(step * 2, _POLL_MAX)
+
+
+_POLL_MAX = 0.25
 
 
 def _archived_element(commands: list[Command]) -> Element | None:
