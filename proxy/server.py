@@ -744,20 +744,20 @@ class Proxy:
             return
         self.stopping = True
         started = time.monotonic()
-        sessions = len(self.hub.by_jid) + len(self.hub.finishing_sessions)
-        self.log.info("stopping", connections=len(self.connections), sessions=sessions)
+        self.log.info("stopping", connections=len(self.connections),
+                      sessions=len(self.hub.by_jid) + len(self.hub.finishing_sessions))
         # No cyclic collection while stopping: with thousands of sessions one full pass over
         # their objects takes a second or more, and the stop frees what it ends by reference
         # counting anyway (issue 16: the collector was a large part of a slow stop).
         collecting = gc.isenabled()
         gc.disable()
         try:
-            await self._stop(sessions, started)
+            await self._stop(started)
         finally:
             if collecting:
                 gc.enable()
 
-    async def _stop(self, sessions: int, started: float) -> None:
+    async def _stop(self, started: float) -> None:
         for server in self.servers:
             server.close()
         if self.handoffs is not None:
@@ -797,8 +797,9 @@ class Proxy:
         if self.metrics is not None:
             await self.metrics.stop()
         self.store.close()
+        # For the operator: how long the whole stop took, and how many sessions it settled.
         self.log.info("stopped", seconds=round(time.monotonic() - started, 3),
-                      sessions=sessions)
+                      sessions=totals["sessions"])
 
 
 RULES_POLL_SECONDS = 2.0  # how often rule files are checked for changes

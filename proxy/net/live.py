@@ -758,10 +758,15 @@ class LiveSession:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
                 await upstream.finished.wait()
+        finished = None
         if not upstream.finished.is_set():
+            # The hub's callback logs the ledger: only once what is left is settled.
+            finished, upstream.finished_callback = upstream.finished_callback, None
             await upstream.close(dead=upstream.state != "up",
                                  timeout=max(0.2, deadline - loop.time()))
         self.settle_outbox(client_here=False)
+        if finished is not None:
+            finished()
         self.log_ledger()
 
     async def shutdown(self, deadline: float, error: bytes) -> None:
