@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -41,6 +42,12 @@ def cpu_seconds(pid: int, process: int | None = None) -> float:
     stat = Path(where).read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every child this process has reaped so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def write_bytes(pid: int) -> int | None:
@@ -81,6 +88,10 @@ class Child:
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed = False  # it did not stop on SIGTERM within the timeout
+        # The last stop: seconds from the signal to the exit, and the CPU seconds the
+        # process (and the workers it reaped) used meanwhile; None if not measured.
+        self.stop_seconds: float | None = None
+        self.stop_cpu: float | None = None
         self.env: dict[str, str] = {}  # added to the environment it starts with
         self.start_timeout = 20.0  # seconds until it must accept connections
 
@@ -115,6 +126,14 @@ class Child:
             return None
         try:
             if proc.poll() is None:
+                # CPU before the signal, then what the reaped child used in all: the rest
+                # is the stop's (a loaded machine stretches its seconds, not its CPU).
+                reaped = _children_cpu()
+                try:
+                    used = sum(cpu_seconds(p) for p in [proc.pid, *family(proc.pid)])
+                except OSError:
+                    used = None
+                began = time.monotonic()
                 proc.send_signal(sig)
                 try:
                     proc.wait(timeout)
@@ -122,6 +141,8 @@ class Child:
                     self.killed = True
                     proc.kill()
                     proc.wait(10)
+                self.stop_seconds = time.monotonic() - began
+                self.stop_cpu = (_children_cpu() - reaped - used) if used is not None else None
         finally:
             self.proc = None
             if self in _live:

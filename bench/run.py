@@ -140,12 +140,16 @@ class Bench:
         t = time.monotonic()
         await asyncio.to_thread(child.stop)
         took = time.monotonic() - t
-        self.details.setdefault("stop_seconds", {})[child.name] = round(took, 3)
+        cpu = f", {child.stop_cpu:.2f} s of CPU" if child.stop_cpu is not None else ""
+        self.details.setdefault("stops", []).append({
+            "name": child.name, "seconds": child.stop_seconds, "cpu_seconds": child.stop_cpu,
+            "killed": child.killed})
         if child.killed:
-            self.progress(f"{child.name} did not stop on SIGTERM within {took:.0f} s: killed")
+            self.progress(f"{child.name} did not stop on SIGTERM within {took:.0f} s: "
+                          f"killed{cpu}")
             self.details.setdefault("stop_hung", []).append(child.name)
         elif took > 1:
-            self.progress(f"stopping {child.name} took {took:.1f} s")
+            self.progress(f"stopping {child.name} took {took:.1f} s{cpu}")
 
     def fake_accounts(self, n: int, prefix: str = "fast") -> list[tuple[str, str]]:
         return [(f"{prefix}{i}", "any") for i in range(n)]
@@ -692,6 +696,13 @@ class Bench:
             load.abort_all(clients)
             await self.stopped(proxy)
             await self.stopped(upstream)
+        if proxy.stop_seconds is not None:  # the clients are gone: what the stop settles
+            run["stop"] = {"sessions": len(clients), "seconds": proxy.stop_seconds,
+                           "cpu_seconds": proxy.stop_cpu, "killed": proxy.killed}
+            self.row("memory", f"{len(clients)} idle sessions, {label}",
+                     "graceful stop (SIGTERM to exit)", round(proxy.stop_seconds, 2), "s",
+                     vs=(f"{proxy.stop_cpu:.2f} s of proxy CPU" if proxy.stop_cpu is not None
+                         else "") + ("; KILLED at the harness's 8 s" if proxy.killed else ""))
 
     async def _memory_breakdown(self, proxy: procs.Proxy, folder: Path,
                                 baseline: tuple[Path, dict[str, Any]], sessions: int,

@@ -47,6 +47,7 @@ from ..journal import Journal
 from .live import LiveSession, SessionStore
 from .ports import FinishingSession, RegisteredSession
 from .upstream import UpstreamBindFailed, UpstreamLink, UpstreamUnavailable
+from .upstream_side import CLOSE_READ, CLOSE_WAIT
 from ..xmpp.disco import DiscoInfo, ServerInfo
 from ..xmpp.stanza import Element
 
@@ -318,12 +319,14 @@ class Hub:
         deadline = loop.time() + self.config.shutdown.drain_timeout
         live, finishing = self.sessions, list(self.finishing_sessions)
         # Ended on their own just before the stop (a client gone): their ends are awaited
-        # too, so their ledgers are settled and counted here, not cut short.
+        # too, so their ledgers are settled and counted here, not cut short. Such an end
+        # bounds its own wait for the server (CLOSE_READ), maybe past our deadline.
         ending = [s for s in self.ending if isinstance(s, LiveSession)]
+        ends_by = max(deadline, loop.time() + CLOSE_READ + 2 * CLOSE_WAIT)
         results = await asyncio.gather(
             *(s.shutdown(deadline, shutdown) for s in live),
             *(s.finish(deadline) for s in finishing),
-            _wait_until(lambda: not self.ending, deadline), return_exceptions=True)
+            _wait_until(lambda: not self.ending, ends_by), return_exceptions=True)
         # An end under way may have left its upstream side finishing meanwhile.
         late = [f for f in self.finishing_sessions if f not in finishing]
         results += await asyncio.gather(*(f.finish(deadline) for f in late),

@@ -3,8 +3,9 @@
 Every session waits for something that does not come: its client's last ack (the clients
 never answer ``<r/>``) or the server's close of its stream (the server stops answering). The
 stop must work on them all at once, so that it costs the deadline once, not once per
-session, and it must still settle every session, also those whose end was already under way
-when the stop began (their clients had just dropped).
+session, and it must still settle every session, also those whose end was under way when
+the stop began (their clients had just dropped): the ledger of each is logged once, with
+nothing left held.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import time
 
 from .playbook import PASSWORD, Client, Harness, playbook
 
-SESSIONS = 200
-DROPPED = 50  # of the plain clients: their sessions end on their own just before the stop
-DRAIN = 2.0
+RESUMABLE = 100  # stream management, never acking: the stop's <r/> goes unanswered
+PLAIN = 50  # no stream management
+UNCONFIRMED = 25  # sent a message the server never confirms, then dropped: finishing
+DROPPED = 25  # dropped: their ends wait for the server's close when the stop begins
+SESSIONS = RESUMABLE + PLAIN + UNCONFIRMED + DROPPED
+DRAIN = 1.0  # shorter than an ended session's own wait for the server's close
 ACK_WAIT = 0.5
 
 
@@ -30,41 +34,53 @@ async def test_a_stop_settles_every_session_at_once(h: Harness) -> None:
 
     async def one(i: int) -> Client:
         async with gate:
-            return await h.client(f"user{i}", sm=i % 2 == 0, auto_ack=False)
+            if i < RESUMABLE:
+                return await h.client(f"user{i}", sm=True, auto_ack=False)
+            if i < RESUMABLE + PLAIN:
+                return await h.client(f"user{i}")
+            if i < RESUMABLE + PLAIN + UNCONFIRMED:
+                return await h.client(f"user{i}", sm=True, resume=False, auto_ack=False)
+            return await h.client(f"user{i}")
 
     clients = await asyncio.gather(*(one(i) for i in range(SESSIONS)))
+    unconfirmed = clients[RESUMABLE + PLAIN:RESUMABLE + PLAIN + UNCONFIRMED]
+    dropped = clients[RESUMABLE + PLAIN + UNCONFIRMED:]
     for c in clients:
         h.server.push_message(c.jid, "for you", id=f"m-{c.jid}")
     for c in clients:
         await c.expect(kind="message", body="for you", timeout=10.0)
-    plain = [c for c in clients if not c.sm]
-    dropped = plain[:DROPPED]
-    for c in dropped:
+    for conn in h.server.conns:
+        conn.dead = True  # no answer to anything from now on, stream closes included
+    for c in unconfirmed:
+        c.message("bob@localhost", "never confirmed")
+        await c.request_ack(timeout=5.0)  # the proxy has it (journaled, not confirmed)
+    for c in (*unconfirmed, *dropped):
         c.cut()
     await h.log.changes.until(
         lambda: len([e for e in h.events("session_ended")
                      if e.get("reason", "").startswith("client connection lost")])
-        >= DROPPED or None, 10.0, "the dropped clients' sessions ending")
-    for conn in h.server.conns:
-        conn.dead = True  # no answer to any stream close from now on
+        >= UNCONFIRMED + DROPPED or None, 10.0, "the dropped clients' sessions ending")
 
     assert h.proxy is not None
     proxy, h.proxy = h.proxy, None
     began = time.monotonic()
-    # One session's waits (ack_wait, then the server's close until drain_timeout) are
-    # bounded by DRAIN; one after another they would be SESSIONS times that.
-    await asyncio.wait_for(proxy.stop(), timeout=DRAIN * 10)
+    # Each session's waits are bounded by a few seconds; one session after another they
+    # would take SESSIONS times that.
+    await asyncio.wait_for(proxy.stop(), timeout=30.0)
     took = time.monotonic() - began
 
     ledgers = {e["session"]: e for e in h.events("ledger")}
     assert len(ledgers) == SESSIONS, len(ledgers)  # every session's account, once each
+    assert len(h.events("ledger")) == SESSIONS
     held = [e for e in ledgers.values() if e["s2c"]["held"] or e["c2s"]["held"]]
     assert held == []
-    # The SM clients never acked their message: stored for their next login.
-    assert sum(e["s2c"]["stored"] for e in ledgers.values()) == SESSIONS // 2
+    # What the server never confirmed waits in the pending queue for the next login; what
+    # the SM clients never acknowledged is stored for it.
+    assert sum(e["c2s"]["stored"] for e in ledgers.values()) == UNCONFIRMED
+    assert sum(e["s2c"]["stored"] for e in ledgers.values()) == RESUMABLE + UNCONFIRMED
     (settled,) = h.events("sessions_settled")
     assert settled["sessions"] == SESSIONS
-    assert settled["s2c_stored"] == SESSIONS // 2
+    assert settled["c2s_stored"] == UNCONFIRMED
     (stopped,) = h.events("stopped")
     assert stopped["sessions"] == SESSIONS
     assert 0 < stopped["seconds"] <= took
