@@ -27,7 +27,10 @@ ACK_WAIT = 0.5
 @playbook(timeout=90.0, accounts={f"user{i}": PASSWORD for i in range(SESSIONS)},
           shutdown={"drain_timeout": DRAIN, "ack_wait": ACK_WAIT},
           abuse={"max_connections_per_address": 0},  # every client is 127.0.0.1
-          upstream={"connect_timeout": 5},  # 200 logins at once on a loaded machine
+          # 200 logins at once on a loaded machine; and no ping nor ack timeout may end a
+          # session or its upstream link before the stop does
+          upstream={"connect_timeout": 5, "ping_idle": 120},
+          stream_management={"resume_timeout": 60, "ack_timeout": 120},
           log={"format": "json", "level": "info"})
 async def test_a_stop_settles_every_session_at_once(h: Harness) -> None:
     gate = asyncio.Semaphore(16)
