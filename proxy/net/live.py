@@ -800,17 +800,10 @@ def _send_all(stream: XmlStream, elements: Iterable[Element]) -> None:
 
 
 async def _wait_until(condition: Callable[[], bool], until: float, step: float = 0.02) -> None:
-    """Poll ``condition`` until it holds or the loop time ``until`` passes (shutdown only).
-    Every session of a stop polls at once, so the step doubles up to ``_POLL_MAX``: 5,000
-    sessions waiting for acks that do not come would otherwise be 250,000 wake-ups a
-    second, and the loop would spend the stop's time on them."""
+    """Poll ``condition`` until it holds or the loop time ``until`` passes (shutdown only)."""
     loop = asyncio.get_running_loop()
     while not condition() and loop.time() < until:
         await asyncio.sleep(min(step, max(0.0, until - loop.time())))
-        step = min(step * 2, _POLL_MAX)
-
-
-_POLL_MAX = 0.25
 
 
 def _archived_element(commands: list[Command]) -> Element | None:
