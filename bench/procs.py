@@ -142,7 +142,9 @@ class Child:
                     proc.kill()
                     proc.wait(10)
                 self.stop_seconds = time.monotonic() - began
-                self.stop_cpu = (_children_cpu() - reaped - used) if used is not None else None
+                cpu = (_children_cpu() - reaped - used) if used is not None else None
+                # A killed supervisor does not reap its workers: their CPU is not counted.
+                self.stop_cpu = cpu if cpu is not None and cpu >= 0 else None
         finally:
             self.proc = None
             if self in _live:

@@ -259,12 +259,16 @@ class Supervisor:
         self.stopping = True
         self.forward(signal.SIGTERM)
         limit = self.config.shutdown.drain_timeout + STOP_GRACE
+        # One deadline for all: they stop at the same time, so N workers wait `limit` once.
+        deadline = asyncio.get_running_loop().time() + limit
         running = [w for w in self.workers if w.process is not None]
         clean = all(not w.crashed for w in self.workers)
         for worker in running:
             assert worker.process is not None
             try:
-                code = await asyncio.wait_for(worker.process.wait(), limit)
+                code = await asyncio.wait_for(
+                    worker.process.wait(),
+                    max(0.0, deadline - asyncio.get_running_loop().time()))
             except TimeoutError:
                 self.log.error("worker_killed", worker=worker.index,
                                reason=f"not stopped after {limit:g} s")
