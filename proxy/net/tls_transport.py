@@ -146,7 +146,7 @@ async def start_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     taken from the plain transport (``take_socket``); otherwise it is taken here, at once
     (before anything else can be read in the clear), once what was written has left.
     Nothing the reader already holds is used: the caller makes sure there is nothing."""
-    protocol: Any = writer.transport.get_protocol()
+    protocol: Any = writer._protocol  # type: ignore[attr-defined]  # the transport's may be gone
     if sock is None:
         plain: Any = writer.transport
         plain.pause_reading()

@@ -5,6 +5,7 @@ resumption, and a PROXY header with the ClientHello right behind it in one segme
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -385,4 +386,56 @@ def test_a_proxy_header_and_the_client_hello_in_one_segment(certs: Path) -> None
         assert server_tls.version() is not None
         server_tls.close()
         c.close()
+    run(scenario())
+
+
+def test_direct_tls_after_a_proxy_header_on_accepted_streams(certs: Path) -> None:
+    """As the server accepts on a direct-TLS listener: nothing read by asyncio (paused in
+    connection_made), the socket taken, the PROXY header read exactly, then the stream pair
+    goes on over TLS; the client sends the header and its ClientHello at once."""
+    async def scenario() -> None:
+        accepted: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
+            accepted.set_result((reader, writer))
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = socket.create_connection(("127.0.0.1", port))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        c.sendall(encode_v1(("203.0.113.9", 5555), ("127.0.0.1", port)) + outgoing.read())
+        reader, writer = await asyncio.wait_for(accepted, 5)
+        sock = tls_transport.take_socket(writer.transport)
+        header = await asyncio.wait_for(read_proxy_header_from(sock), 5)
+        assert header.source == ("203.0.113.9", 5555)
+        upgrade = asyncio.ensure_future(tls_transport.start_tls(
+            reader, writer, server_context(certs), server_side=True, sock=sock, timeout=5))
+        c.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while True:  # the client's half, by hand over its memory BIOs
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    await loop.sock_sendall(c, outgoing.read())
+                incoming.write(await asyncio.wait_for(loop.sock_recv(c, 65536), 5))
+        client.write(b"<stream:stream>")
+        await loop.sock_sendall(c, outgoing.read())
+        transport = await asyncio.wait_for(upgrade, 5)
+        assert writer.transport is transport
+        assert await asyncio.wait_for(reader.readexactly(15), 5) == b"<stream:stream>"
+        writer.write(b"<features/>")
+        got = b""
+        while b"<features/>" not in got:
+            incoming.write(await asyncio.wait_for(loop.sock_recv(c, 65536), 5))
+            with contextlib.suppress(ssl.SSLWantReadError):
+                got += client.read(65536)
+        writer.close()
+        c.close()
+        server.close()
     run(scenario())
