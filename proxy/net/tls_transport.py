@@ -33,6 +33,7 @@ HIGH_WATER = 64 * 1024  # asyncio's defaults for a socket transport
 # A read callback hands at most this many records to the protocol before it lets the loop run
 # the other connections (what OpenSSL still holds decrypted is handed out anyway).
 READS_PER_TURN = 16
+MAX_RECORD = 16384  # the largest TLS record's plaintext
 
 
 class _ReadBuffer(threading.local):
@@ -180,21 +181,21 @@ class TlsTransport(asyncio.Transport):
     """
 
     __slots__ = ("_buffered", "_chunks", "_close_timer", "_closed", "_closing", "_fd",
-                 "_head_begun", "_high", "_loop", "_low", "_names", "_protocol",
+                 "_head_begun", "_high", "_loop", "_low", "_protocol",
                  "_protocol_paused", "_read_wants_write", "_reader_on", "_reading",
-                 "_shutdown_sent", "_sock", "_write_wants_read", "_writer_on")
+                 "_shutdown_sent", "_sock", "_tls", "_write_wants_read", "_writer_on")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
                  protocol: asyncio.BaseProtocol, *, call_connection_made: bool = False) -> None:
         self._extra: Any = None  # get_extra_info answers from the socket
         self._loop: Any = loop
         self._sock = sock
+        # The SSLSocket's OpenSSL connection itself: its read and write are what
+        # SSLSocket.recv_into and send call, after two Python frames of checks that cost
+        # more than the rest of a small read (callgrind: bench.tls_records).
+        self._tls: Any = sock._sslobj  # type: ignore[attr-defined]
         self._fd = sock.fileno()
         self._protocol: Any = protocol
-        try:
-            self._names: tuple[Any, Any] | None = (sock.getpeername(), sock.getsockname())
-        except OSError:
-            self._names = None
         self._reading = True  # not paused by the protocol
         self._reader_on = False  # registered with the loop
         self._writer_on = False
@@ -258,17 +259,20 @@ class TlsTransport(asyncio.Transport):
             self._update()
             return
         self._read_wants_write = False
-        sock = self._sock
+        sslobj = self._tls
         view = _read_buffer.get()
+        length = len(view)
         turns = 0
         while True:
             try:
-                size = sock.recv_into(view)
+                size = sslobj.read(length, view)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLWantWriteError:
                 self._read_wants_write = True
                 break
+            except ssl.SSLEOFError:
+                size = 0  # the TCP connection ended without close_notify
             except (OSError, ssl.SSLError) as exc:
                 self._fatal(exc)
                 return
@@ -279,8 +283,14 @@ class TlsTransport(asyncio.Transport):
             turns += 1
             if not self._reading or self._closing:
                 break
-            if turns >= READS_PER_TURN and not sock.pending():
-                break  # the socket is still readable: the loop calls again
+            if sslobj.pending():
+                continue  # the rest of a record larger than the buffer
+            # A record shorter than the largest: the peer sent what it had. Whether the
+            # socket holds more, the loop's poll says (level-triggered) at less cost than
+            # the SSLWantReadError another read would raise. A full record may well have
+            # another behind it (a bulk transfer): read on, a few at a time.
+            if size < MAX_RECORD or turns >= READS_PER_TURN:
+                break
         self._update()
 
     def _eof(self) -> None:
@@ -317,7 +327,7 @@ class TlsTransport(asyncio.Transport):
             return
         if not self._chunks and not self._write_wants_read:
             try:
-                self._sock.send(data)
+                self._tls.write(data)
                 return
             except ssl.SSLWantWriteError:
                 pass
@@ -344,14 +354,14 @@ class TlsTransport(asyncio.Transport):
             if self._closed:
                 return
         chunks = self._chunks
-        sock = self._sock
+        tls = self._tls
         while chunks:
             if not self._head_begun and len(chunks) > 1:
                 # Not begun: the waiting chunks can go as one write (fewer records).
                 chunks[:] = [b"".join(chunks)]
             head = chunks[0]
             try:
-                sock.send(head)
+                tls.write(head)
             except ssl.SSLWantWriteError:
                 self._head_begun = True
                 break
@@ -484,15 +494,24 @@ class TlsTransport(asyncio.Transport):
             return sock
         if name == "sslcontext":
             return sock.context
-        if name in ("peername", "sockname"):
-            names = self._names
-            return default if names is None else names[name == "sockname"]
         if self._closed:
             return default
+        # Asked for, not kept: two tuples per connection that hardly anyone reads.
+        if name == "peername":
+            return _address(sock.getpeername, default)
+        if name == "sockname":
+            return _address(sock.getsockname, default)
         if name == "peercert":
             return sock.getpeercert()
         if name == "cipher":
             return sock.cipher()
         if name == "compression":
             return sock.compression()
+        return default
+
+
+def _address(get: Any, default: Any) -> Any:
+    try:
+        return get()
+    except OSError:
         return default
