@@ -154,6 +154,40 @@ def test_a_clean_boundary_upgrades_and_the_new_stream_is_read_over_tls(
     run(scenario())
 
 
+async def upgraded(stream: XmlStream, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter, server_tls: ssl.SSLContext) -> None:
+    """Both ends of ``pair()`` over TLS: the stream's (ours) and the client's (asyncio's)."""
+    upgrade = asyncio.create_task(stream.start_tls(server_tls))
+    await writer.start_tls(client_tls(), server_hostname="localhost")
+    await asyncio.wait_for(upgrade, 5)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_an_abort_over_tls_ends_the_connection_even_if_the_peer_reads_nothing(
+        server_tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch, hard: bool) -> None:
+    """A hard abort drops the connection at once, queued bytes and all; a polite one tries
+    to send them and close_notify, and is cut after CLOSE_GRACE when the peer reads
+    nothing."""
+    monkeypatch.setattr(xmlstream, "CLOSE_GRACE", 0.3)
+
+    async def scenario() -> None:
+        async with pair() as (stream, reader, writer):
+            await upgraded(stream, reader, writer, server_tls)
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
+            transport = stream.writer.transport
+            for _ in range(400):
+                stream.send_bytes(b"x" * 65536)  # 25 MiB: more than the sockets hold
+            stream.flush()
+            assert transport.get_write_buffer_size() > 0
+            stream.abort(hard=hard)
+            assert stream.dead is hard
+            sock = transport.get_extra_info("socket")
+            # Hard: gone before anything else runs; polite: still sending, until the grace.
+            assert (sock.fileno() == -1) is hard
+            await until(lambda: sock.fileno() == -1, 5)
+    run(scenario())
+
+
 # ---------------------------------------------------------------- stream error framing
 
 async def read_all(reader: asyncio.StreamReader) -> bytes:
