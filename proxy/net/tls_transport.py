@@ -16,11 +16,14 @@ socket away from it: the upgrade then owns the only descriptor.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 import ssl
+import termios
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -33,7 +36,6 @@ HIGH_WATER = 64 * 1024  # asyncio's defaults for a socket transport
 # A read callback hands at most this many records to the protocol before it lets the loop run
 # the other connections (what OpenSSL still holds decrypted is handed out anyway).
 READS_PER_TURN = 16
-MAX_RECORD = 16384  # the largest TLS record's plaintext
 
 
 class _ReadBuffer(threading.local):
@@ -51,6 +53,24 @@ class _ReadBuffer(threading.local):
 
 
 _read_buffer = _ReadBuffer()  # one per thread: each event loop reads into its own
+
+
+class _Waiting(threading.local):
+    def __init__(self) -> None:
+        self.count = array.array("i", [0])  # FIONREAD's answer, one per thread
+
+
+_waiting_count = _Waiting()
+
+
+def _waiting(fd: int) -> int:
+    """Bytes the kernel holds for the socket, not yet read (FIONREAD)."""
+    count = _waiting_count.count
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+    except OSError:
+        return 1  # let the read find out what is wrong
+    return count[0]
 
 
 def size_reads(size: int) -> None:
@@ -285,11 +305,11 @@ class TlsTransport(asyncio.Transport):
                 break
             if sslobj.pending():
                 continue  # the rest of a record larger than the buffer
-            # A record shorter than the largest: the peer sent what it had. Whether the
-            # socket holds more, the loop's poll says (level-triggered) at less cost than
-            # the SSLWantReadError another read would raise. A full record may well have
-            # another behind it (a bulk transfer): read on, a few at a time.
-            if size < MAX_RECORD or turns >= READS_PER_TURN:
+            # Everything the socket holds is read now, so that the stream parses it in one
+            # go and answers it in one write; but another read would find out that there
+            # is nothing more by raising SSLWantReadError, which costs more than the read.
+            # The kernel says how much is waiting without one.
+            if turns >= READS_PER_TURN or not _waiting(self._fd):
                 break
         self._update()
 
