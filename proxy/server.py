@@ -520,8 +520,14 @@ class Proxy:
         peername = writer.get_extra_info("peername")
         remote = (str(peername[0]), int(peername[1])) if peername else None
         log = self.log.bind(conn=conn_id, peer=_address_text(remote))
-        # Direct TLS: the connection leaves asyncio's plain transport unread.
-        sock = tls_transport.take_socket(writer.transport) if listener.direct_tls else None
+        sock = None
+        if listener.direct_tls:  # the connection leaves asyncio's plain transport unread
+            try:
+                sock = tls_transport.take_socket(writer.transport)
+            except OSError as exc:
+                self._tls_failed("direct_tls", exc, log)
+                writer.transport.abort()
+                return
         if listener.proxy_protocol:
             ok, client = await self._proxy_header(reader, writer, listener, remote, log, sock)
             if not ok:

@@ -86,9 +86,11 @@ def take_socket(transport: asyncio.BaseTransport) -> socket.socket:
     """The connection of a plain socket transport, as a non-blocking socket of its own: the
     transport stops reading, gets a do-nothing protocol and is aborted (it closes only its
     own descriptor; the connection lives on in the duplicate). Its write buffer must be
-    empty: what is in it would be lost."""
+    empty: what is in it would be lost. ConnectionError (an OSError) when it is gone."""
     transport.pause_reading()  # type: ignore[attr-defined]
     raw = transport.get_extra_info("socket")
+    if raw is None or transport.is_closing():
+        raise ConnectionResetError("the connection ended before TLS")
     sock = socket.socket(fileno=os.dup(raw.fileno()))
     sock.setblocking(False)
     transport.set_protocol(_Detached())
