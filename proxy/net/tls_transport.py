@@ -195,8 +195,9 @@ class TlsTransport(asyncio.Transport):
     """A TLS connection over a non-blocking ``SSLSocket`` whose handshake is done.
 
     Reads: when the socket is readable, records are decrypted into this thread's shared
-    buffer until OpenSSL wants more from the socket, each handed to the protocol as bytes.
-    Writes: ``send`` at once; what the socket does not take waits, in order, for it to be
+    buffer, each handed to the protocol as bytes, until the kernel holds nothing more for
+    the socket (or READS_PER_TURN records). Writes: one ``SSL_write`` at once; what the
+    socket does not take waits, in order, for it to be
     writable (a write OpenSSL began is retried with the same bytes, as it requires). A TLS
     1.3 key update can make a read want the socket writable, or a write want it readable:
     each waits for what it wants and retries.
