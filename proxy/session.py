@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from .xmpp.disco import Additions, ServerInfo
+from .xmpp.disco import Additions, FrozenAdditions, ServerInfo
 from .xmpp.jid import Jid
 from .xmpp.stanza import IQ, MESSAGE, PRESENCE, Element
 
@@ -175,11 +175,31 @@ def _by_tag(hooked: tuple[Feature, ...], tags_attr: str) -> dict[str, tuple[Feat
     return by_tag
 
 
+class DiscoShare:
+    """What the last bind of each served domain found of its server (``ServerInfo``) and
+    what the pipeline adds to it: a new session whose server said the same of itself gets
+    these very objects, not copies of their sets (every session of a domain, as a rule).
+    Both are frozen, so no session can change another's."""
+
+    def __init__(self, factories: Sequence[FeatureFactory]) -> None:
+        self.factories = list(factories)
+        self._last: dict[str, tuple[ServerInfo, FrozenAdditions]] = {}
+
+    def share(self, domain: str, server: ServerInfo) -> tuple[ServerInfo, FrozenAdditions]:
+        last = self._last.get(domain)
+        if last is not None and last[0] == server:
+            return last
+        shared = server, disco_additions(self.factories, server).frozen()
+        self._last[domain] = shared
+        return shared
+
+
 class SessionCore:
     """One logged-in client resource, as the relay sees it."""
 
     def __init__(self, jid: Jid, factories: Sequence[FeatureFactory] = (),
-                 server: ServerInfo | None = None) -> None:
+                 server: ServerInfo | None = None,
+                 additions: FrozenAdditions | None = None) -> None:
         self.jid = jid
         self.account = jid.bare
         self.id = secrets.token_hex(6)
@@ -190,7 +210,9 @@ class SessionCore:
         # What the server said of itself at the bind (kept through outages: what the proxy
         # emulates for this session stays the same until it ends), and what the proxy adds.
         self.server = server or ServerInfo()
-        self.additions = disco_additions(factories, self.server)
+        # ``additions``: the pipeline's for this very ``server`` (``DiscoShare``).
+        self.additions = (disco_additions(factories, self.server).frozen()
+                          if additions is None else additions)
         self.features: list[Feature] = [factory.create(self) for factory in factories]
         # The relay path calls only the features that have a stanza hook of their own (the
         # others would return the stanza unchanged), in pipeline order, and per stanza tag
