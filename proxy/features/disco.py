@@ -41,6 +41,8 @@ def caps_for(server: ServerInfo, additions: AbstractSet[str],
 
 
 class Discovery(Feature):
+    __slots__ = ("_asked", "domain")
+
     client_tags = frozenset((st.IQ,))
     upstream_tags = frozenset((st.IQ,))
 

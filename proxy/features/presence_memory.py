@@ -21,6 +21,8 @@ _MUC_X = ns.qname(ns.MUC, "x")
 
 
 class PresenceMemory(Feature):
+    __slots__ = ("broadcast", "rooms")
+
     client_tags = frozenset((st.PRESENCE,))
     upstream_tags = frozenset((st.PRESENCE,))
 

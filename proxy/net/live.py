@@ -96,6 +96,13 @@ class ClientLeft(Exception):
 
 
 class LiveSession:
+    __slots__ = (
+        "_account", "_archiving", "_ledger_logged", "_serialized", "_store_ticket", "_timers",
+        "archive", "client", "client_address", "client_endpoints", "config", "conn_id", "core",
+        "counters", "edge", "hub", "inspector", "journal", "log", "since", "sm_key", "store",
+        "transcript", "upstream",
+    )
+
     def __init__(self, hub: SessionRegistry, core: SessionCore, link: UpstreamLink, config: Config,
                  store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
