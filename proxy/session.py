@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 
 STANZA_TAGS = (MESSAGE, PRESENCE, IQ)
+_TAG_INDEX = {tag: index for index, tag in enumerate(STANZA_TAGS)}  # a constant
 # Stanzas the proxy sends itself carry ids with this prefix; their replies are its own.
 OWN_ID_PREFIX = "xf-"
 
@@ -166,17 +167,18 @@ def disco_additions(factories: Sequence[FeatureFactory], server: ServerInfo) -> 
     return additions
 
 
-def _by_tag(hooked: tuple[Feature, ...], tags_attr: str) -> dict[str, tuple[Feature, ...]]:
-    """Per stanza tag, the features of ``hooked`` whose hook is about it; a tag whose
-    features are all of them shares ``hooked`` itself, and equal tuples are one."""
+def _by_tag(hooked: tuple[Feature, ...], tags_attr: str) -> tuple[tuple[Feature, ...], ...]:
+    """Per stanza tag (in ``STANZA_TAGS`` order: a tuple, not a dict per session), the
+    features of ``hooked`` whose hook is about it; a tag whose features are all of them
+    shares ``hooked`` itself, and equal tuples are one."""
     # Keyed by identity: a feature need not be hashable.
     made: dict[tuple[int, ...], tuple[Feature, ...]] = {tuple(map(id, hooked)): hooked}
-    by_tag = {}
+    by_tag = []
     for tag in STANZA_TAGS:
         chosen = tuple(f for f in hooked
                        if getattr(f, tags_attr) is None or tag in getattr(f, tags_attr))
-        by_tag[tag] = made.setdefault(tuple(map(id, chosen)), chosen)
-    return by_tag
+        by_tag.append(made.setdefault(tuple(map(id, chosen)), chosen))
+    return tuple(by_tag)
 
 
 class DiscoShare:
@@ -254,7 +256,9 @@ class SessionCore:
         # speak as anybody else, whatever it wrote.
         el.set("from", self._jid_text)
         result: Element | None = el
-        for feature in self._client_hooks_by_tag.get(el.tag, self._client_hooks):
+        index = _TAG_INDEX.get(el.tag)
+        hooks = self._client_hooks if index is None else self._client_hooks_by_tag[index]
+        for feature in hooks:
             result = feature.from_client(self, result, out)
             if result is None:
                 return out
@@ -264,7 +268,9 @@ class SessionCore:
     def from_upstream(self, el: Element) -> Outputs:
         out = Outputs()
         result: Element | None = el
-        for feature in self._upstream_hooks_by_tag.get(el.tag, self._upstream_hooks):
+        index = _TAG_INDEX.get(el.tag)
+        hooks = self._upstream_hooks if index is None else self._upstream_hooks_by_tag[index]
+        for feature in hooks:
             result = feature.from_upstream(self, result, out)
             if result is None:
                 return out
