@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -54,6 +57,7 @@ class ProxyProcess:
             "log": {"format": "json", "level": "debug"},
         }, overrides)
         self.config_path = workdir / "xmpp-front.yaml"
+        self._shorten_admin_socket()
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = workdir / "xmpp-front.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,6 +80,24 @@ class ProxyProcess:
                 raise RuntimeError(f"xmpp-front did not start:\n{self.log_tail()}")
             time.sleep(0.02)
         return self
+
+    def _shorten_admin_socket(self) -> None:
+        """The default admin socket sits beside the store, under the test's temporary
+        folder; where that is too deep for a Unix socket path (pytest-xdist adds a level),
+        the proxy would refuse its configuration. Such a test gets a short folder instead."""
+        if "admin" in self.config:
+            return
+        store = str(self.config.get("store", {}).get("path", "xmpp-front.sqlite3"))
+        if store == ":memory:":
+            auto = self.workdir / "xmpp-front-admin" / "admin.sock"
+        else:
+            path = self.workdir / store
+            auto = path.parent / f"{path.stem}-admin" / "admin.sock"
+        if len(os.fsencode(auto)) <= 100:
+            return
+        folder = tempfile.mkdtemp(prefix="xf-admin-")
+        atexit.register(shutil.rmtree, folder, True)
+        self.config["admin"] = {"socket": str(Path(folder) / "admin.sock")}
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:

@@ -58,6 +58,9 @@ def broken_config(tmp_path: Path, pairs: tuple[tuple[Path, Path], ...], kind: st
         data["upstream"]["ca"] = "ca.der"
     elif kind == "missing store folder":
         data["store"] = {"path": "no/such/folder/store.sqlite3"}
+        # Only the store's folder is wrong: the admin socket that would sit beside it is
+        # off, so that a deep temporary folder cannot make its path a second error.
+        data["admin"] = {"socket": None}
     elif kind == "misspelt listen host":
         data["listen"] = [{"host": "no-such-host.invalid", "port": 0}]
     elif kind == "cross-check":
