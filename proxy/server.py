@@ -51,8 +51,9 @@ from .net.worker_link import HandoffServer, RelayedStream, open_link, relay
 from .net.hub import Hub
 from .net.live import LiveSession
 from .net.certificates import ServerCertificates, upstream_contexts
-from .net.preamble import read_proxy_header, start_server_tls, tls_failure_reason
-from .net.xmlstream import ConnectionLost, XmlStream, share_tls_read_buffer
+from .net import tls_transport
+from .net.preamble import read_proxy_header, read_proxy_header_from, tls_failure_reason
+from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
 from .features.push import PushFactory, PushPolicy
 from .proxyproto import BadProxyHeader
@@ -81,12 +82,18 @@ def _trusted(address: tuple[str, int] | None, networks: list[str]) -> bool:
     return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
+def _drop(writer: asyncio.StreamWriter, sock: socket.socket | None) -> None:
+    """A connection refused before its stream: its transport, or its socket taken from it."""
+    writer.transport.abort()
+    if sock is not None:
+        sock.close()
+
+
 def size_tls_buffers(read_buffer: int) -> None:
-    """asyncio gives every TLS connection a read buffer of ``SSLProtocol.max_size`` bytes
-    (256 KiB in 3.11) and offers no setting for it: a class attribute it is. A TLS record
-    carries at most 16 KiB, so a little more than that costs no throughput; and the buffer
-    is shared by all connections (``share_tls_read_buffer``)."""
-    share_tls_read_buffer(read_buffer)
+    """The largest TLS read (one buffer shared by every connection of the event loop's
+    thread, ``tls_transport``). A TLS record carries at most 16 KiB, so a little more than
+    that costs no throughput."""
+    tls_transport.size_reads(read_buffer)
 
 
 def upstream_addresses(config: Config) -> dict[str, tuple[str, int]]:
@@ -498,6 +505,10 @@ class Proxy:
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 listener: Listener) -> None:
+        if listener.direct_tls:
+            # Called from connection_made, before the transport's first read: OpenSSL must
+            # read the ClientHello from the socket itself, so nothing may be read before.
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
         task = asyncio.create_task(self._serve(reader, writer, listener))
         self.connections.add(task)
         task.add_done_callback(self.connections.discard)
@@ -509,22 +520,29 @@ class Proxy:
         peername = writer.get_extra_info("peername")
         remote = (str(peername[0]), int(peername[1])) if peername else None
         log = self.log.bind(conn=conn_id, peer=_address_text(remote))
+        sock = None
+        if listener.direct_tls:  # the connection leaves asyncio's plain transport unread
+            try:
+                sock = tls_transport.take_socket(writer.transport)
+            except OSError as exc:
+                self._tls_failed("direct_tls", exc, log)
+                writer.transport.abort()
+                return
         if listener.proxy_protocol:
-            ok, client = await self._proxy_header(reader, writer, listener, remote, log)
+            ok, client = await self._proxy_header(reader, writer, listener, remote, log, sock)
             if not ok:
                 return
             if client is not None:  # the balancer's own address stays in the log
                 log = self.log.bind(conn=conn_id, peer=_address_text(client),
                                     via=_address_text(remote))
                 remote = client
-        if listener.direct_tls:
+        if sock is not None:
             try:
-                async with asyncio.timeout(limits.negotiation_timeout):
-                    await start_server_tls(reader, writer, self.server_tls,
-                                           limits.negotiation_timeout)
+                await tls_transport.start_tls(reader, writer, self.server_tls,
+                                              server_side=True, sock=sock,
+                                              timeout=limits.negotiation_timeout)
             except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
                 self._tls_failed("direct_tls", exc, log)
-                writer.transport.abort()
                 return
             self.counters.count(self.counters.tls_handshakes, ("direct_tls", "ok"))
         stream = XmlStream(reader, writer, max_stanza_bytes=limits.max_stanza_bytes,
@@ -551,20 +569,23 @@ class Proxy:
 
     async def _proxy_header(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             listener: Listener, remote: tuple[str, int] | None,
-                            log: Any) -> tuple[bool, tuple[str, int] | None]:
+                            log: Any, sock: socket.socket | None = None
+                            ) -> tuple[bool, tuple[str, int] | None]:
         """The PROXY header a listener behind a balancer requires: (True, the client's
         address it gives; None when it gives none and the connection's own stands), or
         (False, None) when the connection was closed (not from a trusted balancer, no
-        header, a broken one, too slow)."""
+        header, a broken one, too slow). ``sock``: a direct-TLS connection, already taken
+        from its transport: the header is read from it exactly."""
         counts = self.counters.proxy_headers
         if listener.proxy_protocol_from and not _trusted(remote, listener.proxy_protocol_from):
             self.counters.count(counts, "untrusted")
             log.warning("proxy_header_refused", reason="the peer is not in proxy_protocol_from")
-            writer.transport.abort()
+            _drop(writer, sock)
             return False, None
         try:
             async with asyncio.timeout(self.config.limits.proxy_header_timeout):
-                header = await read_proxy_header(reader)
+                header = await (read_proxy_header(reader) if sock is None
+                                else read_proxy_header_from(sock))
         except BadProxyHeader as exc:
             self.counters.count(counts, "malformed")
             log.warning("proxy_header_refused", reason=str(exc))
@@ -581,7 +602,7 @@ class Proxy:
                       source=_address_text(header.source),
                       destination=_address_text(header.destination))
             return True, header.source
-        writer.transport.abort()  # no XMPP answer: the peer did not speak XMPP to us yet
+        _drop(writer, sock)  # no XMPP answer: the peer did not speak XMPP to us yet
         return False, None
 
     async def _refuse_connection(self, stream: XmlStream, refusal: Refusal, log: Any) -> None:

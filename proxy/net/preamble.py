@@ -1,20 +1,23 @@
 """What comes before a client's XML stream: a PROXY protocol header from the load balancer
 in front (when the listener asks for one) and, on a direct-TLS listener, the TLS handshake.
 
-Shell code. The handshake is the proxy's own rather than asyncio's listener-level TLS so
-that its failures are seen and logged (asyncio drops them silently) and so that it can
-follow a PROXY header: bytes the stream reader already holds when TLS starts (the
-ClientHello sent right behind the header, or right on connect) are handed to TLS first.
+Shell code. The handshake is the proxy's own (``tls_transport``) rather than asyncio's
+listener-level TLS so that its failures are seen and logged (asyncio drops them silently)
+and so that it can follow a PROXY header. OpenSSL reads the socket itself, so nothing of
+the ClientHello may be read before it: on a direct-TLS listener the header is read from the
+socket exactly (``read_proxy_header_from``), never a byte past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from asyncio import sslproto
-from typing import Any
 
 from ..proxyproto import ProxyHeader, more_needed, parse
+from .tls_transport import wait_readable
+
+PEEK_SIZE = 65536 + 16  # the largest PROXY v2 header
 
 
 async def read_proxy_header(reader: asyncio.StreamReader) -> ProxyHeader:
@@ -26,39 +29,49 @@ async def read_proxy_header(reader: asyncio.StreamReader) -> ProxyHeader:
     return parse(data)
 
 
-async def start_server_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           context: ssl.SSLContext, timeout: float) -> None:
-    """The server side of a TLS handshake on an accepted connection, as
-    ``StreamWriter.start_tls`` does it but with what the reader already buffered fed to
-    TLS first (``loop.start_tls`` would leave those bytes behind and wait forever)."""
-    loop = asyncio.get_running_loop()
-    transport: Any = writer.transport  # a socket transport: it pauses and resumes reading
-    protocol: Any = transport.get_protocol()
-    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
-    held = bytes(buffer)
-    buffer.clear()
-    waiter = loop.create_future()
-    tls: Any = sslproto.SSLProtocol(loop, protocol, context, waiter, server_side=True,
-                                    ssl_handshake_timeout=timeout,  # type: ignore[arg-type]
-                                    call_connection_made=False)
-    transport.pause_reading()
-    transport.set_protocol(tls)
-    tls.connection_made(transport)
-    while held:  # as if they had just arrived
-        room = tls.get_buffer(len(held))
-        size = min(len(room), len(held))
-        room[:size] = held[:size]
-        held = held[size:]
-        tls.buffer_updated(size)
-    transport.resume_reading()
-    try:
-        await waiter
-    except BaseException:
-        transport.close()
-        raise
-    # What StreamWriter.start_tls does with its new transport.
-    writer._transport = tls._app_transport  # type: ignore[attr-defined]
-    protocol._replace_writer(writer)
+def _header_end(data: bytes) -> int | None:
+    """Where the PROXY header at the start of ``data`` ends; None when ``data`` holds only
+    part of it. BadProxyHeader when it cannot be one."""
+    size = 0
+    while (n := more_needed(data[:size])) > 0:
+        if size + n > len(data):
+            return None
+        size += n
+    return size
+
+
+async def read_proxy_header_from(sock: socket.socket) -> ProxyHeader:
+    """Read exactly one PROXY header from the non-blocking ``sock``: what is there is
+    peeked at (MSG_PEEK) and only the header's own bytes are taken, so the ClientHello
+    behind it, even in the same segment, stays for TLS. The same errors as
+    ``read_proxy_header``."""
+    taken = b""
+    while True:
+        await wait_readable(sock)
+        try:
+            peeked = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if not peeked:
+            raise asyncio.IncompleteReadError(taken, None)
+        end = _header_end(taken + peeked)
+        # Part of the header only: all of it is the header's (more_needed never asks
+        # past its end), and taking it keeps the socket from staying readable.
+        want = len(peeked) if end is None else end - len(taken)
+        taken += _recv_exactly(sock, want)
+        if end is not None:
+            return parse(taken)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes that were just peeked at (they are in the socket's buffer)."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise asyncio.IncompleteReadError(data, size)
+        data += chunk
+    return data
 
 
 def tls_failure_reason(exc: BaseException) -> str:

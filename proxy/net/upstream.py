@@ -10,7 +10,6 @@ core's commands, turning its failures into the exceptions below.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import ssl
 from collections import deque
 from collections.abc import Container, Iterable
@@ -36,13 +35,13 @@ from ..xmpp import codec
 from ..xmpp.disco import ServerInfo
 from ..xmpp import stanza as st
 from .preamble import tls_failure_reason
+from .tls_transport import start_tls
 from .xmlstream import ConnectionLost, PlaintextInjection, XmlStream
 from ..xmpp.stanza import Element
 
 __all__ = [
     "Address",
     "Endpoints",
-    "ResumableTlsContext",
     "UpstreamAuthFailed",
     "UpstreamBindFailed",
     "UpstreamError",
@@ -82,30 +81,8 @@ class UpstreamBindFailed(UpstreamError):
         self.error_reply = error_reply
 
 
-# The TLS session to offer on the connection being opened in this task (RFC 5077 / TLS 1.3
-# resumption). asyncio has no ``session=`` argument, but it builds every TLS object through
-# ``SSLContext.wrap_bio``, in the task that opens the connection: that is where it goes in.
-_RESUME_SESSION: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar(
-    "xmpp_front_tls_session", default=None)
-
-
-class ResumableTlsContext(ssl.SSLContext):
-    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                 server_side: bool = False, server_hostname: str | bytes | None = None,
-                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        if session is None and not server_side:
-            session = _RESUME_SESSION.get()
-        try:
-            return super().wrap_bio(incoming, outgoing, server_side=server_side,
-                                    server_hostname=server_hostname, session=session)
-        except (ValueError, ssl.SSLError):
-            # A session from another context or an expired one: a full handshake instead.
-            return super().wrap_bio(incoming, outgoing, server_side=server_side,
-                                    server_hostname=server_hostname)
-
-
 def client_tls_context(config: UpstreamConfig, ca_path: str | None) -> ssl.SSLContext:
-    context = ResumableTlsContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca_path:
         context.load_verify_locations(cafile=ca_path)
     else:
@@ -135,10 +112,11 @@ class UpstreamLink:
 
     def __init__(self, config: UpstreamConfig, negotiation: UpstreamNegotiation, *,
                  tls_context: ssl.SSLContext | None, max_stanza_bytes: int,
-                 log: Any = None) -> None:
+                 resume_tls: ssl.SSLSession | None = None, log: Any = None) -> None:
         self.config = config
         self.negotiation = negotiation
         self.tls_context = tls_context
+        self.resume_tls = resume_tls  # offered for resumption by the TLS handshake
         self.max_stanza_bytes = max_stanza_bytes
         self.log = log
         # A plain attribute (read per stanza by the session), set once connected.
@@ -237,15 +215,13 @@ class UpstreamLink:
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
             # that races with a finished connect, and an ended session would go on logging in.
             async with asyncio.timeout(command.seconds):
-                if command.proxy_header is None:
-                    reader, writer = await asyncio.open_connection(
-                        command.host, command.port, ssl=context,
-                        server_hostname=command.server_hostname if context else None)
-                else:  # the header goes first, before TLS
-                    reader, writer = await asyncio.open_connection(command.host, command.port)
+                reader, writer = await asyncio.open_connection(command.host, command.port)
+                if command.proxy_header is not None:  # the header goes first, before TLS
                     writer.write(command.proxy_header)
-                    if context is not None:
-                        await writer.start_tls(context, server_hostname=command.server_hostname)
+                if context is not None:
+                    await start_tls(reader, writer, context, server_side=False,
+                                    server_hostname=command.server_hostname,
+                                    session=self.resume_tls, timeout=command.seconds)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             if writer is not None:
                 writer.transport.abort()
@@ -263,8 +239,9 @@ class UpstreamLink:
         if self.tls_context is None:
             return core.tls_failed("no TLS context for the upstream")
         try:
-            await self.stream.start_tls(self.tls_context, server_hostname=command.server_hostname,
-                                        timeout=command.seconds)
+            await self.stream.start_tls(self.tls_context, server_side=False,
+                                        server_hostname=command.server_hostname,
+                                        session=self.resume_tls, timeout=command.seconds)
         except PlaintextInjection as exc:
             return core.tls_injection(exc.buffered + exc.parsed, exc.events)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
@@ -298,11 +275,10 @@ async def connect_upstream(config: UpstreamConfig, tls_context: ssl.SSLContext |
     Raises UpstreamAuthFailed when the server rejects the credentials and
     UpstreamUnavailable for everything else (refused, TLS failure, timeout, stream error).
     """
-    _RESUME_SESSION.set(resume_tls)
     core = UpstreamNegotiation(config, username, password, own_stream_ids=own_stream_ids,
                                client=client)
     link = UpstreamLink(config, core, tls_context=tls_context,
-                        max_stanza_bytes=max_stanza_bytes, log=log)
+                        max_stanza_bytes=max_stanza_bytes, resume_tls=resume_tls, log=log)
     try:
         await link._carry_out(core.start())
     except BaseException as exc:

@@ -13,7 +13,6 @@ import functools
 import ssl
 import threading
 import time
-from asyncio import sslproto
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,12 +21,12 @@ from lxml import etree
 
 from ..xmpp import codec, ns
 from ..xmpp.stanza import Element
+from . import tls_transport
 
 
 READ_CHUNK = 65536
-# A polite close (TLS close_notify) waits for the peer; a dead peer never answers, and
-# asyncio's own TLS shutdown timeout (30 s) then surfaces as an error in the reader. After
-# this long the transport is dropped instead.
+# A polite close (what is queued, then TLS close_notify) can be held up by a peer that reads
+# nothing; after this long the transport is dropped instead.
 CLOSE_GRACE = 2.0
 CLOSE_DRAIN_TIMEOUT = 5.0  # seconds a closing stream waits for its last bytes to leave
 # Over the hard output limit a stream is checked this often; it is cut when its buffer has
@@ -49,15 +48,6 @@ HEAP_TRIM_EVERY = 30.0
 
 
 _NO_EVENTS: tuple[codec.StreamEvent, ...] = ()
-
-
-class _ReadBuffer(threading.local):
-    """The read buffer every TLS connection of this thread's event loop shares."""
-
-    view: memoryview | None = None
-
-
-_read_buffer = _ReadBuffer()  # one per thread: each event loop reads into its own
 
 
 class _HeapTrim(threading.local):
@@ -101,34 +91,6 @@ def _trim_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def share_tls_read_buffer(size: int) -> None:
-    """Every asyncio TLS connection reads through a buffer of ``SSLProtocol.max_size``
-    bytes, its own, allocated (zero-filled, so resident) when the connection is made: 256
-    KiB in 3.11, ``size`` here. asyncio fills it (``get_buffer``, ``recv_into``) and copies it
-    into OpenSSL's input (``buffer_updated``) in one synchronous step, so one buffer per
-    thread serves every connection: each connection's own is dropped as soon as it is made
-    (16.5 KiB on each TLS leg of an idle session). ``size`` stays the largest read. Its
-    write backlog is a list (an empty deque holds a 64-slot block)."""
-    cls = sslproto.SSLProtocol
-    cls.max_size = size
-    if getattr(cls.__init__, "_shares_read_buffer", False):
-        return
-    made = cls.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        made(self, *args, **kwargs)
-        view = _read_buffer.view
-        if view is None or len(view) < self.max_size:
-            view = _read_buffer.view = memoryview(bytearray(self.max_size))
-        self._ssl_buffer, self._ssl_buffer_view = view.obj, view
-        # asyncio only appends to it, reads and deletes its head, clears it: a list does,
-        # in 56 bytes instead of an empty deque's 760 (it is nearly always empty).
-        self._write_backlog = []
-
-    init._shares_read_buffer = True  # type: ignore[attr-defined]
-    cls.__init__ = init  # type: ignore[method-assign]
 
 
 class ConnectionLost(Exception):
@@ -463,21 +425,26 @@ class XmlStream:
             return PlaintextInjection(buffered=buffered, parsed=parsed, events=events)
         return None
 
-    async def start_tls(self, context: ssl.SSLContext, *, server_hostname: str | None = None,
-                        timeout: float = 10.0) -> None:
-        """Upgrade to TLS. RFC 6120 §5.4.3.3: nothing received in the clear may be used
-        once TLS is on; anything already received past the ``<starttls/>``/``<proceed/>``
-        element (read, parsed or queued) raises PlaintextInjection and TLS is not started.
+    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool = True,
+                        server_hostname: str | None = None,
+                        session: ssl.SSLSession | None = None, timeout: float = 10.0) -> None:
+        """Upgrade to TLS (``tls_transport``; ``session``: one to resume, client side).
+        RFC 6120 §5.4.3.3: nothing received in the clear may be used once TLS is on;
+        anything already received past the ``<starttls/>``/``<proceed/>`` element (read,
+        parsed or queued) raises PlaintextInjection and TLS is not started.
         """
         async with asyncio.timeout(timeout):
             await self.drain()
-        # From here to the handshake nothing yields to the event loop (our drain left the
-        # transport unpaused), so no byte can slip in between the check and the switch.
+        # From here until the plain transport stops reading (the first thing start_tls
+        # does) nothing yields to the event loop, so no byte can slip in between the check
+        # and the switch; what arrives later is the handshake's (and fails it if not TLS).
         injected = self._plaintext_after_boundary()
         if injected is not None:
             raise injected
-        await asyncio.wait_for(
-            self.writer.start_tls(context, server_hostname=server_hostname), timeout)
+        await tls_transport.start_tls(self.reader, self.writer, context,
+                                      server_side=server_side,
+                                      server_hostname=server_hostname, session=session,
+                                      timeout=timeout)
         self.parser.track_trailing = False  # only one STARTTLS per connection
         self.restart()
         self._fit_write_buffer()

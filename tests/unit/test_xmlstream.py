@@ -16,8 +16,7 @@ import pytest
 from lxml import etree
 
 from proxy.net import xmlstream
-from proxy.net.xmlstream import (ConnectionLost, PlaintextInjection, XmlStream,
-                                 share_tls_read_buffer)
+from proxy.net.xmlstream import ConnectionLost, PlaintextInjection, XmlStream
 from proxy.xmpp import codec, ns
 from tests.peers.certs import make_cert
 
@@ -155,6 +154,40 @@ def test_a_clean_boundary_upgrades_and_the_new_stream_is_read_over_tls(
     run(scenario())
 
 
+async def upgraded(stream: XmlStream, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter, server_tls: ssl.SSLContext) -> None:
+    """Both ends of ``pair()`` over TLS: the stream's (ours) and the client's (asyncio's)."""
+    upgrade = asyncio.create_task(stream.start_tls(server_tls))
+    await writer.start_tls(client_tls(), server_hostname="localhost")
+    await asyncio.wait_for(upgrade, 5)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_an_abort_over_tls_ends_the_connection_even_if_the_peer_reads_nothing(
+        server_tls: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch, hard: bool) -> None:
+    """A hard abort drops the connection at once, queued bytes and all; a polite one tries
+    to send them and close_notify, and is cut after CLOSE_GRACE when the peer reads
+    nothing."""
+    monkeypatch.setattr(xmlstream, "CLOSE_GRACE", 0.3)
+
+    async def scenario() -> None:
+        async with pair() as (stream, reader, writer):
+            await upgraded(stream, reader, writer, server_tls)
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
+            transport = stream.writer.transport
+            for _ in range(400):
+                stream.send_bytes(b"x" * 65536)  # 25 MiB: more than the sockets hold
+            stream.flush()
+            assert transport.get_write_buffer_size() > 0
+            stream.abort(hard=hard)
+            assert stream.dead is hard
+            sock = transport.get_extra_info("socket")
+            # Hard: gone before anything else runs; polite: still sending, until the grace.
+            assert (sock.fileno() == -1) is hard
+            await until(lambda: sock.fileno() == -1, 5)
+    run(scenario())
+
+
 # ---------------------------------------------------------------- stream error framing
 
 async def read_all(reader: asyncio.StreamReader) -> bytes:
@@ -276,53 +309,6 @@ def test_limits_off_by_default() -> None:
             assert stream.output_soft is None and stream.output_hard is None
     run(scenario())
 
-
-
-def test_tls_connections_share_one_read_buffer_and_data_stays_intact(
-        server_tls: ssl.SSLContext) -> None:
-    """With the read buffer shared (share_tls_read_buffer), twenty TLS connections sending
-    different bytes at once in both directions each get exactly their own, and no connection
-    keeps a buffer of its own."""
-    share_tls_read_buffer(4096)  # smaller than what is sent: many reads through it
-    size = 200_000
-
-    def payload(i: int, way: bytes) -> bytes:
-        return (way + b"%03d" % i) * (size // 6)
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = await reader.readexactly(6)
-        i = int(first[3:])
-        writer.write(payload(i, b"dow"))
-        rest = await reader.readexactly(len(payload(i, b"up-")) - 6)
-        writer.write(b"ok" if first + rest == payload(i, b"up-") else b"no")
-        await writer.drain()
-        writer.close()
-
-    async def one(port: int, i: int) -> tuple[bytes, bytes, Any]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls())
-        writer.write(payload(i, b"up-"))
-        down = await reader.readexactly(len(payload(i, b"dow")))
-        verdict = await reader.read()
-        protocol = writer.transport._ssl_protocol  # type: ignore[attr-defined]
-        writer.close()
-        return down, verdict, protocol._ssl_buffer
-
-    async def main() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_tls)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            results = await asyncio.gather(*(one(port, i) for i in range(20)))
-        finally:
-            server.close()
-        for i, (down, verdict, _) in enumerate(results):
-            assert down == payload(i, b"dow")
-            assert verdict == b"ok"
-        assert len({id(buffer) for *_, buffer in results}) == 1
-
-    try:
-        run(main())
-    finally:
-        share_tls_read_buffer(16896)
 
 
 def test_an_idle_stream_drops_its_parser_between_stanzas_and_reads_on(
