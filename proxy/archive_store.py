@@ -229,10 +229,18 @@ class ArchiveIds:
     seq masked with a keyed hash of the nonce (blake2b; the key is in the archive's file).
     Without the key an id tells nothing of the seq, so nothing of the archive's size or
     rate (XEP-0359 §5); each row has one id. Seqs come from a range reserved in the file
-    before any is handed out (``reserved``), so after a crash none is given out again."""
+    before any is handed out (``reserved``), so after a crash none is given out again.
+
+    One keyed hash serves eight ids (``MASKS``): a nonce is a random ``base`` and an index
+    ``j`` (its low three bits), and its mask is the j-th eight bytes of a 64-byte blake2b of
+    the base. The hash was most of an id's cost, and an id is made for every archived
+    message on the event loop. Ids made before (one 8-byte blake2b of the whole nonce per
+    id, ``_mask_v2``) are still found: ``candidates`` gives the seq under both, and the row
+    must hold the very id either way."""
 
     BLOCK = 1 << 20  # seqs reserved at a time
     LENGTH = 22      # characters: 16 bytes, base64url (version 1 ids had 16)
+    MASKS = 8        # ids per hash (64-byte digest, 8 bytes each)
 
     def __init__(self, key: bytes, start: int, limit: int,
                  rng: random.Random | None = None) -> None:
@@ -240,44 +248,70 @@ class ArchiveIds:
         self.last = start - 1  # the last seq taken, near enough (for reserving more in time)
         self.limit = limit     # seqs below it are reserved in the file
         self._rng = rng or random.Random(os.urandom(32))
-        self._hash = blake2b(key=key, digest_size=8)  # copied per id: cheaper than keying
+        # Copied per hash: cheaper than keying.
+        self._hash = blake2b(key=key, digest_size=8 * self.MASKS)
+        self._hash_v2 = blake2b(key=key, digest_size=8)
+        # (nonce << 64, mask) for the next ids, last first (list.pop from the end).
+        self._ready: list[tuple[int, int]] = []
+
+    def _refill(self) -> None:
+        base = self._rng.getrandbits(60)  # nonce: 60 random bits, 3 of index (63 in all)
+        digest = self._masks(base)
+        nonce = base << 3
+        self._ready = [((nonce | j) << 64, int.from_bytes(digest[8 * j:8 * j + 8], "big"))
+                       for j in range(self.MASKS - 1, -1, -1)]
+
+    def _masks(self, base: int) -> bytes:
+        h = self._hash.copy()
+        h.update(base.to_bytes(8, "big"))
+        return h.digest()
 
     def new(self) -> ArchiveKey:
         """On the loop: an id for a message about to be archived."""
         seq = self.last = next(self._seqs)
         if seq >= self.limit:  # the writer has not reserved more yet: an id of the old kind
             return secrets.token_urlsafe(12), None, None
-        nonce = self._rng.getrandbits(63)
-        return self.encode(seq, nonce), seq, nonce
+        if not self._ready:
+            self._refill()
+        high, mask = self._ready.pop()
+        raw = (high | (seq ^ mask)).to_bytes(16, "big")
+        return (b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode(), seq,
+                high >> 64)
 
     def take(self) -> int:
         """A seq for a row whose id is stored as given (the writer reserves past it)."""
         seq = self.last = next(self._seqs)
         return seq
 
-    def _mask(self, nonce_bytes: bytes) -> int:
-        h = self._hash.copy()
+    def encode(self, seq: int, nonce: int) -> str:
+        """The id of ``seq`` with this nonce (what ``new`` hands out)."""
+        raw = nonce.to_bytes(8, "big") + (seq ^ self._mask(nonce)).to_bytes(8, "big")
+        return b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode()
+
+    def _mask(self, nonce: int) -> int:
+        j = nonce & (self.MASKS - 1)
+        return int.from_bytes(self._masks(nonce >> 3)[8 * j:8 * j + 8], "big")
+
+    def _mask_v2(self, nonce_bytes: bytes) -> int:
+        h = self._hash_v2.copy()
         h.update(nonce_bytes)
         return int.from_bytes(h.digest(), "big")
 
-    def encode(self, seq: int, nonce: int) -> str:
-        n = nonce.to_bytes(8, "big")
-        raw = n + (seq ^ self._mask(n)).to_bytes(8, "big")
-        return b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode()
-
-    def decode(self, archive_id: str) -> int | None:
-        """The seq of an id ``encode`` made (None for what cannot be one; the row found
-        must still have this very id: a forged one finds nothing)."""
+    def candidates(self, archive_id: str) -> list[int]:
+        """The seqs an id ``new`` made could name (this derivation's, then the one before;
+        none for what cannot be such an id). The row found must still have this very id:
+        a forged one finds nothing."""
         if len(archive_id) != self.LENGTH:
-            return None
+            return []
         try:
             raw = urlsafe_b64decode(archive_id + "==")
         except (binascii.Error, ValueError):
-            return None
+            return []
         if len(raw) != 16:
-            return None
-        seq = int.from_bytes(raw[8:], "big") ^ self._mask(raw[:8])
-        return seq if seq < 1 << 63 else None
+            return []
+        nonce, masked = int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:], "big")
+        seqs = [masked ^ self._mask(nonce), masked ^ self._mask_v2(raw[:8])]
+        return [seq for seq in seqs if seq < 1 << 63]
 
 
 def load_ids(conn: sqlite3.Connection) -> ArchiveIds:
@@ -321,7 +355,8 @@ _WIDTH = len(_BATCH_FIELDS)
 _ACCOUNT = _BATCH_FIELDS.index("account")
 _SEQ = _BATCH_FIELDS.index("seq")
 _NONCE = _BATCH_FIELDS.index("nonce")
-_STANZA_FROM_END = _BATCH_FIELDS.index("stanza") - _WIDTH
+_STANZA = _BATCH_FIELDS.index("stanza")
+_STANZA_FROM_END = _STANZA - _WIDTH
 _ROW = "(" + ", ".join("?" * _WIDTH) + ")"
 # Inserted by statements of these many rows (each a prepared statement kept in the
 # connection's cache): one step per statement, not one per row.
@@ -377,6 +412,11 @@ class ArchiveArea:
                 if values[at] is None:
                     values[at] = self.ids.take()
                     values[at - _SEQ + _NONCE] = None  # so the id is in the index
+        # Bound as bytearrays: the sqlite3 module binds a bytes parameter only after asking
+        # the adaptation protocol for it (two failed attribute lookups, each formatting an
+        # AttributeError: about a fifth of the insert's cost), a bytearray at once; both are
+        # stored as the same BLOB.
+        values[_STANZA::width] = [bytearray(b) for b in values[_STANZA::width]]  # type: ignore[call-overload]
         rows, at = len(values) // width, 0
         # A few statements of many rows each, not one step per row: each step lets go of
         # the GIL and takes it back, and on a busy machine every such hand-over costs the
@@ -401,8 +441,7 @@ class ArchiveArea:
 
     def _key(self, account: str, archive_id: str) -> tuple[float, int] | None:
         """(ts, seq) of the account's message with this id."""
-        seq = self.ids.decode(archive_id)
-        if seq is not None:
+        for seq in self.ids.candidates(archive_id):
             row = self.conn.execute("SELECT ts, seq FROM archive WHERE seq = ? AND account = ?"
                                     " AND archive_id = ?", (seq, account, archive_id)
                                     ).fetchone()
@@ -647,6 +686,9 @@ class ArchiveWriter:
         self._conn = open_archive_connection(path, log)
         self.area = ArchiveArea(self._conn)
         self.ids = self.area.ids  # reserves this run's first range of seqs now
+        # An id for a message about to be archived (the feature's ``new_id``; no wrapper:
+        # it runs for every archived message).
+        self.new_id: Callable[[], ArchiveKey] = self.ids.new
         self._batch: list[object] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -661,10 +703,6 @@ class ArchiveWriter:
         self._thread.start()
 
     # On the event loop ---------------------------------------------------------------------------
-
-    def new_id(self) -> ArchiveKey:
-        """An id for a message about to be archived (the feature's ``new_id``)."""
-        return self.ids.new()
 
     def put(self, account: str, message: ArchivedMessage, stanza: bytes | None = None) -> None:
         """``stanza``: the message's bytes instead of ``message.stanza`` (the shell's, as it

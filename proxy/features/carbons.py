@@ -123,13 +123,21 @@ class _State:
 class _Account:
     def __init__(self) -> None:
         self.sessions: dict[str, _State] = {}
+        self.enabled: set[str] = set()  # the sessions that enabled carbons
         self.recent: OrderedDict[tuple[str, str], _BareDelivery] = OrderedDict()
 
+    def set_enabled(self, session_id: str, state: _State, enabled: bool) -> None:
+        state.enabled = enabled
+        if enabled:
+            self.enabled.add(session_id)
+        else:
+            self.enabled.discard(session_id)
+
     def anyone_enabled(self, except_session: str | None = None) -> bool:
-        """Whether a copy could go anywhere: the relay path asks this first, so an account
-        with no carbons-enabled session pays nothing per message."""
-        return any(state.enabled for sid, state in self.sessions.items()
-                   if sid != except_session)
+        """Whether a copy could go anywhere: the relay path asks this first (for every
+        message, both ways), so it is a look at a set, not a walk of the sessions."""
+        enabled = self.enabled
+        return len(enabled) > 1 or (bool(enabled) and except_session not in enabled)
 
     def trim(self, now: float) -> None:
         while self.recent and (len(self.recent) > MAX_RECENT
@@ -176,6 +184,7 @@ class CarbonsFactory(FeatureFactory):
         if acct is None:
             return
         acct.sessions.pop(session_id, None)
+        acct.enabled.discard(session_id)
         if not acct.sessions:
             del self._accounts[account]
 
@@ -216,7 +225,7 @@ class Carbons(_CarbonsPart):
                 if el.get("type") != "set":
                     out.to_client.append(st.error_reply(el, "bad-request"))
                 else:
-                    self.state.enabled = el[0].tag == _ENABLE
+                    self._acct.set_enabled(self._id, self.state, el[0].tag == _ENABLE)
                     out.to_client.append(st.iq_result(el))
                 return None
             return el

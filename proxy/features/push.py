@@ -301,6 +301,8 @@ class Push(Feature):
 
     def _remote_disable(self, el: Element, out: Outputs) -> None:
         """§8: the app server took our publishing right away (affiliation none)."""
+        if not self.state.targets:
+            return  # no registration to take away (and find() is a path search per call)
         pubsub = el.find(_PUBSUB)
         sender = el.get("from")
         if pubsub is None or sender is None:

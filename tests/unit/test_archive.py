@@ -565,6 +565,39 @@ def test_the_proxys_ids_are_found_without_an_index_of_ids(area: ArchiveArea) -> 
         ArchiveMissing(foreign)
 
 
+def test_ids_of_the_derivation_before_are_still_found(area: ArchiveArea) -> None:
+    """Ids made with one hash per id (before one hash served eight) stay valid: stamped on
+    delivered messages, kept by clients, named in later queries."""
+    from binascii import b2a_base64
+    ids = area.ids
+    rows, old_ids = [], []
+    for k in range(3):
+        seq, nonce = ids.take(), 0x1234_5678_9ABC_DEF0 + k
+        n = nonce.to_bytes(8, "big")
+        raw = n + (seq ^ ids._mask_v2(n)).to_bytes(8, "big")
+        archive_id = b2a_base64(raw, newline=False)[:22].translate(
+            bytes.maketrans(b"+/", b"-_")).decode()
+        old_ids.append(archive_id)
+        rows.append((ALICE, ArchivedMessage(archive_id, 1000.0 + k, "in", BOB, BOB,
+                                            f"<m n='{k}'/>".encode(), seq, nonce)))
+    area.put(rows)
+    new_ids = put_new(area, 2, start=2000.0)
+    assert ids_of(search(area, after_id=old_ids[0])) == [*old_ids[1:], *new_ids]
+    assert ids_of(search(area, ids=(new_ids[1], old_ids[1]))) == [old_ids[1], new_ids[1]]
+    assert ids_of(search(area, max=1, before=new_ids[0])) == [old_ids[2]]
+
+
+def test_one_hash_serves_eight_ids_and_each_id_encodes_its_seq(area: ArchiveArea) -> None:
+    keys = [area.ids.new() for _ in range(20)]
+    assert len({k[0] for k in keys}) == 20
+    for archive_id, seq, nonce in keys:
+        assert seq is not None and nonce is not None
+        assert area.ids.encode(seq, nonce) == archive_id
+        assert area.ids.candidates(archive_id)[0] == seq
+    # Eight consecutive ids share a hash: their nonces differ in the index bits only.
+    assert len({k[2] >> 3 for k in keys if k[2] is not None}) == 3
+
+
 def mam_ids_length() -> int:
     from proxy.archive_store import ArchiveIds
     return ArchiveIds.LENGTH

@@ -123,6 +123,26 @@ def test_sent_copy_to_other_enabled_sessions_only() -> None:
     assert copy_garden.get("to") == f"{ACCOUNT}/garden"
 
 
+def test_no_copy_is_made_once_the_enabled_sessions_disabled_or_closed() -> None:
+    """The relay path's check (anyone enabled but the sender?) follows enable, disable
+    and a session's end."""
+    acct = Account("home", "garden", "car")
+
+    def copies_made(resource: str, n: int) -> int:
+        out = acct.sessions[resource].from_client(parse(
+            f"<message to='juliet@example.com' type='chat' id='x{n}'><body>b</body></message>"))
+        return sum(isinstance(c, ToAccount) for c in out.commands)
+    assert copies_made("car", 0) == 0
+    acct.enable("home", "garden")
+    assert copies_made("car", 1) == 1 and copies_made("home", 2) == 1
+    acct.send("home", f"<iq type='set' id='d1'><disable xmlns='{CARBONS}'/></iq>")
+    assert copies_made("car", 3) == 1 and copies_made("garden", 4) == 0
+    acct.sessions["garden"].closed()
+    assert copies_made("car", 5) == 0
+    acct.enable("home")
+    assert copies_made("car", 6) == 1 and copies_made("home", 7) == 0
+
+
 def test_received_copy_for_full_jid_at_once() -> None:
     acct = Account("home", "garden")
     acct.enable("home", "garden")
