@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Backoff:
     first_delay_max: float
     base: float

@@ -42,7 +42,7 @@ _SM_ENABLE, _SM_RESUME = ns.qname(ns.SM, "enable"), ns.qname(ns.SM, "resume")
 _ORIGIN_ID = ns.qname(ns.SID, "origin-id")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EdgePolicy:
     """The settings the edge decides by (from ``stream_management`` and ``durability``)."""
 
@@ -60,6 +60,11 @@ class EdgePolicy:
 
 
 class ClientEdge:
+    __slots__ = (
+        "_ack_timed_out", "_offline_delivered", "_stored_backlog", "attached", "clock", "holding",
+        "ledger", "new_sm_id", "policy", "sm", "state", "wall_clock",
+    )
+
     def __init__(self, policy: EdgePolicy, *, new_sm_id: Callable[[], str],
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:

@@ -35,7 +35,7 @@ class LedgerError(Exception):
     """More left a lane than had entered it: a bookkeeping bug, never a peer's fault."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Lane:
     name: LaneName
     entered: int = 0
@@ -73,7 +73,7 @@ class Lane:
                 **{name: self.exits[name] for name in EXITS}}
 
 
-@dataclass
+@dataclass(slots=True)
 class Ledger:
     c2s: Lane = field(default_factory=lambda: Lane("c2s"))
     s2c: Lane = field(default_factory=lambda: Lane("s2c"))

@@ -76,7 +76,7 @@ class Finished:
 ServerCommand = Command | ToServer | Confirmed | ServerLost | GiveUp | Finished
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServerPolicy:
     domain: str
     max_buffer: int = 1000
@@ -90,6 +90,11 @@ class ServerPolicy:
 
 
 class ServerEdge:
+    __slots__ = (
+        "backoff", "clock", "down_since", "finishing", "outbox", "policy", "probing",
+        "sm_counting", "sm_inbound", "state",
+    )
+
     def __init__(self, policy: ServerPolicy, *, new_id: Callable[[], str],
                  rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

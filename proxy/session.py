@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from .xmpp.disco import Additions, ServerInfo
+from .xmpp.disco import Additions, FrozenAdditions, ServerInfo
 from .xmpp.jid import Jid
 from .xmpp.stanza import IQ, MESSAGE, PRESENCE, Element
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 
 STANZA_TAGS = (MESSAGE, PRESENCE, IQ)
+_TAG_INDEX = {tag: index for index, tag in enumerate(STANZA_TAGS)}  # a constant
 # Stanzas the proxy sends itself carry ids with this prefix; their replies are its own.
 OWN_ID_PREFIX = "xf-"
 
@@ -72,6 +73,10 @@ class Feature:
     ``{st.IQ}``), when it returns every other stanza unchanged at once; the relay path then
     does not call it for those. None: every stanza.
     """
+
+    # No instance dict unless a subclass wants one: a session holds a dozen features, and
+    # a slotted feature is a few hundred bytes smaller.
+    __slots__ = ()
 
     client_tags: ClassVar[frozenset[str] | None] = None
     upstream_tags: ClassVar[frozenset[str] | None] = None
@@ -162,11 +167,51 @@ def disco_additions(factories: Sequence[FeatureFactory], server: ServerInfo) -> 
     return additions
 
 
+def _by_tag(hooked: tuple[Feature, ...], tags_attr: str) -> tuple[tuple[Feature, ...], ...]:
+    """Per stanza tag (in ``STANZA_TAGS`` order: a tuple, not a dict per session), the
+    features of ``hooked`` whose hook is about it; a tag whose features are all of them
+    shares ``hooked`` itself, and equal tuples are one."""
+    # Keyed by identity: a feature need not be hashable.
+    made: dict[tuple[int, ...], tuple[Feature, ...]] = {tuple(map(id, hooked)): hooked}
+    by_tag = []
+    for tag in STANZA_TAGS:
+        chosen = tuple(f for f in hooked
+                       if getattr(f, tags_attr) is None or tag in getattr(f, tags_attr))
+        by_tag.append(made.setdefault(tuple(map(id, chosen)), chosen))
+    return tuple(by_tag)
+
+
+class DiscoShare:
+    """What the last bind of each served domain found of its server (``ServerInfo``) and
+    what the pipeline adds to it: a new session whose server said the same of itself gets
+    these very objects, not copies of their sets (every session of a domain, as a rule).
+    Both are frozen, so no session can change another's."""
+
+    def __init__(self, factories: Sequence[FeatureFactory]) -> None:
+        self.factories = list(factories)
+        self._last: dict[str, tuple[ServerInfo, FrozenAdditions]] = {}
+
+    def share(self, domain: str, server: ServerInfo) -> tuple[ServerInfo, FrozenAdditions]:
+        last = self._last.get(domain)
+        if last is not None and last[0] == server:
+            return last
+        shared = server, disco_additions(self.factories, server).frozen()
+        self._last[domain] = shared
+        return shared
+
+
 class SessionCore:
     """One logged-in client resource, as the relay sees it."""
 
+    __slots__ = (
+        "_client_hooks", "_client_hooks_by_tag", "_ids", "_jid_text", "_upstream_hooks",
+        "_upstream_hooks_by_tag", "account", "additions", "client_inactive", "features", "id",
+        "jid", "server", "upstream_up",
+    )
+
     def __init__(self, jid: Jid, factories: Sequence[FeatureFactory] = (),
-                 server: ServerInfo | None = None) -> None:
+                 server: ServerInfo | None = None,
+                 additions: FrozenAdditions | None = None) -> None:
         self.jid = jid
         self.account = jid.bare
         self.id = secrets.token_hex(6)
@@ -177,23 +222,22 @@ class SessionCore:
         # What the server said of itself at the bind (kept through outages: what the proxy
         # emulates for this session stays the same until it ends), and what the proxy adds.
         self.server = server or ServerInfo()
-        self.additions = disco_additions(factories, self.server)
+        # ``additions``: the pipeline's for this very ``server`` (``DiscoShare``).
+        self.additions = (disco_additions(factories, self.server).frozen()
+                          if additions is None else additions)
         self.features: list[Feature] = [factory.create(self) for factory in factories]
         # The relay path calls only the features that have a stanza hook of their own (the
-        # others would return the stanza unchanged): bound methods, in pipeline order, and
-        # per stanza tag only those about it (``Feature.client_tags``/``upstream_tags``).
+        # others would return the stanza unchanged), in pipeline order, and per stanza tag
+        # only those about it (``Feature.client_tags``/``upstream_tags``). Tuples of the
+        # features, not lists of bound methods (a method object each: 4 KiB per session),
+        # and one tuple where several tags call the same features.
         client = [f for f in self.features if type(f).from_client is not Feature.from_client]
         upstream = [f for f in reversed(self.features)
                     if type(f).from_upstream is not Feature.from_upstream]
-        self._client_hooks = [f.from_client for f in client]
-        self._upstream_hooks = [f.from_upstream for f in upstream]
-        self._client_hooks_by_tag = {
-            tag: [f.from_client for f in client if f.client_tags is None or tag in f.client_tags]
-            for tag in STANZA_TAGS}
-        self._upstream_hooks_by_tag = {
-            tag: [f.from_upstream for f in upstream
-                  if f.upstream_tags is None or tag in f.upstream_tags]
-            for tag in STANZA_TAGS}
+        self._client_hooks = tuple(client)
+        self._upstream_hooks = tuple(upstream)
+        self._client_hooks_by_tag = _by_tag(self._client_hooks, "client_tags")
+        self._upstream_hooks_by_tag = _by_tag(self._upstream_hooks, "upstream_tags")
 
     def new_id(self, purpose: str) -> str:
         """An id for a stanza the proxy itself sends (unique within the session)."""
@@ -212,8 +256,10 @@ class SessionCore:
         # speak as anybody else, whatever it wrote.
         el.set("from", self._jid_text)
         result: Element | None = el
-        for hook in self._client_hooks_by_tag.get(el.tag, self._client_hooks):
-            result = hook(self, result, out)
+        index = _TAG_INDEX.get(el.tag)
+        hooks = self._client_hooks if index is None else self._client_hooks_by_tag[index]
+        for feature in hooks:
+            result = feature.from_client(self, result, out)
             if result is None:
                 return out
         out.to_upstream.append(result)
@@ -222,8 +268,10 @@ class SessionCore:
     def from_upstream(self, el: Element) -> Outputs:
         out = Outputs()
         result: Element | None = el
-        for hook in self._upstream_hooks_by_tag.get(el.tag, self._upstream_hooks):
-            result = hook(self, result, out)
+        index = _TAG_INDEX.get(el.tag)
+        hooks = self._upstream_hooks if index is None else self._upstream_hooks_by_tag[index]
+        for feature in hooks:
+            result = feature.from_upstream(self, result, out)
             if result is None:
                 return out
         out.to_client.append(result)

@@ -39,7 +39,7 @@ from ..commands import Log, ToAccount, WhenStored
 from ..config import FeatureMode, emulates
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..store import Store
-from ..xmpp import ns
+from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from ..xmpp.disco import Additions, ServerInfo
 from ..xmpp.jid import InvalidJid, Jid
@@ -183,7 +183,7 @@ class Blocking(Feature):
         elif el.tag == st.PRESENCE and el.get("to") is None:
             kind = el.get("type")
             if kind is None:
-                self._presence = copy.deepcopy(el)
+                self._presence = codec.detached(el)  # kept long: no parser behind it
             elif kind == "unavailable":
                 self._presence = None
         to = el.get("to")

@@ -53,6 +53,8 @@ def hold_key(el: Element) -> tuple[str, str] | None:
 
 
 class ClientState(Feature):
+    __slots__ = ("_held", "_serial", "discarded", "inactive", "max_held")
+
     def __init__(self, max_held: int) -> None:
         self.max_held = max_held
         self.inactive = False

@@ -22,6 +22,8 @@ PRUNE_EVERY = 64  # messages between two sweeps of what fell out of the window
 
 
 class Dedupe(Feature):
+    __slots__ = ("_until_prune", "clock", "max_entries", "seen", "window")
+
     upstream_tags = frozenset((st.MESSAGE,))
 
     def __init__(self, window: float, max_entries: int, clock: Callable[[], float]) -> None:

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import disco, ns
 from ..xmpp import stanza as st
@@ -25,7 +27,7 @@ _PING = ns.qname(ns.PING, "ping")
 MAX_ASKED = 64  # disco#info questions of a session awaiting the server's answer
 
 
-def caps_for(server: ServerInfo, additions: set[str],
+def caps_for(server: ServerInfo, additions: AbstractSet[str],
              server_caps: Element | None) -> Element | None:
     """The ``<c/>`` for the post-authentication stream features: the server's own while the
     proxy adds nothing to the domain's disco#info; else one computed from the augmented
@@ -39,6 +41,8 @@ def caps_for(server: ServerInfo, additions: set[str],
 
 
 class Discovery(Feature):
+    __slots__ = ("_asked", "domain")
+
     client_tags = frozenset((st.IQ,))
     upstream_tags = frozenset((st.IQ,))
 

@@ -13,6 +13,8 @@ _SESSION = ns.qname(ns.SESSION, "session")
 
 
 class LegacySession(Feature):
+    __slots__ = ()
+
     client_tags = frozenset((st.IQ,))
 
     def from_client(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:

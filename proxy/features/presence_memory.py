@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 
-
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..xmpp import ns
+from ..xmpp import codec
 from ..xmpp import stanza as st
 from ..xmpp.jid import InvalidJid, Jid
 from ..xmpp.stanza import Element
@@ -21,6 +21,8 @@ _MUC_X = ns.qname(ns.MUC, "x")
 
 
 class PresenceMemory(Feature):
+    __slots__ = ("broadcast", "rooms")
+
     client_tags = frozenset((st.PRESENCE,))
     upstream_tags = frozenset((st.PRESENCE,))
 
@@ -34,7 +36,9 @@ class PresenceMemory(Feature):
         to, typ = el.get("to"), el.get("type")
         if to is None:
             if typ is None:
-                self.broadcast = copy.deepcopy(el)
+                # Kept for the session's life: a copy with no stream parser behind it (a
+                # deep copy would keep the client stream's parser alive, 3 to 11 KiB).
+                self.broadcast = codec.detached(el)
             elif typ == "unavailable":
                 self.broadcast = None
                 self.rooms.clear()  # going offline leaves every room too
@@ -46,7 +50,7 @@ class PresenceMemory(Feature):
         if typ == "unavailable":
             self.rooms.pop(room, None)
         elif typ is None and (el.find(_MUC_X) is not None or room in self.rooms):
-            self.rooms[room] = copy.deepcopy(el)  # a join, or a nick or status change
+            self.rooms[room] = codec.detached(el)  # a join, or a nick or status change
         return el
 
     def from_upstream(self, session: SessionCore, el: Element, out: Outputs) -> Element | None:

@@ -21,6 +21,8 @@ TIMER = "presence-settle"
 
 
 class PresenceSettling(Feature):
+    __slots__ = ("flaps_hidden", "held", "settle", "settling")
+
     upstream_tags = frozenset((st.PRESENCE,))
 
     def __init__(self, settle: float) -> None:

@@ -217,6 +217,12 @@ class RosterFactory(FeatureFactory):
 class RosterFeature(Feature):
     """One session's share of roster versioning and pre-approval."""
 
+    __slots__ = (
+        "_acct", "_client_seq", "_factory", "_fetch", "_fetch_refused", "_interested_upstream",
+        "_jid", "_own_ids", "_own_push_ids", "_swallow_subscribe", "cursor", "session",
+        "session_id", "wake",
+    )
+
     def __init__(self, factory: RosterFactory, acct: _Account, session: SessionCore) -> None:
         self._factory = factory
         self._acct = acct

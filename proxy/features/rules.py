@@ -61,6 +61,8 @@ class RulesFactory(FeatureFactory):
 
 
 class RulesFeature(Feature):
+    __slots__ = ("factory",)
+
     def __init__(self, factory: RulesFactory) -> None:
         self.factory = factory
 

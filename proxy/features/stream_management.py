@@ -71,13 +71,13 @@ class HandledCountTooHigh(Exception):
                                                      "send-count": str(self.sent)})
 
 
-@dataclass
+@dataclass(slots=True)
 class Unacked:
     element: Element
     queued_at: float  # wall-clock time the proxy took it on (for <delay/> on resend)
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamManagement:
     """One session's SM state; it survives the client connection when resumable.
 

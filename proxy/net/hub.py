@@ -38,7 +38,7 @@ from ..inspection import Inspector
 from ..metrics import Counters
 from ..features.disco import caps_for
 from ..registry import Registry
-from ..session import FeatureFactory, SessionCore, disco_additions
+from ..session import DiscoShare, FeatureFactory, SessionCore, disco_additions
 from ..xmpp import codec, ns
 from ..xmpp import stanza as st
 from ..xmpp.jid import Jid
@@ -84,6 +84,7 @@ class Hub:
         # Each served domain's disco#info as the last bind of one of its accounts found it
         # (for the caps hash offered before the next bind), by the domain's name.
         self.domain_info: dict[str, DiscoInfo] = {}
+        self.disco = DiscoShare(self.factories)  # one ServerInfo per domain, not per session
         self.rng = random.Random()  # every session's reconnection jitter (ports.py)
 
     def reconfigure(self, config: Config, inspector: Inspector | None) -> None:
@@ -270,6 +271,8 @@ class Hub:
             except NegotiationFailed as failure:
                 raise failure from exc
             return None
+        server, additions = self.disco.share(auth.domain.name, server)
+        auth.upstream.server_info = server  # the link keeps the shared one too
         if server.domain is not None:
             self.domain_info[auth.domain.name] = server.domain
         commands = self.registry.bound(el, auth.account, full, previous=full in self.by_jid,
@@ -279,7 +282,7 @@ class Hub:
                               el, auth, log)
         (new,) = [c for c in commands if isinstance(c, NewSession)]
         jid = new.jid
-        core = SessionCore(jid, self.factories, server)
+        core = SessionCore(jid, self.factories, server, additions)
         session = LiveSession(self, core, auth.upstream, config, self.store,
                               self.log.bind(jid=str(jid)), password=auth.password,
                               tls_context=auth.upstream_tls,

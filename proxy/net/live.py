@@ -96,6 +96,13 @@ class ClientLeft(Exception):
 
 
 class LiveSession:
+    __slots__ = (
+        "_account", "_archiving", "_ledger_logged", "_serialized", "_store_ticket", "_timers",
+        "archive", "client", "client_address", "client_endpoints", "config", "conn_id", "core",
+        "counters", "edge", "hub", "inspector", "journal", "log", "since", "sm_key", "store",
+        "transcript", "upstream",
+    )
+
     def __init__(self, hub: SessionRegistry, core: SessionCore, link: UpstreamLink, config: Config,
                  store: SessionStore | None, log: Any, *, password: str,
                  tls_context: ssl.SSLContext | None, inspector: Inspector | None = None,
@@ -109,9 +116,9 @@ class LiveSession:
         self.store = store
         self.journal = journal
         self._account = str(core.account)
-        # session, account and (once a client is attached) conn on every event
-        self._base_log = log.bind(session=core.id, account=self._account)
-        self.log = self._base_log
+        # session, account and (once a client is attached) conn on every event; each
+        # attach rebinds conn, so no logger without it is kept (one bound logger fewer).
+        self.log = log.bind(session=core.id, account=self._account)
         self.counters = counters
         if counters is not None:
             link.stream.sent_bytes = counters.c2s_bytes
@@ -520,7 +527,7 @@ class LiveSession:
         self.conn_id = conn_id
         self.client_address = stream.peer
         self.client_endpoints = stream.endpoints()  # for the PROXY header of a reconnection
-        self.log = self._base_log.bind(conn=conn_id)
+        self.log = self.log.bind(conn=conn_id)  # replaces the last connection's
         self.upstream.log = self.log
         if first:
             _send_all(stream, first)

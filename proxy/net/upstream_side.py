@@ -90,6 +90,12 @@ class _Stop(Exception):
 
 
 class UpstreamSide:
+    __slots__ = (
+        "_flush", "_password", "_task", "_tls_fresh", "_tls_session", "_username", "config",
+        "counters", "edge", "finished", "finished_callback", "link", "log", "outbox", "room",
+        "session", "tls_context",
+    )
+
     def __init__(self, session: SessionForUpstream, link: UpstreamLink, *, config: Config,
                  tls_context: ssl.SSLContext | None, username: str, password: str,
                  log: Any, rng: random.Random | None = None,

@@ -197,6 +197,7 @@ async def relay(client: XmlStream, link: _Pipe,
     done: then the other is closed too (politely: what is in flight goes out first; a
     client connection that broke gets the link dropped). Returns why it ended."""
     client.flush()
+    client.relayed()  # its parser would idle for as long as the relay lasts
     transport: Any = client.writer.transport
     mine = _Pipe("client", done)
     mine.transport, mine.other = transport, link

@@ -280,6 +280,15 @@ class XmlStream:
         self._events, self._next = _NO_EVENTS, 0
         return events
 
+    def relayed(self) -> None:
+        """The connection's bytes go to another worker from now on (``worker_link.relay``):
+        this stream parses nothing more, so it holds no parser nor idle check meanwhile."""
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
+        self._events, self._next = _NO_EVENTS, 0
+        self.parser.reset()  # ends lxml's document: nothing it made keeps the parser
+
     def put_back(self, events: list[codec.StreamEvent]) -> None:
         """Events read ahead (while waiting for one answer) go first to the next reader."""
         self._events, self._next = [*events, *self._events[self._next:]], 0

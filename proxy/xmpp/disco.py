@@ -79,6 +79,18 @@ class Additions:
     domain: set[str] = field(default_factory=set)
     account: set[str] = field(default_factory=set)
 
+    def frozen(self) -> FrozenAdditions:
+        return FrozenAdditions(frozenset(self.domain), frozenset(self.account))
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenAdditions:
+    """``Additions`` once the pipeline has filled them: what a session keeps, shared by
+    every session whose server said the same of itself, so never changed."""
+
+    domain: frozenset[str] = frozenset()
+    account: frozenset[str] = frozenset()
+
 
 def info_query(to: str, iq_id: str, node: str | None = None) -> Element:
     iq = st.element("iq", {"type": "get", "to": to, "id": iq_id})

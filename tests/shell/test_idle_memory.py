@@ -43,3 +43,23 @@ async def test_an_idle_session_holds_no_parser_and_relays_on(h: Harness) -> None
     got = await alice.expect_message("hello")
     assert got.get("from") == "bob@localhost/desk"
     await _until(idle)  # and dropped again once quiet
+
+
+@playbook()
+async def test_a_resumed_sessions_events_name_its_new_connection(h: Harness) -> None:
+    """The session keeps one bound logger and rebinds ``conn`` at each attach: its events
+    after a resumption carry the new connection's id, with the session's own fields."""
+    alice = await h.client("alice", resource="phone", sm=True)
+    await h.server.expect_bind("phone")
+    (bound,) = h.events("bound")
+    alice.cut()
+    again, answer = await h.resume(alice)
+    assert answer.tag.endswith("resumed")
+    await again.close()
+    ended = await h.logged("session_ended", timeout=3.0)
+    (closed,) = [e for e in h.events("closed") if e.get("phase") == "session"
+                 and e.get("conn") != bound["conn"]] or [None]
+    assert closed is not None
+    assert ended["conn"] == closed["conn"] != bound["conn"]
+    assert ended["session"] == bound["session"] and ended["account"] == "alice@localhost"
+    assert ended["jid"] == "alice@localhost/phone"

@@ -6,7 +6,7 @@ from lxml import etree
 
 from proxy.config import emulates
 from proxy.features.disco import CAPS_NODE, Discovery, DiscoveryFactory, caps_for
-from proxy.session import FeatureFactory, Outputs, SessionCore
+from proxy.session import DiscoShare, FeatureFactory, Outputs, SessionCore
 from proxy.xmpp import disco
 from proxy.xmpp.disco import Additions, DiscoInfo, Identity, ServerInfo
 from proxy.xmpp.jid import Jid
@@ -135,6 +135,48 @@ def test_the_servers_answers_get_what_the_proxy_adds_and_node_ver_is_answered() 
                f"node='{CAPS_NODE}#bogus'/></iq>")
     assert feature.from_client(core, stale, out) is None
     assert out.to_client[-1].get("type") == "error"
+
+
+def test_sessions_whose_server_said_the_same_share_one_frozen_server_info() -> None:
+    """One ServerInfo and one set of additions per domain, not per session: a second bind
+    that found the same answers gets the very objects, which nothing can change, and its
+    answers are augmented as a session of its own would be."""
+    factories = [Adds(), DiscoveryFactory()]
+    share = DiscoShare(factories)
+    first_seen = ServerInfo(domain=PROSODY, account=ACCOUNT)
+    again = ServerInfo(domain=disco.parse_info(el(
+        f"<iq type='result' id='1'><query xmlns='{DISCO}'>"
+        "<identity category='server' type='im' name='Prosody'/>"
+        "<feature var='jabber:iq:version'/><feature var='urn:xmpp:ping'/></query></iq>")),
+        account=ACCOUNT)
+    assert again == first_seen and again is not first_seen
+    server_a, additions_a = share.share("x", first_seen)
+    server_b, additions_b = share.share("x", again)
+    assert server_b is server_a and additions_b is additions_a
+    a = SessionCore(Jid.parse("a@x/phone"), factories, server_a, additions_a)
+    b = SessionCore(Jid.parse("b@x/phone"), factories, server_b, additions_b)
+    assert a.server is b.server and a.additions is b.additions
+    assert isinstance(a.additions.domain, frozenset)
+    assert isinstance(a.additions.account, frozenset)
+    # The same as a session computing its own.
+    alone = SessionCore(Jid.parse("c@x/phone"), factories, again)
+    assert alone.additions == a.additions
+    # A session's augmented answer leaves the shared sets as they were.
+    feature = b.features[1]
+    assert isinstance(feature, Discovery)
+    out = Outputs()
+    feature.from_client(b, el(f"<iq type='get' id='q1' to='x'><query xmlns='{DISCO}'/></iq>"),
+                        out)
+    answer = el(f"<iq type='result' id='q1' from='x'><query xmlns='{DISCO}'>"
+                "<feature var='urn:xmpp:ping'/><feature var='urn:other'/></query></iq>")
+    feature.from_upstream(b, answer, out)
+    assert features_of(answer) == {"urn:xmpp:ping", "urn:other", "urn:xmpp:carbons:2"}
+    assert a.additions.domain == {"urn:xmpp:carbons:2"}
+    assert a.server.domain is not None and "urn:other" not in a.server.domain.features
+    # A server that says something else is not shared.
+    other, other_additions = share.share("x", ServerInfo(domain=PROSODY))
+    assert other is not server_a and other_additions.account == {"urn:xmpp:mam:2"}
+    assert share.share("y", first_seen)[0] is first_seen  # per domain
 
 
 def test_while_the_server_is_away_disco_and_ping_are_answered_from_what_it_said() -> None:

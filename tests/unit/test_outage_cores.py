@@ -146,6 +146,37 @@ def test_presence_memory_forgets_a_room_that_kicked_us() -> None:
     assert restored.to_upstream == []
 
 
+def test_presence_memory_keeps_no_stream_parser_alive_and_resends_the_same_bytes() -> None:
+    """The kept presence outlives the stanza as parsed: it must not pin the client
+    stream's lxml parser, and after an outage it goes upstream as the client sent it."""
+    import gc
+
+    from proxy.xmpp.codec import StanzaReceived, XmlStreamParser, serialize
+
+    def lxml_parsers() -> int:
+        gc.collect()
+        return sum(isinstance(o, etree.XMLPullParser) for o in gc.get_objects())
+
+    before = lxml_parsers()
+    mem, s, out = PresenceMemory(), core(), Outputs()
+    parser = XmlStreamParser()
+    parser.feed(b"<stream:stream xmlns='jabber:client' "
+                b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
+    sent = (b"<presence xml:lang='en'><show>away</show><status>out &amp; about</status>"
+            b"<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='v'/>"
+            b"</presence>")
+    (event,) = parser.feed(sent)
+    assert isinstance(event, StanzaReceived)
+    wire = serialize(event.element)
+    mem.from_client(s, event.element, out)
+    assert parser.release()
+    del event, parser
+    assert lxml_parsers() == before  # the kept copy holds no parser
+    restored = Outputs()
+    mem.upstream_restored(s, restored)
+    assert [serialize(e) for e in restored.to_upstream] == [wire]
+
+
 def test_dedupe_drops_a_second_copy_within_the_window() -> None:
     now = [0.0]
     d, s, out = Dedupe(window=10, max_entries=100, clock=lambda: now[0]), core(), Outputs()

@@ -287,3 +287,44 @@ def test_check_refuses_worker_sockets_that_do_not_fit_a_unix_socket_path(
     assert check_worker_sockets(parse_config({"workers": 2, "store": {
         "path": str(tmp_path / "s.sqlite3")}})) == []
     assert check_worker_sockets(parse_config({"store": {"path": str(deep / "s.sqlite3")}})) == []
+
+
+def test_a_relayed_stream_drops_its_parser_and_the_bytes_flow_both_ways(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accepting worker parses nothing once it relays: the client's stream holds no
+    lxml parser (not even until the idle check), and bytes go to the home and back."""
+    from proxy.net import xmlstream
+    from proxy.net.worker_link import open_link, relay
+    from tests.unit.test_xmlstream import HEADER, pair
+
+    monkeypatch.setattr(xmlstream, "PARSER_IDLE", 60.0)  # the idle check would not help
+    path = tmp_path / "home.sock"
+
+    async def home(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(7) == b"handoff"
+        while data := await reader.read(4096):
+            writer.write(b"home:" + data)
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(home, str(path))
+        try:
+            async with pair() as (stream, reader, writer):
+                writer.write(HEADER + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' "
+                             b"mechanism='PLAIN'>AGEAYg==</auth>")
+                assert isinstance(await stream.next_event(5), codec.StreamOpened)
+                await stream.next_element(5)
+                assert stream.parser.holds_parser
+                done: asyncio.Future[tuple[str, bool]] = (
+                    asyncio.get_running_loop().create_future())
+                link = await open_link(path, b"handoff", done)
+                relaying = asyncio.ensure_future(relay(stream, link, done))
+                writer.write(b"<message/>")
+                assert await asyncio.wait_for(reader.readexactly(15), 5) == b"home:<message/>"
+                assert not stream.parser.holds_parser
+                writer.close()
+                assert (await asyncio.wait_for(relaying, 5)).startswith("client")
+        finally:
+            server.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
