@@ -429,22 +429,21 @@ class TlsTransport(asyncio.Transport):
     def _maybe_pause_protocol(self) -> None:
         if self._buffered > self._high and not self._protocol_paused:
             self._protocol_paused = True
-            try:
-                self._protocol.pause_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler({
-                    "message": "protocol.pause_writing() failed", "exception": exc,
-                    "transport": self, "protocol": self._protocol})
+            self._tell_protocol("pause_writing")
 
     def _maybe_resume_protocol(self) -> None:
         if self._protocol_paused and self._buffered <= self._low:
             self._protocol_paused = False
-            try:
-                self._protocol.resume_writing()
-            except Exception as exc:
-                self._loop.call_exception_handler({
-                    "message": "protocol.resume_writing() failed", "exception": exc,
-                    "transport": self, "protocol": self._protocol})
+            self._tell_protocol("resume_writing")
+
+    def _tell_protocol(self, method: str) -> None:
+        """Flow control news for the protocol; its failure is the loop's to report."""
+        try:
+            getattr(self._protocol, method)()
+        except Exception as exc:
+            self._loop.call_exception_handler({
+                "message": f"protocol.{method}() failed", "exception": exc,
+                "transport": self, "protocol": self._protocol})
 
     # Closing --------------------------------------------------------------------------------
 
