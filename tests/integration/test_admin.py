@@ -53,6 +53,11 @@ def by_jid(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def admin_socket(proxy: ProxyProcess) -> Path:
+    """The default place ("auto": beside the configuration, for a :memory: store), or the
+    short folder ProxyProcess names when that would be too deep for a Unix socket."""
+    configured = proxy.config.get("admin", {}).get("socket")
+    if configured:
+        return Path(configured)
     return proxy.workdir / "xmpp-front-admin" / "admin.sock"
 
 
