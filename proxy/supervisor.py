@@ -110,7 +110,9 @@ class Supervisor:
             return
         store = Store(str(self.config.path(path)), log=self.log, mark_clean=False)
         try:
-            self.clean_start = store.clean_start
+            # A store just made is a clean start too (only a run that did not close the
+            # store leaves changes its writer may not have committed).
+            self.clean_start = not store.unclean
             settle = {"now": time.time(), "domain": self.config.upstream.domain,
                       "stored_ttl": self.config.stream_management.stored_ttl, "log": self.log}
             recover(store, **settle)  # a single-process run's journal

@@ -416,6 +416,12 @@ def test_metrics_sessions_and_kick_cover_every_worker(make_proxy: Any, accounts:
     run(scenario(), timeout=90)
 
 
+def test_a_first_start_says_nothing_of_an_unclean_store(workers_proxy: ProxyProcess) -> None:
+    """A new store file is a clean start: no worker warns that changes may be lost."""
+    assert len(worker_pids(workers_proxy)) == WORKERS
+    assert workers_proxy.events("store_unclean_start") == []
+
+
 def test_workers_stop_themselves_when_the_supervisor_is_killed(
         workers_proxy: ProxyProcess) -> None:
     proxy = workers_proxy
