@@ -115,7 +115,6 @@ class _BareDelivery:
 class _State:
     """One session's carbons, shared by its two pipeline features."""
 
-    enabled: bool = False
     sent_ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
     timer_running: bool = False
 
@@ -123,19 +122,19 @@ class _State:
 class _Account:
     def __init__(self) -> None:
         self.sessions: dict[str, _State] = {}
-        self.enabled: set[str] = set()  # the sessions that enabled carbons
+        # The sessions that enabled carbons (the only record of it: anyone_enabled, asked
+        # for every message both ways, is a look at this set, not a walk of the sessions).
+        self.enabled: set[str] = set()
         self.recent: OrderedDict[tuple[str, str], _BareDelivery] = OrderedDict()
 
-    def set_enabled(self, session_id: str, state: _State, enabled: bool) -> None:
-        state.enabled = enabled
+    def set_enabled(self, session_id: str, enabled: bool) -> None:
         if enabled:
             self.enabled.add(session_id)
         else:
             self.enabled.discard(session_id)
 
     def anyone_enabled(self, except_session: str | None = None) -> bool:
-        """Whether a copy could go anywhere: the relay path asks this first (for every
-        message, both ways), so it is a look at a set, not a walk of the sessions."""
+        """Whether a copy could go anywhere: the relay path asks this first."""
         enabled = self.enabled
         return len(enabled) > 1 or (bool(enabled) and except_session not in enabled)
 
@@ -177,7 +176,7 @@ class CarbonsFactory(FeatureFactory):
     def enabled(self, account: str, session_id: str) -> bool:
         """For tests: whether a session enabled carbons."""
         acct = self._accounts.get(account)
-        return bool(acct and session_id in acct.sessions and acct.sessions[session_id].enabled)
+        return bool(acct and session_id in acct.enabled)
 
     def _release(self, account: str, session_id: str) -> None:
         acct = self._accounts.get(account)
@@ -225,7 +224,7 @@ class Carbons(_CarbonsPart):
                 if el.get("type") != "set":
                     out.to_client.append(st.error_reply(el, "bad-request"))
                 else:
-                    self._acct.set_enabled(self._id, self.state, el[0].tag == _ENABLE)
+                    self._acct.set_enabled(self._id, el[0].tag == _ENABLE)
                     out.to_client.append(st.iq_result(el))
                 return None
             return el
@@ -242,7 +241,7 @@ class Carbons(_CarbonsPart):
 
     def from_account(self, session: SessionCore, kind: str, payload: Element,
                      out: Outputs) -> None:
-        if kind != KIND or not self.state.enabled:
+        if kind != KIND or self._id not in self._acct.enabled:
             return
         inner = payload.find(f"{_FORWARDED}/{st.MESSAGE}")
         if inner is None:
