@@ -704,9 +704,11 @@ class ArchiveWriter:
 
     # On the event loop ---------------------------------------------------------------------------
 
-    def put(self, account: str, message: ArchivedMessage, stanza: bytes | None = None) -> None:
-        """``stanza``: the message's bytes instead of ``message.stanza`` (the shell's, as it
-        serialized the message for the wire)."""
+    def put(self, account: str, message: Sequence[object],
+            stanza: bytes | None = None) -> None:
+        """``message``: an ``ArchivedMessage`` or its fields in its order (``ArchivePut.row``);
+        ``stanza``: the message's bytes instead of its own (the shell's, as it serialized the
+        message for the wire)."""
         batch = self._batch
         batch.append(account)
         batch += message

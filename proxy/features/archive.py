@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 
 from lxml import etree
 
-from ..archive_store import (ArchiveBounds, ArchivedMessage, ArchiveEnds, ArchiveFailed,
+from ..archive_store import (ArchiveBounds, ArchiveEnds, ArchiveFailed,
                              ArchiveFilter, ArchiveItem, ArchiveKey, ArchiveMissing,
                              ArchivePage, ArchiveSearch, Direction, PageRequest, Prefs)
 from ..commands import ArchivePut, ArchiveQuery, Log
@@ -437,9 +437,9 @@ class Archive(Feature):
         archive_id, seq, nonce = key
         # The bytes are the shell's: it serializes the message for the wire anyway, after
         # the features that come later (and, for a received one, with the stanza-id stamped).
-        out.commands.append(ArchivePut(ArchivedMessage(
-            archive_id, factory.now(), direction, with_bare, with_full, _FILLED_IN, seq,
-            nonce), el))
+        out.commands.append(ArchivePut(
+            (archive_id, factory.now(), direction, with_bare, with_full, _FILLED_IN, seq,
+             nonce), el))
         return archive_id
 
     # -------------------------------------------------------------- requests
