@@ -35,6 +35,7 @@ import queue
 import random
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 from base64 import urlsafe_b64decode
@@ -219,6 +220,10 @@ class Prefs:
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64url (RFC 4648 §5), without padding
+_MASKS = struct.Struct(">8Q")  # a 64-byte digest: eight masks
+# Eight ids' bytes (nonce, masked seq), each followed by two zero bytes: 18 bytes are 24
+# base64 characters of their own, and the first 22 are the 16 bytes' base64 unpadded.
+_IDS = struct.Struct(">" + "QQ2x" * 8)
 # (archive_id, seq, nonce): what the feature stamps, and what the store derives it from.
 ArchiveKey = tuple[str, int | None, int | None]
 
@@ -244,22 +249,35 @@ class ArchiveIds:
 
     def __init__(self, key: bytes, start: int, limit: int,
                  rng: random.Random | None = None) -> None:
-        self._seqs = itertools.count(start)
+        # Seqs are taken in blocks of MASKS, one block per hash (``_refill``).
+        self._blocks = itertools.count(start, self.MASKS)
         self.last = start - 1  # the last seq taken, near enough (for reserving more in time)
         self.limit = limit     # seqs below it are reserved in the file
         self._rng = rng or random.Random(os.urandom(32))
         # Copied per hash: cheaper than keying.
         self._hash = blake2b(key=key, digest_size=8 * self.MASKS)
         self._hash_v2 = blake2b(key=key, digest_size=8)
-        # (nonce << 64, mask) for the next ids, last first (list.pop from the end).
-        self._ready: list[tuple[int, int]] = []
+        # The next ids, made together, last first (list.pop from the end).
+        self._ready: list[ArchiveKey] = []
 
-    def _refill(self) -> None:
+    def _refill(self) -> bool:
+        """The next block of seqs and their ids, all made at once: one hash, one pack, one
+        base64 for eight ids (made one by one, the encoding cost more than the hash).
+        False if the block is past the seqs reserved in the file."""
+        first = next(self._blocks)
+        self.last = first + self.MASKS - 1
+        if self.last >= self.limit:
+            return False
         base = self._rng.getrandbits(60)  # nonce: 60 random bits, 3 of index (63 in all)
-        digest = self._masks(base)
+        masks = _MASKS.unpack(self._masks(base))
         nonce = base << 3
-        self._ready = [((nonce | j) << 64, int.from_bytes(digest[8 * j:8 * j + 8], "big"))
+        fields: list[int] = []
+        for j in range(self.MASKS):
+            fields += (nonce | j, (first + j) ^ masks[j])
+        text = b2a_base64(_IDS.pack(*fields), newline=False).translate(_URLSAFE).decode()
+        self._ready = [(text[24 * j:24 * j + 22], first + j, nonce | j)
                        for j in range(self.MASKS - 1, -1, -1)]
+        return True
 
     def _masks(self, base: int) -> bytes:
         h = self._hash.copy()
@@ -268,19 +286,18 @@ class ArchiveIds:
 
     def new(self) -> ArchiveKey:
         """On the loop: an id for a message about to be archived."""
-        seq = self.last = next(self._seqs)
-        if seq >= self.limit:  # the writer has not reserved more yet: an id of the old kind
-            return secrets.token_urlsafe(12), None, None
-        if not self._ready:
-            self._refill()
-        high, mask = self._ready.pop()
-        raw = (high | (seq ^ mask)).to_bytes(16, "big")
-        return (b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode(), seq,
-                high >> 64)
+        ready = self._ready
+        if ready:
+            return ready.pop()
+        if self._refill():
+            return self._ready.pop()
+        # The writer has not reserved more seqs yet: an id of the old kind.
+        return secrets.token_urlsafe(12), None, None
 
     def take(self) -> int:
-        """A seq for a row whose id is stored as given (the writer reserves past it)."""
-        seq = self.last = next(self._seqs)
+        """A seq for a row whose id is stored as given (the writer reserves past it; the
+        rest of its block is never used)."""
+        seq = self.last = next(self._blocks)
         return seq
 
     def encode(self, seq: int, nonce: int) -> str:

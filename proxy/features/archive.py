@@ -633,20 +633,20 @@ class ArchiveFactory(FeatureFactory):
         """A new key for a message, or just its id if it was archived within the window:
         the same message (``fork``: account, sender and id or origin-id), however many
         copies the server made."""
+        if fork is None:
+            return self.new_archive_id()
         recent = self._recent
         now = self.clock()
-        if fork is not None:
-            hit = recent.get(fork)
-            if hit is not None and hit[1] >= now - self.FORK_WINDOW:
+        hit = recent.get(fork)
+        if hit is not None:
+            if hit[1] >= now - self.FORK_WINDOW:
                 return hit[0]
+            del recent[fork]  # a stale entry of the same key goes to the end, as new
         key = self.new_archive_id()
-        if fork is not None:
-            recent.pop(fork, None)  # a stale entry of the same key goes to the end, as new
-            recent[fork] = (key[0], now)
-            if len(recent) > self.FORK_MAX:
-                # Now and then, not per message: keep the newer half of what is in the
-                # window.
-                window_start = now - self.FORK_WINDOW
-                keep = list(recent.items())[-(self.FORK_MAX // 2):]
-                self._recent = {k: v for k, v in keep if v[1] >= window_start}
+        recent[fork] = (key[0], now)
+        if len(recent) > self.FORK_MAX:
+            # Now and then, not per message: keep the newer half of what is in the window.
+            window_start = now - self.FORK_WINDOW
+            keep = list(recent.items())[-(self.FORK_MAX // 2):]
+            self._recent = {k: v for k, v in keep if v[1] >= window_start}
         return key
