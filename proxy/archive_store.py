@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 # The messages: in a SQLite file of their own (``archive_path``), so that the archive's
 # writes never hold the lock the journal's commits (and so the clients' acks) wait for.
@@ -485,12 +485,10 @@ class ArchiveArea:
         params = values.copy()
         known = self._jid_ids
         number = self.jid_id
-        accounts = values[_ACCOUNT::width]
-        bares = values[_WITH_BARE::width]
-        params[_ACCOUNT::width] = [known.get(a) or number(a)  # type: ignore[arg-type]
-                                   for a in accounts]
-        params[_WITH_BARE::width] = [known.get(b) or number(b)  # type: ignore[arg-type]
-                                     for b in bares]
+        accounts = cast(list[str], values[_ACCOUNT::width])
+        bares = cast(list[str], values[_WITH_BARE::width])
+        params[_ACCOUNT::width] = [known.get(a) or number(a) for a in accounts]
+        params[_WITH_BARE::width] = [known.get(b) or number(b) for b in bares]
         params[_WITH_FULL::width] = [None if f == b else f
                                      for f, b in zip(values[_WITH_FULL::width], bares, strict=True)]
         # Bound as bytearrays: the sqlite3 module binds a bytes parameter only after asking
