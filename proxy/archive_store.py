@@ -746,8 +746,7 @@ def _migrate(conn: sqlite3.Connection, log: Any = None) -> None:
         return
     columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(archive)")}
     if not columns:  # a new file
-        conn.executescript(f"BEGIN IMMEDIATE; {MESSAGES_SCHEMA}; PRAGMA user_version ="
-                           f" {ARCHIVE_VERSION}; COMMIT;")
+        _upgrade(conn, MESSAGES_SCHEMA)
         return
     # An older file (version 1 had no nonce column): rebuilt before the proxy starts (about
     # half a minute a million rows).
@@ -757,12 +756,36 @@ def _migrate(conn: sqlite3.Connection, log: Any = None) -> None:
         log.warning("archive_migrating", rows=rows, from_version=old,
                     to_version=ARCHIVE_VERSION)
     started = time.monotonic()
-    script = _rebuild_script("o.nonce" if old == 2 else "NULL")
-    conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version ="
-                       f" {ARCHIVE_VERSION}; COMMIT;")
+    if not _upgrade(conn, _rebuild_script("o.nonce" if old == 2 else "NULL")):
+        return  # another process did it while this one looked
     if log is not None:
         log.info("archive_migrated", rows=rows, from_version=old, to_version=ARCHIVE_VERSION,
                  seconds=round(time.monotonic() - started, 1))
+
+
+def _upgrade(conn: sqlite3.Connection, script: str) -> bool:
+    """``script`` and the new version in one transaction, unless the file is at this version
+    by the time the lock is held (two processes opening an old file at once: the second
+    must not rebuild what the first just rebuilt). Statement by statement, because
+    ``executescript`` commits first. Returns whether it ran."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= ARCHIVE_VERSION:
+            conn.execute("COMMIT")
+            return False
+        statement = ""
+        for piece in script.split(";"):
+            statement += piece + ";"
+            if sqlite3.complete_statement(statement):
+                if statement.strip(" \n\t;"):
+                    conn.execute(statement)
+                statement = ""
+        conn.execute(f"PRAGMA user_version = {ARCHIVE_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
 
 
 # Messages are handed to the writer in batches at most this old: one transaction per batch

@@ -779,3 +779,71 @@ def test_a_version_2_archive_is_migrated_to_numbered_jids_and_answers_the_same(
     assert ids_of(search(area)) == alice_ids + new
     assert ids_of(search(area, with_jid=BOB)) == alice_ids[0::2] + new
     conn.close()
+
+
+def test_an_old_archive_opened_by_two_processes_at_once_is_rebuilt_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers may open a version 2 file at the same moment: both read version 2, one
+    rebuilds it; the other, once it holds the lock, must find version 3 and leave it (a
+    second rebuild would rename the rebuilt table and fail or lose its rows)."""
+    import sqlite3
+
+    from proxy import archive_store
+    from proxy.archive_store import load_ids
+    path = str(tmp_path / "v2-archive.sqlite3")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(V2_SCHEMA)
+    ids = load_ids(old)
+    archive_id, seq, nonce = ids.new()
+    old.execute("INSERT INTO archive VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, ALICE, archive_id, nonce, 1000.0, "in", BOB, None, b"<m n='1'/>"))
+    old.close()
+
+    first: list[sqlite3.Connection] = []
+    real_upgrade = archive_store._upgrade
+
+    def other_process_first(conn: sqlite3.Connection, script: str) -> bool:
+        # The other worker got the lock first, between this one's look and its BEGIN.
+        monkeypatch.setattr(archive_store, "_upgrade", real_upgrade)
+        first.append(open_archive_connection(path, EventLog()))
+        return real_upgrade(conn, script)
+
+    monkeypatch.setattr(archive_store, "_upgrade", other_process_first)
+    log = EventLog()
+    conn = open_archive_connection(path, log)
+    assert [e for e, _ in log.events] == ["archive_migrating"]  # and nothing rebuilt here
+    for c in (conn, first[0]):
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert ids_of(search(ArchiveArea(c))) == [archive_id]
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'archive_old'"
+                        ).fetchall() == []
+    conn.close()
+    first[0].close()
+
+
+def test_the_supervisor_rebuilds_an_old_archive_before_its_workers_start(
+        tmp_path: Path) -> None:
+    """With ``workers: N`` the supervisor opens the archive once before the workers, as it
+    does the store: a long rebuild is not raced by N processes each waiting on the first's
+    lock (``busy_timeout`` is 5 s; a million rows take half a minute)."""
+    import sqlite3
+
+    import structlog
+
+    from proxy.archive_store import archive_path, load_ids
+    from proxy.config import parse_config
+    from proxy.supervisor import Supervisor
+    config = parse_config({"store": {"path": "data/front.sqlite3"}, "workers": 2}, tmp_path)
+    (tmp_path / "data").mkdir()
+    path = archive_path(str(config.path(config.store.path)))
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(V2_SCHEMA)
+    archive_id, seq, nonce = load_ids(old).new()
+    old.execute("INSERT INTO archive VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, ALICE, archive_id, nonce, 1000.0, "in", BOB, None, b"<m/>"))
+    old.close()
+    Supervisor(config, tmp_path / "config.yaml", 2, structlog.get_logger()).prepare_store()
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert ids_of(search(ArchiveArea(conn))) == [archive_id]
+    conn.close()
