@@ -104,7 +104,8 @@ class Journal:
     def put(self, session: str, lane: str, n: int, account: str, stanza: bytes,
             queued_at: float) -> None:
         self._batch.puts[(session, lane)].append((n, account, stanza, queued_at))
-        self._schedule()
+        if not self._scheduled:  # once per turn (a call per stanza saved: the relay path)
+            self._schedule()
 
     def cut(self, session: str, lane: str, left: int) -> None:
         """Every stanza of the lane numbered below ``left`` has left the ledger."""

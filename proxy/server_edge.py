@@ -39,14 +39,14 @@ TRANSIENT_STREAM_ERRORS = frozenset((
 _PING = ns.qname(ns.PING, "ping")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class ToServer:
     """Write to the current upstream connection now."""
 
     element: Element
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class Confirmed:
     """The server confirmed part of the outbox: ``left`` stanzas have left it in all."""
 
