@@ -399,7 +399,9 @@ class ClientEdge:
 
     def c2s_taken(self, el: Element) -> list[Command]:
         """A stanza for the server entered the outbox (and the ledger, and the journal)."""
-        number = self.ledger.c2s.enter()
+        lane = self.ledger.c2s
+        number = lane.entered  # Lane.enter() inline: a call less per stanza
+        lane.entered = number + 1
         if not self.policy.journal:
             return []
         # After a crash this one may be sent twice: an origin-id lets receivers tell.
