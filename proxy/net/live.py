@@ -338,7 +338,7 @@ class LiveSession:
             elif isinstance(command, ArchivePut):
                 if self.archive is not None:  # always this session's own account
                     el = command.element
-                    self.archive.put(self._account, command.message,
+                    self.archive.put(self._account, command.row,
                                      None if el is None else self._serialized_as(el))
             elif isinstance(command, ArchiveQuery):
                 self._archive_query(command)
