@@ -2,8 +2,12 @@
 
 A core takes an event (a stanza for the client, a nonza from it, a timer that fired, the
 connection gone, ...) and returns a list of these; the shell carries them out in order and
-decides nothing. Each is a small frozen value, so a test can compare what a core asked for
-with what it expected (a playbook: events in, commands out).
+decides nothing. Each is a small value, so a test can compare what a core asked for
+with what it expected (a playbook: events in, commands out). Frozen, except the few made for
+every relayed stanza (``ToClient``, ``JournalPut``, ``JournalCut``, the server edge's
+``ToServer`` and ``Confirmed``): a frozen dataclass sets each field through
+``object.__setattr__``, four times the cost of a plain one; those are hashable all the same,
+and nothing changes a command once made.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ if TYPE_CHECKING:
     from .session import Outputs
 
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class ToClient:
     """Write to the client's connection now (a stanza already tracked, or a nonza).
     ``own``: the proxy made it (for the inspection log). ``document``: the element as
@@ -114,7 +119,7 @@ class StorePending:
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class JournalPut:
     lane: str
     number: int
@@ -122,7 +127,7 @@ class JournalPut:
     queued_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class JournalCut:
     lane: str
     left: int
