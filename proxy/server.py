@@ -833,11 +833,29 @@ async def _watch_rules(rules: RulesFactory) -> None:
             rules.reload("a rule file changed")
 
 
+# The cyclic collector's thresholds for a running proxy (Python's are 700, 10, 10). With
+# Python's, a login burst promoted its temporaries into the oldest generation fast enough to
+# start a full pass every 3-4 s, each over every session's objects: 15 passes while 5,000
+# sessions logged in, the last ones 1-3.5 s each with the event loop stopped for every
+# session (docs/performance.md, "The collector during a login burst"). A larger youngest
+# generation lets the temporaries die there; the rest is what Python does.
+COLLECTOR_THRESHOLDS = (20_000, 20, 10)
+
+
+def tune_collector() -> None:
+    """After the start: what the start made is kept out of every later pass (``freeze``),
+    and the thresholds above."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
+
+
 async def serve(config: Config, ready: Any = None, *, source: Path | None = None,
                 log_level: LevelFilter | None = None, worker: WorkerRole | None = None) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration (``source``)."""
     proxy = Proxy(config, source=source, log_level=log_level, worker=worker)
     await proxy.start()
+    tune_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
