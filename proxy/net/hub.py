@@ -284,13 +284,13 @@ class Hub:
         jid = new.jid
         core = SessionCore(jid, self.factories, server, additions)
         session = LiveSession(self, core, auth.upstream, config, self.store,
-                              self.log.bind(jid=str(jid)), password=auth.password,
+                              self.log, password=auth.password,
                               tls_context=auth.upstream_tls,
                               inspector=self.inspector,
                               journal=self.journal, counters=self.counters,
                               archive=self.archive)
-        self.by_jid[str(jid)] = session
-        log.info("bound", jid=str(jid), session=core.id, account=str(jid.bare))
+        self.by_jid[session.jid] = session  # the session's own string: one per session
+        log.info("bound", jid=session.jid, session=core.id, account=str(jid.bare))
         session.replay_pending()  # before anything the client sends now
         session.replay(owed, "handed over by the finishing session of this resource")
         return session, [new.result], False
