@@ -107,7 +107,7 @@ class Hub:
         with its last count for a late ``<resume/>``)."""
         if sm_id is not None:
             assert isinstance(session, LiveSession)  # the hub registers only its own
-            session.sm_key = (str(session.core.account), sm_id)
+            session.sm_key = (session.account, sm_id)
             self.by_sm_id[session.sm_key] = session
             return
         key, session.sm_key = session.sm_key, None

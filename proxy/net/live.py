@@ -162,6 +162,10 @@ class LiveSession:
         return self._jid
 
     @property
+    def account(self) -> str:
+        return self._account
+
+    @property
     def state(self) -> str:
         return self.edge.state
 
