@@ -35,6 +35,7 @@ import queue
 import random
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 from base64 import urlsafe_b64decode
@@ -44,24 +45,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 # The messages: in a SQLite file of their own (``archive_path``), so that the archive's
 # writes never hold the lock the journal's commits (and so the clients' acks) wait for.
-# Version 2 (``PRAGMA user_version``; version 1 had no version, a random id per row in a
-# unique index, AUTOINCREMENT and an index by age: five B-trees per row, the random one the
-# dearest; ``_migrate`` rebuilds such a file, its ids kept).
-ARCHIVE_VERSION = 2
+# Version 3 (``PRAGMA user_version``): the account and the other party are small integers
+# (``archive_jids``), so every index key is a few bytes, not two JIDs' text. Version 2 had
+# them as text; version 1 also had no version, a random id per row in a unique index,
+# AUTOINCREMENT and an index by age (five B-trees per row, the random one the dearest).
+# ``_migrate`` rebuilds an older file, its seqs and ids kept.
+ARCHIVE_VERSION = 3
 MESSAGES_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS archive_jids (     -- the accounts and the other parties
+        id         INTEGER PRIMARY KEY,
+        jid        TEXT NOT NULL UNIQUE           -- a bare JID
+    );
     CREATE TABLE IF NOT EXISTS archive (          -- XEP-0313: the account's messages
         seq        INTEGER PRIMARY KEY,           -- archiving order (ties of ts); the row number
-        account    TEXT NOT NULL,                 -- bare JID: whose archive
+        account    INTEGER NOT NULL,              -- archive_jids.id of the bare JID: whose
         archive_id TEXT NOT NULL,                 -- the stable id (XEP-0359 stanza-id)
         nonce      INTEGER,                       -- set: the id is the proxy's (ArchiveIds),
                                                   -- found through seq; null: found by index
         ts         REAL NOT NULL,                 -- wall-clock seconds when archived
         direction  TEXT NOT NULL,                 -- 'in' (received) or 'out' (sent)
-        with_bare  TEXT NOT NULL,                 -- the other party, bare
+        with_bare  INTEGER NOT NULL,              -- archive_jids.id of the other party, bare
         with_full  TEXT,                          -- the other party as addressed; null: bare
         stanza     BLOB NOT NULL                  -- the message as XML
     );
@@ -76,20 +83,33 @@ MESSAGES_SCHEMA = """
         value      NOT NULL
     );
 """
-# Version 1 to 2: the rows copied with their seqs and ids into the new table.
-_MIGRATE_V1 = """
-    ALTER TABLE archive RENAME TO archive_v1;
+
+
+def _rebuild_script(nonce: str) -> str:
+    """An older version's ``archive`` table (account and parties as text) rebuilt as this
+    version's: every row with its seq, id, time and bytes; ``nonce``: the column's value
+    (``NULL`` for version 1, whose ids are all stored as given)."""
+    return """
+    ALTER TABLE archive RENAME TO archive_old;
     DROP INDEX IF EXISTS archive_by_id;
     DROP INDEX IF EXISTS archive_by_time;
     DROP INDEX IF EXISTS archive_by_with;
     DROP INDEX IF EXISTS archive_by_age;
-""" + MESSAGES_SCHEMA + """
+    DROP INDEX IF EXISTS archive_by_stored_id;
+    """ + MESSAGES_SCHEMA + f"""
+    INSERT OR IGNORE INTO archive_jids (jid)
+        SELECT account FROM archive_old UNION SELECT with_bare FROM archive_old;
     INSERT INTO archive (seq, account, archive_id, nonce, ts, direction, with_bare, with_full,
                          stanza)
-        SELECT seq, account, archive_id, NULL, ts, direction, with_bare,
-               nullif(with_full, with_bare), stanza FROM archive_v1 ORDER BY seq;
-    DROP TABLE archive_v1;
-"""
+        SELECT o.seq, a.id, o.archive_id, {nonce}, o.ts, o.direction, w.id,
+               nullif(o.with_full, o.with_bare), o.stanza
+        FROM archive_old AS o JOIN archive_jids AS a ON a.jid = o.account
+             JOIN archive_jids AS w ON w.jid = o.with_bare
+        ORDER BY o.seq;
+    DROP TABLE archive_old;
+    """
+
+
 # The preferences: small, read at login, in the store (a migration of proxy/store.py).
 PREFS_SCHEMA = """
     CREATE TABLE archive_prefs (                  -- XEP-0441 preferences, per account
@@ -219,6 +239,10 @@ class Prefs:
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64url (RFC 4648 §5), without padding
+_MASKS = struct.Struct(">8Q")  # a 64-byte digest: eight masks
+# Eight ids' bytes (nonce, masked seq), each followed by two zero bytes: 18 bytes are 24
+# base64 characters of their own, and the first 22 are the 16 bytes' base64 unpadded.
+_IDS = struct.Struct(">" + "QQ2x" * 8)
 # (archive_id, seq, nonce): what the feature stamps, and what the store derives it from.
 ArchiveKey = tuple[str, int | None, int | None]
 
@@ -244,22 +268,35 @@ class ArchiveIds:
 
     def __init__(self, key: bytes, start: int, limit: int,
                  rng: random.Random | None = None) -> None:
-        self._seqs = itertools.count(start)
+        # Seqs are taken in blocks of MASKS, one block per hash (``_refill``).
+        self._blocks = itertools.count(start, self.MASKS)
         self.last = start - 1  # the last seq taken, near enough (for reserving more in time)
         self.limit = limit     # seqs below it are reserved in the file
         self._rng = rng or random.Random(os.urandom(32))
         # Copied per hash: cheaper than keying.
         self._hash = blake2b(key=key, digest_size=8 * self.MASKS)
         self._hash_v2 = blake2b(key=key, digest_size=8)
-        # (nonce << 64, mask) for the next ids, last first (list.pop from the end).
-        self._ready: list[tuple[int, int]] = []
+        # The next ids, made together, last first (list.pop from the end).
+        self._ready: list[ArchiveKey] = []
 
-    def _refill(self) -> None:
+    def _refill(self) -> bool:
+        """The next block of seqs and their ids, all made at once: one hash, one pack, one
+        base64 for eight ids (made one by one, the encoding cost more than the hash).
+        False if the block is past the seqs reserved in the file."""
+        first = next(self._blocks)
+        self.last = first + self.MASKS - 1
+        if self.last >= self.limit:
+            return False
         base = self._rng.getrandbits(60)  # nonce: 60 random bits, 3 of index (63 in all)
-        digest = self._masks(base)
+        masks = _MASKS.unpack(self._masks(base))
         nonce = base << 3
-        self._ready = [((nonce | j) << 64, int.from_bytes(digest[8 * j:8 * j + 8], "big"))
+        fields: list[int] = []
+        for j in range(self.MASKS):
+            fields += (nonce | j, (first + j) ^ masks[j])
+        text = b2a_base64(_IDS.pack(*fields), newline=False).translate(_URLSAFE).decode()
+        self._ready = [(text[24 * j:24 * j + 22], first + j, nonce | j)
                        for j in range(self.MASKS - 1, -1, -1)]
+        return True
 
     def _masks(self, base: int) -> bytes:
         h = self._hash.copy()
@@ -268,19 +305,18 @@ class ArchiveIds:
 
     def new(self) -> ArchiveKey:
         """On the loop: an id for a message about to be archived."""
-        seq = self.last = next(self._seqs)
-        if seq >= self.limit:  # the writer has not reserved more yet: an id of the old kind
-            return secrets.token_urlsafe(12), None, None
-        if not self._ready:
-            self._refill()
-        high, mask = self._ready.pop()
-        raw = (high | (seq ^ mask)).to_bytes(16, "big")
-        return (b2a_base64(raw, newline=False)[:22].translate(_URLSAFE).decode(), seq,
-                high >> 64)
+        ready = self._ready
+        if ready:
+            return ready.pop()
+        if self._refill():
+            return self._ready.pop()
+        # The writer has not reserved more seqs yet: an id of the old kind.
+        return secrets.token_urlsafe(12), None, None
 
     def take(self) -> int:
-        """A seq for a row whose id is stored as given (the writer reserves past it)."""
-        seq = self.last = next(self._seqs)
+        """A seq for a row whose id is stored as given (the writer reserves past it; the
+        rest of its block is never used)."""
+        seq = self.last = next(self._blocks)
         return seq
 
     def encode(self, seq: int, nonce: int) -> str:
@@ -355,6 +391,8 @@ _WIDTH = len(_BATCH_FIELDS)
 _ACCOUNT = _BATCH_FIELDS.index("account")
 _SEQ = _BATCH_FIELDS.index("seq")
 _NONCE = _BATCH_FIELDS.index("nonce")
+_WITH_BARE = _BATCH_FIELDS.index("with_bare")
+_WITH_FULL = _BATCH_FIELDS.index("with_full")
 _STANZA = _BATCH_FIELDS.index("stanza")
 _STANZA_FROM_END = _STANZA - _WIDTH
 _ROW = "(" + ", ".join("?" * _WIDTH) + ")"
@@ -363,17 +401,10 @@ _ROW = "(" + ", ".join("?" * _WIDTH) + ")"
 _CHUNKS = (256, 64, 16, 4, 1)
 
 
-def _column(name: str) -> str:
-    return f"column{_BATCH_FIELDS.index(name) + 1}"
-
-
-_SELECT_BATCH = (
-    f"SELECT {_column('seq')}, {_column('nonce')}, {_column('archive_id')},"
-    f" {_column('account')}, {_column('timestamp')}, {_column('direction')},"
-    f" {_column('with_bare')}, nullif({_column('with_full')}, {_column('with_bare')}),"
-    f" {_column('stanza')} FROM (VALUES ")
-_INSERT = {n: "INSERT OR IGNORE INTO archive (seq, nonce, archive_id, account, ts, direction,"
-              " with_bare, with_full, stanza) " + _SELECT_BATCH + ", ".join([_ROW] * n) + ")"
+# The columns in the batch's order (the account and the other party bound as their
+# numbers, with_full as null when it is the bare JID).
+_INSERT = {n: "INSERT OR IGNORE INTO archive (account, archive_id, ts, direction, with_bare,"
+              " with_full, stanza, seq, nonce) VALUES " + ", ".join([_ROW] * n)
            for n in _CHUNKS}
 _ITEM = "archive_id, ts, stanza, seq"  # an ArchiveItem, and the seq for the first index
 
@@ -384,6 +415,9 @@ class ArchiveArea:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._ids: ArchiveIds | None = None
+        # archive_jids as far as this connection read or wrote it (a JID's number never
+        # changes once committed; ``forget_jids`` after a rollback).
+        self._jid_ids: dict[str, int] = {}
 
     @property
     def ids(self) -> ArchiveIds:
@@ -392,6 +426,41 @@ class ArchiveArea:
         if self._ids is None:
             self._ids = load_ids(self.conn)
         return self._ids
+
+    JID_CACHE = 100_000  # numbers of JIDs kept (then forgotten at once, read again)
+
+    def jid_id(self, jid: str) -> int:
+        """The number of a bare JID in ``archive_jids``, given one if new (in the caller's
+        transaction)."""
+        found = self._jid_ids.get(jid)
+        if found is None:
+            conn = self.conn
+            conn.execute("INSERT OR IGNORE INTO archive_jids (jid) VALUES (?)", (jid,))
+            found = int(conn.execute("SELECT id FROM archive_jids WHERE jid = ?",
+                                     (jid,)).fetchone()[0])
+            self._remember(jid, found)
+        return found
+
+    def _known(self, jid: str) -> int:
+        """The number of a JID for a query; -1 (no row has it) if it has none."""
+        found = self._jid_ids.get(jid)
+        if found is None:
+            row = self.conn.execute("SELECT id FROM archive_jids WHERE jid = ?",
+                                    (jid,)).fetchone()
+            if row is None:
+                return -1  # not remembered: another process may give it one
+            found = int(row[0])
+            self._remember(jid, found)
+        return found
+
+    def _remember(self, jid: str, number: int) -> None:
+        if len(self._jid_ids) >= self.JID_CACHE:
+            self._jid_ids.clear()
+        self._jid_ids[jid] = number
+
+    def forget_jids(self) -> None:
+        """After a rollback: numbers given in it may not exist (or be another's later)."""
+        self._jid_ids.clear()
 
     def put(self, rows: Sequence[tuple[str, ArchivedMessage]]) -> None:
         """Insert (account, message) rows; the caller holds the transaction. A seq already
@@ -405,18 +474,29 @@ class ArchiveArea:
     def insert(self, values: list[object]) -> None:
         """Insert rows given as the account and the message's fields, one row after
         another (the writer's batches are built so on the loop: its own thread then holds
-        the GIL for little more than the statements' parameters)."""
+        the GIL for little more than the statements' parameters). ``values`` is left as it
+        is but for the seqs picked (so a retry of a failed commit inserts the same)."""
         width = _WIDTH
         if None in values[_SEQ::width]:  # ids stored as given: their seqs are picked here
             for at in range(_SEQ, len(values), width):
                 if values[at] is None:
                     values[at] = self.ids.take()
                     values[at - _SEQ + _NONCE] = None  # so the id is in the index
+        params = values.copy()
+        known = self._jid_ids
+        number = self.jid_id
+        accounts = cast(list[str], values[_ACCOUNT::width])
+        bares = cast(list[str], values[_WITH_BARE::width])
+        params[_ACCOUNT::width] = [known.get(a) or number(a) for a in accounts]
+        params[_WITH_BARE::width] = [known.get(b) or number(b) for b in bares]
+        params[_WITH_FULL::width] = [None if f == b else f
+                                     for f, b in zip(values[_WITH_FULL::width], bares, strict=True)]
         # Bound as bytearrays: the sqlite3 module binds a bytes parameter only after asking
         # the adaptation protocol for it (two failed attribute lookups, each formatting an
         # AttributeError: about a fifth of the insert's cost), a bytearray at once; both are
         # stored as the same BLOB.
-        values[_STANZA::width] = [bytearray(b) for b in values[_STANZA::width]]  # type: ignore[call-overload]
+        params[_STANZA::width] = [bytearray(b) for b in values[_STANZA::width]]  # type: ignore[call-overload]
+        values = params
         rows, at = len(values) // width, 0
         # A few statements of many rows each, not one step per row: each step lets go of
         # the GIL and takes it back, and on a busy machine every such hand-over costs the
@@ -439,8 +519,8 @@ class ArchiveArea:
     def _item(self, row: Sequence[Any]) -> ArchiveItem:
         return ArchiveItem(str(row[0]), float(row[1]), bytes(row[2]))
 
-    def _key(self, account: str, archive_id: str) -> tuple[float, int] | None:
-        """(ts, seq) of the account's message with this id."""
+    def _key(self, account: int, archive_id: str) -> tuple[float, int] | None:
+        """(ts, seq) of the account's message with this id (``account``: its number)."""
         for seq in self.ids.candidates(archive_id):
             row = self.conn.execute("SELECT ts, seq FROM archive WHERE seq = ? AND account = ?"
                                     " AND archive_id = ?", (seq, account, archive_id)
@@ -454,15 +534,16 @@ class ArchiveArea:
 
     def search(self, account: str, search: ArchiveSearch) -> ArchivePage | ArchiveMissing:
         f, page = search.filter, search.page
+        number = self._known(account)
         where = ["account = ?"]
-        args: list[Any] = [account]
+        args: list[Any] = [number]
         if f.with_jid is not None:
             if f.with_bare:
                 where.append("with_bare = ?")
-                args.append(f.with_jid)
+                args.append(self._known(f.with_jid))
             else:
                 where += ["with_bare = ?", "with_full = ?"]
-                args += [f.with_jid.partition("/")[0], f.with_jid]
+                args += [self._known(f.with_jid.partition("/")[0]), f.with_jid]
         if f.start is not None:
             where.append("ts >= ?")
             args.append(f.start)
@@ -471,7 +552,7 @@ class ArchiveArea:
             args.append(f.end)
         for name, op in ((f.after_id, ">"), (f.before_id, "<")):
             if name is not None:
-                key = self._key(account, name)
+                key = self._key(number, name)
                 if key is None:
                     return ArchiveMissing(name)
                 where.append(f"(ts, seq) {op} (?, ?)")
@@ -479,7 +560,7 @@ class ArchiveArea:
         if f.ids:
             seqs = []
             for name in f.ids:
-                key = self._key(account, name)
+                key = self._key(number, name)
                 if key is None:
                     return ArchiveMissing(name)
                 seqs.append(key[1])
@@ -488,7 +569,7 @@ class ArchiveArea:
         base_where, base_args = list(where), list(args)  # the whole result set
         anchor = page.after if page.after is not None else (page.before or None)
         if anchor is not None:
-            key = self._key(account, anchor)
+            key = self._key(number, anchor)
             if key is None:
                 return ArchiveMissing(anchor)
             where.append(f"(ts, seq) {'<' if page.backward else '>'} (?, ?)")
@@ -519,46 +600,56 @@ class ArchiveArea:
         return ArchivePage(items, complete=not more, count=count, first_index=first_index)
 
     def ends(self, account: str) -> ArchiveEnds:
+        number = self._known(account)
+
         def one(order: str) -> ArchiveItem | None:
             row = self.conn.execute(
                 f"SELECT {_ITEM} FROM archive WHERE account = ?"
-                f" ORDER BY ts {order}, seq {order} LIMIT 1", (account,)).fetchone()
+                f" ORDER BY ts {order}, seq {order} LIMIT 1", (number,)).fetchone()
             return self._item(row) if row else None
         return ArchiveEnds(one("ASC"), one("DESC"))
 
     def count(self, account: str) -> int:
         return int(self.conn.execute("SELECT count(*) FROM archive WHERE account = ?",
-                                     (account,)).fetchone()[0])
+                                     (self._known(account),)).fetchone()[0])
 
     def trim(self, account: str, keep: int, *, chunk: int = 5000) -> int:
         """Keep the account's ``keep`` newest messages; returns how many were deleted (at
         most ``chunk``: a long backlog is cut over several transactions)."""
+        number = self._known(account)
         row = self.conn.execute(
             "SELECT ts, seq FROM archive WHERE account = ? ORDER BY ts DESC, seq DESC"
-            " LIMIT 1 OFFSET ?", (account, keep)).fetchone()
+            " LIMIT 1 OFFSET ?", (number, keep)).fetchone()
         if row is None:
             return 0
         return self.conn.execute(
             "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE account = ?"
             " AND (ts, seq) <= (?, ?) ORDER BY ts, seq LIMIT ?)",
-            (account, row[0], row[1], chunk)).rowcount
+            (number, row[0], row[1], chunk)).rowcount
 
     def accounts(self) -> list[str]:
-        """Every account with messages: one index step each (no scan of the rows)."""
-        found: list[str] = []
+        """Every account with messages."""
+        return [str(self.conn.execute("SELECT jid FROM archive_jids WHERE id = ?",
+                                      (number,)).fetchone()[0])
+                for number in self._account_numbers()]
+
+    def _account_numbers(self) -> list[int]:
+        """The numbers of every account with messages: one index step each (no scan of
+        the rows)."""
+        found: list[int] = []
         while True:
             row = self.conn.execute("SELECT account FROM archive WHERE account > ? ORDER BY"
-                                    " account LIMIT 1", (found[-1] if found else "",)
+                                    " account LIMIT 1", (found[-1] if found else -1,)
                                     ).fetchone()
             if row is None:
                 return found
-            found.append(str(row[0]))
+            found.append(int(row[0]))
 
     def expire(self, before: float, *, chunk: int = 5000) -> int:
         """Delete messages archived before ``before`` (every account; at most ``chunk``),
         account by account through the time index (there is no index by age alone)."""
         deleted = 0
-        for account in self.accounts():
+        for account in self._account_numbers():
             deleted += self.conn.execute(
                 "DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE account = ?"
                 " AND ts < ? ORDER BY ts LIMIT ?)", (account, before, chunk - deleted)
@@ -654,20 +745,47 @@ def _migrate(conn: sqlite3.Connection, log: Any = None) -> None:
     if version >= ARCHIVE_VERSION:
         return
     columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(archive)")}
-    if not columns or "nonce" in columns:  # a new file
-        conn.executescript(f"BEGIN IMMEDIATE; {MESSAGES_SCHEMA}; PRAGMA user_version ="
-                           f" {ARCHIVE_VERSION}; COMMIT;")
+    if not columns:  # a new file
+        _upgrade(conn, MESSAGES_SCHEMA)
         return
-    # A version-1 file: rebuilt before the proxy starts (about half a minute a million rows).
+    # An older file (version 1 had no nonce column): rebuilt before the proxy starts (about
+    # half a minute a million rows).
+    old = 2 if "nonce" in columns else 1
     rows = int(conn.execute("SELECT count(*) FROM archive").fetchone()[0])
     if log is not None:
-        log.warning("archive_migrating", rows=rows, to_version=ARCHIVE_VERSION)
+        log.warning("archive_migrating", rows=rows, from_version=old,
+                    to_version=ARCHIVE_VERSION)
     started = time.monotonic()
-    conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_V1}; PRAGMA user_version ="
-                       f" {ARCHIVE_VERSION}; COMMIT;")
+    if not _upgrade(conn, _rebuild_script("o.nonce" if old == 2 else "NULL")):
+        return  # another process did it while this one looked
     if log is not None:
-        log.info("archive_migrated", rows=rows, to_version=ARCHIVE_VERSION,
+        log.info("archive_migrated", rows=rows, from_version=old, to_version=ARCHIVE_VERSION,
                  seconds=round(time.monotonic() - started, 1))
+
+
+def _upgrade(conn: sqlite3.Connection, script: str) -> bool:
+    """``script`` and the new version in one transaction, unless the file is at this version
+    by the time the lock is held (two processes opening an old file at once: the second
+    must not rebuild what the first just rebuilt). Statement by statement, because
+    ``executescript`` commits first. Returns whether it ran."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= ARCHIVE_VERSION:
+            conn.execute("COMMIT")
+            return False
+        statement = ""
+        for piece in script.split(";"):
+            statement += piece + ";"
+            if sqlite3.complete_statement(statement):
+                if statement.strip(" \n\t;"):
+                    conn.execute(statement)
+                statement = ""
+        conn.execute(f"PRAGMA user_version = {ARCHIVE_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
 
 
 # Messages are handed to the writer in batches at most this old: one transaction per batch
@@ -704,9 +822,11 @@ class ArchiveWriter:
 
     # On the event loop ---------------------------------------------------------------------------
 
-    def put(self, account: str, message: ArchivedMessage, stanza: bytes | None = None) -> None:
-        """``stanza``: the message's bytes instead of ``message.stanza`` (the shell's, as it
-        serialized the message for the wire)."""
+    def put(self, account: str, message: Sequence[object],
+            stanza: bytes | None = None) -> None:
+        """``message``: an ``ArchivedMessage`` or its fields in its order (``ArchivePut.row``);
+        ``stanza``: the message's bytes instead of its own (the shell's, as it serialized the
+        message for the wire)."""
         batch = self._batch
         batch.append(account)
         batch += message
@@ -790,6 +910,7 @@ class ArchiveWriter:
             work()
             c.execute("COMMIT")
         except BaseException:
+            self.area.forget_jids()  # numbers given in it are not in the file
             c.execute("ROLLBACK")
             raise
 

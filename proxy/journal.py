@@ -30,6 +30,7 @@ from lxml import etree
 from .batching import take_queued
 from .features.stream_management import delay_stamp
 from .session import OWN_ID_PREFIX
+from .xmpp import ns
 from .xmpp import stanza as st
 
 RETRY_SECONDS = 1.0  # after a failed commit (disk full, locked): the batch is tried again
@@ -66,6 +67,13 @@ def create_journal_file(path: str) -> None:
         conn.close()
 
 
+def origin_id_template() -> st.Element:
+    """An empty ``<origin-id xmlns="urn:xmpp:sid:0"/>`` for ``ensure_origin_id`` to copy
+    into each journaled client message (``Journal.origin_id``: one per proxy, never changed
+    itself)."""
+    return st.element("origin-id", namespace=ns.SID)
+
+
 @dataclass
 class _Batch:
     puts: dict[Key, list[tuple[int, str, bytes, float]]] = field(
@@ -98,13 +106,15 @@ class Journal:
         self._thread.start()
         self.commits = 0
         self.rows_written = 0
+        self.origin_id = origin_id_template()  # copied, never changed (ensure_origin_id)
 
     # On the event loop ---------------------------------------------------------------------------
 
     def put(self, session: str, lane: str, n: int, account: str, stanza: bytes,
             queued_at: float) -> None:
         self._batch.puts[(session, lane)].append((n, account, stanza, queued_at))
-        self._schedule()
+        if not self._scheduled:  # once per turn (a call per stanza saved: the relay path)
+            self._schedule()
 
     def cut(self, session: str, lane: str, left: int) -> None:
         """Every stanza of the lane numbered below ``left`` has left the ledger."""

@@ -39,14 +39,14 @@ TRANSIENT_STREAM_ERRORS = frozenset((
 _PING = ns.qname(ns.PING, "ping")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class ToServer:
     """Write to the current upstream connection now."""
 
     element: Element
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class Confirmed:
     """The server confirmed part of the outbox: ``left`` stanzas have left it in all."""
 
@@ -123,7 +123,10 @@ class ServerEdge:
         answers itself (a ping to the server while it is away), else what to write now."""
         if self.state != "up" and self._is_server_ping(el):
             return st.iq_result(el)
-        return [ToServer(out) for out in self.outbox.submit(el)]
+        written = self.outbox.submit(el)
+        if len(written) == 1:  # the relay path: no comprehension (a function call) per stanza
+            return [ToServer(written[0])]
+        return [ToServer(out) for out in written]
 
     def _is_server_ping(self, el: Element) -> bool:
         return (el.tag == st.IQ and el.get("type") == "get" and el.find(_PING) is not None

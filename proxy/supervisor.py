@@ -6,9 +6,9 @@ drop the connections queued on it). Each account lives in one worker
 (``proxy.workers.home_of``); a worker that accepts a connection of another's account hands
 it over after the SASL ``<auth/>`` and relays it (``proxy/net/worker_link.py``).
 
-Before the workers start, the supervisor opens the store once (migrations run in one
-process) and settles every journal an earlier run left (the store's own tables from a
-single-process run, every worker's file whatever N was then). It restarts a worker that
+Before the workers start, the supervisor opens the store and the archive once (migrations
+run in one process) and settles every journal an earlier run left (the store's own tables
+from a single-process run, every worker's file whatever N was then). It restarts a worker that
 dies (that worker settles its own journal as it starts), forwards SIGHUP to every worker,
 and on SIGTERM or SIGINT stops them all (each one's own graceful stop) and exits when they
 have. ``/metrics`` sums the workers' figures, the admin socket lists every worker's
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .archive_store import archive_path, open_archive_connection
 from .admin import AdminSocketError, bind_admin_socket
 from .admin_protocol import (MAX_REQUEST_BYTES, BadRequest, KickRequest, MetricsRequest,
                              encode, error, parse_request)
@@ -120,6 +121,14 @@ class Supervisor:
                 recover(store, journal_path=str(journal), **settle)
         finally:
             store.close()
+        if self.config.features.archive != "off":
+            # The archive's file too: an older version is rebuilt here, once, not by every
+            # worker at the same time (each would wait for the first one's lock).
+            a = self.config.archive
+            archive = archive_path(str(self.config.path(path)),
+                                   str(self.config.path(a.path)) if a.path else None)
+            if archive != ":memory:":
+                open_archive_connection(archive, self.log).close()
 
     def mark_clean_stop(self) -> None:
         path = self.config.store.path

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 
 from lxml import etree
 
-from ..archive_store import (ArchiveBounds, ArchivedMessage, ArchiveEnds, ArchiveFailed,
+from ..archive_store import (ArchiveBounds, ArchiveEnds, ArchiveFailed,
                              ArchiveFilter, ArchiveItem, ArchiveKey, ArchiveMissing,
                              ArchivePage, ArchiveSearch, Direction, PageRequest, Prefs)
 from ..commands import ArchivePut, ArchiveQuery, Log
@@ -437,9 +437,9 @@ class Archive(Feature):
         archive_id, seq, nonce = key
         # The bytes are the shell's: it serializes the message for the wire anyway, after
         # the features that come later (and, for a received one, with the stanza-id stamped).
-        out.commands.append(ArchivePut(ArchivedMessage(
-            archive_id, factory.now(), direction, with_bare, with_full, _FILLED_IN, seq,
-            nonce), el))
+        out.commands.append(ArchivePut(
+            (archive_id, factory.now(), direction, with_bare, with_full, _FILLED_IN, seq,
+             nonce), el))
         return archive_id
 
     # -------------------------------------------------------------- requests
@@ -633,20 +633,20 @@ class ArchiveFactory(FeatureFactory):
         """A new key for a message, or just its id if it was archived within the window:
         the same message (``fork``: account, sender and id or origin-id), however many
         copies the server made."""
+        if fork is None:
+            return self.new_archive_id()
         recent = self._recent
         now = self.clock()
-        if fork is not None:
-            hit = recent.get(fork)
-            if hit is not None and hit[1] >= now - self.FORK_WINDOW:
+        hit = recent.get(fork)
+        if hit is not None:
+            if hit[1] >= now - self.FORK_WINDOW:
                 return hit[0]
+            del recent[fork]  # a stale entry of the same key goes to the end, as new
         key = self.new_archive_id()
-        if fork is not None:
-            recent.pop(fork, None)  # a stale entry of the same key goes to the end, as new
-            recent[fork] = (key[0], now)
-            if len(recent) > self.FORK_MAX:
-                # Now and then, not per message: keep the newer half of what is in the
-                # window.
-                window_start = now - self.FORK_WINDOW
-                keep = list(recent.items())[-(self.FORK_MAX // 2):]
-                self._recent = {k: v for k, v in keep if v[1] >= window_start}
+        recent[fork] = (key[0], now)
+        if len(recent) > self.FORK_MAX:
+            # Now and then, not per message: keep the newer half of what is in the window.
+            window_start = now - self.FORK_WINDOW
+            keep = list(recent.items())[-(self.FORK_MAX // 2):]
+            self._recent = {k: v for k, v in keep if v[1] >= window_start}
         return key

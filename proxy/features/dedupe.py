@@ -67,14 +67,16 @@ class Dedupe(Feature):
             if given >= now - self.window:
                 return None
             del seen[key]  # out of the window: a new message after all
-        # What fell out of the window is swept every PRUNE_EVERY messages, not on each one
-        # (a stale entry never drops anything: its time is checked above).
+        # Full (as it stays under steady load): the oldest goes, one per message. What fell
+        # out of the window is swept every PRUNE_EVERY messages, not on each one (a stale
+        # entry never drops anything: its time is checked above).
+        while len(seen) >= self.max_entries:
+            seen.popitem(last=False)
         self._until_prune -= 1
-        if self._until_prune <= 0 or len(seen) >= self.max_entries:
+        if self._until_prune <= 0:
             self._until_prune = PRUNE_EVERY
             oldest = now - self.window
-            while seen and (len(seen) >= self.max_entries
-                            or next(iter(seen.values())) < oldest):
+            while seen and next(iter(seen.values())) < oldest:
                 seen.popitem(last=False)
         seen[key] = now
         return el

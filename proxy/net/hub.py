@@ -70,6 +70,11 @@ class Hub:
         self.store = store
         self.log = log
         self.by_jid: dict[str, LiveSession] = {}
+        # The same sessions by account (bare JID) and by session id, kept in step with
+        # ``by_jid`` (``_add``, ``session_ended``): a bind, a resume's vouch, a carbon copy
+        # and a wake look at one account's sessions, not at every session of the proxy.
+        self.by_account: dict[Jid, dict[str, LiveSession]] = {}
+        self.by_id: dict[str, LiveSession] = {}
         self.by_sm_id: dict[tuple[str, str], LiveSession] = {}
         # Ended sessions whose upstream side still waits for the server's confirmations.
         self.finishing_sessions: set[FinishingSession] = set()
@@ -131,30 +136,34 @@ class Hub:
     def wake(self, session_id: str) -> None:
         """A session's change left another one behind: it catches up soon (not inside the
         first one's processing)."""
-        for session in self.by_jid.values():
-            if session.core.id == session_id:
-                asyncio.get_running_loop().call_soon(session.catch_up)
-                return
+        session = self.by_id.get(session_id)
+        if session is not None:
+            asyncio.get_running_loop().call_soon(session.catch_up)
 
     def to_account(self, sender: RegisteredSession, kind: str, payload: Element) -> None:
         """A ``ToAccount`` command: the account's other live sessions hear of it soon (not
         inside the sender's processing), each with its own copy."""
         account = sender.core.account
         loop = asyncio.get_running_loop()
-        for session in self.by_jid.values():
-            if session is not sender and session.core.account == account \
-                    and session.state != "ended":
+        for session in list(self.by_account.get(account, {}).values()):
+            if session is not sender and session.state != "ended":
                 loop.call_soon(session.from_account, kind, copy.deepcopy(payload))
 
     def vouch(self, account: str, password: str) -> bool:
         """Whether a live session of ``account`` logged in with ``password`` (checked then by
         the server): lets a client resume while the server is unreachable."""
-        return any(str(s.core.account) == account and s.upstream.password_is(password)
-                   for s in self.by_jid.values() if s.state != "ended")
+        try:
+            bare = Jid.parse(account).bare
+        except ValueError:
+            return False
+        return any(s.upstream.password_is(password)
+                   for s in self.by_account.get(bare, {}).values() if s.state != "ended")
 
     def session_ended(self, session: RegisteredSession) -> None:
         if self.by_jid.get(session.jid) is session:
             del self.by_jid[session.jid]
+            assert isinstance(session, LiveSession)  # the only kind by_jid holds
+            self._forget(session)
         self.ending.add(session)
 
     def session_gone(self, session: RegisteredSession) -> None:
@@ -289,7 +298,7 @@ class Hub:
                               inspector=self.inspector,
                               journal=self.journal, counters=self.counters,
                               archive=self.archive)
-        self.by_jid[session.jid] = session  # the session's own string: one per session
+        self._add(session)  # keyed by the session's own JID string: one per session
         log.info("bound", jid=session.jid, session=core.id, account=str(jid.bare))
         session.replay_pending()  # before anything the client sends now
         session.replay(owed, "handed over by the finishing session of this resource")
@@ -302,10 +311,25 @@ class Hub:
         return []
 
     def _sessions_of(self, account: Jid) -> int:
-        # A scan, not a counter kept in step with every end and takeover; one per bind.
-        bare = account.bare
-        return sum(1 for s in self.by_jid.values()
-                   if s.core.account == bare and s.state != "ended")
+        return sum(1 for s in self.by_account.get(account.bare, {}).values()
+                   if s.state != "ended")
+
+    def _add(self, session: LiveSession) -> None:
+        previous = self.by_jid.get(session.jid)
+        if previous is not None:
+            self._forget(previous)
+        self.by_jid[session.jid] = session
+        self.by_account.setdefault(session.core.account, {})[session.jid] = session
+        self.by_id[session.core.id] = session
+
+    def _forget(self, session: LiveSession) -> None:
+        mine = self.by_account.get(session.core.account)
+        if mine is not None and mine.get(session.jid) is session:
+            del mine[session.jid]
+            if not mine:
+                del self.by_account[session.core.account]
+        if self.by_id.get(session.core.id) is session:
+            del self.by_id[session.core.id]
 
     # Shutdown -----------------------------------------------------------------------------------
 

@@ -131,7 +131,8 @@ class LiveSession:
             resume_timeout=smc.resume_timeout, max_resume_timeout=smc.max_resume_timeout,
             max_queue=smc.max_queue, on_timeout=smc.on_timeout, stored_ttl=smc.stored_ttl,
             pending_ttl=config.durability.pending_ttl, counter_start=smc.debug_counter_start,
-            journal=journal is not None, store=store is not None),
+            journal=journal is not None, store=store is not None,
+            origin_id=None if journal is None else journal.origin_id),
             new_sm_id=hub.new_sm_id, clock=clock)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # The message an ArchivePut of the outputs being written wants stored, and its bytes
@@ -344,7 +345,7 @@ class LiveSession:
             elif isinstance(command, ArchivePut):
                 if self.archive is not None:  # always this session's own account
                     el = command.element
-                    self.archive.put(self._account, command.message,
+                    self.archive.put(self._account, command.row,
                                      None if el is None else self._serialized_as(el))
             elif isinstance(command, ArchiveQuery):
                 self._archive_query(command)

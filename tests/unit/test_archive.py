@@ -549,8 +549,9 @@ def test_the_proxys_ids_are_found_without_an_index_of_ids(area: ArchiveArea) -> 
     assert ids_of(search(area, after_id=ids[0], before_id=ids[3])) == ids[1:3]
     assert ids_of(search(area, ids=(ids[4], ids[1]))) == [ids[1], ids[4]]
     # Found through the row number: no row of them is in the index of stored ids.
-    assert area.conn.execute("SELECT count(*) FROM archive WHERE account = ? AND"
-                             " nonce IS NULL", (ALICE,)).fetchone()[0] == 0
+    assert area.conn.execute("SELECT count(*) FROM archive JOIN archive_jids ON"
+                             " archive_jids.id = account WHERE jid = ? AND nonce IS NULL",
+                             (ALICE,)).fetchone()[0] == 0
     assert len(set(ids)) == 6 and all(len(i) == mam_ids_length() for i in ids)
     # Another account's id, a tampered one and one of another archive's key are not found.
     bob_id = put_new(area, 1, account=BOB)[0]
@@ -654,9 +655,9 @@ def test_a_version_1_archive_is_rebuilt_and_its_ids_still_work(tmp_path: Path) -
     old.close()
     log = EventLog()
     conn = open_archive_connection(path, log)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
-    assert [(e, kw["rows"]) for e, kw in log.events] == [("archive_migrating", 6),
-                                                         ("archive_migrated", 6)]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert [(e, kw["rows"], kw["from_version"]) for e, kw in log.events] == [
+        ("archive_migrating", 6, 1), ("archive_migrated", 6, 1)]
     indexes = {r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'archive'"
         " AND sql IS NOT NULL")}
@@ -672,7 +673,7 @@ def test_a_version_1_archive_is_rebuilt_and_its_ids_still_work(tmp_path: Path) -
     assert ids_of(search(area, after_id=old_ids[4])) == new
     assert ids_of(search(area, account=BOB)) == ["bobsoldid000000"]
     conn.close()
-    reopened = open_archive_connection(path, log)  # version 2 now: opened as it is
+    reopened = open_archive_connection(path, log)  # version 3 now: opened as it is
     assert ids_of(search(ArchiveArea(reopened))) == old_ids + new
     assert len(log.events) == 2
     reopened.close()
@@ -711,3 +712,138 @@ def test_writer_reserves_more_ids_before_they_run_out(tmp_path: Path,
     assert len(set(given)) == 40
     # The writer kept ahead: (nearly) every id is one of the proxy's own kind.
     assert sum(len(i) == ArchiveIds.LENGTH for i in given) >= 36
+
+
+# Version 2's table: the account and the other party as text.
+V2_SCHEMA = """
+    CREATE TABLE archive (seq INTEGER PRIMARY KEY, account TEXT NOT NULL,
+        archive_id TEXT NOT NULL, nonce INTEGER, ts REAL NOT NULL, direction TEXT NOT NULL,
+        with_bare TEXT NOT NULL, with_full TEXT, stanza BLOB NOT NULL);
+    CREATE INDEX archive_by_time ON archive (account, ts);
+    CREATE INDEX archive_by_with ON archive (account, with_bare, ts);
+    CREATE UNIQUE INDEX archive_by_stored_id ON archive (account, archive_id)
+        WHERE nonce IS NULL;
+    CREATE TABLE archive_meta (name TEXT PRIMARY KEY, value NOT NULL);
+    PRAGMA user_version = 2;
+"""
+
+
+def test_a_version_2_archive_is_migrated_to_numbered_jids_and_answers_the_same(
+        tmp_path: Path) -> None:
+    """Version 3 keys rows by the numbers of the account and the other party: an old
+    store's messages are still found by id (the proxy's and stored ones), by contact (bare
+    and full), by time, with paging and counts, and new ones go on after them."""
+    import sqlite3
+
+    from proxy.archive_store import load_ids
+    path = str(tmp_path / "v2-archive.sqlite3")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(V2_SCHEMA)
+    ids = load_ids(old)  # the file's key, as version 2 made it
+    rows = []
+    for k in range(8):
+        archive_id, seq, nonce = ids.new()
+        other = (BOB, "carol@example.org")[k % 2]
+        rows.append((seq, ALICE, archive_id, nonce, 1000.0 + k, ("in", "out")[k % 2], other,
+                     None if k % 4 == 0 else f"{other}/r{k % 3}", f"<m n='{k}'/>".encode()))
+    rows.append((ids.take(), BOB, "bobs-stored-id", None, 1000.0, "in", ALICE, None, b"<m/>"))
+    old.executemany("INSERT INTO archive VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    old.close()
+    alice_ids = [r[2] for r in rows[:8]]
+    log = EventLog()
+    conn = open_archive_connection(path, log)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert [(e, kw["from_version"]) for e, kw in log.events] == [
+        ("archive_migrating", 2), ("archive_migrated", 2)]
+    assert conn.execute("SELECT typeof(account), typeof(with_bare) FROM archive"
+                        " GROUP BY 1, 2").fetchall() == [("integer", "integer")]
+    area = ArchiveArea(conn)
+    assert ids_of(search(area)) == alice_ids
+    assert [bytes(i.stanza) for i in search(area).items] == [r[8] for r in rows[:8]]
+    assert ids_of(search(area, after_id=alice_ids[2])) == alice_ids[3:]
+    assert ids_of(search(area, ids=(alice_ids[5], alice_ids[1]))) == [alice_ids[1],
+                                                                       alice_ids[5]]
+    assert ids_of(search(area, with_jid=BOB)) == alice_ids[0::2]
+    assert ids_of(search(area, with_jid="carol@example.org/r1", with_bare=False)) == [
+        alice_ids[k] for k in range(8) if k % 2 and k % 4 and k % 3 == 1]
+    assert ids_of(search(area, start=1002.0, end=1004.0)) == alice_ids[2:5]
+    page = area.search(ALICE, ArchiveSearch(page=PageRequest(3, before="")))
+    assert isinstance(page, ArchivePage) and ids_of(page) == alice_ids[5:]
+    assert (page.count, page.first_index) == (8, 5)
+    assert ids_of(search(area, max=2, after=alice_ids[5])) == alice_ids[6:]
+    assert ids_of(search(area, account=BOB, ids=("bobs-stored-id",))) == ["bobs-stored-id"]
+    assert area.search(ALICE, ArchiveSearch(ArchiveFilter(ids=("bobs-stored-id",)))) == \
+        ArchiveMissing("bobs-stored-id")
+    assert sorted(area.accounts()) == [ALICE, BOB]
+    new = put_new(area, 2, start=2000.0)
+    assert ids_of(search(area)) == alice_ids + new
+    assert ids_of(search(area, with_jid=BOB)) == alice_ids[0::2] + new
+    conn.close()
+
+
+def test_an_old_archive_opened_by_two_processes_at_once_is_rebuilt_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers may open a version 2 file at the same moment: both read version 2, one
+    rebuilds it; the other, once it holds the lock, must find version 3 and leave it (a
+    second rebuild would rename the rebuilt table and fail or lose its rows)."""
+    import sqlite3
+
+    from proxy import archive_store
+    from proxy.archive_store import load_ids
+    path = str(tmp_path / "v2-archive.sqlite3")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(V2_SCHEMA)
+    ids = load_ids(old)
+    archive_id, seq, nonce = ids.new()
+    old.execute("INSERT INTO archive VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, ALICE, archive_id, nonce, 1000.0, "in", BOB, None, b"<m n='1'/>"))
+    old.close()
+
+    first: list[sqlite3.Connection] = []
+    real_upgrade = archive_store._upgrade
+
+    def other_process_first(conn: sqlite3.Connection, script: str) -> bool:
+        # The other worker got the lock first, between this one's look and its BEGIN.
+        monkeypatch.setattr(archive_store, "_upgrade", real_upgrade)
+        first.append(open_archive_connection(path, EventLog()))
+        return real_upgrade(conn, script)
+
+    monkeypatch.setattr(archive_store, "_upgrade", other_process_first)
+    log = EventLog()
+    conn = open_archive_connection(path, log)
+    assert [e for e, _ in log.events] == ["archive_migrating"]  # and nothing rebuilt here
+    for c in (conn, first[0]):
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert ids_of(search(ArchiveArea(c))) == [archive_id]
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'archive_old'"
+                        ).fetchall() == []
+    conn.close()
+    first[0].close()
+
+
+def test_the_supervisor_rebuilds_an_old_archive_before_its_workers_start(
+        tmp_path: Path) -> None:
+    """With ``workers: N`` the supervisor opens the archive once before the workers, as it
+    does the store: a long rebuild is not raced by N processes each waiting on the first's
+    lock (``busy_timeout`` is 5 s; a million rows take half a minute)."""
+    import sqlite3
+
+    import structlog
+
+    from proxy.archive_store import archive_path, load_ids
+    from proxy.config import parse_config
+    from proxy.supervisor import Supervisor
+    config = parse_config({"store": {"path": "data/front.sqlite3"}, "workers": 2}, tmp_path)
+    (tmp_path / "data").mkdir()
+    path = archive_path(str(config.path(config.store.path)))
+    old = sqlite3.connect(path, isolation_level=None)
+    old.executescript(V2_SCHEMA)
+    archive_id, seq, nonce = load_ids(old).new()
+    old.execute("INSERT INTO archive VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, ALICE, archive_id, nonce, 1000.0, "in", BOB, None, b"<m/>"))
+    old.close()
+    Supervisor(config, tmp_path / "config.yaml", 2, structlog.get_logger()).prepare_store()
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert ids_of(search(ArchiveArea(conn))) == [archive_id]
+    conn.close()

@@ -187,6 +187,22 @@ def test_origin_id_is_the_message_id() -> None:
     assert error.find(sid) is None
 
 
+def test_origin_id_from_the_journals_template_is_the_same_bytes_and_leaves_it_alone() -> None:
+    from proxy.client_edge import ensure_origin_id
+    from proxy.journal import origin_id_template
+    from proxy.xmpp import codec
+
+    template = origin_id_template()
+    made, copied = message(1), message(1)
+    ensure_origin_id(made)
+    for _ in range(2):  # a second message would show a changed template
+        copied = message(1)
+        ensure_origin_id(copied, template)
+    assert codec.document(copied) == codec.document(made)
+    assert codec.serialize(copied) == codec.serialize(made)
+    assert len(template) == 0 and template.get("id") is None and template.getparent() is None
+
+
 def test_merged_batches_keep_the_furthest_cut_and_many_stanzas_fit_one_row(
         tmp_path: Path) -> None:
     from proxy.journal import _Batch, _merge
