@@ -677,7 +677,7 @@ class Proxy:
             auth = None
             # Every event of the connection from here on names its session too.
             log = log.bind(jid=session.jid, session=session.core.id,
-                           account=str(session.core.account))
+                           account=session.account)  # the session's strings, not copies
             reason = await session.serve_client(stream, first, resumed=resumed,
                                                 conn_id=conn_id)
             log.info("closed", reason=reason, phase="session")

@@ -112,7 +112,7 @@ class Hub:
         with its last count for a late ``<resume/>``)."""
         if sm_id is not None:
             assert isinstance(session, LiveSession)  # the hub registers only its own
-            session.sm_key = (str(session.core.account), sm_id)
+            session.sm_key = (session.account, sm_id)
             self.by_sm_id[session.sm_key] = session
             return
         key, session.sm_key = session.sm_key, None
@@ -293,13 +293,13 @@ class Hub:
         jid = new.jid
         core = SessionCore(jid, self.factories, server, additions)
         session = LiveSession(self, core, auth.upstream, config, self.store,
-                              self.log.bind(jid=str(jid)), password=auth.password,
+                              self.log, password=auth.password,
                               tls_context=auth.upstream_tls,
                               inspector=self.inspector,
                               journal=self.journal, counters=self.counters,
                               archive=self.archive)
-        self._add(session)
-        log.info("bound", jid=str(jid), session=core.id, account=str(jid.bare))
+        self._add(session)  # keyed by the session's own JID string: one per session
+        log.info("bound", jid=session.jid, session=core.id, account=str(jid.bare))
         session.replay_pending()  # before anything the client sends now
         session.replay(owed, "handed over by the finishing session of this resource")
         return session, [new.result], False

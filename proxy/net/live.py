@@ -97,10 +97,10 @@ class ClientLeft(Exception):
 
 class LiveSession:
     __slots__ = (
-        "_account", "_archiving", "_ledger_logged", "_serialized", "_store_ticket", "_timers",
-        "archive", "client", "client_address", "client_endpoints", "config", "conn_id", "core",
-        "counters", "edge", "hub", "inspector", "journal", "log", "since", "sm_key", "store",
-        "transcript", "upstream",
+        "_account", "_archiving", "_jid", "_ledger_logged", "_serialized", "_store_ticket",
+        "_timers", "archive", "client", "client_address", "client_endpoints", "config",
+        "conn_id", "core", "counters", "edge", "hub", "inspector", "journal", "log", "since",
+        "sm_key", "store", "transcript", "upstream",
     )
 
     def __init__(self, hub: SessionRegistry, core: SessionCore, link: UpstreamLink, config: Config,
@@ -115,10 +115,13 @@ class LiveSession:
         self.config = config
         self.store = store
         self.journal = journal
+        # The JID strings are made once here and shared by the logger, the hub's index and
+        # the journal (each str(jid) is a new string held for the session's life).
         self._account = str(core.account)
-        # session, account and (once a client is attached) conn on every event; each
+        self._jid = str(core.jid)
+        # jid, session, account and (once a client is attached) conn on every event; each
         # attach rebinds conn, so no logger without it is kept (one bound logger fewer).
-        self.log = log.bind(session=core.id, account=self._account)
+        self.log = log.bind(jid=self._jid, session=core.id, account=self._account)
         self.counters = counters
         if counters is not None:
             link.stream.sent_bytes = counters.c2s_bytes
@@ -149,7 +152,7 @@ class LiveSession:
         self.client_endpoints: Endpoints = (None, None)
         self.since = time.time()  # when the session was bound (the admin view shows it)
         self.inspector = inspector
-        self.transcript = (inspector.transcript(str(core.account), core.id)
+        self.transcript = (inspector.transcript(self._account, core.id)
                            if inspector is not None else None)
         self.upstream = UpstreamSide(self, link, config=config, tls_context=tls_context,
                                      username=core.jid.local, password=password, log=self.log,
@@ -157,7 +160,11 @@ class LiveSession:
 
     @property
     def jid(self) -> str:
-        return str(self.core.jid)
+        return self._jid
+
+    @property
+    def account(self) -> str:
+        return self._account
 
     @property
     def state(self) -> str:
