@@ -478,7 +478,13 @@ class Proxy:
         self.log.info("worker_accepting", worker=role.index, workers=role.count,
                       listeners=len(self.servers))
         self.background.add(asyncio.create_task(self._prune_transcripts()))
-        if role.ready_fd is not None:
+
+    def tell_supervisor_ready(self) -> None:
+        """A worker tells its supervisor it accepts connections and handles signals (the
+        supervisor forwards SIGHUP and SIGTERM from then on: before the handlers, a SIGHUP
+        would end the worker)."""
+        role = self.worker
+        if role is not None and role.ready_fd is not None:
             os.write(role.ready_fd, b"r")
             os.close(role.ready_fd)
 
@@ -855,7 +861,6 @@ async def serve(config: Config, ready: Any = None, *, source: Path | None = None
     """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration (``source``)."""
     proxy = Proxy(config, source=source, log_level=log_level, worker=worker)
     await proxy.start()
-    tune_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -876,6 +881,8 @@ async def serve(config: Config, ready: Any = None, *, source: Path | None = None
 
         loop.add_reader(lifeline, supervisor_gone)
     watcher = asyncio.create_task(_watch_rules(proxy.rules))  # a reload may add rules
+    tune_collector()
+    proxy.tell_supervisor_ready()  # only now: the signals' handlers are in place
     if ready is not None:
         ready(proxy)
     await stop.wait()
