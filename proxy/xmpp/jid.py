@@ -6,7 +6,7 @@ tell accounts (bare JIDs) and sessions (full JIDs) apart and to compare them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_PART_BYTES = 1023  # RFC 7622 §3.2-3.4
 
@@ -20,6 +20,9 @@ class Jid:
     local: str
     domain: str
     resource: str
+    # The text, made at the first str() and kept: a session's JID is written into many
+    # places (its logger, the hub's keys, the cores' stamps), one string instead of one each.
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> Jid:
@@ -53,8 +56,13 @@ class Jid:
         return Jid(self.local, self.domain, resource)
 
     def __str__(self) -> str:
-        text = f"{self.local}@{self.domain}" if self.local else self.domain
-        return f"{text}/{self.resource}" if self.resource else text
+        text = self._text
+        if text is None:
+            text = f"{self.local}@{self.domain}" if self.local else self.domain
+            if self.resource:
+                text = f"{text}/{self.resource}"
+            object.__setattr__(self, "_text", text)
+        return text
 
 
 def bare_of(text: str | None) -> str | None:

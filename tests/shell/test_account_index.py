@@ -15,7 +15,10 @@ def index_of(h: Harness) -> dict[str, set[str]]:
     assert h.proxy is not None
     hub = h.proxy.hub
     assert set(hub.by_id.values()) == set(hub.by_jid.values())
-    return {str(account): set(sessions) for account, sessions in hub.by_account.items()}
+    index = {str(account): {s.jid for s in sessions}
+             for account, sessions in hub.by_account.items()}
+    assert sum(map(len, hub.by_account.values())) == len(hub.by_jid)  # each session once
+    return index
 
 
 async def enable_carbons(c: Client) -> None:
