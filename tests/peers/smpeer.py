@@ -28,7 +28,7 @@ class SmPeer:
         self.sm_id: str | None = None
         self.sent: list[str] = []  # labels of the stanzas sent since <enable/>, in order
         self.acked_h = 0  # the last h the server side acknowledged
-        self.handled = 0  # stanzas received since <enable/> (what our <a/> reports)
+        self.handled = 0  # stanzas received since <enabled/> (what our <a/> reports)
         self.bodies: list[str] = []  # message bodies received, in order
         self.errors: list[etree._Element] = []  # message errors received
         self.other: list[etree._Element] = []  # anything else worth a look
@@ -53,7 +53,8 @@ class SmPeer:
                     if el.tag == f"{{{SM}}}enabled":
                         peer.sm, peer.sm_id = True, el.get("id")
                         break
-                    peer._handle(el)
+                    # Sent before <enabled/>: not counted by either side (XEP-0198 §4).
+                    peer._handle(el, counted=False)
             if presence:
                 peer._send("<presence/>", "presence")
         except BaseException:
@@ -100,7 +101,7 @@ class SmPeer:
                 raise TimeoutError(f"{len(self.bodies)} of {count} messages in {timeout}s")
             await asyncio.sleep(0.02)
 
-    def _handle(self, el: etree._Element) -> None:
+    def _handle(self, el: etree._Element, *, counted: bool = True) -> None:
         tag = el.tag
         if tag == f"{{{SM}}}r":
             self.raw.send(f"<a xmlns='{SM}' h='{self.handled}'/>")
@@ -110,7 +111,7 @@ class SmPeer:
             self._acked.set()
             return
         if etree.QName(el).namespace == CLIENT:
-            self.handled += 1
+            self.handled += counted
             if el.tag == f"{{{CLIENT}}}message":
                 if el.get("type") == "error":
                     self.errors.append(el)
