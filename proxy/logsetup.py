@@ -60,7 +60,11 @@ def setup_logging(config: LogConfig, stream: TextIO | None = None) -> LevelFilte
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),  # see level
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        # One write per event, its newline included: print() writes the text and the newline
+        # apart, and with several workers on one unbuffered stdout (PYTHONUNBUFFERED, as in
+        # containers) another process's line could land between them (two events on one
+        # line, neither parseable).
+        logger_factory=structlog.WriteLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
     return level
