@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from .session import Outputs
 
 
-
 @dataclass(slots=True, unsafe_hash=True)  # per stanza: not frozen (commands.py)
 class ToClient:
     """Write to the client's connection now (a stanza already tracked, or a nonza).

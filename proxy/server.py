@@ -248,9 +248,7 @@ class Proxy:
         if config.features.archive == "off":
             return None
         a = config.archive
-        return ArchiveWriter(archive_path(self.store.path, str(config.path(a.path))
-                                          if a.path else None),
-                             log=self.log, retention=Retention(
+        return ArchiveWriter(archive_file(config), log=self.log, retention=Retention(
             max_age=a.max_age_days * 86400.0 if a.max_age_days > 0 else None,
             max_per_account=a.max_messages_per_account or None))
 
@@ -827,6 +825,13 @@ class Proxy:
         # For the operator: how long the whole stop took, and how many sessions it settled.
         self.log.info("stopped", seconds=round(time.monotonic() - started, 3),
                       sessions=totals["sessions"])
+
+
+def archive_file(config: Config) -> str:
+    """The archive's file for ``config``: ``archive.path``, else beside the store."""
+    a = config.archive
+    return archive_path(str(config.path(config.store.path)),
+                        str(config.path(a.path)) if a.path else None)
 
 
 RULES_POLL_SECONDS = 2.0  # how often rule files are checked for changes

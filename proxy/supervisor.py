@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .archive_store import archive_path, open_archive_connection
 from .admin import AdminSocketError, bind_admin_socket
 from .admin_protocol import (MAX_REQUEST_BYTES, BadRequest, KickRequest, MetricsRequest,
                              encode, error, parse_request)
+from .archive_store import open_archive_connection
 from .config import Config, Listener
 from .journal import recover
 from .metrics import MetricsServer, parse_listen, prometheus
 from .net.worker_link import private_folder
-from .server import upstream_addresses
+from .server import archive_file, upstream_addresses
 from .store import Store
 from .workers import merge_metrics, worker_paths
 
@@ -124,9 +124,7 @@ class Supervisor:
         if self.config.features.archive != "off":
             # The archive's file too: an older version is rebuilt here, once, not by every
             # worker at the same time (each would wait for the first one's lock).
-            a = self.config.archive
-            archive = archive_path(str(self.config.path(path)),
-                                   str(self.config.path(a.path)) if a.path else None)
+            archive = archive_file(self.config)
             if archive != ":memory:":
                 open_archive_connection(archive, self.log).close()
 

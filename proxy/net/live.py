@@ -115,8 +115,8 @@ class LiveSession:
         self.config = config
         self.store = store
         self.journal = journal
-        # The JID strings are made once here and shared by the logger, the hub's index and
-        # the journal (each str(jid) is a new string held for the session's life).
+        # The JID strings, kept as attributes: read for every stanza (the from stamp), and
+        # the same objects the logger and the hub's index hold.
         self._account = str(core.account)
         self._jid = str(core.jid)
         # jid, session, account and (once a client is attached) conn on every event; each
