@@ -1,4 +1,4 @@
-"""The running proxy: listeners, one task per client connection, orderly shutdown."""
+"""The running proxy: listeners, a task per connection while it negotiates, orderly shutdown."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .abuse import ConnectionLimiter, LoginThrottle, Refusal
@@ -50,9 +51,9 @@ from .net.client_side import (
 )
 from .net.worker_link import HandoffServer, RelayedStream, open_link, relay
 from .net.hub import Hub
-from .net.live import LiveSession
+from .net.live import ClientOutcome, ClientPump, LiveSession
 from .net.certificates import ServerCertificates, upstream_contexts
-from .net import tls_transport
+from .net import tls_transport, xmlstream
 from .net.preamble import read_proxy_header, read_proxy_header_from, tls_failure_reason
 from .net.xmlstream import ConnectionLost, XmlStream
 from .features.disco import DiscoveryFactory
@@ -156,7 +157,9 @@ class Proxy:
         self.servers: list[asyncio.Server] = []
         self.connections: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # the proxy's own periodic work
-        self.clients: set[XmlStream] = set()
+        # Every client connection: None while it negotiates (its task), then the pump that
+        # relays it into its session.
+        self.clients: dict[XmlStream, ClientPump | None] = {}
         self.relays: set[asyncio.Task[None]] = set()  # connections relayed to their home
         self.stopping = False
         self.connection_limiter = ConnectionLimiter(config.abuse)
@@ -446,7 +449,7 @@ class Proxy:
         for listener in self.config.listen:
             # Direct TLS is started per connection (_serve), not by asyncio's listener: a
             # PROXY header may come first, and a failed handshake is logged.
-            server = await asyncio.start_server(
+            server = await xmlstream.start_server(
                 functools.partial(self._accept, listener=listener),
                 listener.host, listener.port)
             self.servers.append(server)
@@ -470,7 +473,7 @@ class Proxy:
         await self.handoffs.start()
         for listener, fd in zip(self.config.listen, role.listen_fds, strict=True):
             sock = socket.socket(fileno=fd)
-            server = await asyncio.start_server(
+            server = await xmlstream.start_server(
                 functools.partial(self._accept, listener=listener), sock=sock)
             self.servers.append(server)
         self.log.info("worker_accepting", worker=role.index, workers=role.count,
@@ -563,10 +566,9 @@ class Proxy:
         if refusal is not None:
             await self._refuse_connection(stream, refusal, log)
             return
-        try:
-            await self._serve_admitted(stream, listener, conn_id, log)
-        finally:
-            self.connection_limiter.release(address)
+        # Released when the connection ends, which may be long after this task.
+        await self._serve_admitted(stream, listener, conn_id, log, closed=functools.partial(
+            self.connection_limiter.release, address))
 
     def _tls_failed(self, kind: str, exc: BaseException, log: Any) -> None:
         self.counters.count(self.counters.tls_handshakes, (kind, "failed"))
@@ -623,13 +625,17 @@ class Proxy:
         stream.abort()
 
     async def _serve_admitted(self, stream: XmlStream, listener: Listener, conn_id: str,
-                              log: Any, handoff: Handoff | None = None) -> None:
-        """``handoff``: the connection was accepted by another worker, which relays it
-        here from the client's ``<auth/>`` on."""
+                              log: Any, handoff: Handoff | None = None,
+                              closed: Callable[[], None] | None = None) -> None:
+        """Negotiate and attach the connection to its session; the task ends there, and
+        the session's pump relays it from then on. ``closed`` is called once the connection
+        ended, whoever ends it. ``handoff``: the connection was accepted by another worker,
+        which relays it here from the client's ``<auth/>`` on."""
         if handoff is None:
             log.info("accepted", listener_port=listener.port, direct_tls=listener.direct_tls,
                      **stream.tls_info, **self._worker_fields())
-        self.clients.add(stream)
+        self.clients[stream] = None
+        pumped = False  # the session's pump has the connection: it ends it and calls closed
         auth: AuthenticatedClient | None = None
         session: LiveSession | None = None
         role = self.worker
@@ -658,7 +664,7 @@ class Proxy:
                 await stream.close(exc.error)
                 return
             except HandOverNeeded as exc:
-                self.clients.discard(stream)
+                self.clients.pop(stream, None)
                 await self._hand_over(stream, negotiation, exc.command.home,
                                       exc.command.auth, exc.command.failures,
                                       listener, conn_id, log)
@@ -675,16 +681,12 @@ class Proxy:
                     await auth.upstream.stream.close()
             if resumed:
                 self.counters.count(self.counters.resumes, "ok")
-            # This task lives as long as the connection: what only the negotiation needed
-            # (its core, the login's holder) goes now, not with the session.
             del negotiation
             auth = None
-            # Every event of the connection from here on names its session too.
-            log = log.bind(jid=session.jid, session=session.core.id,
-                           account=session.account)  # the session's strings, not copies
-            reason = await session.serve_client(stream, first, resumed=resumed,
-                                                conn_id=conn_id)
-            log.info("closed", reason=reason, phase="session")
+            self.clients[stream] = session.serve_client(
+                stream, first, resumed=resumed, conn_id=conn_id,
+                on_end=functools.partial(self._relay_over, stream, log, session, closed))
+            pumped = True
         except asyncio.CancelledError:
             stream.abort()
             raise
@@ -693,7 +695,32 @@ class Proxy:
             log.exception("connection_failed")
             await stream.close(codec.stream_error("internal-server-error"))
         finally:
-            self.clients.discard(stream)
+            if not pumped:
+                self.clients.pop(stream, None)
+                if closed is not None:
+                    closed()
+
+    def _relay_over(self, stream: XmlStream, log: Any, session: LiveSession,
+                    closed: Callable[[], None] | None, outcome: ClientOutcome) -> None:
+        """The session's pump is done with a client connection (``ClientOutcome``)."""
+        self.clients.pop(stream, None)
+        try:
+            # The connection's logger, with the session's strings (not copies): no second
+            # bound logger is kept for as long as the connection lasts.
+            fields = {"jid": session.jid, "session": session.core.id,
+                      "account": session.account}
+            if isinstance(outcome, str):
+                log.info("closed", reason=outcome, phase="session", **fields)
+            elif outcome is not None:
+                # One broken connection never takes down the process or another session.
+                log.error("connection_failed", exc_info=outcome, **fields)
+                if not stream.closing:
+                    stream.send_bytes(stream.framed(codec.stream_error("internal-server-error"))
+                                      + codec.STREAM_CLOSE)
+                stream.abort()
+        finally:
+            if closed is not None:
+                closed()
 
     def _worker_fields(self) -> dict[str, int]:
         return {"worker": self.worker.index} if self.worker is not None else {}
@@ -769,7 +796,7 @@ class Proxy:
             return
         self.stopping = True
         started = time.monotonic()
-        self.log.info("stopping", connections=len(self.connections),
+        self.log.info("stopping", connections=len(self.clients),
                       sessions=len(self.hub.by_jid) + len(self.hub.finishing_sessions))
         # No cyclic collection while stopping: with thousands of sessions one full pass over
         # their objects takes a second or more, and the stop frees what it ends by reference
@@ -805,8 +832,18 @@ class Proxy:
                                timeout=self.config.shutdown.drain_timeout + 2.0)
         for task in list(self.connections):
             task.cancel()
+        for pump in list(self.clients.values()):
+            if pump is not None:
+                pump.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self.connections, return_exceptions=True)
+        for _ in range(50):  # each pump ends within a turn or two: 1 s at most
+            if not self.clients:
+                break
+            await asyncio.sleep(0.02)
+        for stream in list(self.clients):  # a pump that did not end: its connection goes
+            stream.abort(hard=True)
+        self.clients.clear()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)

@@ -39,7 +39,7 @@ from ..xmpp import stanza as st
 from .upstream import Endpoints, UpstreamLink
 from .ports import SessionRegistry
 from .upstream_side import UpstreamSide
-from .xmlstream import ConnectionLost, XmlStream
+from .xmlstream import OUTPUT_FULL, ConnectionLost, XmlStream
 from ..xmpp.stanza import Element
 
 
@@ -423,11 +423,16 @@ class LiveSession:
         if inspecting or out.commands:
             self._after_pipeline("s2c", el, started, out, out.to_client)
 
+    def client_congested(self) -> bool:
+        """More waits for the client than its transport's high-water mark: the server's
+        side stops reading until it drained (``client_drain``)."""
+        client = self.client
+        return client is not None and client.congested
+
     async def client_drain(self) -> None:
-        """Backpressure toward the server's side: wait while the client's buffer is full.
-        (Checked first: awaiting a drain per stanza would cost more than the relay.)"""
-        if self.client is not None and self.client.congested:
-            await self.client.drain()
+        client = self.client
+        if client is not None:
+            await client.drain()
 
     # Inspection ---------------------------------------------------------------------------------
 
@@ -521,9 +526,11 @@ class LiveSession:
 
     # The client connection ----------------------------------------------------------------------
 
-    async def serve_client(self, stream: XmlStream, first: list[Element] | None = None, *,
-                           resumed: bool = False, conn_id: str | None = None) -> str:
-        """Attach ``stream`` and relay for it until it leaves; returns why it left.
+    def serve_client(self, stream: XmlStream, first: list[Element] | None = None, *,
+                     resumed: bool = False, conn_id: str | None = None,
+                     on_end: Callable[[ClientOutcome], None]) -> ClientPump:
+        """Attach ``stream`` and relay for it until it leaves (its ``ClientPump``, which
+        calls ``on_end`` with why it left).
 
         ``first`` are elements to write before anything else (bind result, takeover queue,
         or ``<resumed/>`` and the resent stanzas, after which an ``<r/>`` follows); the list
@@ -539,24 +546,13 @@ class LiveSession:
         self.upstream.log = self.log
         if first:
             _send_all(stream, first)
-            # Emptied once written: the caller's frame lives as long as the connection, and
-            # a stanza kept there keeps its stream parser alive.
+            # Emptied once written: a stanza kept by the caller keeps its stream parser alive.
             first.clear()
         self.execute(self.edge.attach(resumed=resumed))
         self.write(self.core.client_attached())  # a stream starts active (CSI)
-        try:
-            await self._pump_client(stream)
-            reason = "?"  # unreachable: the pump only ends by raising
-        except ClientLeft as left:
-            reason = left.reason
-            await self._client_gone(stream, left)
-        except asyncio.CancelledError:
-            stream.abort()
-            raise
-        finally:
-            if self.client is stream:
-                self.client = None
-        return reason
+        pump = ClientPump(self, stream, on_end)
+        pump.run()
+        return pump
 
     async def _client_gone(self, stream: XmlStream, left: ClientLeft) -> None:
         if self.client is not stream:
@@ -568,49 +564,28 @@ class LiveSession:
         if running:
             await asyncio.gather(*running)
 
-    async def _next_client_event(self, stream: XmlStream) -> codec.StreamEvent:
-        try:
-            return await stream.next_event()
-        except ConnectionLost as exc:
-            raise ClientLeft(self.edge.connection_lost(str(exc))) from exc
-
-    async def _pump_client(self, stream: XmlStream) -> None:
+    def client_event(self, event: codec.StreamEvent) -> None:
+        """One event of the client's stream (its pump's); raises ClientLeft when the event
+        ends the connection."""
         edge = self.edge
-        upstream = self.upstream
-        room = upstream.room
-        while True:
-            # Backpressure while the server is away and the buffer is full: stop reading
-            # (stanzas already received were counted and are acked as usual).
-            if not room.is_set():
-                await room.wait()
-            event = stream.ready_event()  # the rest of a read: no await per stanza
-            if event is None:
-                # The server's buffer only grows when a loop turn flushes it: once before
-                # each read is as often as it can change.
-                if upstream.congested:
-                    await upstream.drain()
-                event = await self._next_client_event(stream)
-            if type(event) is codec.StanzaReceived:
-                el = event.element
-                if el.tag in st.STANZA_TAGS:
-                    edge.client_stanza()
-                    self._from_client(el)
-                else:
-                    handled = self.core.client_nonza(el)  # a feature's (CSI) or the edge's
-                    if handled is not None:
-                        self.write(handled)
-                    else:
-                        self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
-                    del handled
-                commands = edge.request_ack()
-                if commands:
-                    self.execute(commands)
-                # Nothing read is kept while waiting: an element keeps its parser alive.
-                del event, el
+        if type(event) is codec.StanzaReceived:
+            el = event.element
+            if el.tag in st.STANZA_TAGS:
+                edge.client_stanza()
+                self._from_client(el)
             else:
-                leaves = edge.stream_event(event)
-                raise ClientLeft(leaves.reason, error=leaves.error, end_session=True,
-                                 clean=isinstance(event, codec.StreamClosed))
+                handled = self.core.client_nonza(el)  # a feature's (CSI) or the edge's
+                if handled is not None:
+                    self.write(handled)
+                else:
+                    self.execute(edge.client_nonza(el))  # ClientLeaves raises ClientLeft
+            commands = edge.request_ack()
+            if commands:
+                self.execute(commands)
+        else:
+            leaves = edge.stream_event(event)
+            raise ClientLeft(leaves.reason, error=leaves.error, end_session=True,
+                             clean=isinstance(event, codec.StreamClosed))
 
     def _from_client(self, el: Element) -> None:
         inspecting = self.inspector is not None
@@ -804,6 +779,108 @@ class LiveSession:
             await _wait_until(lambda: self.upstream.state != "up"
                               or not self.upstream.outbox.size, deadline)
         await self.end("proxy stopping", client_error=error, stopping=True, deadline=deadline)
+
+
+# How a client connection ended, for ``serve_client``'s ``on_end``: why it left; the error
+# that ended it (a bug: logged, the connection closed); None: the proxy stopped its pump.
+ClientOutcome = str | BaseException | None
+
+
+class ClientPump:
+    """Relays one client connection into its session, with no task of its own: the stream
+    calls it back when bytes arrive, and it takes every event that is there. A task runs
+    only while it waits (room in the server's buffer, the client reading what it was sent)
+    and when the connection ends (the session settles what the client left behind)."""
+
+    __slots__ = ("on_end", "session", "stream", "waiting")
+
+    def __init__(self, session: LiveSession, stream: XmlStream,
+                 on_end: Callable[[ClientOutcome], None]) -> None:
+        self.session = session
+        self.stream = stream
+        self.on_end: Callable[[ClientOutcome], None] | None = on_end
+        self.waiting: asyncio.Task[None] | None = None
+
+    def run(self, drained: bool = False) -> None:
+        """Relay what is here now, then wait to be called back. ``drained``: the server's
+        buffer was just drained; read on even if it is still full."""
+        session = self.session
+        stream = self.stream
+        upstream = session.upstream
+        room = upstream.room
+        try:
+            while True:
+                # Backpressure while the server is away and the buffer is full: stop reading
+                # (stanzas already received were counted and are acked as usual).
+                if not room.is_set():
+                    self._wait(room.wait())
+                    return
+                if not stream.parsed_ready():
+                    # The server's buffer only grows when a loop turn flushes it: once before
+                    # each read is as often as it can change.
+                    if not drained and upstream.congested:
+                        self._wait(upstream.drain(), drained=True)
+                        return
+                    drained = False
+                event = stream.poll_event()
+                if event is None:
+                    stream.when_readable(self.run)
+                    return
+                if event is OUTPUT_FULL:
+                    self._wait(stream.output_room())
+                    return
+                session.client_event(event)  # type: ignore[arg-type]
+        except ConnectionLost as exc:
+            self._ended(ClientLeft(session.edge.connection_lost(str(exc))))
+        except ClientLeft as left:
+            self._ended(left)
+        except Exception as exc:  # a bug: this connection ends, the others go on
+            self._ended(exc)
+
+    def _wait(self, waiting: Awaitable[None], drained: bool = False) -> None:
+        self.waiting = asyncio.ensure_future(self._run_after(waiting, drained))
+
+    async def _run_after(self, waiting: Awaitable[None], drained: bool) -> None:
+        try:
+            await waiting
+        except Exception as exc:
+            self._ended(exc)
+            return
+        self.waiting = None
+        self.run(drained)
+
+    def _ended(self, outcome: ClientLeft | Exception) -> None:
+        self.stream.stop_listening()
+        self.waiting = asyncio.ensure_future(self._finish(outcome))
+
+    async def _finish(self, outcome: ClientLeft | Exception) -> None:
+        result: ClientOutcome = outcome if isinstance(outcome, Exception) else None
+        if isinstance(outcome, ClientLeft):
+            try:
+                await self.session._client_gone(self.stream, outcome)
+                result = outcome.reason
+            except Exception as exc:
+                result = exc
+        self._over(result)
+
+    def _over(self, outcome: ClientOutcome) -> None:
+        self.waiting = None
+        session = self.session
+        if session.client is self.stream:
+            session.client = None
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(outcome)
+
+    def cancel(self) -> None:
+        """The proxy is stopping: the connection is dropped (what the session must settle,
+        its shutdown did), and ``on_end`` hears None."""
+        waiting = self.waiting
+        if waiting is not None:
+            waiting.cancel()
+        self.stream.stop_listening()
+        self.stream.abort()
+        self._over(None)
 
 
 _FEATURE_TIMER = "feature:"  # the features' timers, apart from the client edge's

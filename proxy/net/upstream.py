@@ -36,8 +36,12 @@ from ..xmpp.disco import ServerInfo
 from ..xmpp import stanza as st
 from .preamble import tls_failure_reason
 from .tls_transport import start_tls
-from .xmlstream import ConnectionLost, PlaintextInjection, XmlStream
+from .xmlstream import (ConnectionLost, PlaintextInjection, XmlStream, features_element,
+                        open_connection)
 from ..xmpp.stanza import Element
+
+# What a link holds once its features are read: one empty element for every session.
+_NO_FEATURES = features_element()
 
 __all__ = [
     "Address",
@@ -131,6 +135,11 @@ class UpstreamLink:
         assert self.negotiation.features is not None
         return self.negotiation.features
 
+    def features_read(self) -> None:
+        """What the session needed of the features is taken (``ServerEdge.connected``):
+        the element is not kept as long as the session (about 3 KiB of libxml2)."""
+        self.negotiation.features = _NO_FEATURES
+
     @property
     def mechanism(self) -> str:
         return self.negotiation.mechanism
@@ -215,7 +224,7 @@ class UpstreamLink:
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
             # that races with a finished connect, and an ended session would go on logging in.
             async with asyncio.timeout(command.seconds):
-                reader, writer = await asyncio.open_connection(command.host, command.port)
+                reader, writer = await open_connection(command.host, command.port)
                 if command.proxy_header is not None:  # the header goes first, before TLS
                     writer.write(command.proxy_header)
                 if context is not None:

@@ -19,7 +19,7 @@ import hmac
 import random
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from lxml import etree
@@ -35,14 +35,14 @@ from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
                        UpstreamUnavailable, connect_upstream, tls_session, tls_session_reused)
 from .ports import SessionForUpstream
-from .xmlstream import ConnectionLost
+from .xmlstream import OUTPUT_FULL, ConnectionLost
 from ..xmpp.stanza import Element
 
 
 _STREAM_ERROR = ns.qname(ns.STREAM, "error")
 _SM_PREFIX = "{" + ns.SM + "}"
 BARRIER_FLUSH = 0.2  # seconds after a batch before a barrier confirms it
-CLOSE_WAIT = 1.0  # seconds the reading task gets to stop when the session ends
+CLOSE_WAIT = 1.0  # seconds a reconnect or restore under way gets to stop when the session ends
 CLOSE_READ = 2.0  # seconds the server gets to close its stream after ours (RFC 6120 §4.4)
 
 
@@ -91,9 +91,9 @@ class _Stop(Exception):
 
 class UpstreamSide:
     __slots__ = (
-        "_flush", "_password", "_task", "_tls_fresh", "_tls_session", "_username", "config",
-        "counters", "edge", "finished", "finished_callback", "link", "log", "outbox", "room",
-        "session", "tls_context",
+        "_closed", "_flush", "_password", "_task", "_tls_fresh", "_tls_session", "_username",
+        "config", "counters", "edge", "finished", "finished_callback", "link", "log", "outbox",
+        "room", "session", "tls_context",
     )
 
     def __init__(self, session: SessionForUpstream, link: UpstreamLink, *, config: Config,
@@ -126,9 +126,12 @@ class UpstreamSide:
         self.finished = Flag()  # set once this side is gone for good
         self.finished_callback: Callable[[], None] | None = None
         self._run_commands(self.edge.connected(link.features))
-        # Kept as long as the session: a copy that keeps no stream parser alive.
-        link.negotiation.features = codec.detached(link.features)
-        self._task = asyncio.create_task(self._run())
+        link.features_read()
+        # No task reads the server: the pump is called back when bytes arrive. A task runs
+        # only while the link is down (reconnect, restore) or ends (the last confirmations).
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False  # close() was called: the pump stops
+        asyncio.get_running_loop().call_soon(self._pump)
 
     def password_is(self, password: str) -> bool:
         return hmac.compare_digest(self._password.encode(), password.encode())
@@ -223,58 +226,35 @@ class UpstreamSide:
 
     # Reading and liveness -----------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        try:
-            while True:
-                stop = await self._pump()
-                if isinstance(stop, Finished):
-                    await self._close_reading(CLOSE_READ)
-                    self.edge.state = "gone"
-                    self.log.info("upstream_finished", reason="the server confirmed everything")
-                    return
-                if isinstance(stop, GiveUp):
-                    raise _Stop(stop)
-                self._went_down(stop.reason)
-                await self._reconnect()
-        except _Stop as stop:
-            assert isinstance(stop.command, GiveUp)
-            await self._give_up(stop.command)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self.log.exception("upstream_failed")
-            self._return_unconfirmed("internal error")  # the core is "gone" from here on
-            await self.session.end("internal error", client_error=codec.stream_error(
-                "internal-server-error"), upstream_dead=True)
-        finally:
-            if self.state == "gone":
-                self._set_finished()
-
-    def _set_finished(self) -> None:
-        self.finished.set()
-        if self.finished_callback is not None:
-            self.finished_callback()
-
-    async def _pump(self) -> ServerLost | Finished | GiveUp:
-        """Relay from the server until it goes away or the core says stop."""
+    def _pump(self, drained: bool = False) -> None:
+        """Relay what the server sent that is here now, then wait to be called back when
+        more arrives (or nothing did for the core's read timeout: ``_silent``).
+        ``drained``: the client's buffer was just drained; read on even if it is full."""
+        if self._closed:
+            return
         stream = self.link.stream
         edge = self.edge
         session = self.session
-        while True:
-            try:
-                event = stream.ready_event()  # the rest of a read: no await per stanza
+        try:
+            while True:
+                reading = not stream.parsed_ready()
+                # Backpressure toward the server: no more reading while the client's buffer
+                # is full (it only grows when a loop turn flushes, so once before each read
+                # is as often as it can change).
+                if reading and not drained and session.client_congested():
+                    self._wait(session.client_drain(), drained=True)
+                    return
+                try:
+                    event = stream.poll_event()
+                except ConnectionLost as exc:
+                    self._stopped(ServerLost(f"connection lost ({exc})"))
+                    return
                 if event is None:
-                    # Backpressure toward the server: no more reading while the client's
-                    # buffer is full (it only grows when a loop turn flushes, so once
-                    # before each read is as often as it can change).
-                    await session.client_drain()
-                    try:
-                        event = await stream.next_event(edge.read_timeout())
-                    except TimeoutError:
-                        self._run_commands(edge.silence())
-                        continue
-                    except ConnectionLost as exc:
-                        return ServerLost(f"connection lost ({exc})")
+                    stream.when_readable(self._pump, edge.read_timeout(), self._silent)
+                    return
+                assert event is not OUTPUT_FULL  # no output limits toward the server
+                if reading:
+                    drained = False
                     edge.heard()  # what a read brought in: nothing else arrives meanwhile
                     if self._tls_fresh:
                         self._tls_fresh = False
@@ -298,13 +278,81 @@ class UpstreamSide:
                     # Nothing read is kept while waiting: an element keeps its parser alive.
                     del el, event
                 elif isinstance(event, codec.StreamClosed):
-                    return ServerLost("the server closed the stream")
+                    self._stopped(ServerLost("the server closed the stream"))
+                    return
                 elif isinstance(event, codec.StreamViolation):
                     error, lost = edge.stream_violation(event)
                     stream.send_bytes(error)
-                    return lost
-            except _Stop as stop:
-                return stop.command
+                    self._stopped(lost)
+                    return
+        except _Stop as stop:
+            self._stopped(stop.command)
+        except Exception as exc:  # a bug: this session ends, the others go on
+            self._stopped(exc)
+
+    def _silent(self) -> None:
+        """Nothing came from the server within the read timeout: the core pings it, or
+        declares it gone."""
+        if self._closed:
+            return
+        try:
+            self._run_commands(self.edge.silence())
+        except _Stop as stop:
+            self._stopped(stop.command)
+            return
+        except Exception as exc:
+            self._stopped(exc)
+            return
+        self._pump()
+
+    def _wait(self, waiting: Awaitable[None], *, drained: bool) -> None:
+        self._task = asyncio.ensure_future(self._pump_after(waiting, drained))
+
+    async def _pump_after(self, waiting: Awaitable[None], drained: bool) -> None:
+        await waiting
+        self._task = None
+        self._pump(drained)
+
+    def _stopped(self, stop: ServerLost | Finished | GiveUp | Exception) -> None:
+        """The pump stopped: what follows (the last reads, a reconnect, the end) waits, so
+        it runs in a task of its own."""
+        self._task = asyncio.ensure_future(self._after_pump(stop))
+
+    async def _after_pump(self, stop: ServerLost | Finished | GiveUp | Exception) -> None:
+        try:
+            if isinstance(stop, Exception):
+                raise stop
+            if isinstance(stop, Finished):
+                await self._close_reading(CLOSE_READ)
+                self.edge.state = "gone"
+                self.log.info("upstream_finished", reason="the server confirmed everything")
+                return
+            if isinstance(stop, GiveUp):
+                raise _Stop(stop)
+            self._went_down(stop.reason)
+            await self._reconnect()
+        except _Stop as given_up:
+            assert isinstance(given_up.command, GiveUp)
+            await self._give_up(given_up.command)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("upstream_failed")
+            self._return_unconfirmed("internal error")  # the core is "gone" from here on
+            await self.session.end("internal error", client_error=codec.stream_error(
+                "internal-server-error"), upstream_dead=True)
+            return
+        finally:
+            if self.state == "gone":
+                self._set_finished()
+        self._task = None  # restored: the pump reads the new link
+        self._pump()
+
+    def _set_finished(self) -> None:
+        self.finished.set()
+        if self.finished_callback is not None:
+            self.finished_callback()
 
     def _went_down(self, reason: str) -> None:
         if self._flush is not None:
@@ -361,8 +409,7 @@ class UpstreamSide:
             self.counters.upstream_restores += 1
             self.counters.outage_seconds += outage
         self._run_commands(self.edge.connected(link.features))
-        # Kept as long as the session: a copy that keeps no stream parser alive.
-        link.negotiation.features = codec.detached(link.features)
+        link.features_read()
         # A finishing session's client is gone: nothing of its state is restored (its
         # contacts must not see it come back online), only what it sent is replayed.
         restore = (self.session.core.upstream_restored() if not self.edge.finishing
@@ -440,17 +487,20 @@ class UpstreamSide:
     async def close(self, *, dead: bool, timeout: float = CLOSE_READ) -> None:
         if self._flush is not None:
             self._flush.cancel()
-        if asyncio.current_task() is not self._task:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
-            if not self._task.done():
+        self._closed = True
+        self.link.stream.stop_listening()
+        task = self._task
+        if task is not None and asyncio.current_task() is not task:
+            task.cancel()
+            await asyncio.wait({task}, timeout=CLOSE_WAIT)
+            if not task.done():
                 # Still blocked in a read: closing the transport ends it.
                 self.link.stream.abort()
                 dead = True
-                await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
-            if self._task.done() and not self._task.cancelled():
+                await asyncio.wait({task}, timeout=CLOSE_WAIT)
+            if task.done() and not task.cancelled():
                 with contextlib.suppress(Exception):
-                    self._task.result()
+                    task.result()
         if self.state == "up" and not dead:
             await self._close_reading(timeout)
         else:

@@ -25,7 +25,7 @@ from xml.sax.saxutils import quoteattr
 
 from ..workers import HANDOFF_HEADER, BadHandoff, Handoff
 from ..xmpp import ns
-from .xmlstream import XmlStream
+from .xmlstream import XmlStream, start_unix_server
 
 RELAY_CHUNK = 65536
 HANDOFF_READ_TIMEOUT = 10.0  # seconds for the handoff message once the link is open
@@ -96,7 +96,7 @@ class HandoffServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(self.path))
         os.chmod(self.path, 0o600)
-        self.server = await asyncio.start_unix_server(self._accept, sock=sock,
+        self.server = await start_unix_server(self._accept, sock=sock,
                                                       limit=RELAY_CHUNK)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

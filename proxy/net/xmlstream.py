@@ -50,6 +50,115 @@ HEAP_TRIM_EVERY = 30.0
 _NO_EVENTS: tuple[codec.StreamEvent, ...] = ()
 
 
+class _OutputFull:
+    """What ``poll_event`` returns while too much waits for the peer (see ``output_room``)."""
+
+    def __repr__(self) -> str:
+        return "OUTPUT_FULL"
+
+
+OUTPUT_FULL = _OutputFull()
+
+
+class PushReader(asyncio.StreamReader):
+    """asyncio's StreamReader, which can also call back instead of being awaited.
+
+    An idle connection that is read by ``await reader.read()`` holds a task, its coroutine
+    frames and a future for as long as it is idle (about 5 KiB for the two legs of a
+    session). With ``listen`` it holds one callback: the relay pumps are called when bytes,
+    the end or an error arrive, then take what is there with ``read_nowait``.
+    """
+
+    # StreamReader's own state, which this subclass reads (typeshed does not declare it).
+    _buffer: bytearray
+    _eof: bool
+    _exception: BaseException | None
+    _paused: bool
+    _transport: Any
+    _loop: asyncio.AbstractEventLoop
+
+    def __init__(self, limit: int = 2 ** 16,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._listener: Callable[[], None] | None = None
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called once, on a later turn of the loop, when there is
+        something to read (bytes, the end, an error): at once if there is already."""
+        if self._buffer or self._eof or self._exception is not None:
+            self._loop.call_soon(callback)
+            return
+        self._listener = callback
+        if self._paused:  # as read() does before it waits: a paused reader would never hear
+            self._paused = False
+            self._transport.resume_reading()
+
+    def unlisten(self) -> None:
+        self._listener = None
+
+    def _wakeup_waiter(self) -> None:  # feed_data and feed_eof call it
+        super()._wakeup_waiter()  # type: ignore[misc]
+        self._tell_listener()
+
+    def set_exception(self, exc: Exception) -> None:  # a reset: it wakes no waiter
+        super().set_exception(exc)
+        self._tell_listener()
+
+    def _tell_listener(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            self._listener = None
+            self._loop.call_soon(listener)
+
+    def read_nowait(self, n: int) -> bytes | None:
+        """Up to ``n`` bytes that are here now; b"" at the end; None: nothing yet.
+        Raises what the connection failed with, as ``read`` does."""
+        if self._exception is not None:
+            raise self._exception
+        buffer = self._buffer
+        if not buffer:
+            return b"" if self._eof else None
+        data = bytes(buffer[:n])
+        del buffer[:n]
+        self._maybe_resume_transport()  # type: ignore[attr-defined]
+        return data
+
+
+def _push_protocol(client_connected_cb: Any, limit: int,
+                   loop: asyncio.AbstractEventLoop) -> asyncio.StreamReaderProtocol:
+    return asyncio.StreamReaderProtocol(PushReader(limit=limit, loop=loop),
+                                        client_connected_cb, loop=loop)
+
+
+async def start_server(client_connected_cb: Any, host: str | None = None,
+                       port: int | None = None, *, limit: int = 2 ** 16,
+                       **kwargs: Any) -> asyncio.Server:
+    """``asyncio.start_server`` whose connections are read by a PushReader."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        functools.partial(_push_protocol, client_connected_cb, limit, loop),
+        host, port, **kwargs)
+
+
+async def start_unix_server(client_connected_cb: Any, path: str | None = None, *,
+                            limit: int = 2 ** 16, **kwargs: Any) -> asyncio.Server:
+    """``asyncio.start_unix_server`` whose connections are read by a PushReader."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(
+        functools.partial(_push_protocol, client_connected_cb, limit, loop),
+        path, **kwargs)
+
+
+async def open_connection(host: str, port: int, *, limit: int = 2 ** 16,
+                          **kwargs: Any) -> tuple[PushReader, asyncio.StreamWriter]:
+    """``asyncio.open_connection`` with a PushReader."""
+    loop = asyncio.get_running_loop()
+    reader = PushReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.create_connection(lambda: protocol, host, port, **kwargs)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
 class _HeapTrim(threading.local):
     """The trim this thread's event loop has scheduled, and since when one is owed."""
 
@@ -147,6 +256,8 @@ class XmlStream:
         self.log = log
         self._overflow_check: asyncio.TimerHandle | None = None
         self._idle_check: asyncio.TimerHandle | None = None
+        self._read_timer: asyncio.TimerHandle | None = None  # when_readable's timeout
+        self._room_waited = False  # output_room just returned: poll_event reads once
         # The peer's address: the socket's, or what a PROXY protocol header said.
         peer = writer.get_extra_info("peername")
         self.remote: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
@@ -209,7 +320,7 @@ class XmlStream:
                     self._since_output_check >= OUTPUT_CHECK_EVERY:
                 self._since_output_check = 0
                 if self.output_bytes > self.output_soft:
-                    await self._output_room()
+                    await self.output_room()
         while self._next >= len(self._events):
             deadline = None
             if self.overflowed:
@@ -231,19 +342,96 @@ class XmlStream:
             except (OSError, ssl.SSLError) as exc:
                 self.dead = True
                 raise ConnectionLost(type(exc).__name__) from exc
-            if not data:
-                self.dead = True
-                raise ConnectionLost("eof")
-            self.read_at = time.perf_counter()
-            self._events, self._next = self.parser.feed(data), 0
-            if self._idle_check is None:
-                self._idle_check = asyncio.get_running_loop().call_later(
-                    PARSER_IDLE, self._release_when_idle)
+            self._take(data)
         events, at = self._events, self._next
         self._next = at + 1
         if self._next == len(events):
             self._events, self._next = _NO_EVENTS, 0
         return events[at]
+
+    def _take(self, data: bytes) -> None:
+        """What a read brought (b"": the end) goes to the parser."""
+        if not data:
+            self.dead = True
+            raise ConnectionLost("eof")
+        self.read_at = time.perf_counter()
+        self._events, self._next = self.parser.feed(data), 0
+        if self._idle_check is None:
+            self._idle_check = asyncio.get_running_loop().call_later(
+                PARSER_IDLE, self._release_when_idle)
+
+    # Read by callbacks (the relay pumps), with no task: poll_event, when_readable -----------
+
+    def poll_event(self) -> codec.StreamEvent | _OutputFull | None:
+        """The next event if there is one now, parsed or in the reader's buffer (the reader
+        must be a PushReader); None: nothing yet (``when_readable``); OUTPUT_FULL: more than
+        ``output_soft`` waits for the peer, await ``output_room`` before reading on.
+        ConnectionLost as ``next_event`` raises it."""
+        if self.output_soft is not None:
+            if self._room_waited:
+                self._room_waited = False  # output_room gave up on the peer: read on
+            else:
+                # As next_event: before a read, and every few events between.
+                self._since_output_check += 1
+                if self._next >= len(self._events) or \
+                        self._since_output_check >= OUTPUT_CHECK_EVERY:
+                    self._since_output_check = 0
+                    if self.output_bytes > self.output_soft:
+                        return OUTPUT_FULL
+        while self._next >= len(self._events):
+            if self.overflowed:
+                raise ConnectionLost("output overflow")
+            reader: PushReader = self.reader  # type: ignore[assignment]
+            try:
+                data = reader.read_nowait(READ_CHUNK)
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                self.dead = True  # a TimeoutError here is the transport's (a TLS shutdown)
+                raise ConnectionLost(type(exc).__name__) from exc
+            if data is None:
+                return None
+            self._take(data)
+        events, at = self._events, self._next
+        self._next = at + 1
+        if self._next == len(events):
+            self._events, self._next = _NO_EVENTS, 0
+        return events[at]
+
+    def parsed_ready(self) -> bool:
+        """An event is parsed and waiting: poll_event returns it without reading."""
+        return self._next < len(self._events)
+
+    def when_readable(self, callback: Callable[[], None], timeout: float | None = None,
+                      on_timeout: Callable[[], None] | None = None) -> None:
+        """Call ``callback`` once there is something to read (then ``poll_event``);
+        ``on_timeout`` instead when nothing came within ``timeout`` seconds."""
+        reader: PushReader = self.reader  # type: ignore[assignment]
+        if timeout is None:
+            reader.listen(callback)
+            return
+        assert on_timeout is not None
+        self._read_timer = asyncio.get_running_loop().call_later(
+            timeout, self._read_timed_out, on_timeout)
+        reader.listen(functools.partial(self._readable, callback))
+
+    def _readable(self, callback: Callable[[], None]) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        callback()
+
+    def _read_timed_out(self, on_timeout: Callable[[], None]) -> None:
+        self._read_timer = None
+        self.reader.unlisten()  # type: ignore[attr-defined]
+        on_timeout()
+
+    def stop_listening(self) -> None:
+        """No callback for this stream's reads any more (its pump is stopping)."""
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        unlisten = getattr(self.reader, "unlisten", None)
+        if unlisten is not None:
+            unlisten()
 
     def _release_when_idle(self) -> None:
         """Drop the parser of a stream that has read nothing for PARSER_IDLE; look again
@@ -306,11 +494,12 @@ class XmlStream:
         except Exception:
             return 0
 
-    async def _output_room(self) -> None:
+    async def output_room(self) -> None:
         """Back-pressure on a peer that does not read: while more than ``output_soft``
         bytes wait for it, nothing more is read from it (and so nothing more answered)."""
         soft = self.output_soft
         assert soft is not None
+        self._room_waited = True
         if self.log is not None:
             self.log.debug("output_backpressure", pending=self.output_bytes, soft=soft)
         while self.output_bytes > soft and not (self.dead or self.overflowed
@@ -484,6 +673,9 @@ class XmlStream:
         if self._idle_check is not None:
             self._idle_check.cancel()
             self._idle_check = None
+        if self._read_timer is not None:  # the pump hears the end from the reader
+            self._read_timer.cancel()
+            self._read_timer = None
         transport = self.writer.transport
         if hard:
             self._pending_out.clear()

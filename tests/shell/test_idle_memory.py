@@ -63,3 +63,37 @@ async def test_a_resumed_sessions_events_name_its_new_connection(h: Harness) -> 
     assert ended["conn"] == closed["conn"] != bound["conn"]
     assert ended["session"] == bound["session"] and ended["account"] == "alice@localhost"
     assert ended["jid"] == "alice@localhost/phone"
+
+
+def _proxy_tasks() -> list[str]:
+    """The running tasks whose coroutine is the proxy's own code, by name."""
+    names = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is not None and "/proxy/" in code.co_filename.replace("\\", "/"):
+            names.append(code.co_qualname)
+    return sorted(names)
+
+
+@playbook()
+async def test_idle_sessions_hold_no_task_and_relay_when_bytes_come(h: Harness) -> None:
+    """An idle session's two connections are read by callbacks: no task (and none of its
+    coroutine frames) waits in a read for as long as the session lasts."""
+    before = _proxy_tasks()  # the proxy's own (the transcripts' pruning, the writers')
+    alice = await h.client("alice", resource="phone")
+    await h.server.expect_bind("phone")
+    await h.client("bob", resource="desk")  # a second idle session beside hers
+    await h.server.expect_bind("desk")
+    await _until(lambda: _proxy_tasks() == before)  # the logins' tasks end at the attach
+
+    alice.send("<message to='bob@localhost' type='chat' id='m1'><body>1</body></message>")
+    m = await h.server.expect_stanza(kind="message", body="1")
+    assert m.get("from") == "alice@localhost/phone"
+    h.server.push_message(alice.jid, "hello", frm="bob@localhost/desk", id="s1")
+    await alice.expect_message("hello")
+    await _until(lambda: _proxy_tasks() == before)
+
+    await alice.close()
+    await h.logged("session_ended", timeout=3.0)
+    closed = [e for e in h.events("closed") if e.get("phase") == "session"]
+    assert closed and closed[0]["jid"] == "alice@localhost/phone"

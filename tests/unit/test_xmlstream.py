@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -49,7 +51,7 @@ async def pair(**stream_kwargs: Any) -> AsyncIterator[
     def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.set_result(XmlStream(reader, writer, **stream_kwargs))
 
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    server = await xmlstream.start_server(on_connect, "127.0.0.1", 0)  # as the proxy reads
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     stream = await asyncio.wait_for(accepted, 5)
@@ -337,3 +339,130 @@ def test_an_idle_stream_drops_its_parser_between_stanzas_and_reads_on(
             writer.write(b"</stream:stream>")
             assert isinstance(await stream.next_event(5), codec.StreamClosed)
     run(scenario())
+
+
+# Read by callbacks (the relay pumps): poll_event and when_readable ---------------------------
+
+
+class Pump:
+    """A pump as the relay's are: called back, takes every event that is there, listens."""
+
+    def __init__(self, stream: XmlStream) -> None:
+        self.stream = stream
+        self.events: list[codec.StreamEvent] = []
+        self.lost: ConnectionLost | None = None
+        self.calls = 0
+
+    def run(self) -> None:
+        self.calls += 1
+        try:
+            while True:
+                event = self.stream.poll_event()
+                if event is None:
+                    self.stream.when_readable(self.run)
+                    return
+                assert event is not xmlstream.OUTPUT_FULL
+                self.events.append(event)  # type: ignore[arg-type]
+        except ConnectionLost as exc:
+            self.lost = exc
+
+    def stanzas(self) -> list[str]:
+        return [etree.QName(e.element).localname for e in self.events
+                if isinstance(e, codec.StanzaReceived)]
+
+
+def test_a_listening_stream_is_called_back_and_takes_every_stanza_of_a_read() -> None:
+    async def main() -> None:
+        async with pair() as (stream, _, writer):
+            pump = Pump(stream)
+            pump.run()
+            assert pump.events == [] and pump.calls == 1  # nothing yet: it listens
+            writer.write(HEADER + b"<message/><presence/>" + b"<iq type='get' id='1'/>")
+            await until(lambda: len(pump.stanzas()) == 3)
+            assert isinstance(pump.events[0], codec.StreamOpened)
+            assert pump.stanzas() == ["message", "presence", "iq"]
+            calls = pump.calls
+            writer.write(b"<message/>")
+            await until(lambda: len(pump.stanzas()) == 4)
+            assert pump.calls == calls + 1  # one call for one read, not a task
+    run(main())
+
+
+def test_a_listening_stream_hears_the_end_of_the_connection() -> None:
+    async def main() -> None:
+        async with pair() as (stream, _, writer):
+            pump = Pump(stream)
+            pump.run()
+            writer.write(HEADER)
+            await until(lambda: len(pump.events) == 1)
+            writer.close()
+            await until(lambda: pump.lost is not None)
+            assert str(pump.lost) == "eof" and stream.dead
+    run(main())
+
+
+def test_a_listening_stream_hears_a_reset_connection() -> None:
+    async def main() -> None:
+        async with pair() as (stream, _, writer):
+            pump = Pump(stream)
+            pump.run()
+            writer.write(HEADER)
+            await until(lambda: len(pump.events) == 1)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # linger 0: the peer gets a RST, not a FIN
+            await until(lambda: pump.lost is not None)
+            assert str(pump.lost) == "ConnectionResetError" and stream.dead
+    run(main())
+
+
+def test_when_readable_times_out_and_stop_listening_silences_the_callback() -> None:
+    async def main() -> None:
+        async with pair() as (stream, _, writer):
+            heard: list[str] = []
+            stream.when_readable(lambda: heard.append("readable"), 0.05,
+                                 lambda: heard.append("timeout"))
+            await until(lambda: heard == ["timeout"])
+            writer.write(HEADER)  # nobody listens after the timeout
+            await asyncio.sleep(0.1)
+            assert heard == ["timeout"]
+            assert isinstance(stream.poll_event(), codec.StreamOpened)  # still there to take
+            stream.when_readable(lambda: heard.append("readable"), 5.0,
+                                 lambda: heard.append("timeout"))
+            stream.stop_listening()
+            writer.write(b"<message/>")
+            await asyncio.sleep(0.1)
+            assert heard == ["timeout"]
+            stream.when_readable(lambda: heard.append("readable"))  # bytes wait: at once
+            await until(lambda: heard == ["timeout", "readable"])
+    run(main())
+
+
+def test_a_stanza_larger_than_the_readers_limit_resumes_a_paused_reader() -> None:
+    async def main() -> None:
+        async with pair(max_stanza_bytes=1 << 20) as (stream, _, writer):
+            pump = Pump(stream)
+            # Past the reader's high-water mark (2 x 64 KiB) asyncio pauses the transport;
+            # the pump must resume it as it takes the bytes, or the rest never arrives.
+            body = b"x" * (600 * 1024)
+            writer.write(HEADER + b"<message><body>" + body + b"</body></message>")
+            reader: Any = stream.reader
+            await until(lambda: reader._paused)
+            pump.run()
+            await until(lambda: pump.stanzas() == ["message"], timeout=10)
+    run(main())
+
+
+def test_poll_event_says_when_the_peer_must_read_first() -> None:
+    async def main() -> None:
+        async with pair(output_soft=1024) as (stream, reader, writer):
+            writer.write(HEADER + b"<message/>")
+            pump = Pump(stream)
+            await until(lambda: bool(getattr(stream.reader, "_buffer", b"")))
+            stream.send_bytes(b"y" * 4096)  # queued, not yet flushed: over the soft limit
+            assert stream.poll_event() is xmlstream.OUTPUT_FULL
+            await asyncio.wait_for(stream.output_room(), 5)
+            pump.run()
+            assert pump.stanzas() == ["message"]
+            assert len(await reader.readexactly(4096)) == 4096
+    run(main())
