@@ -681,8 +681,6 @@ class Proxy:
                     await auth.upstream.stream.close()
             if resumed:
                 self.counters.count(self.counters.resumes, "ok")
-            del negotiation
-            auth = None
             self.clients[stream] = session.serve_client(
                 stream, first, resumed=resumed, conn_id=conn_id,
                 on_end=functools.partial(self._relay_over, stream, log, session, closed))
