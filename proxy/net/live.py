@@ -39,7 +39,7 @@ from ..xmpp import stanza as st
 from .upstream import Endpoints, UpstreamLink
 from .ports import SessionRegistry
 from .upstream_side import UpstreamSide
-from .xmlstream import OUTPUT_FULL, ConnectionLost, XmlStream
+from .xmlstream import ConnectionLost, OutputFull, XmlStream
 from ..xmpp.stanza import Element
 
 
@@ -815,21 +815,23 @@ class ClientPump:
                 if not room.is_set():
                     self._wait(room.wait())
                     return
-                if not stream.parsed_ready():
+                event = stream.ready_event()  # the rest of a read: one call per stanza
+                if event is None:
                     # The server's buffer only grows when a loop turn flushes it: once before
                     # each read is as often as it can change.
                     if not drained and upstream.congested:
                         self._wait(upstream.drain(), drained=True)
                         return
                     drained = False
-                event = stream.poll_event()
-                if event is None:
-                    stream.when_readable(self.run)
-                    return
-                if event is OUTPUT_FULL:
-                    self._wait(stream.output_room())
-                    return
-                session.client_event(event)  # type: ignore[arg-type]
+                    polled = stream.poll_event()  # the look at our output, then a read
+                    if polled is None:
+                        stream.when_readable(self.run)
+                        return
+                    if isinstance(polled, OutputFull):
+                        self._wait(stream.output_room())
+                        return
+                    event = polled
+                session.client_event(event)
         except ConnectionLost as exc:
             self._ended(ClientLeft(session.edge.connection_lost(str(exc))))
         except ClientLeft as left:

@@ -35,7 +35,7 @@ from ..xmpp import stanza as st
 from .upstream import (UpstreamAuthFailed, UpstreamBindFailed, UpstreamLink,
                        UpstreamUnavailable, connect_upstream, tls_session, tls_session_reused)
 from .ports import SessionForUpstream
-from .xmlstream import OUTPUT_FULL, ConnectionLost
+from .xmlstream import ConnectionLost, OutputFull
 from ..xmpp.stanza import Element
 
 
@@ -237,24 +237,25 @@ class UpstreamSide:
         session = self.session
         try:
             while True:
-                reading = not stream.parsed_ready()
-                # Backpressure toward the server: no more reading while the client's buffer
-                # is full (it only grows when a loop turn flushes, so once before each read
-                # is as often as it can change).
-                if reading and not drained and session.client_congested():
-                    self._wait(session.client_drain(), drained=True)
-                    return
-                try:
-                    event = stream.poll_event()
-                except ConnectionLost as exc:
-                    self._stopped(ServerLost(f"connection lost ({exc})"))
-                    return
+                event = stream.ready_event()  # the rest of a read: one call per stanza
                 if event is None:
-                    stream.when_readable(self._pump, edge.read_timeout(), self._silent)
-                    return
-                assert event is not OUTPUT_FULL  # no output limits toward the server
-                if reading:
+                    # Backpressure toward the server: no more reading while the client's
+                    # buffer is full (it only grows when a loop turn flushes, so once before
+                    # each read is as often as it can change).
+                    if not drained and session.client_congested():
+                        self._wait(session.client_drain(), drained=True)
+                        return
                     drained = False
+                    try:
+                        polled = stream.poll_event()  # nothing is parsed: a read
+                    except ConnectionLost as exc:
+                        self._stopped(ServerLost(f"connection lost ({exc})"))
+                        return
+                    if polled is None:
+                        stream.when_readable(self._pump, edge.read_timeout(), self._silent)
+                        return
+                    assert not isinstance(polled, OutputFull)  # no output limits toward the server
+                    event = polled
                     edge.heard()  # what a read brought in: nothing else arrives meanwhile
                     if self._tls_fresh:
                         self._tls_fresh = False

@@ -50,14 +50,14 @@ HEAP_TRIM_EVERY = 30.0
 _NO_EVENTS: tuple[codec.StreamEvent, ...] = ()
 
 
-class _OutputFull:
+class OutputFull:
     """What ``poll_event`` returns while too much waits for the peer (see ``output_room``)."""
 
     def __repr__(self) -> str:
         return "OUTPUT_FULL"
 
 
-OUTPUT_FULL = _OutputFull()
+OUTPUT_FULL = OutputFull()
 
 
 class PushReader(asyncio.StreamReader):
@@ -362,7 +362,7 @@ class XmlStream:
 
     # Read by callbacks (the relay pumps), with no task: poll_event, when_readable -----------
 
-    def poll_event(self) -> codec.StreamEvent | _OutputFull | None:
+    def poll_event(self) -> codec.StreamEvent | OutputFull | None:
         """The next event if there is one now, parsed or in the reader's buffer (the reader
         must be a PushReader); None: nothing yet (``when_readable``); OUTPUT_FULL: more than
         ``output_soft`` waits for the peer, await ``output_room`` before reading on.
@@ -395,10 +395,6 @@ class XmlStream:
         if self._next == len(events):
             self._events, self._next = _NO_EVENTS, 0
         return events[at]
-
-    def parsed_ready(self) -> bool:
-        """An event is parsed and waiting: poll_event returns it without reading."""
-        return self._next < len(self._events)
 
     def when_readable(self, callback: Callable[[], None], timeout: float | None = None,
                       on_timeout: Callable[[], None] | None = None) -> None:
@@ -448,8 +444,8 @@ class XmlStream:
 
     def ready_event(self) -> codec.StreamEvent | None:
         """The next event if it is already parsed and nothing is due before it (a look at
-        the pending output: ``next_event`` does that); None: call ``next_event``. The relay
-        loops take a read's stanzas this way, without an await (a coroutine) per stanza."""
+        the pending output: ``poll_event`` and ``next_event`` do that); None: call one of
+        them. The relay pumps take a read's stanzas this way, one cheap call per stanza."""
         events, at = self._events, self._next
         if at >= len(events):
             return None
