@@ -311,16 +311,8 @@ class XmlStream:
     async def next_event(self, timeout: float | None = None) -> codec.StreamEvent:
         """The next stream event; ConnectionLost on EOF or a socket error, TimeoutError when
         nothing arrives within ``timeout``."""
-        if self.output_soft is not None:
-            # Before each read, and every few events between: the answers to at most
-            # OUTPUT_CHECK_EVERY elements can pass the soft limit, and a batch of stanzas
-            # does not pay for a look at the transport per stanza.
-            self._since_output_check += 1
-            if self._next >= len(self._events) or \
-                    self._since_output_check >= OUTPUT_CHECK_EVERY:
-                self._since_output_check = 0
-                if self.output_bytes > self.output_soft:
-                    await self.output_room()
+        if self.output_soft is not None and self._output_full():
+            await self.output_room()
         while self._next >= len(self._events):
             deadline = None
             if self.overflowed:
@@ -343,6 +335,22 @@ class XmlStream:
                 self.dead = True
                 raise ConnectionLost(type(exc).__name__) from exc
             self._take(data)
+        return self._pop()
+
+    def _output_full(self) -> bool:
+        """Before each read, and every few events between: the answers to at most
+        OUTPUT_CHECK_EVERY elements can pass the soft limit, and a batch of stanzas does
+        not pay for a look at the transport per stanza."""
+        self._since_output_check += 1
+        if self._next >= len(self._events) or \
+                self._since_output_check >= OUTPUT_CHECK_EVERY:
+            self._since_output_check = 0
+            assert self.output_soft is not None
+            return self.output_bytes > self.output_soft
+        return False
+
+    def _pop(self) -> codec.StreamEvent:
+        """The next parsed event (there is one); the list is dropped with its last."""
         events, at = self._events, self._next
         self._next = at + 1
         if self._next == len(events):
@@ -370,14 +378,8 @@ class XmlStream:
         if self.output_soft is not None:
             if self._room_waited:
                 self._room_waited = False  # output_room gave up on the peer: read on
-            else:
-                # As next_event: before a read, and every few events between.
-                self._since_output_check += 1
-                if self._next >= len(self._events) or \
-                        self._since_output_check >= OUTPUT_CHECK_EVERY:
-                    self._since_output_check = 0
-                    if self.output_bytes > self.output_soft:
-                        return OUTPUT_FULL
+            elif self._output_full():
+                return OUTPUT_FULL
         while self._next >= len(self._events):
             if self.overflowed:
                 raise ConnectionLost("output overflow")
@@ -390,11 +392,7 @@ class XmlStream:
             if data is None:
                 return None
             self._take(data)
-        events, at = self._events, self._next
-        self._next = at + 1
-        if self._next == len(events):
-            self._events, self._next = _NO_EVENTS, 0
-        return events[at]
+        return self._pop()
 
     def when_readable(self, callback: Callable[[], None], timeout: float | None = None,
                       on_timeout: Callable[[], None] | None = None) -> None:
