@@ -56,7 +56,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -65,6 +65,7 @@ from .features.push import Registration as PushRegistration
 
 from .archive_store import PREFS_SCHEMA, ArchiveArea
 from .batching import take_queued
+from .fewsets import EMPTY, added, removed
 
 Op = TypeVar("Op")  # what an area's write does, to apply to its reads until committed
 
@@ -504,7 +505,7 @@ class RosterBook:
         self._items: dict[str, RosterItem] = {it.jid: it for it in items}  # in order of pos
         self._next_pos = next_pos  # pos only orders the items: a new jid goes last
         self._changes: dict[str, int] = {jid: seq for seq, jid in sorted(changes)}  # by seq
-        self._preapprovals = set(preapprovals)
+        self._preapprovals: Set[str] = set(preapprovals) or EMPTY
         self._sink = sink
 
     # -------------------------------------------------------------- reading
@@ -580,7 +581,7 @@ class RosterBook:
         """Record a pre-approval; False if it was already there."""
         if contact in self._preapprovals:
             return False
-        self._preapprovals.add(contact)
+        self._preapprovals = added(self._preapprovals, contact)
         self._emit([(_ADD_PREAPPROVAL, (self.account, contact))])
         return True
 
@@ -588,7 +589,7 @@ class RosterBook:
         """Remove a pre-approval; False if there was none."""
         if contact not in self._preapprovals:
             return False
-        self._preapprovals.discard(contact)
+        self._preapprovals = removed(self._preapprovals, contact)
         self._emit([(_REMOVE_PREAPPROVAL, (self.account, contact))])
         return True
 

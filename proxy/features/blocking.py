@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Set
 
 from ..commands import Log, ToAccount, WhenStored
 from ..config import FeatureMode, emulates
+from ..fewsets import EMPTY, added, removed
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..store import Store
 from ..xmpp import codec, ns
@@ -167,7 +168,7 @@ class Blocking(Feature):
         self._domain = session.account.domain
         self.interested = False  # asked for the list: gets pushes
         self._presence: Element | None = None  # the client's current broadcast presence
-        self._pushes: set[str] = set()  # ids of pushes awaiting the client's answer
+        self._pushes: Set[str] = EMPTY  # ids of pushes awaiting the client's answer
 
     # ------------------------------------------------------------------ from the client
 
@@ -175,7 +176,7 @@ class Blocking(Feature):
         if el.tag == st.IQ:
             kind = el.get("type")
             if kind in ("result", "error") and el.get("id") in self._pushes:
-                self._pushes.discard(el.get("id", ""))
+                self._pushes = removed(self._pushes, el.get("id", ""))
                 return None  # the answer to a push of ours
             if len(el) == 1 and el[0].tag in _PAYLOADS and self._for_server(el):
                 self._command(session, el, out)
@@ -321,8 +322,8 @@ class Blocking(Feature):
             return
         iq_id = session.new_id("blockpush")
         if len(self._pushes) >= MAX_PUSHES_AWAITED:  # clients that never answer
-            self._pushes.pop()
-        self._pushes.add(iq_id)
+            self._pushes = removed(self._pushes, next(iter(self._pushes)))
+        self._pushes = added(self._pushes, iq_id)
         iq = st.element("iq", {"type": "set", "id": iq_id, "to": str(session.jid)})
         iq.append(copy.deepcopy(push))
         out.to_client.append(iq)

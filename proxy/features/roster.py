@@ -26,13 +26,14 @@ In short:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from lxml import etree
 
 from ..commands import CatchUp
+from ..fewsets import EMPTY, added, removed
 from ..session import Feature, FeatureFactory, Outputs, SessionCore
 from ..store import (DEFAULT_MAX_CHANGES, RosterBook, RosterItem, RosterVersion, Store,
                      same_item)
@@ -125,12 +126,12 @@ class _Account:
         # writes go to the store's writer (off the event loop for a file).
         self.book: RosterBook = store.roster.open(name)
         self.version: RosterVersion = self.book.version
-        self.preapproved: set[str] = self.book.preapprovals()
+        self.preapproved: Set[str] = self.book.preapprovals() or EMPTY
         # True while some session's full roster was applied and pushes have been followed
         # since: gets are answered from the store without waiting for the server.
         self.fresh = False
         # Contacts whose subscription request was delivered to the user and not answered.
-        self.pending_in: set[str] = set()
+        self.pending_in: Set[str] = EMPTY
         self.sessions: dict[str, RosterFeature] = {}
         # Recent server pushes (event number, jid, state) seen on any session's upstream.
         self.journal: list[tuple[int, str, RosterItem | None]] = []
@@ -237,8 +238,8 @@ class RosterFeature(Feature):
         self._fetch: _Fetch | None = None
         self._fetch_refused = False  # the server refused our get: no retry until a reconnect
         self._own_ids: dict[str, str] = {}  # id of a request of ours upstream -> purpose
-        self._own_push_ids: set[str] = set()  # pushes of ours to the client: swallow replies
-        self._swallow_subscribe: set[str] = set()  # approved on our behalf by another session
+        self._own_push_ids: Set[str] = EMPTY  # pushes of ours to the client: swallow replies
+        self._swallow_subscribe: Set[str] = EMPTY  # approved on our behalf by another session
         self.cursor = 0  # the last journal event this session's upstream has delivered
         self.wake: list[str] = []  # other sessions this one's changes left behind
 
@@ -274,7 +275,7 @@ class RosterFeature(Feature):
         self._acct.fresh = False
         self._interested_upstream = False
         self._fetch_refused = False
-        self._swallow_subscribe.clear()
+        self._swallow_subscribe = EMPTY
         if self._fetch is None:
             self._fetch = _Fetch(set())
         else:
@@ -309,7 +310,7 @@ class RosterFeature(Feature):
         if el.tag == st.IQ:
             typ = el.get("type")
             if typ in ("result", "error") and el.get("id") in self._own_push_ids:
-                self._own_push_ids.discard(el.get("id", ""))
+                self._own_push_ids = removed(self._own_push_ids, el.get("id", ""))
                 return None  # the client's answer to a push of ours: not the server's business
             query = _roster_query(el)
             if query is None or not self._own_roster(el.get("to")):
@@ -373,13 +374,13 @@ class RosterFeature(Feature):
         if contact is None or contact == acct.name:
             return el
         if contact in acct.pending_in:
-            acct.pending_in.discard(contact)  # a normal approval: the server does the rest
+            acct.pending_in = removed(acct.pending_in, contact)  # the server does the rest
             return el
         item = self._acct.book.item(contact)
         if item is not None and item.subscription in _APPROVING:
             return el  # nothing to pre-approve; the server ignores or re-confirms it
         if self._acct.book.add_preapproval(contact):
-            acct.preapproved.add(contact)
+            acct.preapproved = added(acct.preapproved, contact)
             if item is None:
                 # §3.4.2: the item is created (state None) so the approval has a home and
                 # survives; the server's push for it comes back with approved='true'.
@@ -401,11 +402,11 @@ class RosterFeature(Feature):
         if contact is None:
             return el
         pending = contact in acct.pending_in
-        acct.pending_in.discard(contact)
+        acct.pending_in = removed(acct.pending_in, contact)
         if contact not in acct.preapproved:
             return el
         self._acct.book.remove_preapproval(contact)
-        acct.preapproved.discard(contact)
+        acct.preapproved = removed(acct.preapproved, contact)
         self._touch(contact)
         item = self._acct.book.item(contact)
         if pending or (item is not None and item.subscription in _APPROVING):
@@ -436,7 +437,8 @@ class RosterFeature(Feature):
             if typ == "unsubscribe":
                 contact = bare_of(el.get("from"))
                 if contact is not None:
-                    self._acct.pending_in.discard(contact)  # the contact withdrew its request
+                    acct = self._acct  # the contact withdrew its request
+                    acct.pending_in = removed(acct.pending_in, contact)
         return el
 
     def _server_push(self, session: SessionCore, el: Element, query: Element,
@@ -458,9 +460,9 @@ class RosterFeature(Feature):
         changed = False
         for jid, state in parsed:
             contact = bare_of(jid) or jid
-            self._swallow_subscribe.discard(contact)
+            self._swallow_subscribe = removed(self._swallow_subscribe, contact)
             if state is None or state.subscription in _APPROVING:
-                acct.pending_in.discard(contact)
+                acct.pending_in = removed(acct.pending_in, contact)
             if self._echo(jid, state):
                 continue
             before = acct.version.seq
@@ -469,7 +471,7 @@ class RosterFeature(Feature):
             if state is None and contact in acct.preapproved:
                 # The approved flag lives on the item (§2.1.2.1): removing it removes both.
                 self._acct.book.remove_preapproval(contact)
-                acct.preapproved.discard(contact)
+                acct.preapproved = removed(acct.preapproved, contact)
             changed = changed or acct.version.seq != before
             acct.journal.append((acct.next_event, jid, state))
             self.cursor = acct.next_event
@@ -496,18 +498,20 @@ class RosterFeature(Feature):
         if contact is None or contact == acct.name:
             return el
         if contact in self._swallow_subscribe:
-            self._swallow_subscribe.discard(contact)  # another session approved it already
+            # another session approved it already
+            self._swallow_subscribe = removed(self._swallow_subscribe, contact)
             return None
         if contact not in acct.preapproved:
-            acct.pending_in.add(contact)
+            acct.pending_in = added(acct.pending_in, contact)
             return el
         out.to_upstream.append(st.element(
             "presence", {"type": "subscribed", "to": contact, "from": self._jid}))
         self._acct.book.remove_preapproval(contact)
-        acct.preapproved.discard(contact)
+        acct.preapproved = removed(acct.preapproved, contact)
         for other in acct.sessions.values():
             if other is not self:
-                other._swallow_subscribe.add(contact)  # its copy of this request, if any
+                # its copy of this request, if any
+                other._swallow_subscribe = added(other._swallow_subscribe, contact)
         self._touch(contact)
         return None
 
@@ -617,7 +621,7 @@ class RosterFeature(Feature):
 
     def _own_push(self, jid: str, seq: int) -> Element:
         pid = self.session.new_id("roster-push")
-        self._own_push_ids.add(pid)
+        self._own_push_ids = added(self._own_push_ids, pid)
         iq = st.element("iq", {"type": "set", "id": pid, "to": self._jid})
         query = st.sub(iq, "query", {"ver": self._acct.ver(seq)}, namespace=ns.ROSTER)
         query.append(self._view(jid, self._acct.book.item(jid)))
