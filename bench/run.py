@@ -108,8 +108,10 @@ class Bench:
                            **self._features(overrides))
 
     def _features(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        if self.opts.features == "off" and "features" not in overrides:
-            overrides = {**overrides, "features": {k: "off" for k in FEATURES}}
+        if "features" not in overrides:
+            off = FEATURES if self.opts.features == "off" else self.opts.off
+            if off:
+                overrides = {**overrides, "features": {k: "off" for k in off}}
         return overrides
 
     def proxy_before_fast(self, name: str, upstream: procs.Child, *, tls: bool = False,
@@ -1062,6 +1064,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--features", choices=("default", "off"), default="default",
                    help="off: every emulated IM and mobile feature off in the proxies "
                         "(carbons, archive, blocking, push), for the relay's own cost")
+    p.add_argument("--off", action="append", choices=FEATURES, default=[], metavar="FEATURE",
+                   help="turn this feature off in the proxies (repeatable; e.g. --off archive: "
+                        "what the emulated archive costs)")
     p.add_argument("--workers", type=_counts, default=[1, 2], metavar="N,...",
                    help="the workers case: proxies with each of these worker counts (1,2)")
     p.add_argument("--memory-workers", type=int, default=1, metavar="N",

@@ -57,7 +57,8 @@ class EdgePolicy:
     counter_start: int = 0
     journal: bool = False  # acks wait for the journal, ledger changes are journaled
     store: bool = True  # there is a store to keep messages in
-    # What ensure_origin_id copies: the journal's (one element per proxy, never changed).
+    # What ensure_origin_id copies into each journaled client message: the journal's (one
+    # element per proxy, never changed); None: no origin-id is added (durability.origin_id).
     origin_id: Element | None = field(default=None, compare=False, repr=False)
 
 
@@ -404,8 +405,11 @@ class ClientEdge:
         lane.entered = number + 1
         if not self.policy.journal:
             return []
-        # After a crash this one may be sent twice: an origin-id lets receivers tell.
-        ensure_origin_id(el, self.policy.origin_id)
+        # After a crash this one may be sent twice: its id (and, if the operator asks for
+        # one, an origin-id) lets receivers tell.
+        origin = self.policy.origin_id
+        if origin is not None:
+            ensure_origin_id(el, origin)
         return [JournalPut("c2s", number, codec.document(el), self.wall_clock())]
 
     def c2s_left(self, count: int, exit: Exit) -> list[Command]:

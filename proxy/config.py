@@ -253,6 +253,10 @@ class DurabilityConfig:
     # full also a power cut (an fsync per commit), off neither reliably.
     fsync: Literal["normal", "full", "off"] = "normal"
     pending_ttl: int = 86400  # seconds client stanzas wait for their account's next login
+    # Give each journaled client message with an id and no XEP-0359 origin-id one of the
+    # same value. Off: a replay after a crash keeps its id, which the receiver's duplicate
+    # filter matches as well, and a legacy server parses a third less per small message.
+    origin_id: bool = False
 
 
 @dataclass(frozen=True)

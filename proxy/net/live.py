@@ -132,7 +132,8 @@ class LiveSession:
             max_queue=smc.max_queue, on_timeout=smc.on_timeout, stored_ttl=smc.stored_ttl,
             pending_ttl=config.durability.pending_ttl, counter_start=smc.debug_counter_start,
             journal=journal is not None, store=store is not None,
-            origin_id=None if journal is None else journal.origin_id),
+            origin_id=journal.origin_id if journal is not None and config.durability.origin_id
+            else None),
             new_sm_id=hub.new_sm_id, clock=clock)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # The message an ArchivePut of the outputs being written wants stored, and its bytes
